@@ -1,0 +1,241 @@
+"""Train a small byte-level transformer on the Python standard library's source.
+
+A real, self-contained training loop instrumented with outrider's probe. The text
+is the stdlib's own ``.py`` files, so it runs anywhere Python does, with no
+downloads. Defaults finish in about two minutes on a 2-core CPU and take the
+train loss from ~5.5 (uniform over 256 bytes) to under 2.5.
+
+Every step hands the probe the loss and gradient norm as 0-d tensors: converting
+them to Python numbers here would force a host-device sync on the training
+thread, which is exactly the cost outrider moves elsewhere.
+
+    python examples/train_charlm.py --steps 600 --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sysconfig
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import probe
+
+VOCAB = 256  # bytes: no tokenizer, no unknown characters
+PROMPT = "def "
+
+
+def load_stdlib_text(max_bytes: int) -> bytes:
+    """Concatenate stdlib ``.py`` files in sorted order until ``max_bytes``.
+
+    Sorted paths and skipping site-packages and the test suites make the corpus
+    identical from run to run on the same Python version.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+    chunks: list[bytes] = []
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in skip)
+        for name in sorted(filenames):
+            if not name.endswith(".py"):
+                continue
+            data = (Path(dirpath) / name).read_bytes()
+            chunks.append(data[: max_bytes - total])
+            total += len(chunks[-1])
+            if total >= max_bytes:
+                return b"".join(chunks)
+    return b"".join(chunks)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: causal self-attention then an MLP."""
+
+    def __init__(self, d_model: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(d_model)
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        self.ln2 = nn.LayerNorm(d_model)
+        self.mlp = nn.Sequential(
+            nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(c, dim=2)
+        q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).reshape(b, t, c))
+        return x + self.mlp(self.ln2(x))
+
+
+class CharLM(nn.Module):
+    """Decoder-only transformer over bytes with learned positions and a tied head."""
+
+    def __init__(self, context: int, layers: int, d_model: int, heads: int) -> None:
+        super().__init__()
+        self.context = context
+        self.tok = nn.Embedding(VOCAB, d_model)
+        self.pos = nn.Embedding(context, d_model)
+        self.blocks = nn.Sequential(*(Block(d_model, heads) for _ in range(layers)))
+        self.ln_f = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, VOCAB, bias=False)
+        self.head.weight = self.tok.weight
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear | nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        return self.head(self.ln_f(self.blocks(self.tok(idx) + self.pos(pos))))
+
+
+def get_batch(data: Tensor, batch: int, context: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Sample random windows; the target is the input shifted by one byte."""
+    starts = torch.randint(len(data) - context - 1, (batch,), generator=gen)
+    x = torch.stack([data[s : s + context] for s in starts.tolist()])
+    y = torch.stack([data[s + 1 : s + context + 1] for s in starts.tolist()])
+    return x.long(), y.long()
+
+
+def lr_at(step: int, args: argparse.Namespace) -> float:
+    """Linear warmup, then cosine decay to a tenth of the peak."""
+    warmup = max(1, args.steps // 20)
+    if step < warmup:
+        return args.lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, args.steps - warmup))
+    return args.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def evaluate(model: CharLM, batches: list[tuple[Tensor, Tensor]], device: str) -> Tensor:
+    """Mean loss over a fixed set of validation batches, so evals are comparable."""
+    model.eval()
+    losses = [
+        F.cross_entropy(model(x.to(device)).flatten(0, 1), y.to(device).flatten())
+        for x, y in batches
+    ]
+    model.train()
+    return torch.stack(losses).mean()
+
+
+@torch.no_grad()
+def sample(model: CharLM, n: int, device: str, seed: int) -> str:
+    """Generate ``n`` bytes after ``PROMPT`` at temperature 0.8 with a fixed seed."""
+    model.eval()
+    gen = torch.Generator(device=device).manual_seed(seed)
+    idx = torch.tensor([list(PROMPT.encode())], device=device)
+    for _ in range(n):
+        logits = model(idx[:, -model.context :])[:, -1] / 0.8
+        nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=gen)
+        idx = torch.cat([idx, nxt], dim=1)
+    model.train()
+    return bytes(idx[0].tolist()).decode("utf-8", errors="replace")
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--context", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-seconds", type=float, default=None, help="stop early by wall time")
+    p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--sample-every", type=int, default=200)
+    p.add_argument("--print-every", type=int, default=50)
+    p.add_argument("--data-bytes", type=int, default=3_000_000)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    probe.init()
+    probe.config(vars(args))
+    torch.manual_seed(args.seed)
+
+    raw = load_stdlib_text(args.data_bytes)
+    data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    split = int(0.9 * len(data))
+    train, val = data[:split], data[split:]
+    gen = torch.Generator().manual_seed(args.seed)
+    val_batches = [get_batch(val, args.batch_size, args.context, gen) for _ in range(4)]
+
+    model = CharLM(args.context, args.layers, args.d_model, args.heads).to(args.device)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"data {len(raw):,} bytes | model {n_params:,} params | device {args.device}")
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.95),
+    )
+
+    tokens_per_step = args.batch_size * args.context
+    start = last = time.perf_counter()
+    step = 0
+    for step in range(args.steps):
+        if step % args.eval_every == 0:
+            val_loss = evaluate(model, val_batches, args.device)
+            probe.log({"val/loss": val_loss}, step=step)
+        if step % args.sample_every == 0:
+            probe.text("samples/generation", sample(model, 120, args.device, args.seed), step=step)
+
+        lr = lr_at(step, args)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x, y = get_batch(train, args.batch_size, args.context, gen)
+        x, y = x.to(args.device, non_blocking=True), y.to(args.device, non_blocking=True)
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # pre-clip norm, a tensor
+        opt.step()
+
+        now = time.perf_counter()
+        tps = tokens_per_step / max(now - last, 1e-9)
+        last = now
+        probe.log(
+            {"loss": loss.detach(), "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps},
+            step=step,
+        )
+        if step % args.print_every == 0 or step == args.steps - 1:
+            print(
+                f"step {step:5d} | loss {loss.item():.3f} | val {val_loss.item():.3f} "
+                f"| lr {lr:.2e} | {(step + 1) / (now - start):.2f} steps/s",
+                flush=True,
+            )
+        if args.max_seconds is not None and now - start > args.max_seconds:
+            print(f"stopping at step {step}: --max-seconds {args.max_seconds} reached")
+            break
+
+    val_loss = evaluate(model, val_batches, args.device)
+    probe.log({"val/loss": val_loss}, step=step)
+    final_sample = sample(model, 120, args.device, args.seed)
+    probe.text("samples/generation", final_sample, step=step)
+    elapsed = time.perf_counter() - start
+    print(f"done: {step + 1} steps in {elapsed:.1f}s | final val loss {val_loss.item():.3f}")
+    print(f"sample: {final_sample!r}")
+    probe.finish()
+
+
+if __name__ == "__main__":
+    main()

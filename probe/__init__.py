@@ -1,0 +1,208 @@
+"""outrider's in-process probe: hand telemetry to the sidecar agent and return.
+
+The one line a trainer needs is ``probe.init()`` (it reads the environment
+``outrider run`` sets); ``probe.log`` also starts the probe on first use.
+Every function here is safe to call at any time: none raises into the
+trainer, none waits on the agent, a socket, a disk or the GPU.
+
+``import probe`` imports neither torch, numpy nor wandb.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from probe import internal, protocol, values
+from probe.client import DEFAULT_EXIT_TIMEOUT, DEFAULT_QUEUE_SIZE, Client
+from probe.identity import Identity
+
+__all__ = [
+    "config",
+    "event",
+    "finish",
+    "flush",
+    "init",
+    "is_enabled",
+    "log",
+    "stats",
+    "tensor",
+    "text",
+]
+
+_client: Client | None = None
+_disabled = False
+_init_lock = threading.Lock()
+
+def init(
+    endpoint: str | None = None,
+    *,
+    run_id: str | None = None,
+    rank: int | None = None,
+    local_rank: int | None = None,
+    world_size: int | None = None,
+    queue_size: int | None = None,
+    exit_timeout: float = DEFAULT_EXIT_TIMEOUT,
+    enabled: bool | None = None,
+    **sender_options: Any,
+) -> bool:
+    """Start the probe; returns True when telemetry is on.
+
+    Arguments left out come from ``OUTRIDER_ENDPOINT``, ``OUTRIDER_RUN_ID``,
+    ``OUTRIDER_QUEUE_SIZE``, ``OUTRIDER_DISABLED`` and torchrun's ``RANK``,
+    ``LOCAL_RANK`` and ``WORLD_SIZE``. With no endpoint at all, telemetry is
+    off, one warning says so, and every call stays a cheap no-op. Calling it
+    again returns the current state; a bad argument raises ``ValueError``
+    (the only time the probe raises: at set-up, never in the loop).
+    """
+    global _client, _disabled
+    with _init_lock:
+        if _client is not None:
+            return True
+        if _disabled:
+            return False
+        if enabled is None:
+            enabled = os.environ.get(protocol.ENV_DISABLED, "") in ("", "0", "false")
+        endpoint = endpoint or os.environ.get(protocol.ENV_ENDPOINT)
+        if not enabled:
+            _disabled = True
+            return False
+        if not endpoint:
+            _disabled = True
+            internal.warn_once(
+                "no-endpoint",
+                "outrider probe: no agent endpoint (%s is not set; run under `outrider run` "
+                "or call probe.init(endpoint=...)); telemetry is off",
+                protocol.ENV_ENDPOINT,
+            )
+            return False
+        if queue_size is None:
+            queue_size = int(os.environ.get(protocol.ENV_QUEUE_SIZE) or DEFAULT_QUEUE_SIZE)
+        identity = Identity.from_env(run_id, rank, local_rank, world_size)
+        client = Client(
+            endpoint,
+            identity,
+            queue_size=queue_size,
+            exit_timeout=exit_timeout,
+            **sender_options,
+        )
+        client.start()
+        _client = client
+        return True
+
+def _autostart() -> Client | None:
+    """First telemetry call without ``init()``: start from the environment."""
+    try:
+        init()
+    except Exception as exc:
+        internal.record(exc, "init")
+        global _disabled
+        _disabled = True
+    return _client
+
+def log(metrics: Mapping[str, Any], step: int | None = None) -> None:
+    """Log scalars: Python numbers or single-element tensors, by name.
+
+    A tensor is captured (snapshot, or an async copy on CUDA) and turned into
+    a number on the sender thread, never here.
+    """
+    client = _client
+    if client is None:
+        if _disabled or (client := _autostart()) is None:
+            return
+    try:
+        client.submit(protocol.SCALARS, step, values.capture_metrics(metrics))  # type: ignore[arg-type]
+    except Exception as exc:
+        internal.record(exc, "log")
+
+def text(name: str, content: str, step: int | None = None) -> None:
+    """Log a piece of text, e.g. a generated sample (truncated to the wire limit)."""
+    _submit_checked(protocol.TEXT, step, {"name": name, "text": str(content)[: protocol.MAX_TEXT_CHARS]})
+
+def event(name: str, step: int | None = None, **attrs: Any) -> None:
+    """Log a discrete event (checkpoint saved, epoch end, eval done) with attributes."""
+    _submit_checked(protocol.EVENT, step, {"name": name, "attrs": attrs})
+
+def config(params: Mapping[str, Any]) -> None:
+    """Record the run's configuration (hyperparameters); stored in run.json."""
+    _submit_checked(protocol.CONFIG, None, {"params": dict(params)})
+
+def tensor(name: str, value: Any, step: int | None = None) -> None:
+    """Ship a tensor or numpy array (bounded size) for the agent to analyse."""
+    client = _client or (None if _disabled else _autostart())
+    if client is None:
+        return
+    try:
+        if values.is_tensor(value):
+            if value.numel() * value.element_size() > protocol.MAX_TENSOR_BYTES:
+                client.drop(protocol.DROP_TOO_LARGE)
+                internal.warn_once(
+                    f"too-large:{name}",
+                    "outrider probe: tensor %r is over %d bytes and was dropped; "
+                    "subsample it first",
+                    name,
+                    protocol.MAX_TENSOR_BYTES,
+                )
+                return
+            value = values.capture_tensor(value)
+        else:
+            value = value.copy()
+        client.submit(protocol.TENSOR, step, {"name": name, "value": value})
+    except Exception as exc:
+        internal.record(exc, "tensor")
+
+def _submit_checked(kind: str, step: int | None, body: dict[str, Any]) -> None:
+    client = _client or (None if _disabled else _autostart())
+    if client is None:
+        return
+    try:
+        client.submit(kind, step, body)
+    except Exception as exc:
+        internal.record(exc, kind)
+
+def flush(timeout: float = 5.0) -> bool:
+    """Wait up to ``timeout`` s until everything logged so far is sent or counted."""
+    client = _client
+    if client is None:
+        return True
+    try:
+        return client.flush(timeout)
+    except Exception as exc:
+        internal.record(exc, "flush")
+        return False
+
+def finish(timeout: float | None = None) -> bool:
+    """Flush, send the final counters and close; later calls are no-ops.
+
+    Runs automatically at interpreter exit, bounded to ``exit_timeout``
+    (2 s by default).
+    """
+    global _client, _disabled
+    client = _client
+    if client is None:
+        return True
+    _client = None
+    _disabled = True
+    try:
+        return client.finish(timeout)
+    except Exception as exc:
+        internal.record(exc, "finish")
+        return False
+
+def stats() -> dict[str, Any]:
+    """The probe's own counters (sent, dropped by reason, queue depth, errors)."""
+    client = _client
+    return client.stats() if client is not None else {}
+
+def is_enabled() -> bool:
+    return _client is not None
+
+def _reset_for_tests() -> None:
+    """Forget all state, so one test process can init several times."""
+    global _client, _disabled
+    if _client is not None:
+        _client.finish(0.5)
+    _client = None
+    _disabled = False

@@ -1,0 +1,80 @@
+"""Who is sending: run id, ranks, host and pid of this stream.
+
+Read from the variables `outrider run` and `torchrun` set, so the one-line
+``probe.init()`` needs no arguments in the common cases.
+"""
+
+from __future__ import annotations
+
+import binascii
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+
+from probe import protocol
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    try:
+        return int(value)
+    except ValueError:
+        return default
+
+
+def new_run_id() -> str:
+    """A sortable, collision-resistant run id: ``YYYYmmdd-HHMMSS-xxxxxx``."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime())
+    return f"{stamp}-{binascii.hexlify(os.urandom(3)).decode()}"
+
+
+def new_stream_id() -> str:
+    """Random per-process stream id; a forked child draws a new one."""
+    return binascii.hexlify(os.urandom(6)).decode()
+
+
+@dataclass
+class Identity:
+    run: str
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    host: str = field(default_factory=socket.gethostname)
+    pid: int = field(default_factory=os.getpid)
+    stream: str = field(default_factory=new_stream_id)
+
+    @classmethod
+    def from_env(
+        cls,
+        run: str | None = None,
+        rank: int | None = None,
+        local_rank: int | None = None,
+        world_size: int | None = None,
+    ) -> Identity:
+        """Fill what the caller left out from OUTRIDER_RUN_ID and torchrun's RANK etc."""
+        run_id = (
+            run
+            or os.environ.get(protocol.ENV_RUN_ID)
+            or os.environ.get("TORCHELASTIC_RUN_ID")
+            or new_run_id()
+        )
+        return cls(
+            run=run_id,
+            rank=rank if rank is not None else _env_int("RANK", 0),
+            local_rank=local_rank if local_rank is not None else _env_int("LOCAL_RANK", 0),
+            world_size=world_size if world_size is not None else _env_int("WORLD_SIZE", 1),
+        )
+
+    def envelope(self) -> dict[str, object]:
+        return {key: getattr(self, key) for key in protocol.ENVELOPE_KEYS}
+
+    def forked(self) -> Identity:
+        """The identity of a forked child: same run and ranks, its own pid and stream."""
+        return Identity(
+            run=self.run,
+            rank=self.rank,
+            local_rank=self.local_rank,
+            world_size=self.world_size,
+            host=self.host,
+        )

@@ -1,0 +1,66 @@
+"""The wire format shared by the probe and the agent (see docs/protocol.md).
+
+One ZeroMQ message is one msgpack array ``[VERSION, envelope, records]``. The
+envelope names the stream the records come from, so the identity fields every
+record carries (run id, ranks, host, pid) travel once per batch. A record is
+``[kind, seq, t, step, body]``: ``seq`` counts every record the stream ever
+produced (dropped ones included), which is what lets the agent prove that
+received + dropped == sent.
+
+This module is imported by the probe at start-up, so it holds constants only.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+VERSION: Final = 1
+
+# Record kinds.
+HELLO: Final = "hello"
+SCALARS: Final = "scalars"
+TENSOR: Final = "tensor"
+TEXT: Final = "text"
+EVENT: Final = "event"
+CONFIG: Final = "config"
+HEARTBEAT: Final = "heartbeat"
+PROBE_STATS: Final = "probe_stats"
+BYE: Final = "bye"
+RUN_END: Final = "run_end"  # sent by `outrider run` once the trainer has exited
+
+KINDS: Final = frozenset(
+    {HELLO, SCALARS, TENSOR, TEXT, EVENT, CONFIG, HEARTBEAT, PROBE_STATS, BYE, RUN_END}
+)
+
+# Envelope keys: what identifies a stream (one sender in one process).
+ENVELOPE_KEYS: Final = ("run", "stream", "rank", "local_rank", "world_size", "host", "pid")
+
+# Reasons the probe drops a record; each is counted and reported in probe_stats.
+DROP_QUEUE_FULL: Final = "queue_full"  # the training thread outran the sender
+DROP_NO_AGENT: Final = "no_agent"  # nothing was connected when the batch was sent
+DROP_BACKPRESSURE: Final = "backpressure"  # connected, but the ZeroMQ high-water mark was hit
+DROP_TOO_LARGE: Final = "too_large"  # a tensor or text over the size limit
+DROP_UNENCODABLE: Final = "unencodable"  # a value msgpack cannot carry
+DROP_SHUTDOWN: Final = "shutdown"  # still queued when the exit flush timed out
+DROP_REASONS: Final = (
+    DROP_QUEUE_FULL,
+    DROP_NO_AGENT,
+    DROP_BACKPRESSURE,
+    DROP_TOO_LARGE,
+    DROP_UNENCODABLE,
+    DROP_SHUTDOWN,
+)
+
+# Hard limits; the agent enforces them on decode, the probe stays under them.
+MAX_MESSAGE_BYTES: Final = 16 * 1024 * 1024
+MAX_TENSOR_BYTES: Final = 8 * 1024 * 1024
+MAX_TEXT_CHARS: Final = 64 * 1024
+MAX_NAME_CHARS: Final = 256
+MAX_RECORDS_PER_MESSAGE: Final = 4096
+MAX_METRICS_PER_RECORD: Final = 1024
+
+# Environment variables set by `outrider run` and read by `probe.init()`.
+ENV_ENDPOINT: Final = "OUTRIDER_ENDPOINT"
+ENV_RUN_ID: Final = "OUTRIDER_RUN_ID"
+ENV_DISABLED: Final = "OUTRIDER_DISABLED"
+ENV_QUEUE_SIZE: Final = "OUTRIDER_QUEUE_SIZE"
