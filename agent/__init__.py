@@ -1,0 +1,1 @@
+"""outrider's sidecar agent: receives probe records, stores them, does the expensive work."""

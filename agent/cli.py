@@ -1,0 +1,234 @@
+"""The ``outrider`` command: run, agent, runs, show."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import orjson
+
+from agent import launcher
+from agent.runs import RunNotFound, list_runs, resolve, summarise
+
+RUNS_DIR_HELP = "Where runs are stored [env OUTRIDER_RUNS_DIR; default ./outrider-runs]."
+
+
+def runs_dir_option(function: Any) -> Any:
+    return click.option(
+        "--runs-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        envvar="OUTRIDER_RUNS_DIR",
+        default=Path("outrider-runs"),
+        show_envvar=True,
+        help=RUNS_DIR_HELP,
+    )(function)
+
+
+def tcp_endpoint(value: str | None) -> str | None:
+    """``PORT`` or ``HOST:PORT`` -> ``tcp://HOST:PORT``, loopback unless a host is named."""
+    if value is None:
+        return None
+    host, _, port = value.rpartition(":")
+    if not port.isdigit():
+        raise click.BadParameter(f"{value!r} is not PORT or HOST:PORT")
+    return f"tcp://{host or '127.0.0.1'}:{port}"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="outrider")
+def main() -> None:
+    """outrider: training telemetry from a sidecar agent, at almost no cost to the run.
+
+    \b
+    Typical use:
+      outrider run -- python train.py          # agent beside the trainer
+      outrider runs                            # what has been recorded
+      outrider show latest                     # summary of one run
+    In the trainer: `import probe; probe.init()` and `probe.log({...}, step=step)`.
+    """
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@runs_dir_option
+@click.option("--run-id", help="Run id to use (default: a new timestamped id).")
+@click.option("--tcp", "tcp", metavar="[HOST:]PORT", help="Listen on TCP instead of a private IPC socket.")
+@click.option("--drain-timeout", default=10.0, show_default=True, help="Seconds the agent may take to store the last records after the command exits.")
+@click.option("--require-agent", is_flag=True, help="Fail (exit 2) instead of running without telemetry when the agent cannot start.")
+@click.option("-q", "--quiet", is_flag=True, help="No outrider lines on stderr.")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def run(
+    runs_dir: Path,
+    run_id: str | None,
+    tcp: str | None,
+    drain_timeout: float,
+    require_agent: bool,
+    quiet: bool,
+    command: tuple[str, ...],
+) -> None:
+    """Run COMMAND (e.g. `python train.py` or `torchrun ...`) with an agent beside it.
+
+    The agent starts first; COMMAND gets OUTRIDER_ENDPOINT and OUTRIDER_RUN_ID
+    in its environment, which `probe.init()` reads. Signals are forwarded to
+    COMMAND; when it exits the agent stores the last records and stops, and
+    outrider exits with COMMAND's exit status. Put `--` before COMMAND if it
+    has options of its own.
+    """
+    status = launcher.run(
+        list(command),
+        runs_dir=runs_dir,
+        run_id=run_id,
+        endpoint=tcp_endpoint(tcp),
+        drain_timeout=drain_timeout,
+        require_agent=require_agent,
+        quiet=quiet,
+    )
+    sys.exit(status)
+
+
+@main.command()
+@runs_dir_option
+@click.option("--endpoint", help="ZeroMQ endpoint to bind (default: ipc:// in a private 0700 directory).")
+@click.option("--tcp", "tcp", metavar="[HOST:]PORT", help="Bind TCP; HOST defaults to 127.0.0.1.")
+@click.option("--run-id", help="The run this agent was started for (its run.json is written at once).")
+@click.option("--meta", help="JSON object merged into the run's run.json (used by `outrider run`).")
+@click.option("--ready-fd", type=int, help="Write 'ready' to this file descriptor once bound.")
+@click.option("--drain-timeout", default=5.0, show_default=True, help="Seconds to keep storing after SIGTERM/SIGINT.")
+@click.option("--log-level", default="INFO", show_default=True, type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
+def agent(
+    runs_dir: Path,
+    endpoint: str | None,
+    tcp: str | None,
+    run_id: str | None,
+    meta: str | None,
+    ready_fd: int | None,
+    drain_timeout: float,
+    log_level: str,
+) -> None:
+    """Run the agent in the foreground until SIGTERM/SIGINT.
+
+    A first signal drains, stores and exits 0; a second exits at once.
+    Trainers reach it by setting OUTRIDER_ENDPOINT to the endpoint printed.
+    """
+    from agent.daemon import Agent, default_endpoint
+
+    logging.basicConfig(level=log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if endpoint and tcp:
+        raise click.UsageError("give --endpoint or --tcp, not both")
+    try:
+        meta_dict = orjson.loads(meta) if meta else None
+    except orjson.JSONDecodeError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="--meta") from None
+    if meta_dict is not None and not isinstance(meta_dict, dict):
+        raise click.BadParameter("must be a JSON object", param_hint="--meta")
+    endpoint = endpoint or tcp_endpoint(tcp) or default_endpoint()
+    try:
+        daemon = Agent(endpoint, runs_dir.resolve(), run_id=run_id, meta=meta_dict, drain_timeout=drain_timeout)
+    except Exception as exc:  # zmq.ZMQError for a taken address, OSError for a bad dir
+        raise click.ClickException(f"cannot start the agent on {endpoint}: {exc}") from None
+
+    def ready() -> None:
+        logging.getLogger("outrider.agent").info(
+            "outrider agent listening at %s, runs in %s", endpoint, runs_dir.resolve()
+        )
+        if ready_fd is not None:
+            os.write(ready_fd, b"ready\n")
+            os.close(ready_fd)
+
+    sys.exit(daemon.serve(ready))
+
+
+@main.command()
+@runs_dir_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def runs(runs_dir: Path, as_json: bool) -> None:
+    """List recorded runs, newest first: id, start, duration, steps, status, drops."""
+    rows = list_runs(runs_dir)
+    if as_json:
+        click.echo(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
+        return
+    if not rows:
+        click.echo(f"no runs in {runs_dir}")
+        return
+    header = f"{'RUN':<24} {'START':<19} {'DURATION':>9} {'STEPS':>7} {'STATUS':<10} {'RECORDS':>8} {'DROPPED':>8} {'LOST':>5}"
+    click.echo(header)
+    for row in rows:
+        click.echo(
+            f"{row['run_id']:<24} {_time(row.get('start_time')):<19} {_duration(row.get('duration_s')):>9} "
+            f"{_blank(row.get('steps')):>7} {row.get('status') or '?':<10} {row.get('records', 0):>8} "
+            f"{row.get('dropped', 0):>8} {row.get('lost', 0):>5}"
+        )
+
+
+@main.command()
+@click.argument("run_name", metavar="RUN")
+@runs_dir_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def show(run_name: str, runs_dir: Path, as_json: bool) -> None:
+    """Summarise RUN (an id, a unique prefix, or `latest`): metrics and counters."""
+    try:
+        run_dir = resolve(runs_dir, run_name)
+    except RunNotFound as exc:
+        raise click.ClickException(str(exc)) from None
+    summary = summarise(run_dir).as_dict()
+    if as_json:
+        click.echo(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode())
+        return
+    info = summary["info"]
+    git = info.get("git") or {}
+    click.echo(f"run       {info.get('run_id')}  ({info.get('status')}, exit {_blank(info.get('exit_status'))})")
+    click.echo(f"dir       {run_dir}")
+    click.echo(f"command   {' '.join(info.get('command') or (info.get('trainer') or {}).get('argv') or [])}")
+    click.echo(f"started   {_time(info.get('start_time'))}  duration {_duration(_span(info))}")
+    if git:
+        click.echo(f"git       {git.get('commit', '')[:12]}{' (dirty)' if git.get('dirty') else ''}")
+    click.echo(f"host      {info.get('host')}  python {info.get('python')}  torch {info.get('torch')}")
+    click.echo(f"records   {info.get('records', 0)}  dropped {info.get('dropped', 0)}  lost {info.get('lost', 0)}")
+    for stream in info.get("streams", []):
+        click.echo(
+            f"  rank {stream['rank']:>3} pid {stream['pid']:<7} sent {stream['sent']:>8} received {stream['received']:>8} "
+            f"dropped {sum(stream['dropped'].values()):>6} lost {stream['lost']:>5} {'complete' if stream['complete'] else 'open'}"
+        )
+    if summary["metrics"]:
+        click.echo(f"\n{'METRIC':<28} {'LAST':>12} {'MIN':>12} {'MAX':>12} {'COUNT':>7}")
+        for name, metric in summary["metrics"].items():
+            click.echo(
+                f"{name:<28} {_num(metric['last']):>12} {_num(metric['min']):>12} {_num(metric['max']):>12} {metric['count']:>7}"
+            )
+    for text in summary["last_texts"]:
+        click.echo(f"\n[{text['name']} @ step {text['step']}]\n{text['text']}")
+
+
+def _span(info: dict[str, Any]) -> float | None:
+    start, end = info.get("start_time"), info.get("end_time")
+    return end - start if start and end else None
+
+
+def _time(epoch: float | None) -> str:
+    if not epoch:
+        return "-"
+    return datetime.datetime.fromtimestamp(epoch).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def _blank(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+def _num(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value
+    return f"{value:.6g}"

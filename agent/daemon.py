@@ -1,0 +1,249 @@
+"""The agent process: receive, validate, account, store; shut down cleanly.
+
+One thread runs the receive loop. Messages are drained in bursts, each
+burst ends with one write per run, so ingest stays cheap per record while
+the store is at most one burst behind the socket.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import stat
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import zmq
+
+from agent import runinfo
+from agent.counters import AgentCounters, RateLimitedLog
+from agent.decode import Rejected, decode
+from agent.store import RunStore
+from probe import protocol
+
+logger = logging.getLogger("outrider.agent")
+
+MAX_OPEN_RUNS = 64
+BURST = 1000  # messages per receive burst before the store is flushed
+INFO_INTERVAL = 1.0  # seconds between run.json rewrites of a changing run
+
+
+def private_ipc_dir() -> Path:
+    """A fresh directory only this user can enter, for the IPC socket."""
+    return Path(tempfile.mkdtemp(prefix="outrider-"))  # mkdtemp creates it 0700
+
+
+def default_endpoint() -> str:
+    """``ipc://`` in a per-user 0700 directory (checked, never trusted blindly)."""
+    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    directory = Path(base) / f"outrider-{os.getuid()}"
+    directory.mkdir(mode=0o700, exist_ok=True)
+    info = directory.stat()
+    if info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) & 0o077:
+        raise PermissionError(
+            f"{directory} must be owned by you with mode 0700 (it holds the agent's socket); "
+            "fix or remove it, or pass --endpoint"
+        )
+    return f"ipc://{directory / 'agent.sock'}"
+
+
+class Agent:
+    """Binds the endpoint and writes every accepted record to the run store."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        runs_dir: Path,
+        *,
+        run_id: str | None = None,
+        meta: dict[str, Any] | None = None,
+        drain_timeout: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.endpoint = endpoint
+        self.runs_dir = runs_dir
+        self.run_id = run_id
+        self.meta = meta or {}
+        self.drain_timeout = drain_timeout
+        self.clock = clock
+        self.counters = AgentCounters()
+        self.complaints = RateLimitedLog(clock=clock)
+        self.runs: dict[str, RunStore] = {}
+        self._stop_requested = False
+        self._signals = 0
+        self._context = zmq.Context()
+        self._socket = self._context.socket(zmq.PULL)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.RCVHWM, 10_000)
+        # Beyond twice our own limit ZeroMQ cuts the sender off before buffering it.
+        self._socket.setsockopt(zmq.MAXMSGSIZE, 2 * protocol.MAX_MESSAGE_BYTES)
+        self._bind()
+
+    def _bind(self) -> None:
+        if self.endpoint.startswith("ipc://"):
+            path = Path(self.endpoint.removeprefix("ipc://"))
+            if path.exists():
+                path.unlink()  # a stale socket from a dead agent
+        self._socket.bind(self.endpoint)
+        if self.endpoint.startswith("ipc://"):
+            os.chmod(self.endpoint.removeprefix("ipc://"), 0o600)
+
+    # -- run store -------------------------------------------------------------
+    def _store_for(self, run_id: str) -> RunStore | None:
+        store = self.runs.get(run_id)
+        if store is not None:
+            return store
+        if len(self.runs) >= MAX_OPEN_RUNS:
+            return None
+        meta = None
+        if run_id == self.run_id:
+            meta = dict(self.meta)
+            meta.update(runinfo.collect(self.meta.get("cwd")))
+        store = RunStore(self.runs_dir, run_id, meta)
+        if meta is None:
+            store.info.update(runinfo.collect(None))
+        self.runs[run_id] = store
+        store.write_info()
+        return store
+
+    def open_declared_run(self) -> None:
+        """With --run-id, the run directory and run.json exist before the trainer starts."""
+        if self.run_id is not None:
+            self._store_for(self.run_id)
+
+    # -- receiving ---------------------------------------------------------------
+    def ingest(self, raw: bytes) -> None:
+        """Decode one message and store its good records; count everything else."""
+        counters = self.counters
+        counters.messages += 1
+        counters.bytes += len(raw)
+        try:
+            batch = decode(raw)
+        except Rejected as rejected:
+            counters.reject(counters.rejected_messages, rejected.reason)
+            self.complaints.warning(
+                rejected.reason, "outrider agent: rejected a message (%s)", rejected
+            )
+            return
+        for reason, detail in batch.rejected:
+            counters.reject(counters.rejected_records, reason)
+            self.complaints.warning(
+                f"record:{reason}", "outrider agent: rejected a record (%s: %s)", reason, detail
+            )
+        if not batch.records:
+            return
+        run_id = batch.envelope["run"]
+        if batch.records[0].kind == protocol.HELLO and "cwd" in batch.records[0].body:
+            self._learn_cwd(run_id, batch.records[0].body)
+        store = self._store_for(run_id)
+        if store is None:
+            counters.reject(counters.rejected_messages, "too_many_runs")
+            self.complaints.warning(
+                "too_many_runs",
+                "outrider agent: more than %d runs open; records of run %s rejected",
+                MAX_OPEN_RUNS,
+                run_id,
+            )
+            return
+        store.add(batch.envelope, batch.records)
+        counters.records += len(batch.records)
+
+    def _learn_cwd(self, run_id: str, hello: dict[str, Any]) -> None:
+        """A run the agent was not told about gets git info from its trainer's directory."""
+        store = self.runs.get(run_id)
+        if store is not None and store.info.get("git") is None and isinstance(hello["cwd"], str):
+            store.info["git"] = runinfo.git_info(hello["cwd"])
+
+    def receive_burst(self, timeout_ms: int) -> int:
+        """Wait up to ``timeout_ms`` for input, then drain up to BURST messages."""
+        if not self._socket.poll(timeout_ms):
+            return 0
+        count = 0
+        recv = self._socket.recv
+        while count < BURST:
+            try:
+                raw = recv(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                break
+            count += 1
+            self.ingest(raw)
+        for store in self.runs.values():
+            store.flush()
+        return count
+
+    def serve(self, ready: Callable[[], None] | None = None) -> int:
+        """Run until a signal; returns the process exit status."""
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        self.open_declared_run()
+        previous = self._install_signals()
+        try:
+            if ready is not None:
+                ready()
+            last_info = self.clock()
+            while not self._stop_requested:
+                self.receive_burst(100)
+                now = self.clock()
+                if now - last_info >= INFO_INTERVAL:
+                    last_info = now
+                    self._write_dirty_info()
+            self._drain()
+        finally:
+            self.close()
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        return 0
+
+    def _drain(self) -> None:
+        """After a stop request: keep reading until quiet or every stream said bye."""
+        deadline = self.clock() + self.drain_timeout
+        quiet_since = self.clock()
+        while self.clock() < deadline:
+            if self.receive_burst(50):
+                quiet_since = self.clock()
+                continue
+            if self._all_streams_done() or self.clock() - quiet_since > 0.3:
+                break
+
+    def _all_streams_done(self) -> bool:
+        return all(
+            ledger.said_bye for store in self.runs.values() for ledger in store.streams.values()
+        )
+
+    def _write_dirty_info(self) -> None:
+        for store in self.runs.values():
+            if store.dirty:
+                store.write_info()
+
+    def close(self) -> None:
+        for store in self.runs.values():
+            store.close(self.counters.as_dict())
+        self._socket.close(linger=0)
+        self._context.term()
+        if self.endpoint.startswith("ipc://"):
+            Path(self.endpoint.removeprefix("ipc://")).unlink(missing_ok=True)
+
+    # -- signals -----------------------------------------------------------------
+    def request_stop(self) -> None:
+        self._stop_requested = True
+
+    def _install_signals(self) -> dict[int, Any]:
+        previous = {}
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous[signum] = signal.signal(signum, self._on_signal)
+        return previous
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._signals += 1
+        if self._signals == 1:
+            logger.info("outrider agent: %s, draining and exiting", signal.Signals(signum).name)
+            self._stop_requested = True
+            return
+        logger.warning("outrider agent: second signal, exiting now")
+        for store in self.runs.values():
+            store.flush()
+        os._exit(1)

@@ -1,0 +1,234 @@
+"""Turning bytes from the socket into validated records, with hard limits.
+
+Anything can arrive on the agent's socket. A message that cannot be decoded,
+or whose envelope is wrong, is rejected whole; a record with a bad shape is
+rejected alone and the good records around it are kept. Each rejection names
+a reason, which the agent counts.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from probe import protocol
+
+RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # it becomes a directory name
+STREAM_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+MAX_NESTING = 8
+MAX_CONTAINER = 4096
+
+
+class Rejected(Exception):
+    """A whole message was refused; ``reason`` is the counter it goes to."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class Record:
+    kind: str
+    seq: int
+    t: float
+    step: int | None
+    body: dict[str, Any]
+
+
+@dataclass
+class Batch:
+    envelope: dict[str, Any]
+    records: list[Record]
+    rejected: list[tuple[str, str]] = field(default_factory=list)  # (reason, detail) per record
+
+
+def decode(raw: bytes) -> Batch:
+    """Decode and validate one message; raises Rejected for a message-level fault."""
+    if len(raw) > protocol.MAX_MESSAGE_BYTES:
+        raise Rejected("oversized", f"{len(raw)} bytes > {protocol.MAX_MESSAGE_BYTES}")
+    try:
+        message = msgpack.unpackb(
+            raw,
+            raw=False,
+            strict_map_key=True,
+            max_str_len=protocol.MAX_TEXT_CHARS * 4,
+            max_bin_len=protocol.MAX_TENSOR_BYTES,
+            max_array_len=max(protocol.MAX_RECORDS_PER_MESSAGE, MAX_CONTAINER),
+            max_map_len=max(protocol.MAX_METRICS_PER_RECORD, MAX_CONTAINER),
+        )
+    except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as exc:
+        raise Rejected("malformed", f"{type(exc).__name__}: {exc}") from None
+    except Exception as exc:  # msgpack raises a variety for truncated/garbled input
+        raise Rejected("malformed", f"{type(exc).__name__}: {exc}") from None
+    if type(message) is not list or len(message) != 3:
+        raise Rejected("malformed", "not a [version, envelope, records] array")
+    version, envelope, records = message
+    if version != protocol.VERSION:
+        raise Rejected("bad_version", f"protocol version {version!r}, expected {protocol.VERSION}")
+    _check_envelope(envelope)
+    if type(records) is not list or len(records) > protocol.MAX_RECORDS_PER_MESSAGE:
+        raise Rejected("malformed", "records is not a bounded array")
+    batch = Batch(envelope, [])
+    for raw_record in records:
+        try:
+            batch.records.append(_check_record(raw_record))
+        except Rejected as rejected:
+            batch.rejected.append((rejected.reason, rejected.detail))
+    return batch
+
+
+def _check_envelope(envelope: Any) -> None:
+    if type(envelope) is not dict:
+        raise Rejected("bad_envelope", "envelope is not a map")
+    run = envelope.get("run")
+    if type(run) is not str or not RUN_ID.match(run):
+        raise Rejected("bad_envelope", f"run id {run!r} is not [A-Za-z0-9._-], 1-128 chars")
+    stream = envelope.get("stream")
+    if type(stream) is not str or not STREAM_ID.match(stream):
+        raise Rejected("bad_envelope", f"stream id {stream!r} is invalid")
+    for key in ("rank", "local_rank", "world_size", "pid"):
+        if type(envelope.get(key)) is not int:
+            raise Rejected("bad_envelope", f"{key} must be an integer")
+    host = envelope.get("host")
+    if type(host) is not str or len(host) > protocol.MAX_NAME_CHARS:
+        raise Rejected("bad_envelope", "host must be a short string")
+
+
+def _check_record(record: Any) -> Record:
+    if type(record) is not list or len(record) != 5:
+        raise Rejected("bad_record", "record is not [kind, seq, t, step, body]")
+    kind, seq, t, step, body = record
+    if kind not in protocol.KINDS:
+        raise Rejected("bad_record", f"unknown kind {kind!r}")
+    if type(seq) is not int or seq < 0:
+        raise Rejected("bad_record", f"seq {seq!r} is not a non-negative integer")
+    if type(t) not in (float, int) or not math.isfinite(t):
+        raise Rejected("bad_record", "t is not a finite number")
+    if step is not None and type(step) is not int:
+        raise Rejected("bad_record", f"step {step!r} is not an integer")
+    if type(body) is not dict:
+        raise Rejected("bad_record", "body is not a map")
+    check = _BODY_CHECKS.get(kind)
+    if check is not None:
+        check(body)
+    return Record(kind, seq, float(t), step, body)
+
+
+def _check_name(name: Any, what: str) -> None:
+    if type(name) is not str or not 0 < len(name) <= protocol.MAX_NAME_CHARS:
+        raise Rejected("bad_record", f"{what} must be a string of 1-{protocol.MAX_NAME_CHARS} chars")
+
+
+def _check_scalars(body: dict[str, Any]) -> None:
+    if len(body) > protocol.MAX_METRICS_PER_RECORD:
+        raise Rejected("bad_record", f"more than {protocol.MAX_METRICS_PER_RECORD} metrics")
+    for name, value in body.items():
+        if type(name) is not str or not 0 < len(name) <= protocol.MAX_NAME_CHARS:
+            raise Rejected("bad_record", f"metric name {name!r:.80} is invalid")
+        if type(value) not in (float, int):
+            raise Rejected("bad_record", f"metric {name!r} is {type(value).__name__}, not a number")
+
+
+def _check_tensor(body: dict[str, Any]) -> None:
+    _check_name(body.get("name"), "tensor name")
+    shape, dtype, data = body.get("shape"), body.get("dtype"), body.get("data")
+    if type(dtype) is not str or dtype not in TENSOR_DTYPES:
+        raise Rejected("bad_record", f"tensor dtype {dtype!r} is not supported")
+    if type(shape) is not list or len(shape) > 8 or any(
+        type(d) is not int or d < 0 for d in shape
+    ):
+        raise Rejected("bad_record", "tensor shape must be up to 8 non-negative integers")
+    if type(data) is not bytes:
+        raise Rejected("bad_record", "tensor data must be bytes")
+    count = math.prod(shape)
+    if count * TENSOR_DTYPES[dtype] != len(data):
+        raise Rejected("bad_record", f"tensor data is {len(data)} bytes, shape says otherwise")
+
+
+def _check_text(body: dict[str, Any]) -> None:
+    _check_name(body.get("name"), "text name")
+    text = body.get("text")
+    if type(text) is not str or len(text) > protocol.MAX_TEXT_CHARS:
+        raise Rejected("bad_record", "text must be a string within the size limit")
+
+
+def _check_event(body: dict[str, Any]) -> None:
+    _check_name(body.get("name"), "event name")
+    _check_plain(body.get("attrs", {}), 0)
+
+
+def _check_config(body: dict[str, Any]) -> None:
+    params = body.get("params")
+    if type(params) is not dict:
+        raise Rejected("bad_record", "config params must be a map")
+    _check_plain(params, 0)
+
+
+def _check_counters(body: dict[str, Any]) -> None:
+    dropped = body.get("dropped", {})
+    if type(dropped) is not dict or any(
+        type(k) is not str or type(v) is not int or v < 0 for k, v in dropped.items()
+    ):
+        raise Rejected("bad_record", "dropped must map reasons to counts")
+    produced = body.get("produced", 0)
+    if type(produced) is not int:
+        raise Rejected("bad_record", "produced must be an integer")
+
+
+def _check_run_end(body: dict[str, Any]) -> None:
+    status = body.get("exit_status")
+    if status is not None and type(status) is not int:
+        raise Rejected("bad_record", "exit_status must be an integer")
+
+
+def _check_plain(value: Any, depth: int) -> None:
+    """JSON-like values only, bounded in depth (configs and event attributes)."""
+    if depth > MAX_NESTING:
+        raise Rejected("bad_record", f"nested deeper than {MAX_NESTING}")
+    kind = type(value)
+    if kind is dict:
+        for key, item in value.items():
+            if type(key) is not str:
+                raise Rejected("bad_record", "map keys must be strings")
+            _check_plain(item, depth + 1)
+    elif kind is list:
+        for item in value:
+            _check_plain(item, depth + 1)
+    elif kind is bytes:
+        raise Rejected("bad_record", "bytes are only allowed in tensor data")
+
+
+TENSOR_DTYPES = {
+    "float64": 8,
+    "float32": 4,
+    "float16": 2,
+    "int64": 8,
+    "int32": 4,
+    "int16": 2,
+    "int8": 1,
+    "uint8": 1,
+    "bool": 1,
+}
+
+def _check_plain_body(body: dict[str, Any]) -> None:
+    _check_plain(body, 0)
+
+
+_BODY_CHECKS = {
+    protocol.HELLO: _check_plain_body,
+    protocol.HEARTBEAT: _check_plain_body,
+    protocol.SCALARS: _check_scalars,
+    protocol.TENSOR: _check_tensor,
+    protocol.TEXT: _check_text,
+    protocol.EVENT: _check_event,
+    protocol.CONFIG: _check_config,
+    protocol.PROBE_STATS: _check_counters,
+    protocol.BYE: _check_counters,
+    protocol.RUN_END: _check_run_end,
+}

@@ -1,0 +1,205 @@
+"""``outrider run -- CMD``: the agent as a sidecar of one training command.
+
+The agent runs in its own session, so a Ctrl-C meant for the trainer does not
+stop it before the trainer's last records arrive; the launcher stops it after
+the trainer exits and waits for its drain (bounded). The trainer always runs:
+if the agent cannot start, telemetry is switched off and the launcher says so
+(unless ``--require-agent``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import msgpack
+import orjson
+import zmq
+
+from agent.daemon import private_ipc_dir
+from probe import protocol
+from probe.identity import new_run_id, new_stream_id
+
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def agent_command(
+    endpoint: str, runs_dir: Path, run_id: str, meta: dict[str, Any], ready_fd: int, drain: float
+) -> list[str]:
+    """``python -P``: the trainer's directory (with its own agent.py?) stays off sys.path."""
+    return [
+        sys.executable,
+        "-P",
+        "-m",
+        "agent",
+        "agent",
+        "--endpoint",
+        endpoint,
+        "--runs-dir",
+        str(runs_dir),
+        "--run-id",
+        run_id,
+        "--meta",
+        orjson.dumps(meta).decode(),
+        "--ready-fd",
+        str(ready_fd),
+        "--drain-timeout",
+        str(drain),
+    ]
+
+
+def wait_ready(fd: int, timeout: float, agent: subprocess.Popen[bytes]) -> bool:
+    """True once the agent wrote 'ready' on the pipe; False if it died or timed out."""
+    deadline = time.monotonic() + timeout
+    buffer = b""
+    while time.monotonic() < deadline:
+        readable, _, _ = select.select([fd], [], [], 0.1)
+        if readable:
+            chunk = os.read(fd, 64)
+            if not chunk:
+                return False  # the agent closed the pipe without saying ready
+            buffer += chunk
+            if b"ready" in buffer:
+                return True
+        if agent.poll() is not None:
+            return False
+    return False
+
+
+def send_run_end(endpoint: str, run_id: str, exit_status: int) -> None:
+    """Tell the agent how the trainer ended; it goes into run.json."""
+    context = zmq.Context()
+    try:
+        sock = context.socket(zmq.PUSH)
+        sock.setsockopt(zmq.LINGER, 2000)
+        sock.connect(endpoint)
+        envelope = {
+            "run": run_id,
+            "stream": f"launcher-{new_stream_id()}",
+            "rank": -1,
+            "local_rank": -1,
+            "world_size": 0,
+            "host": os.uname().nodename,
+            "pid": os.getpid(),
+        }
+        body = {"exit_status": exit_status, "end_time": time.time()}
+        bye = {"produced": 2, "dropped": {}}
+        records = [[protocol.RUN_END, 0, time.time(), None, body], [protocol.BYE, 1, time.time(), None, bye]]
+        sock.send(msgpack.packb([protocol.VERSION, envelope, records], use_bin_type=True))
+        sock.close()
+    finally:
+        context.term()
+
+
+def exit_code(returncode: int) -> int:
+    """A child killed by signal N exits the launcher with 128+N, as a shell would."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def _foreground() -> bool:
+    """Whether we share the terminal's foreground group (the child then got Ctrl-C itself)."""
+    try:
+        return os.tcgetpgrp(sys.stdin.fileno()) == os.getpgrp()
+    except (OSError, ValueError):
+        return False
+
+
+def run(
+    command: list[str],
+    *,
+    runs_dir: Path,
+    run_id: str | None = None,
+    endpoint: str | None = None,
+    drain_timeout: float = 10.0,
+    start_timeout: float = 15.0,
+    require_agent: bool = False,
+    quiet: bool = False,
+) -> int:
+    """Start the agent, run ``command`` with the probe's environment, stop the agent."""
+
+    def say(message: str) -> None:
+        if not quiet:
+            print(f"outrider: {message}", file=sys.stderr, flush=True)
+
+    run_id = run_id or new_run_id()
+    runs_dir = runs_dir.resolve()
+    ipc_dir = None
+    if endpoint is None:
+        ipc_dir = private_ipc_dir()
+        endpoint = f"ipc://{ipc_dir / 'agent.sock'}"
+    meta = {"command": command, "cwd": os.getcwd(), "launcher": "outrider run"}
+    read_fd, write_fd = os.pipe()
+    agent = subprocess.Popen(
+        agent_command(endpoint, runs_dir, run_id, meta, write_fd, drain_timeout),
+        pass_fds=(write_fd,),
+        start_new_session=True,
+    )
+    os.close(write_fd)
+    ready = wait_ready(read_fd, start_timeout, agent)
+    os.close(read_fd)
+
+    env = dict(os.environ)
+    env[protocol.ENV_ENDPOINT] = endpoint
+    env[protocol.ENV_RUN_ID] = run_id
+    if ready:
+        say(f"run {run_id}: agent listening at {endpoint}, storing in {runs_dir / run_id}")
+    else:
+        _stop_agent(agent, 0.0)
+        if require_agent:
+            say("the agent did not start; not running the command (--require-agent)")
+            return 2
+        say("the agent did not start; running the command with telemetry OFF")
+        env[protocol.ENV_DISABLED] = "1"
+
+    try:
+        child = subprocess.Popen(command, env=env)
+    except OSError as exc:
+        say(f"cannot run {command[0]!r}: {exc}")
+        _stop_agent(agent, drain_timeout)
+        return 127
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT and _foreground():
+            return  # the terminal already sent it to the child
+        with contextlib.suppress(ProcessLookupError):
+            child.send_signal(signum)
+
+    previous = {signum: signal.signal(signum, forward) for signum in FORWARDED}
+    try:
+        returncode = child.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+    status = exit_code(returncode)
+    if ready:
+        send_run_end(endpoint, run_id, status)
+        if not _stop_agent(agent, drain_timeout):
+            say(f"the agent did not finish draining within {drain_timeout:.0f} s and was killed")
+        say(f"run {run_id} stored in {runs_dir / run_id} (outrider show {run_id})")
+    if ipc_dir is not None:
+        shutil.rmtree(ipc_dir, ignore_errors=True)
+    return status
+
+
+def _stop_agent(agent: subprocess.Popen[bytes], drain_timeout: float) -> bool:
+    """SIGTERM (drain and exit), then SIGKILL after the drain budget; True if it exited."""
+    if agent.poll() is not None:
+        return True
+    agent.send_signal(signal.SIGTERM)
+    try:
+        agent.wait(drain_timeout + 5.0)
+        return True
+    except subprocess.TimeoutExpired:
+        agent.kill()
+        agent.wait()
+        return False

@@ -1,0 +1,193 @@
+"""The run store: ``<runs dir>/<run id>/`` with run.json, metrics.jsonl, tensors.bin.
+
+It is the source of truth and is written before anything else sees a
+record. Lines are appended with one write per receive cycle, so what the
+agent has accepted is in the kernel's hands within milliseconds (it survives
+the agent being SIGKILLed) and on disk within the OS's writeback.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from agent.accounting import StreamLedger
+from agent.decode import Record
+from probe import protocol
+
+RUN_JSON = "run.json"
+METRICS = "metrics.jsonl"
+TENSORS = "tensors.bin"
+
+NON_FINITE = {math.inf: "Infinity", -math.inf: "-Infinity"}
+
+
+def json_number(value: float) -> float | str:
+    """JSON has no NaN/Infinity: store them as the strings float() reads back."""
+    if value != value:
+        return "NaN"
+    return NON_FINITE.get(value, value)
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))
+    os.replace(tmp, path)
+
+
+class RunStore:
+    """One run's directory: appends records, keeps run.json and the stream ledgers."""
+
+    def __init__(self, runs_dir: Path, run_id: str, meta: dict[str, Any] | None = None) -> None:
+        self.dir = runs_dir / run_id
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.run_id = run_id
+        self.streams: dict[str, StreamLedger] = {}
+        self.info: dict[str, Any] = {"run_id": run_id}
+        existing = self.dir / RUN_JSON
+        if existing.exists():
+            self._resume(existing)
+        self.info.setdefault("start_time", time.time())
+        self.info.setdefault("status", "running")
+        self.info.setdefault("config", {})
+        if meta:
+            self.info.update(meta)
+        self._metrics = open(self.dir / METRICS, "ab")  # noqa: SIM115 - lives as long as the run
+        self._tensors = open(self.dir / TENSORS, "ab")  # noqa: SIM115
+        self._tensor_offset = self._tensors.tell()
+        self._pending: list[bytes] = []
+        self.dirty = True
+        self.last_record_time = 0.0
+        self.records = 0
+
+    def _resume(self, run_json: Path) -> None:
+        """A restarted agent picks up the run: its info and every stream's accounting."""
+        try:
+            self.info = orjson.loads(run_json.read_bytes())
+        except (OSError, orjson.JSONDecodeError):
+            self.info = {"run_id": self.run_id}
+        self.info["status"] = "running"
+        self.info.pop("end_time", None)
+        metrics = self.dir / METRICS
+        if not metrics.exists():
+            return
+        with open(metrics, "rb") as lines:
+            for line in lines:
+                try:
+                    entry = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    continue  # a line cut short by a crash
+                ledger = self.streams.get(entry.get("stream", ""))
+                if ledger is None:
+                    ledger = StreamLedger.from_envelope(entry["source"])
+                    self.streams[ledger.stream] = ledger
+                ledger.observe(entry["kind"], entry["seq"], entry["t"], entry.get("step"), entry)
+
+    # -- appending -----------------------------------------------------------
+    def add(self, envelope: dict[str, Any], records: list[Record]) -> None:
+        stream = envelope["stream"]
+        ledger = self.streams.get(stream)
+        source = None
+        if ledger is None:
+            ledger = self.streams[stream] = StreamLedger.from_envelope(envelope)
+            source = envelope
+            self.dirty = True
+        rank = envelope["rank"]
+        pending = self._pending
+        for record in records:
+            kind, body = record.kind, record.body
+            ledger.observe(kind, record.seq, record.t, record.step, body)
+            line: dict[str, Any] = {
+                "kind": kind,
+                "step": record.step,
+                "rank": rank,
+                "t": record.t,
+                "stream": stream,
+                "seq": record.seq,
+            }
+            if source is not None:
+                line["source"] = source  # first line of a stream says who it is
+                source = None
+            if kind == protocol.SCALARS:
+                if not all(map(math.isfinite, body.values())):
+                    body = {name: json_number(value) for name, value in body.items()}
+                line["metrics"] = body
+            elif kind == protocol.TENSOR:
+                data = body.pop("data")
+                body["offset"] = self._tensor_offset
+                body["nbytes"] = len(data)
+                self._tensors.write(data)
+                self._tensor_offset += len(data)
+                line.update(body)
+            else:
+                line.update(body)
+                self._note(kind, body, envelope)
+            pending.append(orjson.dumps(line))
+        self.records += len(records)
+        self.last_record_time = time.time()
+        self.dirty = True
+
+    def _note(self, kind: str, body: dict[str, Any], envelope: dict[str, Any]) -> None:
+        """Records that change run.json."""
+        if kind == protocol.HELLO and envelope["rank"] == 0 and "trainer" not in self.info:
+            self.info["trainer"] = body
+            self.dirty = True
+        elif kind == protocol.CONFIG:
+            self.info["config"].update(body.get("params", {}))
+            self.dirty = True
+        elif kind == protocol.RUN_END:
+            self.info["exit_status"] = body.get("exit_status")
+            self.info["trainer_end_time"] = body.get("end_time")
+            self.dirty = True
+        elif kind == protocol.BYE:
+            self.dirty = True
+
+    def flush(self) -> None:
+        """Hand appended lines and tensor bytes to the kernel (one write each)."""
+        if self._pending:
+            self._pending.append(b"")
+            self._metrics.write(b"\n".join(self._pending))
+            self._pending.clear()
+            self._metrics.flush()
+        self._tensors.flush()
+
+    # -- run.json ------------------------------------------------------------
+    def snapshot(self) -> dict[str, Any]:
+        streams = [ledger.summary() for ledger in self.streams.values()]
+        steps = [s["last_step"] for s in streams if s["last_step"] is not None]
+        info = dict(self.info)
+        info["streams"] = streams
+        info["last_step"] = max(steps) if steps else None
+        info["records"] = sum(s["received"] for s in streams)
+        info["dropped"] = sum(sum(s["dropped"].values()) for s in streams)
+        info["lost"] = sum(s["lost"] for s in streams)
+        return info
+
+    def write_info(self) -> None:
+        write_json_atomic(self.dir / RUN_JSON, self.snapshot())
+        self.dirty = False
+
+    def close(self, agent_counters: dict[str, Any] | None = None) -> None:
+        self.flush()
+        self.info["end_time"] = time.time()
+        self.info["status"] = self._final_status()
+        if agent_counters is not None:
+            self.info["agent"] = agent_counters
+        self.write_info()
+        self._metrics.close()
+        self._tensors.close()
+
+    def _final_status(self) -> str:
+        exit_status = self.info.get("exit_status")
+        if exit_status is not None:
+            if exit_status == 0:
+                return "finished"
+            return "killed" if exit_status < 0 or exit_status > 128 else "failed"
+        if self.streams and all(ledger.said_bye for ledger in self.streams.values()):
+            return "finished"
+        return "incomplete"
