@@ -74,7 +74,8 @@ def decode(raw: bytes) -> Batch:
     _check_envelope(envelope)
     if type(records) is not list or len(records) > protocol.MAX_RECORDS_PER_MESSAGE:
         raise Rejected("malformed", "records is not a bounded array")
-    batch = Batch(envelope, [])
+    # Only the known keys go on: the envelope is written to the store as the stream's source.
+    batch = Batch({key: envelope[key] for key in protocol.ENVELOPE_KEYS}, [])
     for raw_record in records:
         try:
             batch.records.append(_check_record(raw_record))
@@ -117,6 +118,13 @@ def _check_record(record: Any) -> Record:
     check = _BODY_CHECKS.get(kind)
     if check is not None:
         check(body)
+    # Every body is written to the store as JSON: string keys and plain values only
+    # (bytes only as tensor data, no msgpack ext types).
+    for key, value in body.items():
+        if type(key) is not str:
+            raise Rejected("bad_record", "body keys must be strings")
+        if not (kind == protocol.TENSOR and key == "data"):
+            _check_plain(value, 0)
     return Record(kind, seq, float(t), step, body)
 
 
@@ -176,9 +184,9 @@ def _check_counters(body: dict[str, Any]) -> None:
         type(k) is not str or type(v) is not int or v < 0 for k, v in dropped.items()
     ):
         raise Rejected("bad_record", "dropped must map reasons to counts")
-    produced = body.get("produced", 0)
-    if type(produced) is not int:
-        raise Rejected("bad_record", "produced must be an integer")
+    for key in ("produced", "invalid_values", "internal_errors"):
+        if type(body.get(key, 0)) is not int:
+            raise Rejected("bad_record", f"{key} must be an integer")
 
 
 def _check_run_end(body: dict[str, Any]) -> None:
@@ -200,9 +208,11 @@ def _check_plain(value: Any, depth: int) -> None:
     elif kind is list:
         for item in value:
             _check_plain(item, depth + 1)
-    elif kind is bytes:
-        raise Rejected("bad_record", "bytes are only allowed in tensor data")
+    elif kind not in _PLAIN_SCALARS:
+        raise Rejected("bad_record", f"{kind.__name__} values are not allowed here")
 
+
+_PLAIN_SCALARS = (str, int, float, bool, type(None))
 
 TENSOR_DTYPES = {
     "float64": 8,

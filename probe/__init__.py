@@ -32,6 +32,7 @@ __all__ = [
     "text",
 ]
 
+_PLAIN_TYPES = frozenset(values.PLAIN_NUMBERS)
 _client: Client | None = None
 _disabled = False
 _init_lock = threading.Lock()
@@ -109,17 +110,21 @@ def log(metrics: Mapping[str, Any], step: int | None = None) -> None:
     a number on the sender thread, never here.
     """
     client = _client
-    if client is None:
-        if _disabled or (client := _autostart()) is None:
-            return
+    if client is None and (_disabled or (client := _autostart()) is None):
+        return
     try:
-        client.submit(protocol.SCALARS, step, values.capture_metrics(metrics))  # type: ignore[arg-type]
+        body = dict(metrics)
+        if not _PLAIN_TYPES.issuperset(map(type, body.values())):
+            body = values.capture_metrics(body)
+        client.submit(protocol.SCALARS, step, body)
     except Exception as exc:
         internal.record(exc, "log")
 
+
 def text(name: str, content: str, step: int | None = None) -> None:
     """Log a piece of text, e.g. a generated sample (truncated to the wire limit)."""
-    _submit_checked(protocol.TEXT, step, {"name": name, "text": str(content)[: protocol.MAX_TEXT_CHARS]})
+    body = {"name": name, "text": str(content)[: protocol.MAX_TEXT_CHARS]}
+    _submit_checked(protocol.TEXT, step, body)
 
 def event(name: str, step: int | None = None, **attrs: Any) -> None:
     """Log a discrete event (checkpoint saved, epoch end, eval done) with attributes."""

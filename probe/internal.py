@@ -8,12 +8,14 @@ swallowed bug still fails the suite loudly.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 
 logger = logging.getLogger("outrider.probe")
 
-# Set by the test suite (tests/conftest.py): re-raise instead of swallowing.
-RAISE = False
+# Set by the test suite (tests/conftest.py, or OUTRIDER_PROBE_RAISE=1 in a trainer
+# subprocess): re-raise instead of swallowing, so hidden bugs fail loudly.
+RAISE = os.environ.get("OUTRIDER_PROBE_RAISE") == "1"
 
 _lock = threading.Lock()
 _count = 0

@@ -51,9 +51,8 @@ def capture_tensor(tensor: Any) -> Captured:
     return Captured(tensor.clone(), None)
 
 
-def capture_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
-    """Copy the trainer's dict, capturing tensor values (training thread, O(len))."""
-    body = dict(metrics)
+def capture_metrics(body: dict[str, Any]) -> dict[str, Any]:
+    """Capture the tensor values of a copied metrics dict in place (training thread)."""
     for name, value in body.items():
         if type(value) not in PLAIN_NUMBERS and is_tensor(value):
             body[name] = capture_tensor(value)

@@ -1,0 +1,123 @@
+"""Shared helpers for the benchmark scripts: a real agent process, percentiles, tables.
+
+Benchmarks print figures; they never pass or fail on a number, because the
+machines they run on are shared and noisy (see docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def short_ipc_endpoint(name: str = "agent.sock") -> str:
+    """An ``ipc://`` endpoint in a fresh 0700 dir (socket paths must stay under ~100 chars)."""
+    return f"ipc://{tempfile.mkdtemp(prefix='orb-')}/{name}"
+
+
+def start_agent(endpoint: str, runs_dir: Path, log_path: Path) -> subprocess.Popen[bytes]:
+    """Start a real ``outrider agent`` the way ``outrider run`` does, return once it is bound.
+
+    ``python -P -m agent`` keeps the current directory off ``sys.path``; the
+    agent writes 'ready' on a pipe once its socket is bound.
+    """
+    read_fd, write_fd = os.pipe()
+    with open(log_path, "ab") as log:
+        agent = subprocess.Popen(
+            [sys.executable, "-P", "-m", "agent", "agent", "--endpoint", endpoint,
+             "--runs-dir", str(runs_dir), "--ready-fd", str(write_fd), "--log-level", "WARNING"],
+            pass_fds=(write_fd,),
+            stdout=log,
+            stderr=log,
+        )
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as ready:
+        line = ready.readline()
+    if line.strip() != b"ready":
+        agent.kill()
+        raise RuntimeError(f"the agent did not start:\n{log_path.read_text()[-2000:]}")
+    return agent
+
+
+def stop_agent(agent: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    """SIGTERM: the agent drains its socket, writes run.json and exits."""
+    if agent.poll() is None:
+        agent.terminate()
+        try:
+            agent.wait(timeout)
+        except subprocess.TimeoutExpired:
+            agent.kill()
+            agent.wait()
+
+
+def percentile(ordered: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile of already sorted data (q in 0..100)."""
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))
+    return float(ordered[index])
+
+
+def wait_for_lines(path: Path, expected: int, timeout: float, poll: float = 0.005) -> float | None:
+    """Tail ``path`` until it holds ``expected`` newline-terminated lines.
+
+    Returns the ``time.perf_counter()`` at which the count was first seen (so
+    the resolution is ``poll`` plus one read), or None on timeout. Reading only
+    the new bytes keeps the poller cheap next to the process under test.
+    """
+    deadline = time.perf_counter() + timeout
+    count = 0
+    handle = None
+    try:
+        while True:
+            now = time.perf_counter()
+            if handle is None and path.exists():
+                handle = open(path, "rb")  # noqa: SIM115 - closed in finally
+            if handle is not None:
+                while chunk := handle.read(1 << 20):
+                    count += chunk.count(b"\n")
+                if count >= expected:
+                    return time.perf_counter()
+            if now > deadline:
+                return None
+            time.sleep(poll)
+    finally:
+        if handle is not None:
+            handle.close()
+
+
+def machine() -> str:
+    """CPU model and count, for the header of every report."""
+    model = platform.processor() or "?"
+    try:
+        for line in subprocess.run(
+            ["lscpu"], capture_output=True, text=True, check=False
+        ).stdout.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} CPUs, Python {platform.python_version()}, {platform.system()}"
+
+
+def print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """A plain, aligned text table (first column left-aligned, the rest right-aligned)."""
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+
+    def fmt(row: Sequence[str]) -> str:
+        cells = [
+            str(cell).ljust(widths[i]) if i == 0 else str(cell).rjust(widths[i])
+            for i, cell in enumerate(row)
+        ]
+        return "  ".join(cells)
+
+    print(fmt(header))
+    print("  ".join("-" * width for width in widths))
+    for row in rows:
+        print(fmt(row))

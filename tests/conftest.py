@@ -1,0 +1,43 @@
+"""Shared fixtures: a real agent process per test, and loud probe errors."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import probe
+from probe import internal
+from tests.helpers import short_ipc_endpoint, start_agent, stop_agent
+
+
+@pytest.fixture(autouse=True)
+def probe_errors_raise() -> Iterator[None]:
+    """A bug the probe would swallow in production fails the test instead."""
+    internal.RAISE = True
+    yield
+    internal.RAISE = False
+    probe._reset_for_tests()
+
+
+@pytest.fixture
+def endpoint() -> Iterator[str]:
+    ep = short_ipc_endpoint()
+    yield ep
+    shutil.rmtree(Path(ep.removeprefix("ipc://")).parent, ignore_errors=True)
+
+
+@pytest.fixture
+def runs_dir(tmp_path: Path) -> Path:
+    return tmp_path / "runs"
+
+
+@pytest.fixture
+def agent(endpoint: str, runs_dir: Path) -> Iterator[object]:
+    """A real agent process bound to ``endpoint``, storing in ``runs_dir``."""
+    process = start_agent(endpoint, runs_dir)
+    yield process
+    if process.poll() is None:
+        stop_agent(process)
