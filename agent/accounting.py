@@ -45,7 +45,9 @@ class StreamLedger:
             pid=envelope["pid"],
         )
 
-    def observe(self, kind: str, seq: int, t: float, step: int | None, body: dict[str, Any]) -> None:
+    def observe(
+        self, kind: str, seq: int, t: float, step: int | None, body: dict[str, Any]
+    ) -> None:
         """Account for one received record."""
         self.received += 1
         if seq > self.max_seq:

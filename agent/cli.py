@@ -56,9 +56,20 @@ def main() -> None:
 @main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @runs_dir_option
 @click.option("--run-id", help="Run id to use (default: a new timestamped id).")
-@click.option("--tcp", "tcp", metavar="[HOST:]PORT", help="Listen on TCP instead of a private IPC socket.")
-@click.option("--drain-timeout", default=10.0, show_default=True, help="Seconds the agent may take to store the last records after the command exits.")
-@click.option("--require-agent", is_flag=True, help="Fail (exit 2) instead of running without telemetry when the agent cannot start.")
+@click.option(
+    "--tcp", "tcp", metavar="[HOST:]PORT", help="Listen on TCP instead of a private IPC socket."
+)
+@click.option(
+    "--drain-timeout",
+    default=10.0,
+    show_default=True,
+    help="Seconds the agent may take to store the last records after the command exits.",
+)
+@click.option(
+    "--require-agent",
+    is_flag=True,
+    help="Fail (exit 2) instead of running without telemetry when the agent cannot start.",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No outrider lines on stderr.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def run(
@@ -92,13 +103,27 @@ def run(
 
 @main.command()
 @runs_dir_option
-@click.option("--endpoint", help="ZeroMQ endpoint to bind (default: ipc:// in a private 0700 directory).")
+@click.option(
+    "--endpoint", help="ZeroMQ endpoint to bind (default: ipc:// in a private 0700 directory)."
+)
 @click.option("--tcp", "tcp", metavar="[HOST:]PORT", help="Bind TCP; HOST defaults to 127.0.0.1.")
-@click.option("--run-id", help="The run this agent was started for (its run.json is written at once).")
+@click.option(
+    "--run-id", help="The run this agent was started for (its run.json is written at once)."
+)
 @click.option("--meta", help="JSON object merged into the run's run.json (used by `outrider run`).")
 @click.option("--ready-fd", type=int, help="Write 'ready' to this file descriptor once bound.")
-@click.option("--drain-timeout", default=5.0, show_default=True, help="Seconds to keep storing after SIGTERM/SIGINT.")
-@click.option("--log-level", default="INFO", show_default=True, type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
+@click.option(
+    "--drain-timeout",
+    default=5.0,
+    show_default=True,
+    help="Seconds to keep storing after SIGTERM/SIGINT.",
+)
+@click.option(
+    "--log-level",
+    default="INFO",
+    show_default=True,
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]),
+)
 def agent(
     runs_dir: Path,
     endpoint: str | None,
@@ -127,7 +152,9 @@ def agent(
         raise click.BadParameter("must be a JSON object", param_hint="--meta")
     endpoint = endpoint or tcp_endpoint(tcp) or default_endpoint()
     try:
-        daemon = Agent(endpoint, runs_dir.resolve(), run_id=run_id, meta=meta_dict, drain_timeout=drain_timeout)
+        daemon = Agent(
+            endpoint, runs_dir.resolve(), run_id=run_id, meta=meta_dict, drain_timeout=drain_timeout
+        )
     except Exception as exc:  # zmq.ZMQError for a taken address, OSError for a bad dir
         raise click.ClickException(f"cannot start the agent on {endpoint}: {exc}") from None
 
@@ -154,14 +181,22 @@ def runs(runs_dir: Path, as_json: bool) -> None:
     if not rows:
         click.echo(f"no runs in {runs_dir}")
         return
-    header = f"{'RUN':<24} {'START':<19} {'DURATION':>9} {'STEPS':>7} {'STATUS':<10} {'RECORDS':>8} {'DROPPED':>8} {'LOST':>5}"
-    click.echo(header)
+    widths = (-24, -19, 9, 7, -10, 8, 8, 5)
+    click.echo(
+        _row(("RUN", "START", "DURATION", "STEPS", "STATUS", "RECORDS", "DROPPED", "LOST"), widths)
+    )
     for row in rows:
-        click.echo(
-            f"{row['run_id']:<24} {_time(row.get('start_time')):<19} {_duration(row.get('duration_s')):>9} "
-            f"{_blank(row.get('steps')):>7} {row.get('status') or '?':<10} {row.get('records', 0):>8} "
-            f"{row.get('dropped', 0):>8} {row.get('lost', 0):>5}"
+        cells = (
+            row["run_id"],
+            _time(row.get("start_time")),
+            _duration(row.get("duration_s")),
+            _blank(row.get("steps")),
+            row.get("status") or "?",
+            row.get("records", 0),
+            row.get("dropped", 0),
+            row.get("lost", 0),
         )
+        click.echo(_row(cells, widths))
 
 
 @main.command()
@@ -179,28 +214,56 @@ def show(run_name: str, runs_dir: Path, as_json: bool) -> None:
         click.echo(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode())
         return
     info = summary["info"]
-    git = info.get("git") or {}
-    click.echo(f"run       {info.get('run_id')}  ({info.get('status')}, exit {_blank(info.get('exit_status'))})")
-    click.echo(f"dir       {run_dir}")
-    click.echo(f"command   {' '.join(info.get('command') or (info.get('trainer') or {}).get('argv') or [])}")
-    click.echo(f"started   {_time(info.get('start_time'))}  duration {_duration(_span(info))}")
-    if git:
-        click.echo(f"git       {git.get('commit', '')[:12]}{' (dirty)' if git.get('dirty') else ''}")
-    click.echo(f"host      {info.get('host')}  python {info.get('python')}  torch {info.get('torch')}")
-    click.echo(f"records   {info.get('records', 0)}  dropped {info.get('dropped', 0)}  lost {info.get('lost', 0)}")
+    for label, value in _overview(info, run_dir):
+        click.echo(f"{label:<10}{value}")
     for stream in info.get("streams", []):
+        who = "launcher" if stream["rank"] < 0 else f"rank {stream['rank']}"
         click.echo(
-            f"  rank {stream['rank']:>3} pid {stream['pid']:<7} sent {stream['sent']:>8} received {stream['received']:>8} "
-            f"dropped {sum(stream['dropped'].values()):>6} lost {stream['lost']:>5} {'complete' if stream['complete'] else 'open'}"
+            f"  {who:<9} pid {stream['pid']:<7} sent {stream['sent']:>8} "
+            f"received {stream['received']:>8} dropped {sum(stream['dropped'].values()):>6} "
+            f"lost {stream['lost']:>5} {'complete' if stream['complete'] else 'open'}"
         )
     if summary["metrics"]:
-        click.echo(f"\n{'METRIC':<28} {'LAST':>12} {'MIN':>12} {'MAX':>12} {'COUNT':>7}")
+        widths = (-28, 12, 12, 12, 7)
+        click.echo("\n" + _row(("METRIC", "LAST", "MIN", "MAX", "COUNT"), widths))
         for name, metric in summary["metrics"].items():
-            click.echo(
-                f"{name:<28} {_num(metric['last']):>12} {_num(metric['min']):>12} {_num(metric['max']):>12} {metric['count']:>7}"
-            )
+            cells = (name, _num(metric["last"]), _num(metric["min"]), _num(metric["max"]))
+            click.echo(_row((*cells, metric["count"]), widths))
     for text in summary["last_texts"]:
         click.echo(f"\n[{text['name']} @ step {text['step']}]\n{text['text']}")
+
+
+def _overview(info: dict[str, Any], run_dir: Path) -> list[tuple[str, str]]:
+    git = info.get("git") or {}
+    command = info.get("command") or (info.get("trainer") or {}).get("argv") or []
+    lines = [
+        (
+            "run",
+            f"{info.get('run_id')}  ({info.get('status')}, exit {_blank(info.get('exit_status'))})",
+        ),
+        ("dir", str(run_dir)),
+        ("command", " ".join(command)),
+        ("started", f"{_time(info.get('start_time'))}  duration {_duration(_span(info))}"),
+        ("host", f"{info.get('host')}  python {info.get('python')}  torch {info.get('torch')}"),
+        (
+            "records",
+            f"{info.get('records', 0)}  dropped {info.get('dropped', 0)}"
+            f"  lost {info.get('lost', 0)}",
+        ),
+    ]
+    if git:
+        lines.append(
+            ("git", f"{git.get('commit', '')[:12]}{' (dirty)' if git.get('dirty') else ''}")
+        )
+    return lines
+
+
+def _row(cells: tuple[Any, ...], widths: tuple[int, ...]) -> str:
+    """One table row; a negative width left-aligns the column."""
+    return " ".join(
+        f"{cell!s:<{-width}}" if width < 0 else f"{cell!s:>{width}}"
+        for cell, width in zip(cells, widths, strict=True)
+    )
 
 
 def _span(info: dict[str, Any]) -> float | None:

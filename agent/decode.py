@@ -130,7 +130,9 @@ def _check_record(record: Any) -> Record:
 
 def _check_name(name: Any, what: str) -> None:
     if type(name) is not str or not 0 < len(name) <= protocol.MAX_NAME_CHARS:
-        raise Rejected("bad_record", f"{what} must be a string of 1-{protocol.MAX_NAME_CHARS} chars")
+        raise Rejected(
+            "bad_record", f"{what} must be a string of 1-{protocol.MAX_NAME_CHARS} chars"
+        )
 
 
 def _check_scalars(body: dict[str, Any]) -> None:
@@ -148,9 +150,7 @@ def _check_tensor(body: dict[str, Any]) -> None:
     shape, dtype, data = body.get("shape"), body.get("dtype"), body.get("data")
     if type(dtype) is not str or dtype not in TENSOR_DTYPES:
         raise Rejected("bad_record", f"tensor dtype {dtype!r} is not supported")
-    if type(shape) is not list or len(shape) > 8 or any(
-        type(d) is not int or d < 0 for d in shape
-    ):
+    if type(shape) is not list or len(shape) > 8 or any(type(d) is not int or d < 0 for d in shape):
         raise Rejected("bad_record", "tensor shape must be up to 8 non-negative integers")
     if type(data) is not bytes:
         raise Rejected("bad_record", "tensor data must be bytes")
@@ -225,6 +225,7 @@ TENSOR_DTYPES = {
     "uint8": 1,
     "bool": 1,
 }
+
 
 def _check_plain_body(body: dict[str, Any]) -> None:
     _check_plain(body, 0)

@@ -93,7 +93,10 @@ def send_run_end(endpoint: str, run_id: str, exit_status: int) -> None:
         }
         body = {"exit_status": exit_status, "end_time": time.time()}
         bye = {"produced": 2, "dropped": {}}
-        records = [[protocol.RUN_END, 0, time.time(), None, body], [protocol.BYE, 1, time.time(), None, bye]]
+        records = [
+            [protocol.RUN_END, 0, time.time(), None, body],
+            [protocol.BYE, 1, time.time(), None, bye],
+        ]
         sock.send(msgpack.packb([protocol.VERSION, envelope, records], use_bin_type=True))
         sock.close()
     finally:

@@ -24,7 +24,7 @@ def list_runs(runs_dir: Path) -> list[dict[str, Any]]:
     """One summary per run directory, newest first; unreadable ones are marked, not skipped."""
     if not runs_dir.is_dir():
         return []
-    rows = []
+    rows: list[dict[str, Any]] = []
     for run_dir in runs_dir.iterdir():
         if not (run_dir / RUN_JSON).exists():
             continue
@@ -57,7 +57,7 @@ def resolve(runs_dir: Path, name: str) -> Path:
         rows = list_runs(runs_dir)
         if not rows:
             raise RunNotFound(f"no runs in {runs_dir}")
-        return runs_dir / rows[0]["run_id"]
+        return runs_dir / str(rows[0]["run_id"])
     exact = runs_dir / name
     if (exact / RUN_JSON).exists():
         return exact
@@ -66,7 +66,9 @@ def resolve(runs_dir: Path, name: str) -> Path:
         return matches[0]
     if not matches:
         raise RunNotFound(f"no run {name!r} in {runs_dir} (see `outrider runs`)")
-    raise RunNotFound(f"{name!r} matches {len(matches)} runs: " + ", ".join(p.name for p in matches))
+    raise RunNotFound(
+        f"{name!r} matches {len(matches)} runs: " + ", ".join(p.name for p in matches)
+    )
 
 
 @dataclass
@@ -149,7 +151,11 @@ def summarise(run_dir: Path, keep_texts: int = 3) -> RunSummary:
                     metric.add(float(value), step)
             elif kind == "text":
                 summary.texts.append(
-                    {"name": entry.get("name"), "step": entry.get("step"), "text": entry.get("text")}
+                    {
+                        "name": entry.get("name"),
+                        "step": entry.get("step"),
+                        "text": entry.get("text"),
+                    }
                 )
                 del summary.texts[:-keep_texts]
     return summary

@@ -103,7 +103,8 @@ def machine() -> str:
                 model = line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return f"{model}, {os.cpu_count()} CPUs, Python {platform.python_version()}, {platform.system()}"
+    return (f"{model}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+            f"{platform.system()} {platform.release()}")
 
 
 def print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:

@@ -37,6 +37,7 @@ _client: Client | None = None
 _disabled = False
 _init_lock = threading.Lock()
 
+
 def init(
     endpoint: str | None = None,
     *,
@@ -93,6 +94,7 @@ def init(
         _client = client
         return True
 
+
 def _autostart() -> Client | None:
     """First telemetry call without ``init()``: start from the environment."""
     try:
@@ -102,6 +104,7 @@ def _autostart() -> Client | None:
         global _disabled
         _disabled = True
     return _client
+
 
 def log(metrics: Mapping[str, Any], step: int | None = None) -> None:
     """Log scalars: Python numbers or single-element tensors, by name.
@@ -126,13 +129,16 @@ def text(name: str, content: str, step: int | None = None) -> None:
     body = {"name": name, "text": str(content)[: protocol.MAX_TEXT_CHARS]}
     _submit_checked(protocol.TEXT, step, body)
 
+
 def event(name: str, step: int | None = None, **attrs: Any) -> None:
     """Log a discrete event (checkpoint saved, epoch end, eval done) with attributes."""
     _submit_checked(protocol.EVENT, step, {"name": name, "attrs": attrs})
 
+
 def config(params: Mapping[str, Any]) -> None:
     """Record the run's configuration (hyperparameters); stored in run.json."""
     _submit_checked(protocol.CONFIG, None, {"params": dict(params)})
+
 
 def tensor(name: str, value: Any, step: int | None = None) -> None:
     """Ship a tensor or numpy array (bounded size) for the agent to analyse."""
@@ -158,6 +164,7 @@ def tensor(name: str, value: Any, step: int | None = None) -> None:
     except Exception as exc:
         internal.record(exc, "tensor")
 
+
 def _submit_checked(kind: str, step: int | None, body: dict[str, Any]) -> None:
     client = _client or (None if _disabled else _autostart())
     if client is None:
@@ -166,6 +173,7 @@ def _submit_checked(kind: str, step: int | None, body: dict[str, Any]) -> None:
         client.submit(kind, step, body)
     except Exception as exc:
         internal.record(exc, kind)
+
 
 def flush(timeout: float = 5.0) -> bool:
     """Wait up to ``timeout`` s until everything logged so far is sent or counted."""
@@ -177,6 +185,7 @@ def flush(timeout: float = 5.0) -> bool:
     except Exception as exc:
         internal.record(exc, "flush")
         return False
+
 
 def finish(timeout: float | None = None) -> bool:
     """Flush, send the final counters and close; later calls are no-ops.
@@ -196,13 +205,16 @@ def finish(timeout: float | None = None) -> bool:
         internal.record(exc, "finish")
         return False
 
+
 def stats() -> dict[str, Any]:
     """The probe's own counters (sent, dropped by reason, queue depth, errors)."""
     client = _client
     return client.stats() if client is not None else {}
 
+
 def is_enabled() -> bool:
     return _client is not None
+
 
 def _reset_for_tests() -> None:
     """Forget all state, so one test process can init several times."""

@@ -45,7 +45,7 @@ def capture_tensor(tensor: Any) -> Captured:
 
         host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=True)
         host.copy_(tensor, non_blocking=True)
-        event = torch.cuda.Event()
+        event = torch.cuda.Event()  # type: ignore[no-untyped-call]  # torch leaves it untyped
         event.record()
         return Captured(host, event)
     return Captured(tensor.clone(), None)

@@ -36,15 +36,31 @@ def start_agent(endpoint: str, runs_dir: Path, *extra: str) -> subprocess.Popen[
     """A real agent process, returned once it has bound its endpoint."""
     read_fd, write_fd = os.pipe()
     agent = subprocess.Popen(
-        [PYTHON, "-P", "-m", "agent", "agent", "--endpoint", endpoint, "--runs-dir", str(runs_dir),
-         "--ready-fd", str(write_fd), "--log-level", "WARNING", *extra],
+        [
+            PYTHON,
+            "-P",
+            "-m",
+            "agent",
+            "agent",
+            "--endpoint",
+            endpoint,
+            "--runs-dir",
+            str(runs_dir),
+            "--ready-fd",
+            str(write_fd),
+            "--log-level",
+            "WARNING",
+            *extra,
+        ],
         pass_fds=(write_fd,),
         stderr=subprocess.PIPE,
     )
     os.close(write_fd)
     with os.fdopen(read_fd, "rb") as ready:
         line = ready.readline()
-    assert line.strip() == b"ready", f"agent did not start: {agent.stderr.read().decode() if agent.stderr else ''}"
+    assert line.strip() == b"ready", (
+        f"agent did not start: {agent.stderr.read().decode() if agent.stderr else ''}"
+    )
     return agent
 
 
@@ -54,15 +70,17 @@ def stop_agent(agent: subprocess.Popen[bytes], timeout: float = 15.0) -> int:
     return agent.wait(timeout)
 
 
-def run_trainer(code: str, endpoint: str | None, run_id: str, timeout: float = 60.0,
-                **env: str) -> subprocess.CompletedProcess[str]:
+def run_trainer(
+    code: str, endpoint: str | None, run_id: str, timeout: float = 60.0, **env: str
+) -> subprocess.CompletedProcess[str]:
     """Run a trainer script in its own process with the probe's environment."""
     environment = dict(os.environ, OUTRIDER_RUN_ID=run_id, OUTRIDER_PROBE_RAISE="1", **env)
     environment.pop("OUTRIDER_ENDPOINT", None)
     if endpoint is not None:
         environment["OUTRIDER_ENDPOINT"] = endpoint
-    return subprocess.run([PYTHON, "-c", code], env=environment, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [PYTHON, "-c", code], env=environment, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def lines(run_dir: Path) -> list[dict[str, Any]]:

@@ -43,7 +43,7 @@ def assert_exact_accounting(stream: dict, stored: list[dict]) -> None:
 
 
 def test_every_record_is_stored_with_exact_accounting(agent, endpoint: str, runs_dir: Path) -> None:
-    """All 5,000 scalars records, plus text, event and config, land in metrics.jsonl; nothing is lost."""
+    """5,000 scalars records plus text, event and config land in metrics.jsonl; none lost."""
     result = run_trainer(TRAINER.format(steps=5000), endpoint, "all-records")
     assert result.returncode == 0, result.stderr
     stop_agent(agent)
@@ -101,10 +101,15 @@ print("done", probe.stats(), flush=True)
 def test_agent_killed_and_restarted(endpoint: str, runs_dir: Path) -> None:
     """SIGKILL the agent mid-run: the trainer finishes; a new agent receives; the counts add up."""
     first = start_agent(endpoint, runs_dir)
-    env = dict(os.environ, OUTRIDER_ENDPOINT=endpoint, OUTRIDER_RUN_ID="killed", OUTRIDER_PROBE_RAISE="1")
+    env = dict(
+        os.environ, OUTRIDER_ENDPOINT=endpoint, OUTRIDER_RUN_ID="killed", OUTRIDER_PROBE_RAISE="1"
+    )
     trainer = subprocess.Popen(
         [PYTHON, "-c", SLOW_TRAINER.format(steps=3000)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     run_dir = runs_dir / "killed"
     wait_for(lambda: len(lines(run_dir)) > 300, 30, "records before the kill")
@@ -207,9 +212,12 @@ def test_exit_with_unsent_records_delivers_them(agent, endpoint: str, runs_dir: 
     stored = lines(run_dir)
     [stream] = trainer_streams(run_info(run_dir))
     assert_exact_accounting(stream, stored)
-    assert sum(1 for line in stored if line["kind"] == "scalars") + sum(
-        stream["dropped"].values()
-    ) + stream["lost"] == 30000
+    assert (
+        sum(1 for line in stored if line["kind"] == "scalars")
+        + sum(stream["dropped"].values())
+        + stream["lost"]
+        == 30000
+    )
 
 
 def test_exit_is_bounded_when_the_agent_hangs(agent, endpoint: str, runs_dir: Path) -> None:
