@@ -1,0 +1,133 @@
+"""The probe in this process, talking to a real agent process."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import probe
+from probe import internal
+from tests.helpers import lines, run_info, stop_agent, trainer_streams
+
+
+def stored_run(agent, runs_dir: Path, run_id: str) -> tuple[list[dict], dict]:
+    """Finish the probe, stop the agent, and read back what it stored."""
+    probe.finish()
+    assert stop_agent(agent) == 0
+    run_dir = runs_dir / run_id
+    return lines(run_dir), run_info(run_dir)
+
+
+def test_tensor_values_are_snapshotted_at_log_time(agent, endpoint: str, runs_dir: Path) -> None:
+    """A 0-d tensor changed in place after probe.log is stored with its value at the call."""
+    assert probe.init(endpoint, run_id="snapshot")
+    running = torch.tensor(1.0)
+    weight = torch.tensor(2.0, requires_grad=True)
+    loss = weight * 3
+    probe.log({"running": running, "loss": loss, "n": np.float32(0.25)}, step=1)
+    running += 41.0
+    stored, _ = stored_run(agent, runs_dir, "snapshot")
+    [record] = [line for line in stored if line["kind"] == "scalars"]
+    assert record["metrics"] == {"running": 1.0, "loss": 6.0, "n": 0.25}
+
+
+def test_bad_values_are_skipped_counted_and_never_raise(
+    agent, endpoint: str, runs_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A string or a vector in probe.log is dropped alone, counted, and warned about once."""
+    probe.init(endpoint, run_id="bad-values")
+    internal.RAISE = False  # user mistakes are not internal errors, but check both ways
+    for step in range(3):
+        probe.log({"loss": 0.5, "name": "resnet", "vec": torch.ones(3)}, step=step)
+    probe.log(None, step=4)  # type: ignore[arg-type]
+    stored, info = stored_run(agent, runs_dir, "bad-values")
+    scalars = [line["metrics"] for line in stored if line["kind"] == "scalars"]
+    assert scalars == [{"loss": 0.5}] * 3
+    [stream] = trainer_streams(info)
+    assert stream["invalid_values"] == 6
+    warnings = [r.getMessage() for r in caplog.records if "metric 'name'" in r.getMessage()]
+    assert len(warnings) == 1
+
+
+def test_queue_overflow_is_counted_exactly(agent, endpoint: str, runs_dir: Path) -> None:
+    """With a tiny queue the training thread drops instead of waiting, and says how many."""
+    probe.init(endpoint, run_id="overflow", queue_size=8, connect_grace=5.0)
+    for step in range(5000):
+        probe.log({"loss": 1.0}, step=step)
+    stored, info = stored_run(agent, runs_dir, "overflow")
+    [stream] = trainer_streams(info)
+    dropped = stream["dropped"].get("queue_full", 0)
+    kept = sum(1 for line in stored if line["kind"] == "scalars")
+    assert dropped > 0
+    assert kept + dropped == 5000
+    assert stream["received"] + sum(stream["dropped"].values()) + stream["lost"] == stream["sent"]
+    assert stream["lost"] == 0
+
+
+def test_flush_waits_for_delivery(agent, endpoint: str, runs_dir: Path) -> None:
+    """After probe.flush returns True, the agent has everything logged before it."""
+    probe.init(endpoint, run_id="flushed")
+    for step in range(300):
+        probe.log({"loss": 1.0}, step=step)
+    assert probe.flush(10.0)
+    assert probe.stats()["sent"] >= 300
+    probe.log({"loss": 2.0}, step=300)
+    assert probe.flush(10.0)
+    assert probe.stats()["queue_depth"] == 0
+
+
+def test_tensor_records_round_trip_to_the_store(agent, endpoint: str, runs_dir: Path) -> None:
+    """probe.tensor ships dtype, shape and bytes; tensors.bin holds exactly those bytes."""
+    probe.init(endpoint, run_id="tensors")
+    features = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    probe.tensor("features/h", features, step=7)
+    probe.tensor("counts", np.arange(5, dtype=np.int64), step=7)
+    probe.tensor("huge", torch.zeros(4096, 1024), step=7)  # 16 MiB: over the limit
+    stored, info = stored_run(agent, runs_dir, "tensors")
+    tensors = {line["name"]: line for line in stored if line["kind"] == "tensor"}
+    assert set(tensors) == {"features/h", "counts"}
+    blob = (runs_dir / "tensors" / "tensors.bin").read_bytes()
+    h = tensors["features/h"]
+    assert (h["dtype"], h["shape"]) == ("float32", [3, 4])
+    data = blob[h["offset"] : h["offset"] + h["nbytes"]]
+    assert np.array_equal(np.frombuffer(data, np.float32).reshape(3, 4), features.numpy())
+    [stream] = trainer_streams(info)
+    assert stream["dropped"] == {"too_large": 1}
+
+
+def test_bad_init_arguments_raise_at_set_up() -> None:
+    """Set-up mistakes raise ValueError at init, the only place the probe raises."""
+    with pytest.raises(ValueError, match="queue_size"):
+        probe.init("ipc:///tmp/nowhere.sock", queue_size=0)
+
+
+def test_disabled_probe_is_a_no_op(endpoint: str) -> None:
+    """enabled=False (or OUTRIDER_DISABLED=1) turns every call into a no-op."""
+    assert not probe.init(endpoint, enabled=False)
+    probe.log({"loss": 1.0}, step=0)
+    probe.text("t", "x")
+    assert probe.stats() == {}
+    assert probe.flush(0.1) and probe.finish()
+
+
+def test_thread_start_failure_is_survived(
+    endpoint: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """If Python refuses a new thread (interpreter shutdown), logging goes on without raising."""
+
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    probe.init(endpoint, run_id="no-thread")
+    probe.log({"loss": 1.0}, step=0)
+    assert not probe.flush(0.2)
+    started = time.monotonic()
+    probe.finish(0.2)
+    assert time.monotonic() - started < 2.0, "finish hung without a sender thread"
+    assert any("cannot start the sender thread" in r.getMessage() for r in caplog.records)
