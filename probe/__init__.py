@@ -34,7 +34,8 @@ __all__ = [
 
 _PLAIN_TYPES = frozenset(values.PLAIN_NUMBERS)
 _client: Client | None = None
-_disabled = False
+_disabled = False  # no further autostart: telemetry off, or finished
+_finished = False  # finished explicitly: a new init() may start a new stream
 _init_lock = threading.Lock()
 
 
@@ -56,15 +57,17 @@ def init(
     ``OUTRIDER_QUEUE_SIZE``, ``OUTRIDER_DISABLED`` and torchrun's ``RANK``,
     ``LOCAL_RANK`` and ``WORLD_SIZE``. With no endpoint at all, telemetry is
     off, one warning says so, and every call stays a cheap no-op. Calling it
-    again returns the current state; a bad argument raises ``ValueError``
+    again returns the current state (after ``finish()`` it starts a new
+    stream); a bad argument raises ``ValueError``
     (the only time the probe raises: at set-up, never in the loop).
     """
-    global _client, _disabled
+    global _client, _disabled, _finished
     with _init_lock:
         if _client is not None:
             return True
-        if _disabled:
+        if _disabled and not _finished:
             return False
+        _disabled = _finished = False
         if enabled is None:
             enabled = os.environ.get(protocol.ENV_DISABLED, "") in ("", "0", "false")
         endpoint = endpoint or os.environ.get(protocol.ENV_ENDPOINT)
@@ -193,12 +196,12 @@ def finish(timeout: float | None = None) -> bool:
     Runs automatically at interpreter exit, bounded to ``exit_timeout``
     (2 s by default).
     """
-    global _client, _disabled
+    global _client, _disabled, _finished
     client = _client
     if client is None:
         return True
     _client = None
-    _disabled = True
+    _disabled = _finished = True
     try:
         return client.finish(timeout)
     except Exception as exc:
@@ -218,8 +221,8 @@ def is_enabled() -> bool:
 
 def _reset_for_tests() -> None:
     """Forget all state, so one test process can init several times."""
-    global _client, _disabled
+    global _client, _disabled, _finished
     if _client is not None:
         _client.finish(0.5)
     _client = None
-    _disabled = False
+    _disabled = _finished = False

@@ -131,3 +131,20 @@ def test_thread_start_failure_is_survived(
     probe.finish(0.2)
     assert time.monotonic() - started < 2.0, "finish hung without a sender thread"
     assert any("cannot start the sender thread" in r.getMessage() for r in caplog.records)
+
+
+def test_init_after_finish_starts_a_new_stream(agent, endpoint: str, runs_dir: Path) -> None:
+    """finish() then init() (e.g. a sweep in one process) opens a second, complete stream."""
+    probe.init(endpoint, run_id="sweep-a")
+    probe.log({"loss": 1.0}, step=0)
+    probe.finish()
+    probe.log({"loss": 9.0}, step=1)  # after finish and before init: a no-op
+    assert probe.init(endpoint, run_id="sweep-b")
+    probe.log({"loss": 2.0}, step=0)
+    probe.finish()
+    assert stop_agent(agent) == 0
+    for run_id, loss in (("sweep-a", 1.0), ("sweep-b", 2.0)):
+        stored = lines(runs_dir / run_id)
+        assert [line["metrics"]["loss"] for line in stored if line["kind"] == "scalars"] == [loss]
+        [stream] = trainer_streams(run_info(runs_dir / run_id))
+        assert stream["complete"] and stream["lost"] == 0
