@@ -119,6 +119,11 @@ def run(
     help="Seconds to keep storing after SIGTERM/SIGINT.",
 )
 @click.option(
+    "--parent-pid",
+    type=int,
+    help="Exit (after the trainers finish) if this process, the launcher, goes away.",
+)
+@click.option(
     "--log-level",
     default="INFO",
     show_default=True,
@@ -132,6 +137,7 @@ def agent(
     meta: str | None,
     ready_fd: int | None,
     drain_timeout: float,
+    parent_pid: int | None,
     log_level: str,
 ) -> None:
     """Run the agent in the foreground until SIGTERM/SIGINT.
@@ -153,7 +159,12 @@ def agent(
     endpoint = endpoint or tcp_endpoint(tcp) or default_endpoint()
     try:
         daemon = Agent(
-            endpoint, runs_dir.resolve(), run_id=run_id, meta=meta_dict, drain_timeout=drain_timeout
+            endpoint,
+            runs_dir.resolve(),
+            run_id=run_id,
+            meta=meta_dict,
+            drain_timeout=drain_timeout,
+            parent_pid=parent_pid,
         )
     except Exception as exc:  # zmq.ZMQError for a taken address, OSError for a bad dir
         raise click.ClickException(f"cannot start the agent on {endpoint}: {exc}") from None

@@ -63,6 +63,8 @@ class Agent:
         run_id: str | None = None,
         meta: dict[str, Any] | None = None,
         drain_timeout: float = 5.0,
+        parent_pid: int | None = None,
+        orphan_idle: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.endpoint = endpoint
@@ -70,6 +72,10 @@ class Agent:
         self.run_id = run_id
         self.meta = meta or {}
         self.drain_timeout = drain_timeout
+        self.parent_pid = parent_pid
+        self.orphan_idle = orphan_idle
+        self._orphaned = False
+        self._last_receive = clock()
         self.clock = clock
         self.counters = AgentCounters()
         self.complaints = RateLimitedLog(clock=clock)
@@ -171,7 +177,13 @@ class Agent:
             except zmq.Again:
                 break
             count += 1
-            self.ingest(raw)
+            try:
+                self.ingest(raw)
+            except Exception as exc:  # a bug of ours must not end the agent (rule 4)
+                self.counters.reject(self.counters.rejected_messages, "internal_error")
+                self.complaints.warning(
+                    "internal_error", "outrider agent: internal error on a message: %r", exc
+                )
         for store in self.runs.values():
             store.flush()
         return count
@@ -186,17 +198,36 @@ class Agent:
                 ready()
             last_info = self.clock()
             while not self._stop_requested:
-                self.receive_burst(100)
+                if self.receive_burst(100):
+                    self._last_receive = self.clock()
                 now = self.clock()
                 if now - last_info >= INFO_INTERVAL:
                     last_info = now
                     self._write_dirty_info()
+                    self._check_parent(now)
             self._drain()
         finally:
             self.close()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
         return 0
+
+    def _check_parent(self, now: float) -> None:
+        """A launcher that died without stopping us: finish once the trainers are done."""
+        if self.parent_pid is None:
+            return
+        if not self._orphaned and os.getppid() != self.parent_pid:
+            self._orphaned = True
+            logger.warning(
+                "outrider agent: launcher (pid %d) is gone; exiting once every stream has said "
+                "bye or nothing arrives for %.0f s",
+                self.parent_pid,
+                self.orphan_idle,
+            )
+        if self._orphaned and (
+            self._all_streams_done() or now - self._last_receive > self.orphan_idle
+        ):
+            self._stop_requested = True
 
     def _drain(self) -> None:
         """After a stop request: keep reading until quiet or every stream said bye."""

@@ -69,7 +69,7 @@ def decode(raw: bytes) -> Batch:
     if type(message) is not list or len(message) != 3:
         raise Rejected("malformed", "not a [version, envelope, records] array")
     version, envelope, records = message
-    if version != protocol.VERSION:
+    if type(version) is not int or version != protocol.VERSION:
         raise Rejected("bad_version", f"protocol version {version!r}, expected {protocol.VERSION}")
     _check_envelope(envelope)
     if type(records) is not list or len(records) > protocol.MAX_RECORDS_PER_MESSAGE:

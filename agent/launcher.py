@@ -54,6 +54,8 @@ def agent_command(
         str(ready_fd),
         "--drain-timeout",
         str(drain),
+        "--parent-pid",
+        str(os.getpid()),
     ]
 
 

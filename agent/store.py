@@ -40,6 +40,19 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _unknown(entry: dict[str, Any]) -> dict[str, Any]:
+    """A stream whose first line (with its source) was lost: what the line itself says."""
+    rank = entry.get("rank", -1)
+    return {
+        "stream": entry["stream"],
+        "rank": rank,
+        "local_rank": -1,
+        "world_size": 0,
+        "host": "?",
+        "pid": -1,
+    }
+
+
 class RunStore:
     """One run's directory: appends records, keeps run.json and the stream ledgers."""
 
@@ -82,9 +95,14 @@ class RunStore:
                     entry = orjson.loads(line)
                 except orjson.JSONDecodeError:
                     continue  # a line cut short by a crash
-                ledger = self.streams.get(entry.get("stream", ""))
+                if (
+                    not isinstance(entry, dict)
+                    or not {"stream", "kind", "seq", "t"} <= entry.keys()
+                ):
+                    continue
+                ledger = self.streams.get(entry["stream"])
                 if ledger is None:
-                    ledger = StreamLedger.from_envelope(entry["source"])
+                    ledger = StreamLedger.from_envelope(entry.get("source") or _unknown(entry))
                     self.streams[ledger.stream] = ledger
                 ledger.observe(entry["kind"], entry["seq"], entry["t"], entry.get("step"), entry)
 

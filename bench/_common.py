@@ -16,9 +16,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 
-def short_ipc_endpoint(name: str = "agent.sock") -> str:
-    """An ``ipc://`` endpoint in a fresh 0700 dir (socket paths must stay under ~100 chars)."""
-    return f"ipc://{tempfile.mkdtemp(prefix='orb-')}/{name}"
+def short_ipc_endpoint(base: Path, name: str = "agent.sock") -> str:
+    """An ``ipc://`` endpoint in a fresh 0700 dir under ``base`` (removed with it).
+
+    Socket paths must stay under ~100 characters, so ``base`` should be a short temp dir.
+    """
+    path = Path(tempfile.mkdtemp(prefix="ipc-", dir=base)) / name
+    if len(str(path)) > 100:
+        raise ValueError(f"socket path too long for ipc://: {path}")
+    return f"ipc://{path}"
 
 
 def start_agent(endpoint: str, runs_dir: Path, log_path: Path) -> subprocess.Popen[bytes]:
@@ -27,6 +33,7 @@ def start_agent(endpoint: str, runs_dir: Path, log_path: Path) -> subprocess.Pop
     ``python -P -m agent`` keeps the current directory off ``sys.path``; the
     agent writes 'ready' on a pipe once its socket is bound.
     """
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     read_fd, write_fd = os.pipe()
     with open(log_path, "ab") as log:
         agent = subprocess.Popen(
@@ -105,6 +112,11 @@ def machine() -> str:
         pass
     return (f"{model}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
             f"{platform.system()} {platform.release()}")
+
+
+def load_average() -> float:
+    """1-minute load average: other work on a shared 2-CPU box shows up here."""
+    return os.getloadavg()[0]
 
 
 def print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:

@@ -32,7 +32,15 @@ from typing import Any
 import msgpack
 import orjson
 import zmq
-from _common import machine, percentile, print_table, short_ipc_endpoint, start_agent, stop_agent
+from _common import (
+    load_average,
+    machine,
+    percentile,
+    print_table,
+    short_ipc_endpoint,
+    start_agent,
+    stop_agent,
+)
 
 import probe
 
@@ -60,11 +68,13 @@ def metrics_for(i: int) -> dict[str, float]:
 
 @dataclass
 class Contender:
-    """One logging method: a per-call function, plus untimed work after each round."""
+    """One logging method: a per-call function, plus untimed work after each round
+    (or after every ``chunk`` calls, when set)."""
 
     name: str
     call: Callable[[dict[str, float], int], Any]
     after_round: Callable[[], Any] = lambda: None
+    chunk: int = 0
     samples: list[int] = field(default_factory=list)  # ns per call, raw
     round_medians: list[float] = field(default_factory=list)
     step: int = 0
@@ -76,12 +86,15 @@ def time_round(contender: Contender, calls: int) -> None:
     call = contender.call
     out = [0] * calls
     step = contender.step
+    chunk = contender.chunk or calls
     for j in range(calls):
         metrics = metrics_for(step + j)
         t0 = now()
         call(metrics, step + j)
         t1 = now()
         out[j] = t1 - t0
+        if (j + 1) % chunk == 0 and j + 1 < calls:
+            contender.after_round()
     contender.step = step + calls
     contender.after_round()
     contender.samples.extend(out)
@@ -105,16 +118,29 @@ def empty_call(metrics: dict[str, float], step: int) -> None:
     """The calibration contender: timer plus a Python call, nothing logged."""
 
 
-def make_probe(endpoint: str) -> Contender:
-    """probe.log against the real agent; a flush after each round (untimed) keeps the
-    sender thread's backlog from spilling into the next contender's round."""
+def make_probes(endpoint: str, calls: int) -> list[Contender]:
+    """probe.log against the real agent, in two regimes that share one probe.
+
+    burst: the whole round back to back, so the queue passes the sender's
+    wake-up mark (512 records) within one flush interval; paced: an untimed
+    flush every 256 calls keeps the queue below it, as a trainer logging once
+    per step does. A flush after each round (untimed) keeps the sender
+    thread's backlog from spilling into the next contender's round.
+    """
     probe.init(endpoint=endpoint, run_id=RUN_ID)
     log = probe.log
-    return Contender(
-        "probe.log (agent in another process)",
-        lambda metrics, step: log(metrics, step=step),
-        after_round=lambda: probe.flush(10),
-    )
+
+    def call(metrics: dict[str, float], step: int) -> None:
+        log(metrics, step=step)
+
+    def flush() -> None:
+        probe.flush(10)
+
+    return [
+        Contender(f"probe.log, burst ({calls} back to back)", call, after_round=flush),
+        Contender("probe.log, paced (256, then a flush)", call, after_round=flush, chunk=256,
+                  step=10**8),
+    ]
 
 
 def wait_probe_connected(warmup: int) -> int:
@@ -169,9 +195,9 @@ def make_tf_free_tb(tmp: Path) -> tuple[Contender, Callable[[], None]]:
     return Contender("tensorboard.summary.Writer x10", call, writer.flush), writer.close
 
 
-def make_bare_zmq() -> tuple[Contender, Callable[[], None], list[int]]:
+def make_bare_zmq(tmp: Path) -> tuple[Contender, Callable[[], None], list[int]]:
     """msgpack.packb + PUSH send(NOBLOCK) of the same dict, to a PULL in another process."""
-    endpoint = short_ipc_endpoint("drain.sock")
+    endpoint = short_ipc_endpoint(tmp, "drain.sock")
     drain = subprocess.Popen([sys.executable, "-P", "-c", DRAIN_CODE, endpoint],
                              stdout=subprocess.PIPE)
     assert drain.stdout is not None
@@ -231,26 +257,26 @@ def store_report(runs_dir: Path, logged: int, stats: dict[str, Any]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=2000, help="calls per contender per round")
-    parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds (pooled)")
-    parser.add_argument("--quick", action="store_true", help="300 calls x 4 rounds (~20 s)")
+    parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds (pooled)")
+    parser.add_argument("--quick", action="store_true", help="1200 calls x 3 rounds (~25 s)")
     parser.add_argument("--no-wandb", action="store_true", help="skip wandb (slow to start)")
     args = parser.parse_args()
     if args.quick:
-        args.calls, args.rounds = 300, 4
+        args.calls, args.rounds = 1200, 3
     if args.calls > 9000:
         parser.error("--calls must stay under the probe's queue size (10000)")
 
     tmp = Path(tempfile.mkdtemp(prefix="outrider-bench-log-"))
     runs_dir = tmp / "runs"
-    endpoint = short_ipc_endpoint()
+    endpoint = short_ipc_endpoint(tmp)
     closers: list[Callable[[], None]] = []
     agent = start_agent(endpoint, runs_dir, tmp / "agent.log")
     try:
         started = time.monotonic()
         contenders = [Contender("(empty call: timer + wrapper)", empty_call)]
-        contenders.append(make_probe(endpoint))
+        contenders.extend(make_probes(endpoint, args.calls))
         logged = wait_probe_connected(300)
-        bare, close_bare, again = make_bare_zmq()
+        bare, close_bare, again = make_bare_zmq(tmp)
         closers.append(close_bare)
         contenders.append(bare)
         for make in (make_torch_tb, make_tf_free_tb) + (() if args.no_wandb else (make_wandb,)):
@@ -263,15 +289,17 @@ def main() -> None:
             time_round(contender, min(args.calls, 300))
             contender.samples.clear()
             contender.round_medians.clear()
-        logged += min(args.calls, 300)
+        logged += 2 * min(args.calls, 300)
 
         timer_ns = timer_overhead_ns()
+        load_before = load_average()
         for r in range(args.rounds):
             shift = r % len(contenders)
             for contender in contenders[shift:] + contenders[:shift]:
                 time_round(contender, args.calls)
             print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
-        logged += args.calls * args.rounds
+        logged += 2 * args.calls * args.rounds
+        load = (load_before, load_average())
 
         probe.flush(10)
         stats = probe.stats()
@@ -281,39 +309,42 @@ def main() -> None:
             close()
         stop_agent(agent)
 
-    report(contenders, args.calls, args.rounds, timer_ns, again[0])
+    report(contenders, args.calls, args.rounds, timer_ns, again[0], load)
     store_report(runs_dir, logged, stats)
     shutil.rmtree(tmp, ignore_errors=True)
 
 
 def report(contenders: list[Contender], calls: int, rounds: int, timer_ns: float,
-           again: int) -> None:
+           again: int, load: tuple[float, float]) -> None:
     print("\nbench_log: training-thread cost of logging 10 scalars, one call at a time")
-    print(f"machine: {machine()}")
+    print(f"machine: {machine()}; 1-min load average {load[0]:.1f} -> {load[1]:.1f}")
     print(f"{rounds} interleaved rounds x {calls} calls per contender, pooled "
           f"({rounds * calls} samples each); GC enabled")
     calibration = sorted(contenders[0].samples)
     overhead = percentile(calibration, 50)
     print(f"timer: perf_counter_ns pair {timer_ns:.0f} ns; empty call (timer + wrapper) "
           f"{overhead:.0f} ns median, subtracted from every other row")
-    base: float | None = None
-    rows = []
+    figures = []
     for contender in contenders:
         ordered = sorted(contender.samples)
         minus = 0.0 if contender is contenders[0] else overhead
-        median = max(0.0, percentile(ordered, 50) - minus) / 1000
-        p99 = max(0.0, percentile(ordered, 99) - minus) / 1000
-        mean = max(0.0, sum(ordered) / len(ordered) - minus) / 1000
         spread = sorted(contender.round_medians)
-        if contender is contenders[1]:
-            base = median
-        ratio = "-" if contender is contenders[0] or not base else f"{median / base:.1f}x"
-        rows.append([contender.name, f"{median:.2f}", f"{p99:.2f}", f"{mean:.2f}",
-                     f"{(spread[0] - minus) / 1000:.2f}-{(spread[-1] - minus) / 1000:.2f}",
-                     ratio])
+        figures.append((
+            contender.name,
+            max(0.0, percentile(ordered, 50) - minus) / 1000,
+            max(0.0, percentile(ordered, 99) - minus) / 1000,
+            max(0.0, sum(ordered) / len(ordered) - minus) / 1000,
+            f"{(spread[0] - minus) / 1000:.2f}-{(spread[-1] - minus) / 1000:.2f}",
+        ))
+    burst, paced = figures[1][1], figures[2][1]
+    rows = [
+        [name, f"{median:.2f}", f"{p99:.2f}", f"{mean:.2f}", spread,
+         "-" if i == 0 else f"{median / paced:.1f}x", "-" if i == 0 else f"{median / burst:.1f}x"]
+        for i, (name, median, p99, mean, spread) in enumerate(figures)
+    ]
     print()
     print_table(["contender", "median us", "p99 us", "mean us", "round medians us",
-                 "median / probe.log"], rows)
+                 "/ probe paced", "/ probe burst"], rows)
     print(f"\nbare zmq sends refused at the high-water mark (zmq.Again): {again}")
     print("budget (design.md): probe.log of 10 scalars <= 2 us median on the training thread")
 

@@ -196,6 +196,7 @@ def main() -> None:
         if step % args.eval_every == 0:
             val_loss = evaluate(model, val_batches, args.device)
             probe.log({"val/loss": val_loss}, step=step)
+            print(f"step {step:5d} | val loss {val_loss.item():.3f}", flush=True)
         if step % args.sample_every == 0:
             probe.text("samples/generation", sample(model, 120, args.device, args.seed), step=step)
 
@@ -219,7 +220,7 @@ def main() -> None:
         )
         if step % args.print_every == 0 or step == args.steps - 1:
             print(
-                f"step {step:5d} | loss {loss.item():.3f} | val {val_loss.item():.3f} "
+                f"step {step:5d} | loss {loss.item():.3f} | grad norm {grad_norm.item():.2f} "
                 f"| lr {lr:.2e} | {(step + 1) / (now - start):.2f} steps/s",
                 flush=True,
             )

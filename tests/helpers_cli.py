@@ -130,6 +130,16 @@ class AgentProcess:
     def run_dir(self, run_id: str) -> Path:
         return self.runs_dir / run_id
 
+    def wait_lines(self, run_id: str, count: int, timeout: float = 20.0) -> None:
+        """Wait until ``count`` lines are stored for ``run_id``; fail at once if the agent died."""
+
+        def stored() -> bool:
+            if not self.alive:
+                raise AssertionError(f"the agent died ({self.process.returncode}): {self.stderr()}")
+            return line_count(self.run_dir(run_id)) >= count
+
+        wait_for(stored, timeout, f"{count} stored lines in run {run_id}")
+
     @property
     def alive(self) -> bool:
         return self.process.poll() is None

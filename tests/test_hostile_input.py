@@ -26,12 +26,10 @@ from tests.helpers_cli import (
     GoodStream,
     Pusher,
     envelope,
-    line_count,
     pack,
     read_lines,
     run_info,
     scalars,
-    wait_for,
 )
 
 GOOD_RUN = "good-run"
@@ -145,7 +143,7 @@ def case_mixed_records() -> Case:
         ["bogus_kind", 1, t, 0, {}],
         scalars(2, 0, {"loss": "1.5"}),  # string value
         scalars(-3, 0, {"loss": 1.0}),  # negative seq
-        [protocol.TENSOR, 4, t, 0, {"name": "w", "dtype": "float32", "shape": [2, 2], "data": bytes(15)}],
+        [protocol.TENSOR, 4, t, 0, {**good_tensor, "shape": [2, 2], "data": bytes(15)}],
         [protocol.TENSOR, 5, t, 0, good_tensor],  # good
         "not a record",
         [protocol.SCALARS, 7, t],
@@ -154,7 +152,7 @@ def case_mixed_records() -> Case:
         [protocol.SCALARS, 10, t, 0, ["not", "a", "map"]],
         scalars(11, 0, {"flag": True}),  # bool is not a number on the wire
         scalars(12, 0, {"": 1.0}),  # empty metric name
-        [protocol.TENSOR, 13, t, 0, {"name": "c", "dtype": "complex128", "shape": [1], "data": bytes(16)}],
+        [protocol.TENSOR, 13, t, 0, {**good_tensor, "dtype": "complex128", "data": bytes(32)}],
         [protocol.TEXT, 14, t, 0, {"name": "long", "text": "x" * (protocol.MAX_TEXT_CHARS + 1)}],
         [protocol.TEXT, 15, t, 3, {"name": "sample", "text": "hello"}],  # good
         [protocol.EVENT, 16, t, 3, {"name": "ckpt", "attrs": {"path": "/tmp/x", "n": 3}}],  # good
@@ -170,11 +168,12 @@ def case_mixed_records() -> Case:
 def case_deep_nesting() -> Case:
     env = envelope(stream="mixed")
     t = _t()
+    deep_list = nested(20, as_dict=False)
     deep_raw = b"\x93\x01" + msgpack.packb(env) + b"\x91" * 100_000 + b"\xc0"
     return Case(
         [
             pack(env, [[protocol.CONFIG, 0, t, None, {"params": {"lr": 0.1, "deep": nested(20)}}]]),
-            pack(env, [[protocol.EVENT, 1, t, 0, {"name": "e", "attrs": {"a": nested(20, as_dict=False)}}]]),
+            pack(env, [[protocol.EVENT, 1, t, 0, {"name": "e", "attrs": {"a": deep_list}}]]),
             pack(env, [[protocol.HELLO, 2, t, None, {"x": nested(30)}]]),
             deep_raw,  # msgpack's own stack limit: the whole message goes
             pack(env, [[protocol.CONFIG, 3, t, None, {"params": {"shallow": nested(3)}}]]),  # good
@@ -191,7 +190,7 @@ def case_metric_limits() -> Case:
     return Case(
         [
             pack(env, [scalars(0, 0, {f"m{i}": float(i) for i in range(limit + 1)})]),
-            pack(env, [scalars(1, 0, {f"m{i}": float(i) for i in range(limit)})]),  # good: at the limit
+            pack(env, [scalars(1, 0, {f"m{i}": float(i) for i in range(limit)})]),  # good: at limit
             pack(env, [scalars(2, 0, {"n" * (protocol.MAX_NAME_CHARS + 1): 1.0})]),
             pack(env, [scalars(3, 0, {f"m{i}": 1.0 for i in range(5000)})]),  # over the map cap
         ],
@@ -246,7 +245,7 @@ CASES: dict[str, Callable[[], Case]] = {
 def test_bad_input_is_rejected_counted_and_good_input_keeps_flowing(
     name: str, agent: AgentProcess
 ) -> None:
-    """Each kind of bad message is rejected by reason while interleaved good records are all stored."""
+    """Each kind of bad input is rejected by reason; interleaved good records are all stored."""
     case = CASES[name]()
     good = GoodStream(GOOD_RUN)
     run_dir = agent.run_dir(GOOD_RUN)
@@ -256,7 +255,7 @@ def test_bad_input_is_rejected_counted_and_good_input_keeps_flowing(
             push.send(raw)
             push.send(good.message(2))
         expected = good.sent + case.extra_good
-        wait_for(lambda: line_count(run_dir) >= expected, 20, f"{expected} stored lines")
+        agent.wait_lines(GOOD_RUN, expected)
     assert agent.alive, agent.stderr()
     assert agent.stop() == 0, agent.stderr()
 
@@ -280,7 +279,7 @@ def test_bad_input_is_rejected_counted_and_good_input_keeps_flowing(
 
 
 def test_json_unsafe_records_do_not_poison_run_json(agent: AgentProcess) -> None:
-    """After hostile hello/config bodies the run's run.json still holds the good trainer and config."""
+    """After hostile hello/config bodies, run.json still holds the good trainer and config."""
     env = envelope(stream="t")
     t = _t()
     hello = {"argv": ["train.py"], "cwd": "/nonexistent", "python": "3.11"}
@@ -288,8 +287,9 @@ def test_json_unsafe_records_do_not_poison_run_json(agent: AgentProcess) -> None
         push.send(pack(env, [[protocol.HELLO, 0, t, None, {"argv": msgpack.ExtType(1, b"")}]]))
         push.send(pack(env, [[protocol.HELLO, 1, t, None, hello]]))
         push.send(pack(env, [[protocol.CONFIG, 2, t, None, {"params": {"lr": 0.5, "b": b"x"}}]]))
-        push.send(pack(env, [[protocol.CONFIG, 3, t, None, {"params": {"lr": 0.25, "layers": [4, 8]}}]]))
-        wait_for(lambda: line_count(agent.run_dir(GOOD_RUN)) >= 2, 20, "2 stored lines")
+        params = {"lr": 0.25, "layers": [4, 8]}
+        push.send(pack(env, [[protocol.CONFIG, 3, t, None, {"params": params}]]))
+        agent.wait_lines(GOOD_RUN, 2, 20)
     assert agent.stop() == 0, agent.stderr()
     info = run_info(agent.run_dir(GOOD_RUN))
     assert info["trainer"] == hello
@@ -298,12 +298,12 @@ def test_json_unsafe_records_do_not_poison_run_json(agent: AgentProcess) -> None
 
 
 def test_nan_and_inf_metrics_are_stored_as_strings(agent: AgentProcess) -> None:
-    """NaN/Inf metric values are accepted and stored as "NaN"/"Infinity"/"-Infinity", finite ones as numbers."""
+    """NaN/Inf metric values are stored as "NaN"/"Infinity"/"-Infinity", finite ones as numbers."""
     env = envelope(stream="nan")
     metrics = {"nan": math.nan, "inf": math.inf, "ninf": -math.inf, "ok": 1.5, "int": 7}
     with Pusher(agent.endpoint) as push:
         push.send(pack(env, [scalars(0, 0, metrics), scalars(1, 1, {"ok": 2.5})]))
-        wait_for(lambda: line_count(agent.run_dir(GOOD_RUN)) >= 2, 20, "2 stored lines")
+        agent.wait_lines(GOOD_RUN, 2, 20)
     assert agent.alive
     assert agent.stop() == 0, agent.stderr()
     lines = read_lines(agent.run_dir(GOOD_RUN))
@@ -327,7 +327,7 @@ def test_many_distinct_metric_names_are_all_stored(agent: AgentProcess) -> None:
         for r in range(records):
             names = {f"layer{r}.unit{i}": float(i) for i in range(per_record)}
             push.send(pack(env, [scalars(r, r, names)]))
-        wait_for(lambda: line_count(agent.run_dir(GOOD_RUN)) >= records, 30, f"{records} lines")
+        agent.wait_lines(GOOD_RUN, records, 30)
     assert agent.stop() == 0, agent.stderr()
     lines = read_lines(agent.run_dir(GOOD_RUN))
     names = {name for line in lines for name in line["metrics"]}
@@ -339,18 +339,18 @@ def test_many_distinct_metric_names_are_all_stored(agent: AgentProcess) -> None:
 
 
 def test_message_over_zmq_cutoff_does_not_reach_or_stop_the_agent(agent: AgentProcess) -> None:
-    """A message over twice the limit is cut off by ZeroMQ; the agent lives and other senders flow."""
+    """A message over twice the limit is cut off by ZeroMQ; the agent lives, other senders flow."""
     good = GoodStream(GOOD_RUN)
     huge = b"\x00" * (2 * protocol.MAX_MESSAGE_BYTES + 4096)
     with Pusher(agent.endpoint) as push, Pusher(agent.endpoint) as attacker:
         push.send(good.message(5))
         attacker.send(huge)
         push.send(good.message(5))
-        wait_for(lambda: line_count(agent.run_dir(GOOD_RUN)) >= good.sent, 20, "good lines")
+        agent.wait_lines(GOOD_RUN, good.sent, 20)
         assert agent.alive
         # the attacker reconnects and is served again, like anyone else
         attacker.send(good.message(5))
-        wait_for(lambda: line_count(agent.run_dir(GOOD_RUN)) >= good.sent, 20, "more good lines")
+        agent.wait_lines(GOOD_RUN, good.sent, 20)
     assert agent.stop() == 0, agent.stderr()
     assert len(read_lines(agent.run_dir(GOOD_RUN))) == good.sent
     counters = run_info(agent.run_dir(GOOD_RUN))["agent"]
@@ -359,7 +359,7 @@ def test_message_over_zmq_cutoff_does_not_reach_or_stop_the_agent(agent: AgentPr
 
 
 def test_too_many_runs_are_rejected_and_counted(agent: AgentProcess) -> None:
-    """Past the open-run cap, new run ids are rejected as too_many_runs while open runs keep storing."""
+    """Past the open-run cap new run ids are rejected as too_many_runs; open runs keep storing."""
     from agent.daemon import MAX_OPEN_RUNS
 
     good = GoodStream(GOOD_RUN)
@@ -369,7 +369,7 @@ def test_too_many_runs_are_rejected_and_counted(agent: AgentProcess) -> None:
         for i in range(extra):
             push.send(pack(envelope(run=f"r{i:03d}", stream="s"), [scalars(0, 0, {"a": 1.0})]))
         push.send(good.message(1))
-        wait_for(lambda: line_count(agent.run_dir(GOOD_RUN)) >= 2, 30, "2 good lines")
+        agent.wait_lines(GOOD_RUN, 2, 30)
     assert agent.stop() == 0, agent.stderr()
     assert len(read_lines(agent.run_dir(GOOD_RUN))) == 2
     counters = run_info(agent.run_dir(GOOD_RUN))["agent"]
@@ -388,7 +388,7 @@ def test_rejection_log_lines_are_rate_limited(agent: AgentProcess) -> None:
         for _ in range(10):
             push.send(pack(envelope(stream="bad"), bad_records))
         push.send(good.message(1))
-        wait_for(lambda: line_count(agent.run_dir(GOOD_RUN)) >= 2, 30, "2 good lines")
+        agent.wait_lines(GOOD_RUN, 2, 30)
     assert agent.stop() == 0
     counters = run_info(agent.run_dir(GOOD_RUN))["agent"]
     assert counters["rejected_messages"] == {"malformed": 1000}
@@ -400,7 +400,7 @@ def test_rejection_log_lines_are_rate_limited(agent: AgentProcess) -> None:
 
 
 def test_agent_survives_garbage_from_many_sockets_at_once(agent: AgentProcess) -> None:
-    """Several sockets sending garbage concurrently with a good one leave every good record stored."""
+    """Several sockets sending garbage beside a good one leave every good record stored."""
     good = GoodStream(GOOD_RUN)
     pushers = [Pusher(agent.endpoint) for _ in range(4)]
     try:
@@ -408,7 +408,7 @@ def test_agent_survives_garbage_from_many_sockets_at_once(agent: AgentProcess) -
             for i, pusher in enumerate(pushers):
                 pusher.send(bytes([0xC1, i, round_ % 256]) * 10)
             pushers[0].send(good.message(2))
-        wait_for(lambda: line_count(agent.run_dir(GOOD_RUN)) >= good.sent, 20, "good lines")
+        agent.wait_lines(GOOD_RUN, good.sent, 20)
     finally:
         for pusher in pushers:
             pusher.close()

@@ -1,0 +1,68 @@
+"""The sink contract: what every destination (TensorBoard, Prometheus, W&B, ...) implements.
+
+Deliberately small, after OpenTelemetry's exporters: ``export`` a batch,
+``flush`` with a timeout, ``close``. Queueing, retries with backoff, drop
+counting and health live once, in ``sinks/worker.py``, not in each sink.
+
+What a sink receives is exactly what the run store writes: each entry is a
+``metrics.jsonl`` line (see docs/protocol.md), grouped by the stream it came
+from. A sink must treat entries as read-only: every sink sees the same ones.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+
+@dataclass(frozen=True)
+class Source:
+    """The stream a batch came from (the wire envelope)."""
+
+    run: str
+    stream: str
+    rank: int
+    local_rank: int
+    world_size: int
+    host: str
+    pid: int
+
+    @classmethod
+    def from_envelope(cls, envelope: dict[str, Any]) -> Source:
+        return cls(
+            run=envelope["run"],
+            stream=envelope["stream"],
+            rank=envelope["rank"],
+            local_rank=envelope["local_rank"],
+            world_size=envelope["world_size"],
+            host=envelope["host"],
+            pid=envelope["pid"],
+        )
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Entries from one stream, in arrival order; ``run_dir`` is the run's store directory."""
+
+    source: Source
+    entries: Sequence[dict[str, Any]]
+    run_dir: str
+
+
+class Sink(abc.ABC):
+    """A destination for accepted records. Methods run on the sink's own worker thread."""
+
+    #: the name used in the agent's config file (``sinks: {name: {...}}``)
+    name: ClassVar[str]
+
+    @abc.abstractmethod
+    def export(self, batches: Sequence[Batch]) -> None:
+        """Deliver ``batches``; raise to signal failure (the worker retries with backoff)."""
+
+    def flush(self, timeout: float) -> None:  # noqa: B027 - optional hook, no-op by default
+        """Make what was exported visible (write files, push buffers) within ``timeout``."""
+
+    def close(self, timeout: float) -> None:  # noqa: B027 - optional hook, no-op by default
+        """Release resources; called once, after the last export."""

@@ -1,0 +1,93 @@
+"""Finding sinks by name: the built-ins, an ``outrider.sinks`` entry point, or ``module:Class``.
+
+Built-ins are imported only when configured, so an agent without W&B in its
+config never imports wandb.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import pydantic
+
+from sinks.base import Sink
+
+BUILTIN = {
+    "tensorboard": "sinks.tensorboard:TensorBoardSink",
+    "prometheus": "sinks.prometheus:PrometheusSink",
+    "wandb": "sinks.wandb:WandbSink",
+    "memory": "sinks.memory:MemorySink",
+}
+ENTRY_POINT_GROUP = "outrider.sinks"
+
+
+class SinkConfigError(ValueError):
+    """An unknown sink or a bad option; the message names which."""
+
+
+@dataclass
+class SinkContext:
+    """What the agent offers a sink when it is built."""
+
+    runs_dir: Path
+    agent_stats: Any = None  # callable returning the agent's health counters
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class SinkClass(Protocol):
+    name: str
+    Options: type[pydantic.BaseModel]
+
+    def __call__(self, options: Any, context: SinkContext) -> Sink: ...
+
+
+def known_names() -> list[str]:
+    names = set(BUILTIN)
+    names.update(ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+    return sorted(names)
+
+
+def resolve(name: str, target: str | None = None) -> SinkClass:
+    """The class for sink ``name``; ``target`` ("module:Class") overrides the lookup."""
+    spec = target or BUILTIN.get(name)
+    if spec is None:
+        for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            if entry_point.name == name:
+                return entry_point.load()  # type: ignore[no-any-return]
+        raise SinkConfigError(
+            f"unknown sink {name!r}; known sinks: {', '.join(known_names())} "
+            "(or give `class: module:Class` for your own)"
+        )
+    module_name, _, class_name = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+        return getattr(module, class_name)  # type: ignore[no-any-return]
+    except (ImportError, AttributeError) as exc:
+        raise SinkConfigError(f"sink {name!r}: cannot load {spec!r}: {exc}") from None
+
+
+def validate_options(
+    name: str, options: dict[str, Any], target: str | None = None
+) -> pydantic.BaseModel:
+    """Check a sink's options against its ``Options`` model; errors name the option."""
+    cls = resolve(name, target)
+    try:
+        return cls.Options.model_validate(options)
+    except pydantic.ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in error['loc']) or '(options)'}: {error['msg']}"
+            for error in exc.errors()
+        )
+        raise SinkConfigError(f"sink {name!r}: {problems}") from None
+
+
+def create(
+    name: str, options: dict[str, Any], context: SinkContext, target: str | None = None
+) -> Sink:
+    """Build sink ``name`` from its config options."""
+    validated = validate_options(name, options, target)
+    return resolve(name, target)(validated, context)

@@ -1,0 +1,210 @@
+"""One bounded queue and one thread per sink, so no sink can stall another.
+
+The agent's receive loop only ever appends to a deque (O(1), never blocks).
+The worker exports in batches, retries failures with exponential backoff,
+drops the oldest batches (counted) when its sink falls behind, and reports a
+health state. A sink that hangs inside ``export`` blocks only its own thread:
+the queue fills, drops are counted, health says ``stalled``.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sinks.base import Batch, Sink
+
+logger = logging.getLogger("outrider.sinks")
+
+
+class Health(enum.StrEnum):
+    OK = "ok"
+    RETRYING = "retrying"  # the last export failed; retrying with backoff
+    FAILING = "failing"  # retries ran out; batches are being dropped
+    STALLED = "stalled"  # an export or flush has not returned for too long
+    CLOSED = "closed"
+
+
+@dataclass
+class SinkStats:
+    exported_batches: int = 0
+    exported_entries: int = 0
+    failures: int = 0
+    retries: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)  # reason -> entries
+    last_error: str | None = None
+    last_export_seconds: float = 0.0
+
+    def drop(self, reason: str, entries: int) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + entries
+
+
+FailureCallback = Callable[[str, Batch, BaseException], None]
+
+
+class SinkWorker:
+    """Feeds one sink from a bounded queue on a daemon thread."""
+
+    def __init__(
+        self,
+        sink: Sink,
+        *,
+        queue_size: int = 1000,
+        max_batches: int = 64,
+        retries: int = 3,
+        backoff: float = 0.25,
+        backoff_max: float = 5.0,
+        flush_interval: float = 1.0,
+        stall_after: float = 30.0,
+        on_failure: FailureCallback | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.sink = sink
+        self.name = sink.name
+        self.queue: collections.deque[Batch] = collections.deque()
+        self.queue_size = queue_size
+        self.max_batches = max_batches
+        self.retries = retries
+        self.backoff = backoff
+        self.backoff_max = backoff_max
+        self.flush_interval = flush_interval
+        self.stall_after = stall_after
+        self.on_failure = on_failure
+        self.clock = clock
+        self.stats = SinkStats()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._state = Health.OK
+        self._busy_since: float | None = None
+        self._thread = threading.Thread(
+            target=self._run, name=f"outrider-sink-{self.name}", daemon=True
+        )
+        self._thread.start()
+
+    # -- agent side ------------------------------------------------------------
+    def submit(self, batch: Batch) -> None:
+        """Queue a batch; when full, the oldest batch is dropped and counted."""
+        with self._lock:
+            if len(self.queue) >= self.queue_size:
+                oldest = self.queue.popleft()
+                self.stats.drop("queue_full", len(oldest.entries))
+            self.queue.append(batch)
+        if len(self.queue) >= self.max_batches:
+            self._wake.set()
+
+    @property
+    def health(self) -> Health:
+        busy = self._busy_since
+        if busy is not None and self.clock() - busy > self.stall_after:
+            return Health.STALLED
+        return self._state
+
+    def depth(self) -> int:
+        return len(self.queue)
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "health": str(self.health),
+                "queue_depth": len(self.queue),
+                "exported_batches": self.stats.exported_batches,
+                "exported_entries": self.stats.exported_entries,
+                "failures": self.stats.failures,
+                "retries": self.stats.retries,
+                "dropped": dict(self.stats.dropped),
+                "last_error": self.stats.last_error,
+            }
+
+    def close(self, timeout: float) -> bool:
+        """Export what is queued, flush and close the sink; False if it did not finish in time.
+
+        A sink that does not finish is abandoned (its thread is a daemon) and
+        what it still held is counted as dropped.
+        """
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            with self._lock:
+                pending = sum(len(b.entries) for b in self.queue)
+                self.queue.clear()
+                self.stats.drop("shutdown", pending)
+            logger.warning(
+                "outrider sink %s: did not close within %.1f s; abandoned", self.name, timeout
+            )
+            return False
+        return True
+
+    # -- worker thread -----------------------------------------------------------
+    def _run(self) -> None:
+        last_flush = self.clock()
+        while True:
+            self._wake.wait(0.05)
+            self._wake.clear()
+            stopping = self._stop.is_set()
+            while self.queue:
+                self._export_some()
+            now = self.clock()
+            if stopping or now - last_flush >= self.flush_interval:
+                last_flush = now
+                error = self._call(self.sink.flush, self.flush_interval * 5)
+                if error is not None:
+                    self.stats.failures += 1
+                    self.stats.last_error = f"flush: {type(error).__name__}: {error}"
+            if stopping:
+                break
+        self._call(self.sink.close, 5.0)
+        self._state = Health.CLOSED
+
+    def _export_some(self) -> None:
+        with self._lock:
+            batches = [self.queue.popleft() for _ in range(min(self.max_batches, len(self.queue)))]
+        if not batches:
+            return
+        entries = sum(len(b.entries) for b in batches)
+        delay = self.backoff
+        for attempt in range(self.retries + 1):
+            started = self.clock()
+            error = self._call(self.sink.export, batches)
+            if error is None:
+                self.stats.exported_batches += len(batches)
+                self.stats.exported_entries += entries
+                self.stats.last_export_seconds = self.clock() - started
+                self._state = Health.OK
+                return
+            self.stats.failures += 1
+            self.stats.last_error = f"{type(error).__name__}: {error}"
+            if attempt < self.retries and not self._stop.is_set():
+                self.stats.retries += 1
+                self._state = Health.RETRYING
+                self._stop.wait(delay)
+                delay = min(delay * 2, self.backoff_max)
+        self._state = Health.FAILING
+        self.stats.drop("export_failed", entries)
+        logger.warning(
+            "outrider sink %s: export failed after %d attempts (%s); %d entries dropped",
+            self.name,
+            self.retries + 1,
+            self.stats.last_error,
+            entries,
+        )
+        if self.on_failure is not None:
+            self.on_failure(self.name, batches[0], error)  # type: ignore[arg-type]
+
+    def _call(self, method: Callable[..., Any], *args: Any) -> BaseException | None:
+        """Run a sink method, timing it for stall detection; the exception is returned."""
+        self._busy_since = self.clock()
+        try:
+            method(*args)
+        except Exception as exc:
+            return exc
+        finally:
+            self._busy_since = None
+        return None
