@@ -12,7 +12,9 @@ from typing import Any
 import click
 import orjson
 
+from agent import config as agent_config
 from agent import launcher
+from agent.config import AgentConfig
 from agent.runs import RunNotFound, list_runs, resolve, summarise
 
 RUNS_DIR_HELP = "Where runs are stored [env OUTRIDER_RUNS_DIR; default ./outrider-runs]."
@@ -23,10 +25,52 @@ def runs_dir_option(function: Any) -> Any:
         "--runs-dir",
         type=click.Path(file_okay=False, path_type=Path),
         envvar="OUTRIDER_RUNS_DIR",
-        default=Path("outrider-runs"),
         show_envvar=True,
         help=RUNS_DIR_HELP,
     )(function)
+
+
+def config_options(function: Any) -> Any:
+    """--config and --sinks, shared by `agent` and `run`."""
+    function = click.option(
+        "--sinks",
+        envvar="OUTRIDER_SINKS",
+        show_envvar=True,
+        metavar="NAME[,NAME...]",
+        help="Only these sinks (their options still come from --config); `none` for the run "
+        "store alone. Default: the config's sinks (tensorboard, prometheus, wandb).",
+    )(function)
+    return click.option(
+        "--config",
+        "config_path",
+        type=click.Path(dir_okay=False, path_type=Path),
+        envvar="OUTRIDER_CONFIG",
+        show_envvar=True,
+        help="Agent configuration (YAML); `outrider config --default` prints a documented one.",
+    )(function)
+
+
+def load_config(config_path: Path | None, sinks: str | None) -> AgentConfig:
+    """The validated config with --sinks applied; a bad file is a usage error naming the line."""
+    try:
+        config = agent_config.load(config_path)
+    except agent_config.ConfigError as exc:
+        raise click.ClickException(f"bad config:\n{exc}") from None
+    if sinks is not None:
+        try:
+            config = config.only_sinks([s for s in sinks.split(",") if s and s != "none"])
+        except agent_config.ConfigError as exc:
+            raise click.BadParameter(str(exc), param_hint="--sinks") from None
+    return config
+
+
+def resolve_runs_dir(option: Path | None, config: AgentConfig | None = None) -> Path:
+    """--runs-dir / OUTRIDER_RUNS_DIR, else the config's runs_dir, else ./outrider-runs."""
+    if option is not None:
+        return option
+    if config is not None and config.runs_dir is not None:
+        return config.runs_dir
+    return Path("outrider-runs")
 
 
 def tcp_endpoint(value: str | None) -> str | None:
@@ -71,9 +115,12 @@ def main() -> None:
     help="Fail (exit 2) instead of running without telemetry when the agent cannot start.",
 )
 @click.option("-q", "--quiet", is_flag=True, help="No outrider lines on stderr.")
+@config_options
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def run(
-    runs_dir: Path,
+    runs_dir: Path | None,
+    config_path: Path | None,
+    sinks: str | None,
     run_id: str | None,
     tcp: str | None,
     drain_timeout: float,
@@ -89,9 +136,14 @@ def run(
     outrider exits with COMMAND's exit status. Put `--` before COMMAND if it
     has options of its own.
     """
+    config = load_config(config_path, sinks)
+    agent_args = ["--config", str(config_path.resolve())] if config_path else []
+    if sinks is not None:
+        agent_args += ["--sinks", sinks]
     status = launcher.run(
         list(command),
-        runs_dir=runs_dir,
+        runs_dir=resolve_runs_dir(runs_dir, config),
+        agent_args=agent_args,
         run_id=run_id,
         endpoint=tcp_endpoint(tcp),
         drain_timeout=drain_timeout,
@@ -114,9 +166,8 @@ def run(
 @click.option("--ready-fd", type=int, help="Write 'ready' to this file descriptor once bound.")
 @click.option(
     "--drain-timeout",
-    default=5.0,
-    show_default=True,
-    help="Seconds to keep storing after SIGTERM/SIGINT.",
+    type=float,
+    help="Seconds to keep storing after SIGTERM/SIGINT [default: the config's, 5].",
 )
 @click.option(
     "--parent-pid",
@@ -129,16 +180,19 @@ def run(
     show_default=True,
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]),
 )
+@config_options
 def agent(
-    runs_dir: Path,
+    runs_dir: Path | None,
     endpoint: str | None,
     tcp: str | None,
     run_id: str | None,
     meta: str | None,
     ready_fd: int | None,
-    drain_timeout: float,
+    drain_timeout: float | None,
     parent_pid: int | None,
     log_level: str,
+    config_path: Path | None,
+    sinks: str | None,
 ) -> None:
     """Run the agent in the foreground until SIGTERM/SIGINT.
 
@@ -150,6 +204,7 @@ def agent(
     logging.basicConfig(level=log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if endpoint and tcp:
         raise click.UsageError("give --endpoint or --tcp, not both")
+    config = load_config(config_path, sinks)
     try:
         meta_dict = orjson.loads(meta) if meta else None
     except orjson.JSONDecodeError as exc:
@@ -157,21 +212,23 @@ def agent(
     if meta_dict is not None and not isinstance(meta_dict, dict):
         raise click.BadParameter("must be a JSON object", param_hint="--meta")
     endpoint = endpoint or tcp_endpoint(tcp) or default_endpoint()
+    store_dir = resolve_runs_dir(runs_dir, config).resolve()
     try:
         daemon = Agent(
             endpoint,
-            runs_dir.resolve(),
+            store_dir,
             run_id=run_id,
             meta=meta_dict,
-            drain_timeout=drain_timeout,
+            drain_timeout=config.drain_timeout if drain_timeout is None else drain_timeout,
             parent_pid=parent_pid,
+            config=config,
         )
     except Exception as exc:  # zmq.ZMQError for a taken address, OSError for a bad dir
         raise click.ClickException(f"cannot start the agent on {endpoint}: {exc}") from None
 
     def ready() -> None:
         logging.getLogger("outrider.agent").info(
-            "outrider agent listening at %s, runs in %s", endpoint, runs_dir.resolve()
+            "outrider agent listening at %s, runs in %s", endpoint, store_dir
         )
         if ready_fd is not None:
             os.write(ready_fd, b"ready\n")
@@ -183,8 +240,9 @@ def agent(
 @main.command()
 @runs_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def runs(runs_dir: Path, as_json: bool) -> None:
+def runs(runs_dir: Path | None, as_json: bool) -> None:
     """List recorded runs, newest first: id, start, duration, steps, status, drops."""
+    runs_dir = resolve_runs_dir(runs_dir)
     rows = list_runs(runs_dir)
     if as_json:
         click.echo(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
@@ -214,8 +272,9 @@ def runs(runs_dir: Path, as_json: bool) -> None:
 @click.argument("run_name", metavar="RUN")
 @runs_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
-def show(run_name: str, runs_dir: Path, as_json: bool) -> None:
+def show(run_name: str, runs_dir: Path | None, as_json: bool) -> None:
     """Summarise RUN (an id, a unique prefix, or `latest`): metrics and counters."""
+    runs_dir = resolve_runs_dir(runs_dir)
     try:
         run_dir = resolve(runs_dir, run_name)
     except RunNotFound as exc:
@@ -275,6 +334,35 @@ def _row(cells: tuple[Any, ...], widths: tuple[int, ...]) -> str:
         f"{cell!s:<{-width}}" if width < 0 else f"{cell!s:>{width}}"
         for cell, width in zip(cells, widths, strict=True)
     )
+
+
+@main.command("config")
+@click.option(
+    "--check",
+    "check_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Validate this agent config; errors name the key and line.",
+)
+@click.option(
+    "--default", "show_default", is_flag=True, help="Print the documented default config."
+)
+def config_command(check_path: Path | None, show_default: bool) -> None:
+    """Check an agent configuration file, or print the default one.
+
+    \b
+      outrider config --default > agent.yaml
+      outrider config --check agent.yaml
+    """
+    if show_default or check_path is None:
+        click.echo(agent_config.DEFAULT_YAML, nl=False)
+        return
+    try:
+        config = agent_config.load(check_path)
+    except agent_config.ConfigError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(1)
+    sinks = ", ".join(config.enabled_sinks()) or "none"
+    click.echo(f"{check_path}: ok (sinks: {sinks})")
 
 
 def _span(info: dict[str, Any]) -> float | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import stat
 import tempfile
 import time
@@ -21,10 +22,14 @@ from typing import Any
 import zmq
 
 from agent import runinfo
+from agent.config import AgentConfig
 from agent.counters import AgentCounters, RateLimitedLog
 from agent.decode import Rejected, decode
+from agent.fanout import Fanout
 from agent.store import RunStore
 from probe import protocol
+from sinks.base import Batch, Source
+from sinks.registry import SinkContext
 
 logger = logging.getLogger("outrider.agent")
 
@@ -65,8 +70,13 @@ class Agent:
         drain_timeout: float = 5.0,
         parent_pid: int | None = None,
         orphan_idle: float = 60.0,
+        config: AgentConfig | None = None,
+        fanout: Fanout | None = None,
+        sink_close_timeout: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self.config = config or AgentConfig()
+        self.sink_close_timeout = sink_close_timeout
         self.endpoint = endpoint
         self.runs_dir = runs_dir
         self.run_id = run_id
@@ -77,6 +87,7 @@ class Agent:
         self._orphaned = False
         self._last_receive = clock()
         self.clock = clock
+        self._host = socket.gethostname()
         self.counters = AgentCounters()
         self.complaints = RateLimitedLog(clock=clock)
         self.runs: dict[str, RunStore] = {}
@@ -89,6 +100,11 @@ class Agent:
         # Beyond twice our own limit ZeroMQ cuts the sender off before buffering it.
         self._socket.setsockopt(zmq.MAXMSGSIZE, 2 * protocol.MAX_MESSAGE_BYTES)
         self._bind()
+        if fanout is None:
+            # No config: the run store alone (what tests and embedders want by default).
+            context = SinkContext(runs_dir, agent_stats=self.stats)
+            fanout = Fanout.from_config(config, context) if config is not None else Fanout()
+        self.fanout = fanout
 
     def _bind(self) -> None:
         if self.endpoint.startswith("ipc://"):
@@ -110,7 +126,7 @@ class Agent:
         if run_id == self.run_id:
             meta = dict(self.meta)
             meta.update(runinfo.collect(self.meta.get("cwd")))
-        store = RunStore(self.runs_dir, run_id, meta)
+        store = RunStore(self.runs_dir, run_id, meta, self.config.histogram_bins)
         if meta is None:
             store.info.update(runinfo.collect(None))
         self.runs[run_id] = store
@@ -156,8 +172,11 @@ class Agent:
                 run_id,
             )
             return
-        store.add(batch.envelope, batch.records)
+        entries = store.add(batch.envelope, batch.records)
         counters.records += len(batch.records)
+        if self.fanout.workers:
+            source = Source.from_envelope(batch.envelope)
+            self.fanout.submit(Batch(source, entries, str(store.dir)))
 
     def _learn_cwd(self, run_id: str, hello: dict[str, Any]) -> None:
         """A run the agent was not told about gets git info from its trainer's directory."""
@@ -203,6 +222,7 @@ class Agent:
                 now = self.clock()
                 if now - last_info >= INFO_INTERVAL:
                     last_info = now
+                    self._route_alerts()
                     self._write_dirty_info()
                     self._check_parent(now)
             self._drain()
@@ -211,6 +231,34 @@ class Agent:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
         return 0
+
+    def _route_alerts(self) -> None:
+        """Alerts from sinks (a failing sink, a series cap): stored, then sent to every sink."""
+        for run_id, alert in self.fanout.take_alerts():
+            logger.warning("outrider agent: alert %s: %s", alert.get("name"), alert.get("message"))
+            targets = [self.runs[run_id]] if run_id in self.runs else list(self.runs.values())
+            for store in targets:
+                entry = store.add_local(alert)
+                store.flush()
+                source = Source(store.run_id, "agent", -1, -1, 0, self._host, os.getpid())
+                self.fanout.submit(Batch(source, [entry], str(store.dir)))
+
+    def stats(self) -> dict[str, Any]:
+        """The agent's health, as the Prometheus sink exposes it (safe from other threads)."""
+        for _ in range(3):
+            try:
+                stats = self.counters.as_dict()
+                stats["sinks"] = self.fanout.snapshot()
+                stats["runs"] = {
+                    run_id: {
+                        "streams": [ledger.summary() for ledger in list(store.streams.values())]
+                    }
+                    for run_id, store in list(self.runs.items())
+                }
+                return stats
+            except RuntimeError:  # a dict changed size under us; read again
+                continue
+        return self.counters.as_dict()
 
     def _check_parent(self, now: float) -> None:
         """A launcher that died without stopping us: finish once the trainers are done."""
@@ -252,7 +300,13 @@ class Agent:
 
     def close(self) -> None:
         for store in self.runs.values():
-            store.close(self.counters.as_dict())
+            store.flush()
+        self.fanout.close(self.sink_close_timeout)
+        self._route_alerts()
+        agent_stats = self.counters.as_dict()
+        agent_stats["sinks"] = self.fanout.snapshot()
+        for store in self.runs.values():
+            store.close(agent_stats)
         self._socket.close(linger=0)
         self._context.term()
         if self.endpoint.startswith("ipc://"):

@@ -33,7 +33,13 @@ FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signa
 
 
 def agent_command(
-    endpoint: str, runs_dir: Path, run_id: str, meta: dict[str, Any], ready_fd: int, drain: float
+    endpoint: str,
+    runs_dir: Path,
+    run_id: str,
+    meta: dict[str, Any],
+    ready_fd: int,
+    drain: float,
+    extra: list[str],
 ) -> list[str]:
     """``python -P``: the trainer's directory (with its own agent.py?) stays off sys.path."""
     return [
@@ -56,6 +62,7 @@ def agent_command(
         str(drain),
         "--parent-pid",
         str(os.getpid()),
+        *extra,
     ]
 
 
@@ -128,6 +135,7 @@ def run(
     start_timeout: float = 15.0,
     require_agent: bool = False,
     quiet: bool = False,
+    agent_args: list[str] | None = None,
 ) -> int:
     """Start the agent, run ``command`` with the probe's environment, stop the agent."""
 
@@ -144,7 +152,7 @@ def run(
     meta = {"command": command, "cwd": os.getcwd(), "launcher": "outrider run"}
     read_fd, write_fd = os.pipe()
     agent = subprocess.Popen(
-        agent_command(endpoint, runs_dir, run_id, meta, write_fd, drain_timeout),
+        agent_command(endpoint, runs_dir, run_id, meta, write_fd, drain_timeout, agent_args or []),
         pass_fds=(write_fd,),
         start_new_session=True,
     )

@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from agent import histograms
 from agent.accounting import StreamLedger
 from agent.decode import Record
 from probe import protocol
@@ -56,7 +57,14 @@ def _unknown(entry: dict[str, Any]) -> dict[str, Any]:
 class RunStore:
     """One run's directory: appends records, keeps run.json and the stream ledgers."""
 
-    def __init__(self, runs_dir: Path, run_id: str, meta: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        runs_dir: Path,
+        run_id: str,
+        meta: dict[str, Any] | None = None,
+        histogram_bins: int = 64,
+    ) -> None:
+        self.histogram_bins = histogram_bins
         self.dir = runs_dir / run_id
         self.dir.mkdir(parents=True, exist_ok=True)
         self.run_id = run_id
@@ -98,6 +106,7 @@ class RunStore:
                 if (
                     not isinstance(entry, dict)
                     or not {"stream", "kind", "seq", "t"} <= entry.keys()
+                    or entry["stream"] == "agent"  # the agent's own entries (alerts)
                 ):
                     continue
                 ledger = self.streams.get(entry["stream"])
@@ -107,7 +116,8 @@ class RunStore:
                 ledger.observe(entry["kind"], entry["seq"], entry["t"], entry.get("step"), entry)
 
     # -- appending -----------------------------------------------------------
-    def add(self, envelope: dict[str, Any], records: list[Record]) -> None:
+    def add(self, envelope: dict[str, Any], records: list[Record]) -> list[dict[str, Any]]:
+        """Append records; returns the stored lines (what sinks receive)."""
         stream = envelope["stream"]
         ledger = self.streams.get(stream)
         source = None
@@ -117,6 +127,7 @@ class RunStore:
             self.dirty = True
         rank = envelope["rank"]
         pending = self._pending
+        entries: list[dict[str, Any]] = []
         for record in records:
             kind, body = record.kind, record.body
             ledger.observe(kind, record.seq, record.t, record.step, body)
@@ -135,6 +146,9 @@ class RunStore:
                 if not all(map(math.isfinite, body.values())):
                     body = {name: json_number(value) for name, value in body.items()}
                 line["metrics"] = body
+            elif kind == protocol.TENSOR and body.get("as") == "histogram":
+                line["kind"] = "histogram"
+                line.update(histograms.from_tensor(body, body["data"], self.histogram_bins))
             elif kind == protocol.TENSOR:
                 data = body.pop("data")
                 body["offset"] = self._tensor_offset
@@ -146,9 +160,17 @@ class RunStore:
                 line.update(body)
                 self._note(kind, body, envelope)
             pending.append(orjson.dumps(line))
+            entries.append(line)
         self.records += len(records)
         self.last_record_time = time.time()
         self.dirty = True
+        return entries
+
+    def add_local(self, line: dict[str, Any]) -> dict[str, Any]:
+        """An entry the agent itself makes (an alert, a sink failure): stored like the rest."""
+        line = {"step": None, "rank": -1, "t": time.time(), "stream": "agent", "seq": -1, **line}
+        self._pending.append(orjson.dumps(line))
+        return line
 
     def _note(self, kind: str, body: dict[str, Any], envelope: dict[str, Any]) -> None:
         """Records that change run.json."""

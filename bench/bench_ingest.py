@@ -17,7 +17,7 @@ performance budget. Three measurements, interleaved where they repeat:
   this script first reads the line from metrics.jsonl (1 ms polling).
 
     python bench/bench_ingest.py            # ~1.5 min
-    python bench/bench_ingest.py --quick    # ~25 s
+    python bench/bench_ingest.py --quick    # ~20 s
 """
 
 from __future__ import annotations
@@ -341,7 +341,8 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=200_000,
                         help="records per throughput run (10 values each)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved throughput repeats")
-    parser.add_argument("--quick", action="store_true", help="one short repeat (~25 s)")
+    parser.add_argument("--quick", action="store_true",
+                        help="50k records, 1 repeat, 3 s latency run (~20 s)")
     args = parser.parse_args()
     if args.quick:
         args.seconds, args.records, args.repeats = 3.0, 50_000, 1

@@ -11,8 +11,8 @@ is measured in the same rounds as an "empty call" contender and subtracted.
 The probe talks to a real ``outrider agent`` process over ipc; at the end the
 script counts how many of the logged records reached the agent's run store.
 
-    python bench/bench_log.py            # ~1-2 min
-    python bench/bench_log.py --quick    # ~20 s
+    python bench/bench_log.py            # ~1.5 min
+    python bench/bench_log.py --quick    # ~25 s
 """
 
 from __future__ import annotations

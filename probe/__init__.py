@@ -24,6 +24,7 @@ __all__ = [
     "event",
     "finish",
     "flush",
+    "histogram",
     "init",
     "is_enabled",
     "log",
@@ -144,12 +145,28 @@ def config(params: Mapping[str, Any]) -> None:
 
 
 def tensor(name: str, value: Any, step: int | None = None) -> None:
-    """Ship a tensor or numpy array (bounded size) for the agent to analyse."""
+    """Ship a tensor or numpy array (at most 8 MiB) for the agent to analyse."""
+    _submit_tensor(name, value, step, {})
+
+
+def histogram(name: str, values: Any, step: int | None = None, bins: int | None = None) -> None:
+    """Have the agent histogram ``values`` (weights, gradients, activations).
+
+    Large tensors are subsampled to 65,536 random elements on their own device
+    (an asynchronous gather, no host sync); binning happens in the agent.
+    """
+    _submit_tensor(name, values, step, {"as": "histogram", "bins": bins})
+
+
+def _submit_tensor(name: str, value: Any, step: int | None, extra: dict[str, Any]) -> None:
     client = _client or (None if _disabled else _autostart())
     if client is None:
         return
     try:
+        histogram = extra.get("as") == "histogram"
         if values.is_tensor(value):
+            if histogram:
+                value = values.sample_tensor(value, values.HISTOGRAM_SAMPLE)
             if value.numel() * value.element_size() > protocol.MAX_TENSOR_BYTES:
                 client.drop(protocol.DROP_TOO_LARGE)
                 internal.warn_once(
@@ -161,9 +178,13 @@ def tensor(name: str, value: Any, step: int | None = None) -> None:
                 )
                 return
             value = values.capture_tensor(value)
+        elif histogram:
+            value = values.sample_array(value, values.HISTOGRAM_SAMPLE)
         else:
             value = value.copy()
-        client.submit(protocol.TENSOR, step, {"name": name, "value": value})
+        body = {"name": name, "value": value}
+        body.update((key, item) for key, item in extra.items() if item is not None)
+        client.submit(protocol.TENSOR, step, body)
     except Exception as exc:
         internal.record(exc, "tensor")
 

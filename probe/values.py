@@ -51,6 +51,30 @@ def capture_tensor(tensor: Any) -> Captured:
     return Captured(tensor.clone(), None)
 
 
+HISTOGRAM_SAMPLE = 65_536
+
+
+def sample_tensor(tensor: Any, limit: int) -> Any:
+    """At most ``limit`` elements, drawn on the tensor's device without a host sync."""
+    import torch
+
+    flat = tensor.detach().reshape(-1)
+    if flat.numel() <= limit:
+        return flat
+    index = torch.randint(flat.numel(), (limit,), device=flat.device)
+    return flat[index]
+
+
+def sample_array(array: Any, limit: int) -> Any:
+    """The numpy counterpart of :func:`sample_tensor` (always a copy)."""
+    import numpy as np
+
+    flat = np.asarray(array).reshape(-1)
+    if flat.size <= limit:
+        return flat.copy()
+    return flat[np.random.default_rng().integers(0, flat.size, limit)]
+
+
 def capture_metrics(body: dict[str, Any]) -> dict[str, Any]:
     """Capture the tensor values of a copied metrics dict in place (training thread)."""
     for name, value in body.items():

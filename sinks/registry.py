@@ -26,7 +26,18 @@ ENTRY_POINT_GROUP = "outrider.sinks"
 
 
 class SinkConfigError(ValueError):
-    """An unknown sink or a bad option; the message names which."""
+    """An unknown sink or a bad option; the message names which.
+
+    ``problems`` holds (option path, message) pairs, so a config loader can
+    point at the line of each bad option.
+    """
+
+    def __init__(self, name: str, problems: list[tuple[tuple[Any, ...], str]]) -> None:
+        self.problems = problems
+        text = "; ".join(
+            f"{'.'.join(map(str, path)) or '(options)'}: {msg}" for path, msg in problems
+        )
+        super().__init__(f"sink {name!r}: {text}")
 
 
 @dataclass
@@ -58,16 +69,17 @@ def resolve(name: str, target: str | None = None) -> SinkClass:
         for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
             if entry_point.name == name:
                 return entry_point.load()  # type: ignore[no-any-return]
-        raise SinkConfigError(
-            f"unknown sink {name!r}; known sinks: {', '.join(known_names())} "
+        message = (
+            f"unknown sink; known sinks: {', '.join(known_names())} "
             "(or give `class: module:Class` for your own)"
         )
+        raise SinkConfigError(name, [((), message)])
     module_name, _, class_name = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
         return getattr(module, class_name)  # type: ignore[no-any-return]
     except (ImportError, AttributeError) as exc:
-        raise SinkConfigError(f"sink {name!r}: cannot load {spec!r}: {exc}") from None
+        raise SinkConfigError(name, [((), f"cannot load {spec!r}: {exc}")]) from None
 
 
 def validate_options(
@@ -78,11 +90,8 @@ def validate_options(
     try:
         return cls.Options.model_validate(options)
     except pydantic.ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in error['loc']) or '(options)'}: {error['msg']}"
-            for error in exc.errors()
-        )
-        raise SinkConfigError(f"sink {name!r}: {problems}") from None
+        problems = [(tuple(error["loc"]), error["msg"]) for error in exc.errors()]
+        raise SinkConfigError(name, problems) from None
 
 
 def create(

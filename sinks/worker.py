@@ -122,6 +122,11 @@ class SinkWorker:
                 "last_error": self.stats.last_error,
             }
 
+    def begin_close(self) -> None:
+        """Ask the worker to finish up without waiting (closing many sinks in parallel)."""
+        self._stop.set()
+        self._wake.set()
+
     def close(self, timeout: float) -> bool:
         """Export what is queued, flush and close the sink; False if it did not finish in time.
 

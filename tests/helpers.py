@@ -46,6 +46,8 @@ def start_agent(endpoint: str, runs_dir: Path, *extra: str) -> subprocess.Popen[
             endpoint,
             "--runs-dir",
             str(runs_dir),
+            "--sinks",
+            "none",
             "--ready-fd",
             str(write_fd),
             "--log-level",

@@ -31,9 +31,13 @@ PYTHON = sys.executable
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    """The test's environment without OUTRIDER_* settings, with the venv's bin first on PATH."""
+    """The test's environment without OUTRIDER_* settings, with the venv's bin first on PATH.
+
+    Sinks are off (the run store alone) unless a test asks for them.
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith("OUTRIDER_")}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["OUTRIDER_SINKS"] = "none"
     env.update(extra)
     return env
 
@@ -99,7 +103,7 @@ class AgentProcess:
         read_fd, write_fd = os.pipe()
         self.process = subprocess.Popen(
             [OUTRIDER, "agent", "--endpoint", self.endpoint, "--runs-dir", str(self.runs_dir),
-             "--ready-fd", str(write_fd), "--log-level", log_level, *extra],
+             "--ready-fd", str(write_fd), "--log-level", log_level, "--sinks", "none", *extra],
             pass_fds=(write_fd,),
             stdout=subprocess.DEVNULL,
             stderr=self._stderr,

@@ -1,0 +1,183 @@
+"""The agent's YAML configuration: validated, with errors that name the key and the line.
+
+Every sink listed under ``sinks`` is configured by its own options (checked
+against the sink's ``Options`` model) plus a few keys the agent itself
+handles for every sink (``enabled``, ``class``, ``queue_size``, ``retries``).
+The default sinks are on unless a config switches them off with
+``enabled: false``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pydantic
+import yaml
+
+from sinks import registry
+
+DEFAULT_SINKS = ("tensorboard", "prometheus", "wandb")
+AGENT_SINK_KEYS = ("enabled", "class", "queue_size", "retries")
+
+DEFAULT_YAML = """\
+# outrider agent configuration (outrider agent --config FILE, outrider run --config FILE).
+# Every key is optional; these are the defaults.
+
+# Where runs are stored; the command line's --runs-dir wins over this.
+runs_dir: outrider-runs
+
+# Seconds the agent keeps storing after SIGTERM/SIGINT before it exits.
+drain_timeout: 5.0
+
+# Bins of the histograms the agent computes from probe.histogram samples.
+histogram_bins: 64
+
+# Destinations besides the run store (which is always on). The three below are
+# on by default; switch one off with `enabled: false`. Keys every sink takes:
+#   enabled (bool), class ("module:Class" for your own sink),
+#   queue_size (batches held while the sink is slow), retries (per batch).
+sinks:
+  tensorboard:
+    enabled: true
+    # logdir: null            # default: <run dir>/tensorboard
+    flush_secs: 2
+  prometheus:
+    enabled: true
+    host: 127.0.0.1           # loopback only unless you say otherwise
+    port: 9400                # /metrics
+    max_series: 10000
+  wandb:
+    enabled: true
+    project: outrider
+    mode: auto                # online with an API key, offline without
+"""
+
+
+class ConfigError(ValueError):
+    """A bad config file; the message has ``file:line: key: problem`` lines."""
+
+
+class SinkSettings(pydantic.BaseModel):
+    """The keys the agent handles for every sink; the rest are the sink's options."""
+
+    model_config = pydantic.ConfigDict(extra="allow", populate_by_name=True)
+
+    enabled: bool = True
+    class_: str | None = pydantic.Field(default=None, alias="class")
+    queue_size: int = pydantic.Field(default=1000, gt=0)
+    retries: int = pydantic.Field(default=3, ge=0)
+
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class AgentConfig(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    runs_dir: Path | None = None
+    drain_timeout: float = pydantic.Field(default=5.0, ge=0)
+    histogram_bins: int = pydantic.Field(default=64, gt=1, le=512)
+    sinks: dict[str, SinkSettings] = pydantic.Field(default_factory=dict)
+
+    def only_sinks(self, names: list[str]) -> AgentConfig:
+        """A copy with exactly ``names`` enabled (options kept from this config)."""
+        unknown = [n for n in names if n not in self.sinks and n not in registry.known_names()]
+        if unknown:
+            raise ConfigError(
+                f"unknown sink {', '.join(unknown)}; known: {', '.join(registry.known_names())}"
+            )
+        sinks = {}
+        for name in set(DEFAULT_SINKS) | set(self.sinks) | set(names):
+            settings = self.sinks.get(name, SinkSettings()).model_copy()
+            settings.enabled = name in names
+            sinks[name] = settings
+        return self.model_copy(update={"sinks": sinks})
+
+    def enabled_sinks(self) -> dict[str, SinkSettings]:
+        """Defaults plus the file's sinks, minus the switched-off ones."""
+        merged = {name: SinkSettings() for name in DEFAULT_SINKS}
+        merged.update(self.sinks)
+        return {name: settings for name, settings in merged.items() if settings.enabled}
+
+
+@dataclass
+class _Located:
+    data: Any
+    root: yaml.Node | None
+
+
+def _compose(text: str, source: str) -> _Located:
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark is not None else source
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{where}: not valid YAML: {problem}") from None
+    return _Located(data if data is not None else {}, root)
+
+
+def _line_of(root: yaml.Node | None, path: tuple[Any, ...]) -> int | None:
+    """1-based line of the node at ``path`` (or of its deepest existing parent)."""
+    node = root
+    line = node.start_mark.line + 1 if node is not None else None
+    for key in path:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                if key_node.value == str(key):
+                    node = value_node
+                    line = key_node.start_mark.line + 1
+                    break
+            else:
+                return line
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+def parse(text: str, source: str = "<config>") -> AgentConfig:
+    """Parse and validate a config, including every enabled sink's own options."""
+    located = _compose(text, source)
+    if not isinstance(located.data, dict):
+        raise ConfigError(f"{source}:1: the config must be a mapping of keys to values")
+    problems: list[str] = []
+    try:
+        config = AgentConfig.model_validate(located.data)
+    except pydantic.ValidationError as exc:
+        for error in exc.errors():
+            path = tuple(error["loc"])
+            problems.append(_problem(source, located.root, path, error["msg"]))
+        raise ConfigError("\n".join(problems)) from None
+    for name, settings in config.enabled_sinks().items():
+        try:
+            registry.validate_options(name, settings.options(), settings.class_)
+        except registry.SinkConfigError as exc:
+            for option_path, message in exc.problems:
+                path = ("sinks", name, *option_path)
+                problems.append(_problem(source, located.root, path, message))
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return config
+
+
+def _problem(source: str, root: yaml.Node | None, path: tuple[Any, ...], message: str) -> str:
+    line = _line_of(root, path)
+    key = ".".join(str(part) for part in path) or "(top level)"
+    return f"{source}:{line or 1}: {key}: {message}"
+
+
+def load(path: Path | None) -> AgentConfig:
+    """The config in ``path``, or the defaults when there is none."""
+    if path is None:
+        return AgentConfig()
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    return parse(text, str(path))

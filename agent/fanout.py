@@ -1,0 +1,114 @@
+"""Fan-out from the run store to the configured sinks, each behind its own worker.
+
+The receive loop calls ``submit`` (a deque append per sink). Sink failures
+and sink-raised alerts come back through ``take_alerts`` on the receive
+loop's thread, so the run store stays single-threaded.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from agent.config import AgentConfig
+from sinks import registry
+from sinks.base import Batch, Sink
+from sinks.worker import SinkWorker
+
+logger = logging.getLogger("outrider.agent")
+
+FAILURE_ALERT_COOLDOWN = 60.0  # seconds between two sink_failed alerts of one sink
+
+
+class Fanout:
+    """The agent's sinks: building them, feeding them, their health, closing them."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.workers: list[SinkWorker] = []
+        self.broken: dict[str, str] = {}  # sinks that could not be built, and why
+        self.clock = clock
+        self._alerts: collections.deque[tuple[str | None, dict[str, Any]]] = collections.deque()
+        self._last_failure_alert: dict[str, float] = {}
+
+    @classmethod
+    def from_config(cls, config: AgentConfig, context: registry.SinkContext) -> Fanout:
+        """Build every enabled sink; one that fails to build is reported, not fatal."""
+        fanout = cls()
+        for name, settings in config.enabled_sinks().items():
+            try:
+                sink = registry.create(name, settings.options(), context, settings.class_)
+            except Exception as exc:  # a taken port, a missing library, a bad directory
+                fanout.broken[name] = f"{type(exc).__name__}: {exc}"
+                logger.error("outrider agent: sink %s is off: %s", name, fanout.broken[name])
+                continue
+            fanout.add(sink, queue_size=settings.queue_size, retries=settings.retries)
+        return fanout
+
+    def add(self, sink: Sink, **worker_options: Any) -> SinkWorker:
+        worker = SinkWorker(sink, on_failure=self._on_failure, **worker_options)
+        self.workers.append(worker)
+        logger.info("outrider agent: sink %s on", sink.name)
+        return worker
+
+    def submit(self, batch: Batch) -> None:
+        for worker in self.workers:
+            worker.submit(batch)
+
+    def _on_failure(self, sink: str, batch: Batch, error: BaseException) -> None:
+        """Called on a sink's worker thread when a batch is given up on."""
+        now = self.clock()
+        if (
+            now - self._last_failure_alert.get(sink, -FAILURE_ALERT_COOLDOWN)
+            < FAILURE_ALERT_COOLDOWN
+        ):
+            return
+        self._last_failure_alert[sink] = now
+        alert = {
+            "kind": "alert",
+            "name": "sink_failed",
+            "severity": "error",
+            "message": f"sink {sink} is failing: {type(error).__name__}: {error}",
+            "attrs": {"sink": sink},
+        }
+        self._alerts.append((batch.source.run, alert))
+
+    def take_alerts(self) -> list[tuple[str | None, dict[str, Any]]]:
+        """Alerts raised since the last call: (run id or None for every run, alert entry)."""
+        for worker in self.workers:
+            take = getattr(worker.sink, "take_alerts", None)
+            if take is None:
+                continue
+            try:
+                for alert in take():
+                    self._alerts.append((alert.get("run"), {"kind": "alert", **alert}))
+            except Exception as exc:
+                logger.warning("outrider agent: sink %s take_alerts failed: %r", worker.name, exc)
+        taken = []
+        while self._alerts:
+            taken.append(self._alerts.popleft())
+        return taken
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        sinks = {worker.name: worker.snapshot() for worker in self.workers}
+        for name, reason in self.broken.items():
+            sinks[name] = {
+                "health": "failing",
+                "queue_depth": 0,
+                "exported_entries": 0,
+                "failures": 1,
+                "retries": 0,
+                "dropped": {},
+                "last_error": reason,
+            }
+        return sinks
+
+    def close(self, timeout: float) -> None:
+        """Close every sink, in parallel, within ``timeout`` in all."""
+        deadline = self.clock() + timeout
+        for worker in self.workers:
+            worker.begin_close()
+        for worker in self.workers:
+            worker.close(max(0.0, deadline - self.clock()))

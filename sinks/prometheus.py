@@ -1,0 +1,698 @@
+"""Prometheus sink: a ``/metrics`` endpoint with training scalars, GPU metrics and agent health.
+
+Training scalars become gauges ``<prefix>_<name>`` labelled by ``run``,
+``rank`` and ``host`` only (never the step: labels must stay bounded). GPU
+samples (``system`` entries) are exported under the DCGM exporter's names,
+units and labels, so dashboards built for it (Grafana 12239) work unchanged.
+The agent's own counters are read at scrape time through ``context.agent_stats``.
+
+The number of series is capped (``max_series``): past the cap new series are
+refused and counted, existing ones keep updating, and an alert is raised at
+most once per cooldown. Series of ranks that finished (``bye``, ``run_end``)
+are retired after ``retire_after_seconds``; those of ranks or GPUs that went
+silent, after ``stale_after_seconds``. See docs/prometheus.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pydantic
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
+from prometheus_client.registry import Collector
+
+from sinks.base import Batch, Sink
+from sinks.registry import SinkContext
+
+logger = logging.getLogger("outrider.sinks.prometheus")
+
+ALERT_NAME = "prometheus_series_cap"
+ALERT_COOLDOWN_SECONDS = 300.0
+HOUSEKEEPING_INTERVAL_SECONDS = 1.0
+
+TRAINING_LABELS = ("run", "rank", "host")
+GPU_LABELS = ("gpu", "UUID", "device", "modelName", "Hostname")  # the DCGM exporter's
+
+# Records the training code made: they move a rank's "last record" clock. Heartbeats
+# and probe counters come from the sender thread, so they keep coming from a hung loop.
+TRAINER_KINDS = frozenset({"scalars", "tensor", "text", "event", "config"})
+SYSTEM = "system"
+BYE = "bye"
+RUN_END = "run_end"
+
+REFUSE_CAP = "series_cap"
+REFUSE_CONFLICT = "name_conflict"
+
+MIB = float(1 << 20)
+KIB = 1024.0
+
+#: system entry field -> (DCGM exporter metric, factor to the DCGM unit, HELP)
+GPU_METRICS: tuple[tuple[str, str, float, str], ...] = (
+    ("util_percent", "DCGM_FI_DEV_GPU_UTIL", 1.0, "GPU utilization (in %)."),
+    (
+        "util_percent",
+        "DCGM_FI_PROF_GR_ENGINE_ACTIVE",
+        0.01,
+        "Ratio of time the graphics engine is active (outrider: NVML utilization / 100).",
+    ),
+    ("memory_used_bytes", "DCGM_FI_DEV_FB_USED", 1 / MIB, "Framebuffer memory used (in MiB)."),
+    ("memory_free_bytes", "DCGM_FI_DEV_FB_FREE", 1 / MIB, "Framebuffer memory free (in MiB)."),
+    ("temperature_c", "DCGM_FI_DEV_GPU_TEMP", 1.0, "GPU temperature (in C)."),
+    ("power_watts", "DCGM_FI_DEV_POWER_USAGE", 1.0, "Power draw (in W)."),
+    ("sm_clock_mhz", "DCGM_FI_DEV_SM_CLOCK", 1.0, "SM clock frequency (in MHz)."),
+    (
+        "pcie_tx_bytes_per_s",
+        "DCGM_FI_DEV_PCIE_TX_THROUGHPUT",
+        1 / KIB,
+        "PCIe TX throughput (in KB/s, as NVML samples it).",
+    ),
+    (
+        "pcie_rx_bytes_per_s",
+        "DCGM_FI_DEV_PCIE_RX_THROUGHPUT",
+        1 / KIB,
+        "PCIe RX throughput (in KB/s, as NVML samples it).",
+    ),
+    ("xid_errors", "DCGM_FI_DEV_XID_ERRORS", 1.0, "Value of the last XID error encountered."),
+)
+
+HEALTH_STATES = ("ok", "retrying", "failing", "stalled", "closed")
+
+_INVALID_CHARS = re.compile(r"[^a-zA-Z0-9_]")
+_SUFFIXES = ("", "_total", "_created", "_count", "_sum", "_bucket", "_info")
+
+Labels = tuple[str, ...]
+
+
+def sanitize(name: str) -> str:
+    """A user metric name as a Prometheus name fragment: every invalid character becomes ``_``."""
+    return _INVALID_CHARS.sub("_", name)
+
+
+def own_metric_names(prefix: str) -> frozenset[str]:
+    """Every name the sink exposes itself (with sample suffixes): user metrics may not take one."""
+    bases = [
+        "step",
+        "last_record_timestamp_seconds",
+        "nonfinite_values",
+        "series",
+        "series_limit",
+        "series_refused",
+        "agent_messages_received",
+        "agent_records_received",
+        "agent_received_bytes",
+        "agent_messages_rejected",
+        "agent_records_rejected",
+        "probe_records_received",
+        "probe_records_dropped",
+        "probe_records_lost",
+        "sink_exported_entries",
+        "sink_failures",
+        "sink_retries",
+        "sink_dropped_entries",
+        "sink_queue_depth",
+        "sink_up",
+        "sink_health",
+        "stat_job_duration_seconds",
+        "alerts_active",
+    ]
+    return frozenset(f"{prefix}_{base}{suffix}" for base in bases for suffix in _SUFFIXES)
+
+
+@dataclass
+class _Family:
+    name: str
+    help: str
+    labelnames: Labels
+    counter: bool = False
+    values: dict[Labels, float] = field(default_factory=dict)
+    owner_name: str | None = None  # the user metric that claimed this name
+
+
+_Samples = tuple[_Family, list[tuple[Labels, float]]]
+
+
+@dataclass
+class _Owner:
+    """Whose series these are: one (run, rank, host), or one host's GPUs."""
+
+    labels: Labels
+    last_seen: float
+    series: set[tuple[str, Labels]] = field(default_factory=set)
+    streams: set[str] = field(default_factory=set)
+    ended_at: float | None = None
+
+
+class PrometheusSink(Sink):
+    """Serves ``/metrics`` from its own registry; see the module docstring."""
+
+    name = "prometheus"
+
+    class Options(pydantic.BaseModel):
+        model_config = pydantic.ConfigDict(extra="forbid")
+
+        host: str = pydantic.Field(
+            default="127.0.0.1",
+            description="Address to serve /metrics on; loopback unless you mean otherwise.",
+        )
+        port: int = pydantic.Field(
+            default=9400, ge=0, le=65535, description="TCP port for /metrics; 0 picks a free one."
+        )
+        max_series: int = pydantic.Field(
+            default=10_000,
+            gt=0,
+            description="Most series (name + label values) exported; new ones past it are "
+            "refused and counted.",
+        )
+        prefix: str = pydantic.Field(
+            default="outrider",
+            pattern=r"^[a-zA-Z_][a-zA-Z0-9_]*$",
+            description="Prefix of every outrider metric name (GPU metrics keep DCGM's names).",
+        )
+        retire_after_seconds: float = pydantic.Field(
+            default=300.0,
+            ge=0,
+            description="How long the series of a rank that finished (bye, run_end) stay "
+            "exported before they are removed.",
+        )
+        stale_after_seconds: float = pydantic.Field(
+            default=3600.0,
+            gt=0,
+            description="Series of a rank or a host's GPUs that received nothing for this "
+            "long are removed.",
+        )
+
+    def __init__(
+        self,
+        options: Options | None = None,
+        context: SinkContext | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.options = options or self.Options()
+        self.prefix = self.options.prefix
+        self.max_series = self.options.max_series
+        self.clock = clock
+        self.series_cap_hit = False
+        self.refused: dict[str, int] = {REFUSE_CAP: 0, REFUSE_CONFLICT: 0}
+        self._lock = threading.Lock()
+        self._count = 0
+        self._families: dict[str, _Family] = {}
+        self._user_names: dict[str, str] = {}  # memo: user metric name -> its family's name
+        self._reserved = own_metric_names(self.prefix)
+        self._owners: dict[Labels, _Owner] = {}
+        self._gpu_owners: dict[str, _Owner] = {}
+        self._alerts: list[dict[str, str]] = []
+        self._last_cap_alert: float | None = None
+        self._last_housekeeping = clock()
+        self._warned_conflicts: set[str] = set()
+        p = self.prefix
+        self._step = self._family(f"{p}_step", "Last training step seen.", TRAINING_LABELS)
+        self._last_record = self._family(
+            f"{p}_last_record_timestamp_seconds",
+            "Wall time (Unix seconds, trainer clock) of the latest record the training code "
+            "made; heartbeats do not count.",
+            TRAINING_LABELS,
+        )
+        self._nonfinite = self._family(
+            f"{p}_nonfinite_values",
+            "Scalar values that were NaN or infinite.",
+            TRAINING_LABELS,
+            counter=True,
+        )
+        for _, dcgm_name, _, help_text in GPU_METRICS:
+            self._family(dcgm_name, help_text, GPU_LABELS)
+
+        self.registry = CollectorRegistry()
+        self.registry.register(_SinkCollector(self))
+        stats = context.agent_stats if context is not None else None
+        self.registry.register(AgentStatsCollector(p, stats))
+        try:
+            self._server, self._thread = start_http_server(
+                self.options.port, addr=self.options.host, registry=self.registry
+            )
+        except OSError as exc:
+            raise OSError(
+                exc.errno,
+                f"prometheus sink: cannot serve /metrics on {self.options.host}:"
+                f"{self.options.port}: {exc.strerror or exc} (another agent or exporter "
+                "may hold the port; choose another `port`, or 0 for any free one)",
+            ) from exc
+        self.port: int = self._server.server_port
+        host = self.options.host
+        self.url = f"http://{f'[{host}]' if ':' in host else host}:{self.port}/metrics"
+        self._closed = False
+        logger.info("outrider prometheus sink: serving %s", self.url)
+
+    # -- the Sink contract -------------------------------------------------------
+    def export(self, batches: Sequence[Batch]) -> None:
+        now = self.clock()
+        with self._lock:
+            for batch in batches:
+                self._export_batch(batch, now)
+            if now - self._last_housekeeping >= HOUSEKEEPING_INTERVAL_SECONDS:
+                self._housekeep(now)
+
+    def flush(self, timeout: float) -> None:
+        now = self.clock()
+        with self._lock:
+            self._housekeep(now)
+
+    def close(self, timeout: float) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout)
+
+    # -- for the agent -------------------------------------------------------------
+    def take_alerts(self) -> list[dict[str, str]]:
+        """Alerts raised since the last call (at most one per cooldown), for the alert engine."""
+        with self._lock:
+            alerts, self._alerts = self._alerts, []
+        return alerts
+
+    @property
+    def series_count(self) -> int:
+        return self._count
+
+    # -- entries -------------------------------------------------------------------
+    def _export_batch(self, batch: Batch, now: float) -> None:
+        source = batch.source
+        labels: Labels = (source.run, str(source.rank), source.host)
+        owner: _Owner | None = None
+        for entry in batch.entries:
+            kind = entry.get("kind")
+            if kind in TRAINER_KINDS:
+                if owner is None:
+                    owner = self._owner(labels, now)
+                self._trainer_record(entry, kind, owner, source.stream, now)
+            elif kind == SYSTEM:
+                self._system(entry, source.host, now)
+            elif kind == BYE:
+                finished = self._owners.get(labels)
+                if finished is not None:
+                    finished.streams.discard(entry.get("stream", source.stream))
+                    if not finished.streams:
+                        self._end(finished, now)
+            elif kind == RUN_END:
+                for run_owner in list(self._owners.values()):
+                    if run_owner.labels[0] == source.run:
+                        self._end(run_owner, now)
+
+    def _trainer_record(
+        self, entry: Mapping[str, Any], kind: str, owner: _Owner, stream: str, now: float
+    ) -> None:
+        labels = owner.labels
+        owner.last_seen = now
+        owner.ended_at = None
+        owner.streams.add(entry.get("stream", stream))
+        t = entry.get("t")
+        if isinstance(t, int | float):
+            last = self._last_record.values.get(labels)
+            if last is None or t > last:
+                self._set(self._last_record, labels, float(t), owner)
+        step = entry.get("step")
+        if isinstance(step, int):
+            self._set(self._step, labels, float(step), owner)
+        if kind != "scalars":
+            return
+        metrics = entry.get("metrics")
+        if not isinstance(metrics, Mapping):
+            return
+        nonfinite = 0
+        families = self._families
+        for raw, value in metrics.items():
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                continue
+            if not math.isfinite(number):
+                nonfinite += 1
+            name = self._user_names.get(raw) or self._claim(raw)
+            if name is None:
+                self._refuse(REFUSE_CONFLICT)
+                continue
+            family = families.get(name)
+            if family is None:
+                family = self._family(
+                    name,
+                    f"Training scalar {raw!r} (last value logged, per run, rank and host).",
+                    TRAINING_LABELS,
+                )
+                family.owner_name = raw
+            self._set(family, labels, number, owner)
+        if nonfinite and labels in self._nonfinite.values:
+            self._nonfinite.values[labels] += nonfinite
+
+    def _system(self, entry: Mapping[str, Any], default_host: str, now: float) -> None:
+        gpus = entry.get("gpus")
+        if not isinstance(gpus, list):
+            return
+        host = entry.get("host")
+        hostname = host if isinstance(host, str) else default_host
+        owner = self._gpu_owners.get(hostname)
+        if owner is None:
+            owner = self._gpu_owners[hostname] = _Owner((hostname,), now)
+        owner.last_seen = now
+        for gpu in gpus:
+            if not isinstance(gpu, Mapping):
+                continue
+            index = gpu.get("index")
+            labels = (
+                str(index),
+                str(gpu.get("uuid", "")),
+                f"nvidia{index}",
+                str(gpu.get("name", "")),
+                hostname,
+            )
+            for key, metric, factor, _ in GPU_METRICS:
+                value = gpu.get(key)
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    self._set(self._families[metric], labels, value * factor, owner)
+
+    # -- series bookkeeping (under the lock) -------------------------------------------
+    def _family(
+        self, name: str, help_text: str, labelnames: Labels, counter: bool = False
+    ) -> _Family:
+        family = self._families[name] = _Family(name, help_text, labelnames, counter)
+        return family
+
+    def _owner(self, labels: Labels, now: float) -> _Owner:
+        owner = self._owners.get(labels)
+        if owner is None:
+            owner = self._owners[labels] = _Owner(labels, now)
+            self._set(self._nonfinite, labels, 0.0, owner)
+        return owner
+
+    def _claim(self, raw: str) -> str | None:
+        """The family name for user metric ``raw``, or None if another metric holds it."""
+        name = f"{self.prefix}_{sanitize(raw)}"
+        if name in self._reserved:
+            name = f"{self.prefix}_user_{sanitize(raw)}"
+        family = self._families.get(name)
+        result: str | None = name
+        if family is not None and family.owner_name != raw:
+            result = None
+            if raw not in self._warned_conflicts and len(self._warned_conflicts) < 1000:
+                self._warned_conflicts.add(raw)
+                logger.warning(
+                    "outrider prometheus sink: metric %r would be exported as %s, which %s "
+                    "already is; its values are not exported",
+                    raw,
+                    name,
+                    repr(family.owner_name) if family.owner_name else "outrider's own metric",
+                )
+        if result is not None:
+            if len(self._user_names) >= 4 * self.max_series:
+                self._user_names.clear()  # a memo only: distinct names must not grow it forever
+            self._user_names[raw] = result
+        return result
+
+    def _set(self, family: _Family, labels: Labels, value: float, owner: _Owner) -> None:
+        values = family.values
+        if labels in values:
+            values[labels] = value
+            return
+        if self._count >= self.max_series:
+            self._refuse(REFUSE_CAP)
+            return
+        values[labels] = value
+        self._count += 1
+        owner.series.add((family.name, labels))
+
+    def _refuse(self, reason: str) -> None:
+        self.refused[reason] += 1
+        if reason != REFUSE_CAP:
+            return
+        self.series_cap_hit = True
+        now = self.clock()
+        if self._last_cap_alert is not None and now - self._last_cap_alert < ALERT_COOLDOWN_SECONDS:
+            return
+        self._last_cap_alert = now
+        message = (
+            f"prometheus sink: {self.max_series} series exported, the cap; new series are "
+            f"refused ({self.refused[REFUSE_CAP]} values so far). Raise the prometheus sink's "
+            "max_series, or log fewer distinct metric names."
+        )
+        logger.warning("outrider %s", message)
+        self._alerts.append({"name": ALERT_NAME, "severity": "warning", "message": message})
+
+    def _end(self, owner: _Owner, now: float) -> None:
+        """A finished rank: it is no longer 'stalled'; its other series retire later."""
+        if owner.ended_at is None:
+            owner.ended_at = now
+        self._remove(owner, {self._last_record.name})
+
+    def _remove(self, owner: _Owner, only: set[str] | None = None) -> None:
+        for key in [k for k in owner.series if only is None or k[0] in only]:
+            owner.series.discard(key)
+            name, labels = key
+            family = self._families.get(name)
+            if family is None or family.values.pop(labels, None) is None:
+                continue
+            self._count -= 1
+            if family.owner_name is not None and not family.values:
+                del self._families[name]
+                self._user_names.pop(family.owner_name, None)
+
+    def _housekeep(self, now: float) -> None:
+        self._last_housekeeping = now
+        retire, stale = self.options.retire_after_seconds, self.options.stale_after_seconds
+        for labels, owner in list(self._owners.items()):
+            ended = owner.ended_at is not None and now - owner.ended_at >= retire
+            if ended or now - owner.last_seen >= stale:
+                self._remove(owner)
+                del self._owners[labels]
+        for host, owner in list(self._gpu_owners.items()):
+            if now - owner.last_seen >= stale:
+                self._remove(owner)
+                del self._gpu_owners[host]
+
+    def _snapshot(self) -> tuple[list[_Samples], int, dict[str, int]]:
+        with self._lock:
+            families = [
+                (family, list(family.values.items()))
+                for family in self._families.values()
+                if family.values
+            ]
+            return families, self._count, dict(self.refused)
+
+
+class _SinkCollector(Collector):
+    """The sink's series, read at scrape time."""
+
+    def __init__(self, sink: PrometheusSink) -> None:
+        self.sink = sink
+
+    def collect(self) -> Iterator[Metric]:
+        families, count, refused = self.sink._snapshot()
+        for family, samples in sorted(families, key=lambda item: item[0].name):
+            metric: GaugeMetricFamily | CounterMetricFamily
+            if family.counter:
+                metric = CounterMetricFamily(family.name, family.help, labels=family.labelnames)
+            else:
+                metric = GaugeMetricFamily(family.name, family.help, labels=family.labelnames)
+            for labels, value in samples:
+                metric.add_metric(labels, value)
+            yield metric
+        p = self.sink.prefix
+        yield GaugeMetricFamily(f"{p}_series", "Series this sink exports now.", value=count)
+        yield GaugeMetricFamily(
+            f"{p}_series_limit",
+            "Most series this sink exports (its max_series option).",
+            value=self.sink.max_series,
+        )
+        refused_metric = CounterMetricFamily(
+            f"{p}_series_refused",
+            "Values not exported: a new series past max_series (series_cap), or a metric "
+            "name another metric already took (name_conflict).",
+            labels=("reason",),
+        )
+        for reason, n in sorted(refused.items()):
+            refused_metric.add_metric((reason,), n)
+        yield refused_metric
+
+
+class AgentStatsCollector(Collector):
+    """The agent's health counters (``context.agent_stats()``), read at scrape time."""
+
+    def __init__(self, prefix: str, stats: Callable[[], Mapping[str, Any] | None] | None) -> None:
+        self.prefix = prefix
+        self.stats = stats
+        self._last_error_log = -math.inf
+
+    def collect(self) -> Iterator[Metric]:
+        if self.stats is None:
+            return iter(())
+        try:
+            stats = self.stats()
+            if stats is None:
+                return iter(())
+            return iter(list(self._metrics(stats)))
+        except Exception as exc:  # a scrape must not fail because of the agent's stats
+            now = time.monotonic()
+            if now - self._last_error_log >= 60:
+                self._last_error_log = now
+                logger.warning("outrider prometheus sink: cannot read agent stats: %r", exc)
+            return iter(())
+
+    def _metrics(self, stats: Mapping[str, Any]) -> Iterable[Metric]:
+        p = self.prefix
+        yield CounterMetricFamily(
+            f"{p}_agent_messages_received",
+            "Messages the agent received from probes, rejected ones included.",
+            value=stats.get("messages", 0),
+        )
+        yield CounterMetricFamily(
+            f"{p}_agent_records_received",
+            "Records the agent accepted and stored.",
+            value=stats.get("records", 0),
+        )
+        yield CounterMetricFamily(
+            f"{p}_agent_received_bytes",
+            "Bytes of messages the agent received.",
+            value=stats.get("bytes", 0),
+        )
+        yield _by_reason(
+            f"{p}_agent_messages_rejected",
+            "Messages the agent rejected whole, by reason.",
+            stats.get("rejected_messages", {}),
+        )
+        yield _by_reason(
+            f"{p}_agent_records_rejected",
+            "Records the agent rejected, by reason.",
+            stats.get("rejected_records", {}),
+        )
+        yield from self._streams(stats.get("runs") or {})
+        yield from self._sinks(stats.get("sinks") or {})
+        jobs = stats.get("stat_jobs")
+        if jobs:
+            summary = SummaryMetricFamily(
+                f"{p}_stat_job_duration_seconds",
+                "Time the agent's statistics jobs took, by job.",
+                labels=("job",),
+            )
+            for job, figures in sorted(jobs.items()):
+                summary.add_metric(
+                    (str(job),),
+                    count_value=figures.get("count", 0),
+                    sum_value=figures.get("seconds_sum", 0.0),
+                )
+            yield summary
+        alerts = stats.get("alerts_active")
+        if alerts is not None:
+            active = GaugeMetricFamily(
+                f"{p}_alerts_active",
+                "Alerts the agent's alert engine holds active, by alert, severity and run.",
+                labels=("alert", "severity", "run"),
+            )
+            counts: dict[Labels, int] = {}
+            for alert in alerts:
+                key: Labels = (
+                    str(alert.get("name", "")),
+                    str(alert.get("severity", "")),
+                    str(alert.get("run") or ""),
+                )
+                counts[key] = counts.get(key, 0) + 1
+            for key, n in sorted(counts.items()):
+                active.add_metric(key, n)
+            yield active
+
+    def _streams(self, runs: Mapping[str, Any]) -> Iterable[Metric]:
+        """Per-stream ledgers summed per (run, rank, host): a restarted rank has two streams."""
+        p = self.prefix
+        received: dict[Labels, int] = {}
+        lost: dict[Labels, int] = {}
+        dropped: dict[Labels, int] = {}
+        for run, info in runs.items():
+            for stream in info.get("streams", ()):
+                key: Labels = (str(run), str(stream.get("rank", "")), str(stream.get("host", "")))
+                received[key] = received.get(key, 0) + stream.get("received", 0)
+                lost[key] = lost.get(key, 0) + stream.get("lost", 0)
+                for reason, n in (stream.get("dropped") or {}).items():
+                    reason_key: Labels = (*key, str(reason))
+                    dropped[reason_key] = dropped.get(reason_key, 0) + n
+        received_metric = CounterMetricFamily(
+            f"{p}_probe_records_received",
+            "Records the agent received from a rank.",
+            labels=TRAINING_LABELS,
+        )
+        dropped_metric = CounterMetricFamily(
+            f"{p}_probe_records_dropped",
+            "Records a rank's probe dropped (as it reports them), by reason.",
+            labels=(*TRAINING_LABELS, "reason"),
+        )
+        lost_metric = GaugeMetricFamily(
+            f"{p}_probe_records_lost",
+            "Records of a rank neither received nor reported dropped; may include records "
+            "in flight until the rank says bye.",
+            labels=TRAINING_LABELS,
+        )
+        for key, n in sorted(received.items()):
+            received_metric.add_metric(key, n)
+            lost_metric.add_metric(key, lost[key])
+        for reason_key, n in sorted(dropped.items()):
+            dropped_metric.add_metric(reason_key, n)
+        return received_metric, dropped_metric, lost_metric
+
+    def _sinks(self, sinks: Mapping[str, Any]) -> Iterable[Metric]:
+        p = self.prefix
+        exported = CounterMetricFamily(
+            f"{p}_sink_exported_entries", "Entries a sink exported.", labels=("sink",)
+        )
+        failures = CounterMetricFamily(
+            f"{p}_sink_failures", "Failed export or flush calls of a sink.", labels=("sink",)
+        )
+        retries = CounterMetricFamily(
+            f"{p}_sink_retries", "Export retries of a sink.", labels=("sink",)
+        )
+        dropped = CounterMetricFamily(
+            f"{p}_sink_dropped_entries",
+            "Entries a sink dropped, by reason.",
+            labels=("sink", "reason"),
+        )
+        depth = GaugeMetricFamily(
+            f"{p}_sink_queue_depth", "Batches waiting in a sink's queue.", labels=("sink",)
+        )
+        up = GaugeMetricFamily(
+            f"{p}_sink_up", "1 when a sink's health is ok, else 0.", labels=("sink",)
+        )
+        health = GaugeMetricFamily(
+            f"{p}_sink_health",
+            "A sink's health: 1 for its current state, 0 for the others.",
+            labels=("sink", "state"),
+        )
+        for name, info in sorted(sinks.items()):
+            sink = (str(name),)
+            state = str(info.get("health", ""))
+            exported.add_metric(sink, info.get("exported_entries", 0))
+            failures.add_metric(sink, info.get("failures", 0))
+            retries.add_metric(sink, info.get("retries", 0))
+            depth.add_metric(sink, info.get("queue_depth", 0))
+            up.add_metric(sink, 1 if state == "ok" else 0)
+            for known in HEALTH_STATES:
+                health.add_metric((*sink, known), 1 if state == known else 0)
+            for reason, n in sorted((info.get("dropped") or {}).items()):
+                dropped.add_metric((*sink, str(reason)), n)
+        return exported, failures, retries, dropped, depth, up, health
+
+
+def _by_reason(name: str, help_text: str, counts: Mapping[str, int]) -> CounterMetricFamily:
+    metric = CounterMetricFamily(name, help_text, labels=("reason",))
+    for reason, n in sorted(counts.items()):
+        metric.add_metric((str(reason),), n)
+    return metric

@@ -1,0 +1,573 @@
+"""Weights & Biases: one W&B run per outrider run, living in the agent process.
+
+The trainer never imports wandb. This sink turns run-store entries into
+``run.log`` calls on its own worker thread, so W&B's cost (serialising media,
+talking to wandb-core, uploading) is the agent's, never the training loop's.
+Without an API key the run is written offline under ``<run dir>/wandb/`` for
+``wandb sync`` later. See docs/wandb.md.
+
+``import wandb`` happens inside methods only: ``import sinks`` stays cheap,
+and, with absolute imports, the name resolves to the real top-level package
+even though this module is called ``sinks.wandb``.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import importlib.util
+import logging
+import math
+import netrc
+import os
+import re
+import shlex
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import urlsplit
+
+import orjson
+import pydantic
+
+from sinks.base import Batch, Sink
+from sinks.registry import SinkContext
+
+if TYPE_CHECKING:
+    from wandb import Run
+
+logger = logging.getLogger("outrider.sinks.wandb")
+
+STEP_KEY = "trainer/step"  # the custom x-axis: any step order is fine, no monotonic warnings
+ALERTS_KEY = "outrider/alerts"
+TEXT_ROWS = 200  # rows kept per text table (the newest)
+MAX_HISTOGRAM_BINS = 512  # wandb.Histogram's own limit
+ALERT_TITLE_CHARS = 63  # run.alert wants a title under 64 characters
+NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+ALERT_LEVELS = {"info": "INFO", "warning": "WARN", "error": "ERROR"}
+RUN_ID_CHARS = re.compile(r"[^A-Za-z0-9_-]")
+MAX_RUN_ID_CHARS = 64
+
+Mode = Literal["online", "offline", "disabled"]
+MODES: dict[str, Mode] = {
+    "online": "online",
+    "offline": "offline",
+    "dryrun": "offline",
+    "disabled": "disabled",
+}
+# Entry kinds that become W&B data; every other kind (heartbeat, probe_stats, tensor, ...) is not.
+KINDS = frozenset({"scalars", "histogram", "text", "image", "config", "hello", "alert", "run_end"})
+
+
+class _Skip(ValueError):
+    """An entry (or one value in it) that cannot become W&B data."""
+
+
+# -- pure helpers (tested directly) --------------------------------------------------------------
+def wandb_run_id(run_id: str) -> str:
+    """A W&B run id for an outrider run id: ``[A-Za-z0-9_-]``, at most 64 characters.
+
+    An id that had to change gets a hash suffix, so ``a.b`` and ``a-b`` stay apart.
+    """
+    cleaned = RUN_ID_CHARS.sub("-", run_id)
+    if cleaned == run_id and len(cleaned) <= MAX_RUN_ID_CHARS:
+        return run_id
+    digest = hashlib.sha1(run_id.encode()).hexdigest()[:8]
+    return f"{cleaned[: MAX_RUN_ID_CHARS - 9]}-{digest}"
+
+
+def merge_bins(
+    counts: Sequence[float], edges: Sequence[float], max_bins: int
+) -> tuple[list[float], list[float]]:
+    """Merge runs of adjacent bins until at most ``max_bins`` remain; totals are kept."""
+    n = len(counts)
+    if n <= max_bins:
+        return list(counts), list(edges)
+    width = -(-n // max_bins)  # ceil
+    merged = [math.fsum(counts[i : i + width]) for i in range(0, n, width)]
+    return merged, [edges[i] for i in range(0, n, width)] + [edges[-1]]
+
+
+def api_key_configured(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether W&B credentials exist locally (env or netrc), checked without the network."""
+    environ = os.environ if environ is None else environ
+    if environ.get("WANDB_API_KEY") or environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    import wandb
+
+    base_url = environ.get("WANDB_BASE_URL") or wandb.Settings().base_url
+    try:
+        from wandb.sdk.lib.wbauth import read_netrc_auth
+    except ImportError:  # wandb moved its helper: read the same file ourselves
+        return _netrc_has(base_url, environ)
+    try:
+        return bool(read_netrc_auth(host=base_url))
+    except Exception as exc:  # a malformed entry: wandb.init would refuse it too
+        logger.warning("outrider sink wandb: ignoring the netrc entry for %s: %s", base_url, exc)
+        return False
+
+
+def _netrc_has(base_url: str, environ: Mapping[str, str]) -> bool:
+    path = environ.get("NETRC") or os.path.expanduser("~/.netrc")
+    try:
+        entry = netrc.netrc(path).authenticators(urlsplit(base_url).netloc)
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return bool(entry and entry[2])
+
+
+def resolve_mode(mode: str, environ: Mapping[str, str] | None = None) -> Mode:
+    """``auto`` is WANDB_MODE when set, else online with credentials, else offline."""
+    if mode != "auto":
+        return MODES[mode]
+    environ = os.environ if environ is None else environ
+    wanted = MODES.get(environ.get("WANDB_MODE", "").lower())
+    if wanted is not None:
+        return wanted
+    return "online" if api_key_configured(environ) else "offline"
+
+
+def _number(value: Any) -> float | int | None:
+    if isinstance(value, int | float):
+        return value
+    if isinstance(value, str):
+        return NON_FINITE.get(value)
+    return None
+
+
+def _step(entry: Mapping[str, Any]) -> int | None:
+    step = entry.get("step")
+    if step is None or (isinstance(step, int) and not isinstance(step, bool)):
+        return step
+    raise _Skip(f"step {step!r} is not an integer")
+
+
+def _string(entry: Mapping[str, Any], key: str) -> str:
+    value = entry.get(key)
+    if not isinstance(value, str) or not value:
+        raise _Skip(f"{key!r} is missing or not a string")
+    return value
+
+
+def _histogram_parts(entry: Mapping[str, Any], max_bins: int) -> tuple[list[float], list[float]]:
+    counts, edges = entry.get("counts"), entry.get("edges")
+    if not isinstance(counts, list) or not isinstance(edges, list) or not counts:
+        raise _Skip("counts and edges must be non-empty lists")
+    if len(edges) != len(counts) + 1:
+        raise _Skip(f"{len(edges)} edges for {len(counts)} counts (want counts + 1)")
+    numbers = [_number(v) for v in (*counts, *edges)]
+    if any(v is None or isinstance(v, bool) or not math.isfinite(v) for v in numbers):
+        raise _Skip("counts and edges must be finite numbers")
+    if any(c < 0 for c in counts) or any(b < a for a, b in zip(edges, edges[1:], strict=False)):
+        raise _Skip("counts must be >= 0 and edges non-decreasing")
+    return merge_bins(counts, edges, max_bins)
+
+
+def _run_json_config(run_dir: Path) -> dict[str, Any]:
+    """The run.json facts worth seeing in W&B: command, host, versions, git commit."""
+    try:
+        info = orjson.loads((run_dir / "run.json").read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return {}
+    if not isinstance(info, dict):
+        return {}
+    config: dict[str, Any] = {}
+    for key, name in (("host", "host"), ("python", "python"), ("torch", "torch")):
+        if isinstance(info.get(key), str):
+            config[f"outrider/{name}"] = info[key]
+    if isinstance(info.get("outrider"), str):
+        config["outrider/version"] = info["outrider"]
+    command = info.get("command")
+    if isinstance(command, list) and all(isinstance(a, str) for a in command):
+        config["outrider/command"] = shlex.join(command)
+    git = info.get("git")
+    if isinstance(git, dict):
+        for key in ("commit", "branch", "dirty"):
+            if git.get(key) is not None:
+                config[f"outrider/git_{key}"] = git[key]
+    return config
+
+
+# -- per-run state -------------------------------------------------------------------------------
+@dataclass
+class _Table:
+    columns: tuple[str, ...]
+    rows: collections.deque[tuple[Any, ...]] = field(
+        default_factory=lambda: collections.deque(maxlen=TEXT_ROWS)
+    )
+    step: int | None = None
+    dirty: bool = False
+
+
+@dataclass
+class _Run:
+    run: Run
+    mode: Mode
+    run_dir: Path
+    rows: list[tuple[int | None, dict[str, Any]]] = field(default_factory=list)
+    tables: dict[str, _Table] = field(default_factory=dict)
+    exit_status: int | None = None
+    ending: bool = False
+
+    def add(self, step: int | None, values: dict[str, Any]) -> None:
+        """Values of one step coalesce into one history row."""
+        if self.rows and self.rows[-1][0] == step:
+            self.rows[-1][1].update(values)
+        else:
+            self.rows.append((step, values))
+
+    def table(self, key: str, columns: tuple[str, ...]) -> _Table:
+        table = self.tables.get(key)
+        if table is None or table.columns != columns:
+            table = self.tables[key] = _Table(columns)
+        return table
+
+
+class WandbSink(Sink):
+    """Logs each outrider run to its own W&B run (offline without credentials)."""
+
+    name = "wandb"
+
+    class Options(pydantic.BaseModel):
+        model_config = pydantic.ConfigDict(extra="forbid")
+
+        project: str = pydantic.Field(default="outrider", description="W&B project.")
+        entity: str | None = pydantic.Field(
+            default=None, description="W&B entity (user or team); None: the key's default."
+        )
+        mode: Literal["auto", "online", "offline", "disabled"] = pydantic.Field(
+            default="auto",
+            description="auto: WANDB_MODE if set, else online when an API key is configured "
+            "(WANDB_API_KEY or netrc), else offline.",
+        )
+        dir: str | None = pydantic.Field(
+            default=None,
+            description="Directory that receives wandb/; None: the outrider run's directory.",
+        )
+        ranks: Literal["0", "all"] = pydantic.Field(
+            default="0",
+            description="0: rank 0's data only; all: other ranks' data as rank<N>/<name>.",
+        )
+        finish_timeout: float = pydantic.Field(
+            default=30.0,
+            gt=0,
+            description="Seconds a run may take to finish (upload) before it is abandoned; "
+            "what did not upload stays on disk for `wandb sync`.",
+        )
+        histogram_bins: int = pydantic.Field(
+            default=MAX_HISTOGRAM_BINS,
+            ge=1,
+            le=MAX_HISTOGRAM_BINS,
+            description="Most bins per histogram; adjacent bins are merged beyond it.",
+        )
+        tags: list[str] = pydantic.Field(default_factory=list, description="W&B run tags.")
+        group: str | None = pydantic.Field(
+            default=None, description="W&B run group, e.g. to gather a distributed sweep."
+        )
+        alerts: bool = pydantic.Field(
+            default=True, description="Send alert entries as W&B alerts (online runs only)."
+        )
+
+        @pydantic.field_validator("ranks", mode="before")
+        @classmethod
+        def _rank_zero_as_number(cls, value: Any) -> Any:
+            return "0" if value == 0 and not isinstance(value, bool) else value
+
+    def __init__(self, options: Options | None = None, context: SinkContext | None = None) -> None:
+        if importlib.util.find_spec("wandb") is None:
+            raise ImportError("the wandb sink needs the wandb package: pip install wandb")
+        self.options = options or self.Options()
+        self.context = context
+        self.runs: dict[str, _Run] = {}  # open W&B runs by outrider run id
+        self.ended: set[str] = set()  # finished by run_end; later data is dropped
+        self.failed: dict[str, str] = {}  # outrider run id -> why wandb.init failed
+        self.skipped = 0  # bad entries, and single bad values inside scalars entries
+        self.dropped: dict[str, int] = {}  # reason -> entries never delivered
+        self.abandoned = 0  # runs whose finish outlasted finish_timeout
+        self._mode: Mode | None = None
+        self._warned: set[str] = set()
+
+    # -- the Sink contract -------------------------------------------------------------------
+    def export(self, batches: Sequence[Batch]) -> None:
+        if self.mode == "disabled":
+            return
+        for batch in batches:
+            run_id = batch.source.run
+            if run_id in self.ended or run_id in self.failed:
+                reason = "after_run_end" if run_id in self.ended else "init_failed"
+                wanted = sum(1 for e in batch.entries if e.get("kind") in KINDS)
+                self._drop(reason, wanted)
+                continue
+            for entry in batch.entries:
+                self._entry(batch, entry)
+            state = self.runs.get(run_id)
+            if state is not None and state.ending:
+                self._end(run_id, state)
+        for state in self.runs.values():
+            self._log_rows(state)
+
+    def flush(self, timeout: float) -> None:
+        for state in self.runs.values():
+            self._log_rows(state)
+            self._log_tables(state)
+
+    def close(self, timeout: float) -> None:
+        """Finish every open run; each may take up to ``finish_timeout`` (in parallel)."""
+        for run_id, state in self.runs.items():
+            try:
+                self._log_rows(state)
+                self._log_tables(state)
+            except Exception as exc:
+                logger.warning("outrider sink wandb: run %s: last data not logged: %s", run_id, exc)
+        self._finish({run_id: state.exit_status for run_id, state in self.runs.items()})
+        self.runs.clear()
+
+    # -- runs --------------------------------------------------------------------------------
+    @property
+    def mode(self) -> Mode:
+        if self._mode is None:
+            self._mode = resolve_mode(self.options.mode)
+        return self._mode
+
+    def _run_for(self, batch: Batch) -> _Run | None:
+        run_id = batch.source.run
+        state = self.runs.get(run_id)
+        if state is None and run_id not in self.failed:
+            state = self._start(batch)
+        return state
+
+    def _start(self, batch: Batch) -> _Run | None:
+        """Create (or resume) the W&B run; slow, which is fine on the sink's own thread."""
+        import wandb
+
+        run_id, run_dir = batch.source.run, Path(batch.run_dir)
+        directory = Path(self.options.dir) if self.options.dir else run_dir
+        settings = wandb.Settings(
+            console="off",  # never capture the agent's stdout/stderr
+            silent=True,
+            save_code=False,
+            disable_git=True,  # the agent's cwd says nothing about the trainer's code
+            disable_job_creation=True,
+            x_disable_meta=True,
+            x_disable_stats=True,  # outrider reports the GPUs itself
+            x_save_requirements=False,
+            reinit="create_new",  # several outrider runs may be open at once
+            finish_timeout=self.options.finish_timeout,
+        )
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            run = wandb.init(
+                project=self.options.project,
+                entity=self.options.entity,
+                id=wandb_run_id(run_id),
+                name=run_id,
+                group=self.options.group,
+                tags=self.options.tags or None,
+                dir=str(directory),
+                mode=self.mode,
+                resume="allow",
+                config=_run_json_config(run_dir),
+                settings=settings,
+            )
+            run.define_metric(STEP_KEY)
+            run.define_metric("*", step_metric=STEP_KEY)
+        except Exception as exc:  # wandb-core keeps the id busy: no retry in this process
+            self.failed[run_id] = f"{type(exc).__name__}: {exc}"
+            logger.warning(
+                "outrider sink wandb: cannot start a W&B run for %s (%s); its data stays in the "
+                "run store only",
+                run_id,
+                self.failed[run_id],
+            )
+            return None
+        state = self.runs[run_id] = _Run(run, self.mode, run_dir)
+        return state
+
+    def _end(self, run_id: str, state: _Run) -> None:
+        """run_end: the exit status into the summary, then a bounded finish."""
+        self._log_rows(state)
+        self._log_tables(state)
+        state.run.summary["exit_status"] = state.exit_status
+        del self.runs[run_id]
+        self.ended.add(run_id)
+        self._finish({run_id: state.exit_status}, {run_id: state})
+
+    def _finish(
+        self, exit_codes: dict[str, int | None], states: dict[str, _Run] | None = None
+    ) -> None:
+        """``run.finish`` on helper threads; any still going after finish_timeout is abandoned."""
+        states = states if states is not None else self.runs
+        waiting: list[tuple[str, threading.Event]] = []
+        for run_id, code in exit_codes.items():
+            done = threading.Event()
+            thread = threading.Thread(
+                target=_finish_run,
+                args=(run_id, states[run_id].run, code, done),
+                name=f"outrider-wandb-finish-{run_id}",
+                daemon=True,
+            )
+            thread.start()
+            waiting.append((run_id, done))
+        deadline = time.monotonic() + self.options.finish_timeout
+        for run_id, done in waiting:
+            if not done.wait(max(0.0, deadline - time.monotonic())):
+                self.abandoned += 1
+                logger.warning(
+                    "outrider sink wandb: run %s did not finish within %.1f s; abandoned "
+                    "(its offline files can be uploaded with `wandb sync`)",
+                    run_id,
+                    self.options.finish_timeout,
+                )
+
+    # -- entries -----------------------------------------------------------------------------
+    def _entry(self, batch: Batch, entry: Mapping[str, Any]) -> None:
+        kind = entry.get("kind")
+        if kind not in KINDS:
+            return  # heartbeats, probe counters, raw tensors, ...: not W&B data
+        rank = entry.get("rank", batch.source.rank)
+        if not isinstance(rank, int):
+            rank = batch.source.rank
+        prefix = self._prefix(rank)
+        if prefix is None and kind not in ("run_end", "alert"):
+            return
+        state = self._run_for(batch)
+        if state is None:
+            self._drop("init_failed", 1)
+            return
+        try:
+            getattr(self, f"_{kind}")(state, batch, entry, prefix or "")
+        except Exception as exc:  # bad input must not cost the rest of the batch
+            self.skipped += 1
+            self._warn_once(f"{kind}:{type(exc).__name__}", f"skipped a {kind} entry: {exc}")
+
+    def _prefix(self, rank: int) -> str | None:
+        """The name prefix for a rank's data, None when the rank is not wanted."""
+        if rank <= 0:
+            return ""
+        return f"rank{rank}/" if self.options.ranks == "all" else None
+
+    def _scalars(self, state: _Run, batch: Batch, entry: Mapping[str, Any], prefix: str) -> None:
+        metrics, step = entry.get("metrics"), _step(entry)
+        if not isinstance(metrics, dict):
+            raise _Skip("metrics is not a map")
+        values: dict[str, Any] = {}
+        for name, value in metrics.items():
+            number = _number(value)
+            if number is None or not isinstance(name, str) or not name:
+                self.skipped += 1
+                self._warn_once(f"value:{name}", f"skipped scalar {name!r}: {value!r} is no number")
+                continue
+            values[prefix + name] = number
+        if values:
+            state.add(step, values)
+
+    def _histogram(self, state: _Run, batch: Batch, entry: Mapping[str, Any], prefix: str) -> None:
+        import wandb
+
+        name, step = _string(entry, "name"), _step(entry)
+        counts, edges = _histogram_parts(entry, self.options.histogram_bins)
+        state.add(step, {prefix + name: wandb.Histogram(np_histogram=(counts, edges))})
+
+    def _text(self, state: _Run, batch: Batch, entry: Mapping[str, Any], prefix: str) -> None:
+        name, text, step = _string(entry, "name"), entry.get("text"), _step(entry)
+        if not isinstance(text, str):
+            raise _Skip("text is not a string")
+        table = state.table(prefix + name, ("step", "text"))
+        table.rows.append((step, text))
+        table.step, table.dirty = step, True
+
+    def _image(self, state: _Run, batch: Batch, entry: Mapping[str, Any], prefix: str) -> None:
+        import wandb
+
+        name, step = _string(entry, "name"), _step(entry)
+        path = state.run_dir / _string(entry, "path")  # an absolute path replaces run_dir
+        if not path.is_file():
+            raise _Skip(f"no image file at {path}")
+        caption = entry.get("caption")
+        image = wandb.Image(str(path), caption=caption if isinstance(caption, str) else None)
+        state.add(step, {prefix + name: image})
+
+    def _config(self, state: _Run, batch: Batch, entry: Mapping[str, Any], prefix: str) -> None:
+        params = entry.get("params")
+        if not isinstance(params, dict):
+            raise _Skip("params is not a map")
+        state.run.config.update(params, allow_val_change=True)
+
+    def _hello(self, state: _Run, batch: Batch, entry: Mapping[str, Any], prefix: str) -> None:
+        if prefix:
+            return  # the run describes rank 0's process
+        config = _run_json_config(state.run_dir)  # re-read: the agent may know git by now
+        config["outrider/host"] = batch.source.host
+        config["outrider/world_size"] = batch.source.world_size
+        argv = entry.get("argv")
+        if isinstance(argv, list) and all(isinstance(a, str) for a in argv):
+            config["outrider/argv"] = shlex.join(argv)
+        for key in ("cwd", "python", "torch"):
+            if isinstance(entry.get(key), str):
+                config[f"outrider/{key}"] = entry[key]
+        state.run.config.update(config, allow_val_change=True)
+
+    def _alert(self, state: _Run, batch: Batch, entry: Mapping[str, Any], prefix: str) -> None:
+        name, message, step = _string(entry, "name"), _string(entry, "message"), _step(entry)
+        severity = entry.get("severity", "warning")
+        level = ALERT_LEVELS.get(severity) if isinstance(severity, str) else None
+        if level is None:
+            raise _Skip(f"severity {severity!r} is not one of {', '.join(ALERT_LEVELS)}")
+        table = state.table(ALERTS_KEY, ("step", "severity", "name", "message"))
+        table.rows.append((step, severity, name, message))
+        table.step, table.dirty = step, True
+        if state.mode == "online" and self.options.alerts:
+            state.run.alert(title=name[:ALERT_TITLE_CHARS], text=message, level=level)
+
+    def _run_end(self, state: _Run, batch: Batch, entry: Mapping[str, Any], prefix: str) -> None:
+        status = entry.get("exit_status")
+        if status is not None and (not isinstance(status, int) or isinstance(status, bool)):
+            raise _Skip(f"exit_status {status!r} is not an integer")
+        state.exit_status, state.ending = status, True
+
+    # -- delivery ----------------------------------------------------------------------------
+    def _log_rows(self, state: _Run) -> None:
+        rows, state.rows = state.rows, []
+        for step, values in rows:
+            if step is not None:
+                values[STEP_KEY] = step
+            state.run.log(values)  # never step=: trainer/step is the x-axis
+
+    def _log_tables(self, state: _Run) -> None:
+        """Each changed table once per flush (a table is a file: not once per text entry)."""
+        import wandb
+
+        for key, table in state.tables.items():
+            if not table.dirty:
+                continue
+            table.dirty = False
+            data = wandb.Table(
+                columns=list(table.columns),
+                data=[list(row) for row in table.rows],
+                allow_mixed_types=True,  # a step may be None
+            )
+            values: dict[str, Any] = {key: data}
+            if table.step is not None:
+                values[STEP_KEY] = table.step
+            state.run.log(values)
+
+    def _drop(self, reason: str, entries: int) -> None:
+        if entries:
+            self.dropped[reason] = self.dropped.get(reason, 0) + entries
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned and len(self._warned) < 1000:
+            self._warned.add(key)
+            logger.warning("outrider sink wandb: %s", message)
+
+
+def _finish_run(run_id: str, run: Run, exit_code: int | None, done: threading.Event) -> None:
+    try:
+        run.finish(exit_code=exit_code)
+    except Exception as exc:
+        logger.warning("outrider sink wandb: finishing run %s failed: %s", run_id, exc)
+    finally:
+        done.set()
