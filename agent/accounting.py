@@ -10,10 +10,14 @@ with records in its socket, an exit linger that ran out).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from probe import protocol
+
+if TYPE_CHECKING:
+    from agent.decode import Record
 
 
 @dataclass
@@ -58,6 +62,24 @@ class StreamLedger:
             self.last_step = step
         if kind == protocol.PROBE_STATS or kind == protocol.BYE:
             self._take_counters(body, final=kind == protocol.BYE)
+
+    def observe_batch(self, records: Sequence[Record]) -> None:
+        """Account for the records of one message (cheaper than one call each)."""
+        self.received += len(records)
+        top = max(record.seq for record in records)
+        if top > self.max_seq:
+            self.max_seq = top
+        last = records[-1]
+        if last.t > self.last_t:
+            self.last_t = last.t
+        steps = [record.step for record in records if record.step is not None]
+        if steps:
+            top_step = max(steps)
+            if self.last_step is None or top_step > self.last_step:
+                self.last_step = top_step
+        for record in records:
+            if record.kind == protocol.PROBE_STATS or record.kind == protocol.BYE:
+                self._take_counters(record.body, final=record.kind == protocol.BYE)
 
     def _take_counters(self, body: dict[str, Any], *, final: bool) -> None:
         dropped = body.get("dropped", {})

@@ -34,7 +34,8 @@ from sinks.registry import SinkContext
 logger = logging.getLogger("outrider.agent")
 
 MAX_OPEN_RUNS = 64
-BURST = 1000  # messages per receive burst before the store is flushed
+BURST = 1000  # messages per receive burst before the store is flushed...
+BURST_SECONDS = 0.05  # ...or this much time: the store stays close behind the socket
 INFO_INTERVAL = 1.0  # seconds between run.json rewrites of a changing run
 
 
@@ -96,7 +97,7 @@ class Agent:
         self._context = zmq.Context()
         self._socket = self._context.socket(zmq.PULL)
         self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.setsockopt(zmq.RCVHWM, 10_000)
+        self._socket.setsockopt(zmq.RCVHWM, 1000)
         # Beyond twice our own limit ZeroMQ cuts the sender off before buffering it.
         self._socket.setsockopt(zmq.MAXMSGSIZE, 2 * protocol.MAX_MESSAGE_BYTES)
         self._bind()
@@ -122,13 +123,11 @@ class Agent:
             return store
         if len(self.runs) >= MAX_OPEN_RUNS:
             return None
-        meta = None
-        if run_id == self.run_id:
-            meta = dict(self.meta)
-            meta.update(runinfo.collect(self.meta.get("cwd")))
+        meta = dict(self.meta) if run_id == self.run_id else None
         store = RunStore(self.runs_dir, run_id, meta, self.config.histogram_bins)
-        if meta is None:
-            store.info.update(runinfo.collect(None))
+        # git, NVML and friends can take a while: never on the receive thread.
+        cwd = self.meta.get("cwd") if meta is not None else None
+        store.collect_info_later(lambda: runinfo.collect(cwd))
         self.runs[run_id] = store
         store.write_info()
         return store
@@ -160,8 +159,6 @@ class Agent:
         if not batch.records:
             return
         run_id = batch.envelope["run"]
-        if batch.records[0].kind == protocol.HELLO and "cwd" in batch.records[0].body:
-            self._learn_cwd(run_id, batch.records[0].body)
         store = self._store_for(run_id)
         if store is None:
             counters.reject(counters.rejected_messages, "too_many_runs")
@@ -172,17 +169,19 @@ class Agent:
                 run_id,
             )
             return
+        if batch.records[0].kind == protocol.HELLO and "cwd" in batch.records[0].body:
+            self._learn_cwd(store, batch.records[0].body)
         entries = store.add(batch.envelope, batch.records)
         counters.records += len(batch.records)
         if self.fanout.workers:
             source = Source.from_envelope(batch.envelope)
             self.fanout.submit(Batch(source, entries, str(store.dir)))
 
-    def _learn_cwd(self, run_id: str, hello: dict[str, Any]) -> None:
+    def _learn_cwd(self, store: RunStore, hello: dict[str, Any]) -> None:
         """A run the agent was not told about gets git info from its trainer's directory."""
-        store = self.runs.get(run_id)
-        if store is not None and store.info.get("git") is None and isinstance(hello["cwd"], str):
-            store.info["git"] = runinfo.git_info(hello["cwd"])
+        if "git" not in store.info and isinstance(hello["cwd"], str):
+            store.info["git"] = None  # asked once per run, even outside a repository
+            store.collect_info_later(lambda: {"git": runinfo.git_info(hello["cwd"])})
 
     def receive_burst(self, timeout_ms: int) -> int:
         """Wait up to ``timeout_ms`` for input, then drain up to BURST messages."""
@@ -190,7 +189,8 @@ class Agent:
             return 0
         count = 0
         recv = self._socket.recv
-        while count < BURST:
+        deadline = self.clock() + BURST_SECONDS
+        while count < BURST and (count % 64 or self.clock() < deadline):
             try:
                 raw = recv(zmq.NOBLOCK, copy=True)
             except zmq.Again:
@@ -295,6 +295,7 @@ class Agent:
 
     def _write_dirty_info(self) -> None:
         for store in self.runs.values():
+            store.merge_collected()
             if store.dirty:
                 store.write_info()
 

@@ -8,9 +8,11 @@ the agent being SIGKILLed) and on disk within the OS's writeback.
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,8 @@ from probe import protocol
 RUN_JSON = "run.json"
 METRICS = "metrics.jsonl"
 TENSORS = "tensors.bin"
+
+_INFO_POOL = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="outrider-runinfo")
 
 NON_FINITE = {math.inf: "Infinity", -math.inf: "-Infinity"}
 
@@ -82,6 +86,7 @@ class RunStore:
         self._tensors = open(self.dir / TENSORS, "ab")  # noqa: SIM115
         self._tensor_offset = self._tensors.tell()
         self._pending: list[bytes] = []
+        self._info_jobs: list[concurrent.futures.Future[dict[str, Any]]] = []
         self.dirty = True
         self.last_record_time = 0.0
         self.records = 0
@@ -125,12 +130,26 @@ class RunStore:
             ledger = self.streams[stream] = StreamLedger.from_envelope(envelope)
             source = envelope
             self.dirty = True
+        ledger.observe_batch(records)
         rank = envelope["rank"]
-        pending = self._pending
         entries: list[dict[str, Any]] = []
         for record in records:
             kind, body = record.kind, record.body
-            ledger.observe(kind, record.seq, record.t, record.step, body)
+            if kind == protocol.SCALARS:
+                if not all(map(math.isfinite, body.values())):
+                    body = {name: json_number(value) for name, value in body.items()}
+                entries.append(
+                    {
+                        "kind": kind,
+                        "step": record.step,
+                        "rank": rank,
+                        "t": record.t,
+                        "stream": stream,
+                        "seq": record.seq,
+                        "metrics": body,
+                    }
+                )
+                continue
             line: dict[str, Any] = {
                 "kind": kind,
                 "step": record.step,
@@ -139,14 +158,7 @@ class RunStore:
                 "stream": stream,
                 "seq": record.seq,
             }
-            if source is not None:
-                line["source"] = source  # first line of a stream says who it is
-                source = None
-            if kind == protocol.SCALARS:
-                if not all(map(math.isfinite, body.values())):
-                    body = {name: json_number(value) for name, value in body.items()}
-                line["metrics"] = body
-            elif kind == protocol.TENSOR and body.get("as") == "histogram":
+            if kind == protocol.TENSOR and body.get("as") == "histogram":
                 line["kind"] = "histogram"
                 line.update(histograms.from_tensor(body, body["data"], self.histogram_bins))
             elif kind == protocol.TENSOR:
@@ -159,8 +171,11 @@ class RunStore:
             else:
                 line.update(body)
                 self._note(kind, body, envelope)
-            pending.append(orjson.dumps(line))
             entries.append(line)
+        if source is not None and entries:
+            entries[0]["source"] = source  # a stream's first line says who it is
+        # One bytes object per message: the per-line buffers are freed at once.
+        self._pending.append(b"\n".join(map(orjson.dumps, entries)))
         self.records += len(records)
         self.last_record_time = time.time()
         self.dirty = True
@@ -170,6 +185,7 @@ class RunStore:
         """An entry the agent itself makes (an alert, a sink failure): stored like the rest."""
         line = {"step": None, "rank": -1, "t": time.time(), "stream": "agent", "seq": -1, **line}
         self._pending.append(orjson.dumps(line))
+        self.dirty = True
         return line
 
     def _note(self, kind: str, body: dict[str, Any], envelope: dict[str, Any]) -> None:
@@ -189,10 +205,11 @@ class RunStore:
 
     def flush(self) -> None:
         """Hand appended lines and tensor bytes to the kernel (one write each)."""
-        if self._pending:
-            self._pending.append(b"")
-            self._metrics.write(b"\n".join(self._pending))
-            self._pending.clear()
+        chunks = [chunk for chunk in self._pending if chunk]
+        self._pending.clear()
+        if chunks:
+            chunks.append(b"")  # the trailing newline
+            self._metrics.write(b"\n".join(chunks))
             self._metrics.flush()
         self._tensors.flush()
 
@@ -208,12 +225,29 @@ class RunStore:
         info["lost"] = sum(s["lost"] for s in streams)
         return info
 
+    def collect_info_later(self, collect: Callable[[], dict[str, Any]]) -> None:
+        """Run ``collect`` on a helper thread; its result joins run.json when ready."""
+        self._info_jobs.append(_INFO_POOL.submit(collect))
+
+    def merge_collected(self, wait: float = 0.0) -> None:
+        for job in list(self._info_jobs):
+            try:
+                self.info.update(job.result(timeout=wait))
+            except concurrent.futures.TimeoutError:
+                continue
+            except Exception as exc:  # a probe of the environment failed: say so in run.json
+                self.info.setdefault("info_errors", []).append(repr(exc))
+            self._info_jobs.remove(job)
+            self.dirty = True
+
     def write_info(self) -> None:
+        self.merge_collected()
         write_json_atomic(self.dir / RUN_JSON, self.snapshot())
         self.dirty = False
 
     def close(self, agent_counters: dict[str, Any] | None = None) -> None:
         self.flush()
+        self.merge_collected(wait=10.0)
         self.info["end_time"] = time.time()
         self.info["status"] = self._final_status()
         if agent_counters is not None:

@@ -73,7 +73,7 @@ class Client:
         queue.append((kind, seq, time.time(), step, body))
         if not self.started:
             self.start()
-        elif len(queue) >= self._wake_at:
+        elif len(queue) == self._wake_at:  # once, as a full batch becomes ready
             self.sender.wake.set()
         return True
 

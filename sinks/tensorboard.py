@@ -100,7 +100,7 @@ class _RankLog:
     directory: Path
     writer: Any  # EventFileWriter
     next_step: int = 0  # steps for entries that have none
-    config_text: str | None = None  # the last config written, so an unchanged one is not repeated
+    config_text: bytes | None = None  # the last config written, so an unchanged one is not repeated
 
 
 class TensorBoardSink(Sink):

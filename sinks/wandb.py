@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import importlib.util
+import itertools
 import logging
 import math
 import netrc
@@ -91,18 +92,17 @@ def merge_bins(
     return merged, [edges[i] for i in range(0, n, width)] + [edges[-1]]
 
 
-def api_key_configured(environ: Mapping[str, str] | None = None) -> bool:
+def api_key_configured() -> bool:
     """Whether W&B credentials exist locally (env or netrc), checked without the network."""
-    environ = os.environ if environ is None else environ
-    if environ.get("WANDB_API_KEY") or environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
     import wandb
 
-    base_url = environ.get("WANDB_BASE_URL") or wandb.Settings().base_url
+    base_url = os.environ.get("WANDB_BASE_URL") or wandb.Settings().base_url
     try:
         from wandb.sdk.lib.wbauth import read_netrc_auth
     except ImportError:  # wandb moved its helper: read the same file ourselves
-        return _netrc_has(base_url, environ)
+        return _netrc_has(base_url)
     try:
         return bool(read_netrc_auth(host=base_url))
     except Exception as exc:  # a malformed entry: wandb.init would refuse it too
@@ -110,8 +110,8 @@ def api_key_configured(environ: Mapping[str, str] | None = None) -> bool:
         return False
 
 
-def _netrc_has(base_url: str, environ: Mapping[str, str]) -> bool:
-    path = environ.get("NETRC") or os.path.expanduser("~/.netrc")
+def _netrc_has(base_url: str) -> bool:
+    path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
     try:
         entry = netrc.netrc(path).authenticators(urlsplit(base_url).netloc)
     except (OSError, netrc.NetrcParseError):
@@ -119,15 +119,14 @@ def _netrc_has(base_url: str, environ: Mapping[str, str]) -> bool:
     return bool(entry and entry[2])
 
 
-def resolve_mode(mode: str, environ: Mapping[str, str] | None = None) -> Mode:
+def resolve_mode(mode: str) -> Mode:
     """``auto`` is WANDB_MODE when set, else online with credentials, else offline."""
     if mode != "auto":
         return MODES[mode]
-    environ = os.environ if environ is None else environ
-    wanted = MODES.get(environ.get("WANDB_MODE", "").lower())
+    wanted = MODES.get(os.environ.get("WANDB_MODE", "").lower())
     if wanted is not None:
         return wanted
-    return "online" if api_key_configured(environ) else "offline"
+    return "online" if api_key_configured() else "offline"
 
 
 def _number(value: Any) -> float | int | None:
@@ -161,7 +160,7 @@ def _histogram_parts(entry: Mapping[str, Any], max_bins: int) -> tuple[list[floa
     numbers = [_number(v) for v in (*counts, *edges)]
     if any(v is None or isinstance(v, bool) or not math.isfinite(v) for v in numbers):
         raise _Skip("counts and edges must be finite numbers")
-    if any(c < 0 for c in counts) or any(b < a for a, b in zip(edges, edges[1:], strict=False)):
+    if any(c < 0 for c in counts) or any(b < a for a, b in itertools.pairwise(edges)):
         raise _Skip("counts must be >= 0 and edges non-decreasing")
     return merge_bins(counts, edges, max_bins)
 
@@ -390,7 +389,8 @@ class WandbSink(Sink):
         """run_end: the exit status into the summary, then a bounded finish."""
         self._log_rows(state)
         self._log_tables(state)
-        state.run.summary["exit_status"] = state.exit_status
+        if state.exit_status is not None:
+            state.run.summary["exit_status"] = state.exit_status
         del self.runs[run_id]
         self.ended.add(run_id)
         self._finish({run_id: state.exit_status}, {run_id: state})
@@ -465,11 +465,13 @@ class WandbSink(Sink):
             state.add(step, values)
 
     def _histogram(self, state: _Run, batch: Batch, entry: Mapping[str, Any], prefix: str) -> None:
+        import numpy as np
         import wandb
 
         name, step = _string(entry, "name"), _step(entry)
         counts, edges = _histogram_parts(entry, self.options.histogram_bins)
-        state.add(step, {prefix + name: wandb.Histogram(np_histogram=(counts, edges))})
+        histogram = wandb.Histogram(np_histogram=(np.asarray(counts), np.asarray(edges)))
+        state.add(step, {prefix + name: histogram})
 
     def _text(self, state: _Run, batch: Batch, entry: Mapping[str, Any], prefix: str) -> None:
         name, text, step = _string(entry, "name"), entry.get("text"), _step(entry)
@@ -494,7 +496,8 @@ class WandbSink(Sink):
         params = entry.get("params")
         if not isinstance(params, dict):
             raise _Skip("params is not a map")
-        state.run.config.update(params, allow_val_change=True)
+        # wandb's Config.update has no annotations
+        state.run.config.update(params, allow_val_change=True)  # type: ignore[no-untyped-call]
 
     def _hello(self, state: _Run, batch: Batch, entry: Mapping[str, Any], prefix: str) -> None:
         if prefix:
@@ -508,7 +511,7 @@ class WandbSink(Sink):
         for key in ("cwd", "python", "torch"):
             if isinstance(entry.get(key), str):
                 config[f"outrider/{key}"] = entry[key]
-        state.run.config.update(config, allow_val_change=True)
+        state.run.config.update(config, allow_val_change=True)  # type: ignore[no-untyped-call]
 
     def _alert(self, state: _Run, batch: Batch, entry: Mapping[str, Any], prefix: str) -> None:
         name, message, step = _string(entry, "name"), _string(entry, "message"), _step(entry)
