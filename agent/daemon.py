@@ -35,7 +35,7 @@ logger = logging.getLogger("outrider.agent")
 
 MAX_OPEN_RUNS = 64
 BURST = 1000  # messages per receive burst before the store is flushed...
-BURST_SECONDS = 0.05  # ...or this much time: the store stays close behind the socket
+BURST_SECONDS = 0.02  # ...or this much time: the store stays close behind the socket
 INFO_INTERVAL = 1.0  # seconds between run.json rewrites of a changing run
 
 

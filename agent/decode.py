@@ -76,9 +76,28 @@ def decode(raw: bytes) -> Batch:
         raise Rejected("malformed", "records is not a bounded array")
     # Only the known keys go on: the envelope is written to the store as the stream's source.
     batch = Batch({key: envelope[key] for key in protocol.ENVELOPE_KEYS}, [])
+    good = batch.records
+    known = _KNOWN_NAMES
     for raw_record in records:
+        # The hot path, inline: a well-formed scalars record with metric names seen before.
+        if type(raw_record) is list and len(raw_record) == 5:
+            kind, seq, t, step, body = raw_record
+            if (
+                kind == SCALARS
+                and type(seq) is int
+                and seq >= 0
+                and type(t) is float
+                and -math.inf < t < math.inf
+                and (step is None or type(step) is int)
+                and type(body) is dict
+                and len(body) <= protocol.MAX_METRICS_PER_RECORD
+                and known.issuperset(body)
+                and _NUMBER_TYPES.issuperset(map(type, body.values()))
+            ):
+                good.append(Record(kind, seq, t, step, body))
+                continue
         try:
-            batch.records.append(_check_record(raw_record))
+            good.append(_check_record(raw_record))
         except Rejected as rejected:
             batch.rejected.append((rejected.reason, rejected.detail))
     return batch
@@ -131,7 +150,11 @@ def _check_record(record: Any) -> Record:
     return Record(kind, seq, float(t), step, body)
 
 
+SCALARS = protocol.SCALARS
 _NUMBER_TYPES = frozenset((float, int))
+# Metric names already validated; a bounded cache, so millions of names cannot grow it.
+_KNOWN_NAMES: set[str] = set()
+MAX_KNOWN_NAMES = 100_000
 _NAME_TYPES = frozenset((str,))
 
 
@@ -151,6 +174,8 @@ def _check_scalars(body: dict[str, Any]) -> None:
         and min(map(len, body)) > 0
         and max(map(len, body)) <= protocol.MAX_NAME_CHARS
     ):
+        if len(_KNOWN_NAMES) < MAX_KNOWN_NAMES:
+            _KNOWN_NAMES.update(body)  # next time these names take the fast path
         return
     for name, value in body.items():  # slow path: say exactly what is wrong
         if type(name) is not str or not 0 < len(name) <= protocol.MAX_NAME_CHARS:

@@ -59,10 +59,18 @@ class Sink(abc.ABC):
 
     @abc.abstractmethod
     def export(self, batches: Sequence[Batch]) -> None:
-        """Deliver ``batches``; raise to signal failure (the worker retries with backoff)."""
+        """Deliver ``batches``; raise to signal failure (the worker retries with backoff).
+
+        A retry hands over the same batches again, so delivery is at least
+        once: a sink that wrote part of them before failing sees that part twice.
+        """
 
     def flush(self, timeout: float) -> None:  # noqa: B027 - optional hook, no-op by default
         """Make what was exported visible (write files, push buffers) within ``timeout``."""
 
     def close(self, timeout: float) -> None:  # noqa: B027 - optional hook, no-op by default
         """Release resources; called once, after the last export."""
+
+    def counters(self) -> dict[str, int]:
+        """The sink's own counters (e.g. entries it skipped), shown with its health."""
+        return {}

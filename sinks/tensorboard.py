@@ -162,6 +162,10 @@ class TensorBoardSink(Sink):
         }
 
     # -- the Sink contract ------------------------------------------------------
+    def counters(self) -> dict[str, int]:
+        """Skipped entries, by reason (shown in the agent's sink health)."""
+        return {f"skipped_{reason}": count for reason, count in self.skip_reasons.items()}
+
     def export(self, batches: Sequence[Batch]) -> None:
         """Write ``batches``, then flush the writers they touched.
 

@@ -120,7 +120,14 @@ class SinkWorker:
                 "retries": self.stats.retries,
                 "dropped": dict(self.stats.dropped),
                 "last_error": self.stats.last_error,
+                "sink": self._sink_counters(),
             }
+
+    def _sink_counters(self) -> dict[str, int]:
+        try:
+            return dict(self.sink.counters())
+        except Exception as exc:  # a sink's bookkeeping must not break the agent's
+            return {"counters_error": 1} if exc else {}
 
     def begin_close(self) -> None:
         """Ask the worker to finish up without waiting (closing many sinks in parallel)."""
