@@ -31,6 +31,10 @@ runs_dir: outrider-runs
 # Seconds the agent keeps storing after SIGTERM/SIGINT before it exits.
 drain_timeout: 5.0
 
+# Seconds all sinks together may take to flush and close at exit; a sink still
+# busy then (a hung upload) is abandoned and what it held is counted as dropped.
+sink_close_timeout: 30.0
+
 # Bins of the histograms the agent computes from probe.histogram samples.
 histogram_bins: 64
 
@@ -78,6 +82,7 @@ class AgentConfig(pydantic.BaseModel):
 
     runs_dir: Path | None = None
     drain_timeout: float = pydantic.Field(default=5.0, ge=0)
+    sink_close_timeout: float = pydantic.Field(default=30.0, ge=0)
     histogram_bins: int = pydantic.Field(default=64, gt=1, le=512)
     sinks: dict[str, SinkSettings] = pydantic.Field(default_factory=dict)
 

@@ -73,11 +73,13 @@ class Agent:
         orphan_idle: float = 60.0,
         config: AgentConfig | None = None,
         fanout: Fanout | None = None,
-        sink_close_timeout: float = 30.0,
+        sink_close_timeout: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config or AgentConfig()
-        self.sink_close_timeout = sink_close_timeout
+        self.sink_close_timeout = (
+            self.config.sink_close_timeout if sink_close_timeout is None else sink_close_timeout
+        )
         self.endpoint = endpoint
         self.runs_dir = runs_dir
         self.run_id = run_id

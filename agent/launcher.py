@@ -204,13 +204,16 @@ def run(
     return status
 
 
+SINK_CLOSE_ALLOWANCE = 40.0  # the agent's own sink_close_timeout (30 s) plus slack
+
+
 def _stop_agent(agent: subprocess.Popen[bytes], drain_timeout: float) -> bool:
-    """SIGTERM (drain and exit), then SIGKILL after the drain budget; True if it exited."""
+    """SIGTERM (drain, close sinks, exit), then SIGKILL past the budget; True if it exited."""
     if agent.poll() is not None:
         return True
     agent.send_signal(signal.SIGTERM)
     try:
-        agent.wait(drain_timeout + 5.0)
+        agent.wait(drain_timeout + SINK_CLOSE_ALLOWANCE)
         return True
     except subprocess.TimeoutExpired:
         agent.kill()

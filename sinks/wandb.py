@@ -45,6 +45,7 @@ logger = logging.getLogger("outrider.sinks.wandb")
 STEP_KEY = "trainer/step"  # the custom x-axis: any step order is fine, no monotonic warnings
 ALERTS_KEY = "outrider/alerts"
 TEXT_ROWS = 200  # rows kept per text table (the newest)
+TABLE_INTERVAL = 10.0  # seconds between re-logs of a changing table (each one is a new file)
 MAX_HISTOGRAM_BINS = 512  # wandb.Histogram's own limit
 ALERT_TITLE_CHARS = 63  # run.alert wants a title under 64 characters
 NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
@@ -199,6 +200,7 @@ class _Table:
     )
     step: int | None = None
     dirty: bool = False
+    logged_at: float = -math.inf
 
 
 @dataclass
@@ -249,6 +251,12 @@ class WandbSink(Sink):
         ranks: Literal["0", "all"] = pydantic.Field(
             default="0",
             description="0: rank 0's data only; all: other ranks' data as rank<N>/<name>.",
+        )
+        init_timeout: float = pydantic.Field(
+            default=60.0,
+            gt=0,
+            description="Seconds wandb.init may take (online: reaching the server); a run that "
+            "cannot start is skipped for W&B, its data stays in the run store.",
         )
         finish_timeout: float = pydantic.Field(
             default=30.0,
@@ -311,7 +319,7 @@ class WandbSink(Sink):
     def flush(self, timeout: float) -> None:
         for state in self.runs.values():
             self._log_rows(state)
-            self._log_tables(state)
+            self._log_tables(state, TABLE_INTERVAL)
 
     def close(self, timeout: float) -> None:
         """Finish every open run; each may take up to ``finish_timeout`` (in parallel)."""
@@ -321,7 +329,9 @@ class WandbSink(Sink):
                 self._log_tables(state)
             except Exception as exc:
                 logger.warning("outrider sink wandb: run %s: last data not logged: %s", run_id, exc)
-        self._finish({run_id: state.exit_status for run_id, state in self.runs.items()})
+        self._finish(
+            [(run_id, state.run, state.exit_status) for run_id, state in self.runs.items()]
+        )
         self.runs.clear()
 
     # -- runs --------------------------------------------------------------------------------
@@ -354,6 +364,7 @@ class WandbSink(Sink):
             x_disable_stats=True,  # outrider reports the GPUs itself
             x_save_requirements=False,
             reinit="create_new",  # several outrider runs may be open at once
+            init_timeout=self.options.init_timeout,  # also bounds the agent's exit meanwhile
             finish_timeout=self.options.finish_timeout,
         )
         try:
@@ -393,23 +404,19 @@ class WandbSink(Sink):
             state.run.summary["exit_status"] = state.exit_status
         del self.runs[run_id]
         self.ended.add(run_id)
-        self._finish({run_id: state.exit_status}, {run_id: state})
+        self._finish([(run_id, state.run, state.exit_status)])
 
-    def _finish(
-        self, exit_codes: dict[str, int | None], states: dict[str, _Run] | None = None
-    ) -> None:
+    def _finish(self, finishing: list[tuple[str, Run, int | None]]) -> None:
         """``run.finish`` on helper threads; any still going after finish_timeout is abandoned."""
-        states = states if states is not None else self.runs
         waiting: list[tuple[str, threading.Event]] = []
-        for run_id, code in exit_codes.items():
+        for run_id, run, exit_code in finishing:
             done = threading.Event()
-            thread = threading.Thread(
+            threading.Thread(
                 target=_finish_run,
-                args=(run_id, states[run_id].run, code, done),
+                args=(run_id, run, exit_code, done),
                 name=f"outrider-wandb-finish-{run_id}",
                 daemon=True,
-            )
-            thread.start()
+            ).start()
             waiting.append((run_id, done))
         deadline = time.monotonic() + self.options.finish_timeout
         for run_id, done in waiting:
@@ -417,7 +424,7 @@ class WandbSink(Sink):
                 self.abandoned += 1
                 logger.warning(
                     "outrider sink wandb: run %s did not finish within %.1f s; abandoned "
-                    "(its offline files can be uploaded with `wandb sync`)",
+                    "(what it did not upload stays on disk for `wandb sync`)",
                     run_id,
                     self.options.finish_timeout,
                 )
@@ -539,14 +546,15 @@ class WandbSink(Sink):
                 values[STEP_KEY] = step
             state.run.log(values)  # never step=: trainer/step is the x-axis
 
-    def _log_tables(self, state: _Run) -> None:
-        """Each changed table once per flush (a table is a file: not once per text entry)."""
+    def _log_tables(self, state: _Run, interval: float = 0.0) -> None:
+        """Changed tables, each at most once per ``interval``: every log writes the whole table."""
         import wandb
 
+        now = time.monotonic()
         for key, table in state.tables.items():
-            if not table.dirty:
+            if not table.dirty or now - table.logged_at < interval:
                 continue
-            table.dirty = False
+            table.dirty, table.logged_at = False, now
             data = wandb.Table(
                 columns=list(table.columns),
                 data=[list(row) for row in table.rows],

@@ -28,7 +28,7 @@ class Health(enum.StrEnum):
     RETRYING = "retrying"  # the last export failed; retrying with backoff
     FAILING = "failing"  # retries ran out; batches are being dropped
     STALLED = "stalled"  # an export or flush has not returned for too long
-    CLOSED = "closed"
+    CLOSED = "closed"  # closed after working normally
 
 
 @dataclass
@@ -83,6 +83,7 @@ class SinkWorker:
         self._stop = threading.Event()
         self._state = Health.OK
         self._busy_since: float | None = None
+        self._in_flight = 0  # entries handed to an export that has not returned
         self._thread = threading.Thread(
             target=self._run, name=f"outrider-sink-{self.name}", daemon=True
         )
@@ -145,7 +146,7 @@ class SinkWorker:
         self._thread.join(timeout)
         if self._thread.is_alive():
             with self._lock:
-                pending = sum(len(b.entries) for b in self.queue)
+                pending = sum(len(b.entries) for b in self.queue) + self._in_flight
                 self.queue.clear()
                 self.stats.drop("shutdown", pending)
             logger.warning(
@@ -173,7 +174,8 @@ class SinkWorker:
             if stopping:
                 break
         self._call(self.sink.close, 5.0)
-        self._state = Health.CLOSED
+        if self._state is Health.OK:
+            self._state = Health.CLOSED  # a failing sink keeps saying so
 
     def _export_some(self) -> None:
         with self._lock:
@@ -181,6 +183,13 @@ class SinkWorker:
         if not batches:
             return
         entries = sum(len(b.entries) for b in batches)
+        self._in_flight = entries
+        try:
+            self._export_with_retries(batches, entries)
+        finally:
+            self._in_flight = 0
+
+    def _export_with_retries(self, batches: list[Batch], entries: int) -> None:
         delay = self.backoff
         for attempt in range(self.retries + 1):
             started = self.clock()

@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 
 PYTHON = sys.executable
+REPO = Path(__file__).resolve().parent.parent
 
 
 def short_ipc_endpoint() -> str:
@@ -32,8 +33,10 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
-def start_agent(endpoint: str, runs_dir: Path, *extra: str) -> subprocess.Popen[bytes]:
-    """A real agent process, returned once it has bound its endpoint."""
+def start_agent(
+    endpoint: str, runs_dir: Path, *extra: str, sinks: str | None = "none"
+) -> subprocess.Popen[bytes]:
+    """A real agent process, returned once it has bound its endpoint (no sinks by default)."""
     read_fd, write_fd = os.pipe()
     agent = subprocess.Popen(
         [
@@ -46,8 +49,7 @@ def start_agent(endpoint: str, runs_dir: Path, *extra: str) -> subprocess.Popen[
             endpoint,
             "--runs-dir",
             str(runs_dir),
-            "--sinks",
-            "none",
+            *(["--sinks", sinks] if sinks is not None else []),
             "--ready-fd",
             str(write_fd),
             "--log-level",
@@ -56,6 +58,8 @@ def start_agent(endpoint: str, runs_dir: Path, *extra: str) -> subprocess.Popen[
         ],
         pass_fds=(write_fd,),
         stderr=subprocess.PIPE,
+        # -P keeps the cwd off sys.path; tests' own sinks (tests.faulty_sinks) need the repo.
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
     )
     os.close(write_fd)
     with os.fdopen(read_fd, "rb") as ready:
