@@ -109,6 +109,6 @@ class Fanout:
         """Close every sink, in parallel, within ``timeout`` in all."""
         deadline = self.clock() + timeout
         for worker in self.workers:
-            worker.begin_close()
+            worker.begin_close(timeout)
         for worker in self.workers:
             worker.close(max(0.0, deadline - self.clock()))

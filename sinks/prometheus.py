@@ -279,6 +279,13 @@ class PrometheusSink(Sink):
         self._thread.join(timeout)
 
     # -- for the agent -------------------------------------------------------------
+    def counters(self) -> dict[str, int]:
+        return {
+            "series": self._count,
+            "refused_series_cap": self.refused[REFUSE_CAP],
+            "refused_name_conflict": self.refused[REFUSE_CONFLICT],
+        }
+
     def take_alerts(self) -> list[dict[str, str]]:
         """Alerts raised since the last call (at most one per cooldown), for the alert engine."""
         with self._lock:

@@ -298,6 +298,18 @@ class WandbSink(Sink):
         self._warned: set[str] = set()
 
     # -- the Sink contract -------------------------------------------------------------------
+    @property
+    def stall_after(self) -> float:
+        """Creating or finishing a W&B run may legitimately take this long."""
+        return max(self.options.init_timeout, self.options.finish_timeout) + 30.0
+
+    def counters(self) -> dict[str, int]:
+        """Skipped entries, undelivered entries by reason, abandoned runs."""
+        counts = {f"dropped_{reason}": n for reason, n in self.dropped.items()}
+        counts["skipped"] = self.skipped
+        counts["abandoned_runs"] = self.abandoned
+        return counts
+
     def export(self, batches: Sequence[Batch]) -> None:
         if self.mode == "disabled":
             return

@@ -74,7 +74,9 @@ class SinkWorker:
         self.backoff = backoff
         self.backoff_max = backoff_max
         self.flush_interval = flush_interval
-        self.stall_after = stall_after
+        # A sink may know better how long one call can legitimately take (W&B's init).
+        self.stall_after = max(stall_after, float(getattr(sink, "stall_after", 0.0)))
+        self._close_budget = 5.0
         self.on_failure = on_failure
         self.clock = clock
         self.stats = SinkStats()
@@ -130,8 +132,9 @@ class SinkWorker:
         except Exception as exc:  # a sink's bookkeeping must not break the agent's
             return {"counters_error": 1} if exc else {}
 
-    def begin_close(self) -> None:
+    def begin_close(self, timeout: float = 5.0) -> None:
         """Ask the worker to finish up without waiting (closing many sinks in parallel)."""
+        self._close_budget = timeout
         self._stop.set()
         self._wake.set()
 
@@ -141,7 +144,8 @@ class SinkWorker:
         A sink that does not finish is abandoned (its thread is a daemon) and
         what it still held is counted as dropped.
         """
-        self._stop.set()
+        if not self._stop.is_set():
+            self.begin_close(timeout)
         self._wake.set()
         self._thread.join(timeout)
         if self._thread.is_alive():
@@ -173,7 +177,7 @@ class SinkWorker:
                     self.stats.last_error = f"flush: {type(error).__name__}: {error}"
             if stopping:
                 break
-        self._call(self.sink.close, 5.0)
+        self._call(self.sink.close, self._close_budget)
         if self._state is Health.OK:
             self._state = Health.CLOSED  # a failing sink keeps saying so
 

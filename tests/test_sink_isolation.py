@@ -60,14 +60,14 @@ def test_hanging_sink_fills_its_own_queue_only() -> None:
     for _ in range(100):
         stuck.submit(batch(10))
         fine.submit(batch(10))
-    assert time.monotonic() - started < 1.0, "submit blocked on a hanging sink"
+    assert time.monotonic() - started < 2.0, "submit blocked on a hanging sink"
     assert hanging.entered.wait(5)
     wait_for(lambda: len(healthy.entries()) == 1000, 5, "the healthy sink to get everything")
     wait_for(lambda: stuck.health is Health.STALLED, 5, "the hanging sink to be reported stalled")
     assert stuck.stats.dropped["queue_full"] >= 900
     started = time.monotonic()
     assert not stuck.close(0.3), "a hanging sink cannot close cleanly"
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < 2.0
     assert stuck.snapshot()["dropped"]["shutdown"] > 0
     assert fine.close(2.0) and healthy.closed
     hanging.release.set()

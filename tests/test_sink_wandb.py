@@ -12,6 +12,7 @@ import itertools
 import json
 import math
 import os
+import socket
 import struct
 import subprocess
 import sys
@@ -161,6 +162,8 @@ def wandb_offline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         for name in ("DIR", "CACHE_DIR", "CONFIG_DIR", "DATA_DIR", "ARTIFACT_DIR"):
             patch.setenv(f"WANDB_{name}", str(home / name.lower()))
         yield
+        if "wandb" in sys.modules:  # stop wandb-core; it also drops WANDB_SERVICE from os.environ
+            sys.modules["wandb"].teardown()
 
 
 HIST_COUNTS = [float(i % 7) for i in range(1000)]
@@ -368,6 +371,48 @@ def test_a_hanging_finish_is_abandoned_within_finish_timeout(tmp_path: Path) -> 
         release.set()
         for finish in real_finishes:
             finish()
+
+
+UNREACHABLE_SERVER = """
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+from sinks.base import Batch, Source
+from sinks.wandb import WandbSink
+from sinks.worker import SinkWorker
+sink = WandbSink(WandbSink.Options(mode="online", init_timeout=2, finish_timeout=2))
+worker = SinkWorker(sink)
+entry = {"kind": "scalars", "step": 1, "rank": 0, "t": 0.0, "stream": "s", "seq": 0,
+         "metrics": {"x": 1}}
+worker.submit(Batch(Source("run-e", "s", 0, 0, 1, "h", 1), [entry], sys.argv[2]))
+deadline = time.monotonic() + 30
+while not sink.failed and time.monotonic() < deadline:
+    time.sleep(0.05)
+closed = worker.close(5)
+print(json.dumps({"closed": closed, "failed": list(sink.failed), "dropped": sink.dropped}))
+"""
+
+
+def test_unreachable_server_costs_the_run_not_the_agent(tmp_path: Path) -> None:
+    """Online with no server: init gives up after init_timeout, the agent closes and exits."""
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = dict(os.environ, WANDB_API_KEY="c" * 40, WANDB_BASE_URL=f"http://127.0.0.1:{port}")
+    env.pop("WANDB_MODE")
+    env.pop("WANDB_SERVICE", None)  # this process's wandb-core: the child must start its own
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-P", "-c", UNREACHABLE_SERVER, str(REPO), str(tmp_path / "run-e")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    elapsed = time.monotonic() - started
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result == {"closed": True, "failed": ["run-e"], "dropped": {"init_failed": 1}}
+    assert elapsed < 30, f"the process took {elapsed:.0f} s to exit"
 
 
 def test_auto_mode_follows_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
