@@ -112,6 +112,17 @@ def send_run_end(endpoint: str, run_id: str, exit_status: int) -> None:
         context.term()
 
 
+def where_to_look(run_dir: Path) -> list[str]:
+    """One line per sink output found in the run directory: how to open it."""
+    lines = []
+    if (run_dir / "tensorboard").is_dir():
+        lines.append(f"TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}")
+    offline = sorted((run_dir / "wandb").glob("offline-run-*"))
+    if offline:
+        lines.append(f"W&B (offline): {offline[-1]}; upload with `wandb sync {offline[-1]}`")
+    return lines
+
+
 def exit_code(returncode: int) -> int:
     """A child killed by signal N exits the launcher with 128+N, as a shell would."""
     return 128 - returncode if returncode < 0 else returncode
@@ -199,6 +210,8 @@ def run(
         if not _stop_agent(agent, drain_timeout):
             say(f"the agent did not finish draining within {drain_timeout:.0f} s and was killed")
         say(f"run {run_id} stored in {runs_dir / run_id} (outrider show {run_id})")
+        for line in where_to_look(runs_dir / run_id):
+            say(line)
     if ipc_dir is not None:
         shutil.rmtree(ipc_dir, ignore_errors=True)
     return status
