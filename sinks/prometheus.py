@@ -349,18 +349,12 @@ class PrometheusSink(Sink):
                 continue
             if not math.isfinite(number):
                 nonfinite += 1
-            name = self._user_names.get(raw) or self._claim(raw)
-            if name is None:
-                self._refuse(REFUSE_CONFLICT)
-                continue
-            family = families.get(name)
+            name = self._user_names.get(raw)
+            family = families.get(name) if name is not None else None
             if family is None:
-                family = self._family(
-                    name,
-                    f"Training scalar {raw!r} (last value logged, per run, rank and host).",
-                    TRAINING_LABELS,
-                )
-                family.owner_name = raw
+                family = self._user_family(raw)
+                if family is None:
+                    continue
             self._set(family, labels, number, owner)
         if nonfinite and labels in self._nonfinite.values:
             self._nonfinite.values[labels] += nonfinite
@@ -405,15 +399,24 @@ class PrometheusSink(Sink):
             self._set(self._nonfinite, labels, 0.0, owner)
         return owner
 
-    def _claim(self, raw: str) -> str | None:
-        """The family name for user metric ``raw``, or None if another metric holds it."""
+    def _user_family(self, raw: str) -> _Family | None:
+        """The family of user metric ``raw``, created if need be; None when refused (counted)."""
         name = f"{self.prefix}_{sanitize(raw)}"
         if name in self._reserved:
             name = f"{self.prefix}_user_{sanitize(raw)}"
         family = self._families.get(name)
-        result: str | None = name
-        if family is not None and family.owner_name != raw:
-            result = None
+        if family is None:
+            if self._count >= self.max_series:  # no empty families past the cap
+                self._refuse(REFUSE_CAP)
+                return None
+            family = self._family(
+                name,
+                f"Training scalar {raw!r} (last value logged, per run, rank and host).",
+                TRAINING_LABELS,
+            )
+            family.owner_name = raw
+        elif family.owner_name != raw:
+            self._refuse(REFUSE_CONFLICT)
             if raw not in self._warned_conflicts and len(self._warned_conflicts) < 1000:
                 self._warned_conflicts.add(raw)
                 logger.warning(
@@ -423,11 +426,11 @@ class PrometheusSink(Sink):
                     name,
                     repr(family.owner_name) if family.owner_name else "outrider's own metric",
                 )
-        if result is not None:
-            if len(self._user_names) >= 4 * self.max_series:
-                self._user_names.clear()  # a memo only: distinct names must not grow it forever
-            self._user_names[raw] = result
-        return result
+            return None
+        if len(self._user_names) >= 4 * self.max_series:
+            self._user_names.clear()  # a memo only: distinct names must not grow it forever
+        self._user_names[raw] = name
+        return family
 
     def _set(self, family: _Family, labels: Labels, value: float, owner: _Owner) -> None:
         values = family.values

@@ -113,6 +113,7 @@ class SinkWorker:
         return len(self.queue)
 
     def snapshot(self) -> dict[str, Any]:
+        sink_counters = self._sink_counters()  # outside the lock: a sink may block
         with self._lock:
             return {
                 "health": str(self.health),
@@ -123,7 +124,7 @@ class SinkWorker:
                 "retries": self.stats.retries,
                 "dropped": dict(self.stats.dropped),
                 "last_error": self.stats.last_error,
-                "sink": self._sink_counters(),
+                "sink": sink_counters,
             }
 
     def _sink_counters(self) -> dict[str, int]:
@@ -212,7 +213,8 @@ class SinkWorker:
                 self._stop.wait(delay)
                 delay = min(delay * 2, self.backoff_max)
         self._state = Health.FAILING
-        self.stats.drop("export_failed", entries)
+        with self._lock:  # the receive loop counts queue_full drops concurrently
+            self.stats.drop("export_failed", entries)
         logger.warning(
             "outrider sink %s: export failed after %d attempts (%s); %d entries dropped",
             self.name,

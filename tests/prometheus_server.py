@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import time
@@ -61,13 +60,13 @@ def free_port() -> int:
 
 
 def poll(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
-    """Call ``condition`` until it returns something truthy; fail naming ``what`` at the deadline."""
+    """Call ``condition`` until it is truthy; at the deadline, fail naming ``what``."""
     deadline = time.monotonic() + timeout
     last_error: BaseException | None = None
     while True:
         try:
             value = condition()
-        except (OSError, AssertionError, ValueError) as exc:
+        except (OSError, AssertionError, ValueError, LookupError) as exc:
             value, last_error = None, exc
         if value:
             return value
@@ -89,7 +88,7 @@ class PrometheusServer:
     config_path: Path
 
     def api(self, path: str, **params: str) -> Any:
-        """GET ``/api/v1/<path>``; the ``data`` field, or PrometheusError with Prometheus's reason."""
+        """GET ``/api/v1/<path>``: its ``data``, or PrometheusError with Prometheus's reason."""
         query = f"?{urllib.parse.urlencode(params)}" if params else ""
         try:
             with urllib.request.urlopen(f"{self.url}/api/v1/{path}{query}", timeout=10) as reply:
@@ -99,9 +98,7 @@ class PrometheusServer:
             if not isinstance(body, dict) or "status" not in body:
                 raise
         if body.get("status") != "success":
-            raise PrometheusError(
-                f"{path} {params}: {body.get('errorType')}: {body.get('error')}"
-            )
+            raise PrometheusError(f"{path} {params}: {body.get('errorType')}: {body.get('error')}")
         return body["data"]
 
     def query(self, expr: str) -> list[dict[str, Any]]:
@@ -112,7 +109,9 @@ class PrometheusServer:
             return list(result)
         return [{"metric": {}, "value": result}]
 
-    def wait_for(self, expr: str, timeout: float = 30.0, what: str | None = None) -> list[dict[str, Any]]:
+    def wait_for(
+        self, expr: str, timeout: float = 30.0, what: str | None = None
+    ) -> list[dict[str, Any]]:
         """Poll ``expr`` until it returns samples."""
         return list(poll(lambda: self.query(expr), timeout, what or f"data for {expr!r}"))
 
