@@ -61,7 +61,7 @@ from probe import protocol
 BUDGET_VALUES_PER_S = 1_000_000
 BUDGET_LATENCY_P99_MS = 50.0
 BATCH = 512  # records per message: the probe's default max_batch
-NAMES = ("loss", "lr", "grad_norm", "acc", "tokens_per_s", "ppl", "weight_norm", "mem_gb",
+NAMES = ("loss", "lr", "grad_norm", "acc", "tokens_per_second", "ppl", "weight_norm", "mem_gb",
          "eps", "step_time")
 VALUES_PER_RECORD = len(NAMES)
 

@@ -45,7 +45,7 @@ from _common import (
 import probe
 
 RUN_ID = "bench-log"
-NAMES = ("loss", "lr", "grad_norm", "acc", "tokens_per_s", "ppl", "weight_norm", "mem_gb",
+NAMES = ("loss", "lr", "grad_norm", "acc", "tokens_per_second", "ppl", "weight_norm", "mem_gb",
          "eps", "step_time")
 
 # A PULL socket in its own process that receives and discards: the far end of "bare zmq".

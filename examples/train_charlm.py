@@ -215,10 +215,16 @@ def main() -> None:
 
         now = time.perf_counter()
         # Host wall time per step; on CUDA it converges to the device rate once the queue fills.
-        tps = tokens_per_step / max(now - last, 1e-9)
+        step_time = now - last
         last = now
         probe.log(
-            {"loss": loss.detach(), "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps},
+            {
+                "loss": loss.detach(),
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens_per_second": tokens_per_step / max(step_time, 1e-9),
+                "step_time_seconds": step_time,
+            },
             step=step,
         )
         if step % args.print_every == 0 or step == args.steps - 1:

@@ -32,8 +32,8 @@ CONVENTIONAL_SCALARS = {
     "loss",
     "lr",
     "grad_norm",
-    "tokens_per_s",
-    "samples_per_s",
+    "tokens_per_second",
+    "samples_per_second",
     "step_time_seconds",
 }
 PROMQL_KEYWORDS = {
@@ -157,8 +157,8 @@ def test_dashboard_has_the_training_panels() -> None:
         "outrider_loss",
         "outrider_lr",
         "outrider_grad_norm",
-        "outrider_tokens_per_s",
-        "outrider_samples_per_s",
+        "outrider_tokens_per_second",
+        "outrider_samples_per_second",
         "outrider_step_time_seconds",
         "DCGM_FI_DEV_GPU_UTIL",
         "DCGM_FI_DEV_FB_USED",

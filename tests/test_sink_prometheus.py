@@ -593,8 +593,8 @@ def _feed(worker: SinkWorker, stop: threading.Event, steps: list[int]) -> None:
                 "loss": loss,
                 "lr": 3e-4,
                 "grad_norm": 1.0 + rank,
-                "tokens_per_s": 1000.0,
-                "samples_per_s": 8.0,
+                "tokens_per_second": 1000.0,
+                "samples_per_second": 8.0,
                 "step_time_seconds": 0.1 + 0.01 * (step % 5),
                 "tokens_total": 1000.0 * step,  # a gauge with a counter-like name
             }
