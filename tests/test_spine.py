@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -111,18 +112,29 @@ def test_agent_killed_and_restarted(endpoint: str, runs_dir: Path) -> None:
         stderr=subprocess.PIPE,
         text=True,
     )
-    run_dir = runs_dir / "killed"
-    wait_for(lambda: len(lines(run_dir)) > 300, 30, "records before the kill")
-    first.send_signal(signal.SIGKILL)
-    first.wait()
-    time.sleep(0.5)  # the trainer keeps logging into the void, drops are counted
-    second = start_agent(endpoint, runs_dir)
-    before = len(lines(run_dir))
-    wait_for(lambda: len(lines(run_dir)) > before + 100, 30, "records after the restart")
-    out, err = trainer.communicate(timeout=60)
-    assert trainer.returncode == 0, err
-    assert "done" in out
-    assert stop_agent(second) == 0
+    progress: list[str] = []
+    reader = threading.Thread(target=lambda: progress.extend(trainer.stdout or []), daemon=True)
+    reader.start()
+    second = None
+    try:
+        run_dir = runs_dir / "killed"
+        wait_for(lambda: len(lines(run_dir)) > 300, 30, "records before the kill")
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        # Let the trainer log 200 steps into the void: those must be counted as drops.
+        printed = len(progress)
+        wait_for(lambda: len(progress) >= printed + 2, 30, "the trainer to go on without agent")
+        second = start_agent(endpoint, runs_dir)
+        before = len(lines(run_dir))
+        wait_for(lambda: len(lines(run_dir)) > before + 100, 30, "records after the restart")
+        assert trainer.wait(timeout=60) == 0, trainer.stderr.read() if trainer.stderr else ""
+        reader.join(5)
+        assert any(line.startswith("done") for line in progress)
+        assert stop_agent(second) == 0
+    finally:
+        for process in (trainer, first, second):
+            if process is not None and process.poll() is None:
+                process.kill()
     stored = lines(run_dir)
     [stream] = trainer_streams(run_info(run_dir))
     assert_exact_accounting(stream, stored)
