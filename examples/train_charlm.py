@@ -145,7 +145,9 @@ def sample(model: CharLM, n: int, device: str, seed: int) -> str:
         nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=gen)
         idx = torch.cat([idx, nxt], dim=1)
     model.train()
-    return bytes(idx[0].tolist()).decode("utf-8", errors="replace")
+    # An untrained model emits arbitrary bytes: show those as '?' rather than mojibake.
+    printable = (b if b in (9, 10) or 32 <= b < 127 else 63 for b in idx[0].tolist())
+    return bytes(printable).decode("ascii")
 
 
 def parse_args() -> argparse.Namespace:

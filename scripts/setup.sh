@@ -6,12 +6,20 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 TORCH_SPEC=${OUTRIDER_TORCH_SPEC:-torch==2.13.0}
+LOG=.venv-setup.log
 
-if [ ! -x .venv/bin/python ]; then
-  "$PY" -m venv .venv
-fi
-.venv/bin/python -m pip install -q --upgrade pip
+quiet() {  # run a set-up step; show its output only when it fails
+  if ! "$@" >>"$LOG" 2>&1; then
+    cat "$LOG" >&2
+    echo "set-up failed: $*" >&2
+    exit 1
+  fi
+}
+
+: >"$LOG"
+[ -x .venv/bin/python ] || quiet "$PY" -m venv .venv
+quiet .venv/bin/python -m pip install --upgrade pip
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-  .venv/bin/python -m pip install -q "$TORCH_SPEC"
+  quiet .venv/bin/python -m pip install "$TORCH_SPEC"
 fi
-.venv/bin/python -m pip install -q -e ".[dev]"
+quiet .venv/bin/python -m pip install -e ".[dev]"
