@@ -31,14 +31,16 @@ def start_agent(endpoint: str, runs_dir: Path, log_path: Path) -> subprocess.Pop
     """Start a real ``outrider agent`` the way ``outrider run`` does, return once it is bound.
 
     ``python -P -m agent`` keeps the current directory off ``sys.path``; the
-    agent writes 'ready' on a pipe once its socket is bound.
+    agent writes 'ready' on a pipe once its socket is bound. Sinks are off: these
+    figures are about the probe and the run store, which every sink comes after.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     read_fd, write_fd = os.pipe()
     with open(log_path, "ab") as log:
         agent = subprocess.Popen(
             [sys.executable, "-P", "-m", "agent", "agent", "--endpoint", endpoint,
-             "--runs-dir", str(runs_dir), "--ready-fd", str(write_fd), "--log-level", "WARNING"],
+             "--runs-dir", str(runs_dir), "--ready-fd", str(write_fd), "--log-level", "WARNING",
+             "--sinks", "none"],
             pass_fds=(write_fd,),
             stdout=log,
             stderr=log,

@@ -13,6 +13,7 @@ import itertools
 import os
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 from probe import internal, protocol
@@ -59,23 +60,41 @@ class Client:
             self.counters,
             **self._sender_options,
         )
-        self._wake_at = self.sender.max_batch
         self.started = False
+        self.submit = self._make_submit()
 
     # -- training thread ---------------------------------------------------
-    def submit(self, kind: str, step: int | None, body: Any) -> bool:
-        """Queue one record; False (and a counted drop) when the queue is full."""
-        seq = self.next_seq()
+    def _make_submit(self) -> Callable[[str, int | None, Any], bool]:
+        """The training thread's whole cost: number, bound check, append, return.
+
+        A closure with everything it touches bound as locals, because attribute
+        lookups are a measurable part of a 2 us budget.
+        """
         queue = self.queue
-        if len(queue) >= self.capacity:
-            self.counters.drop(protocol.DROP_QUEUE_FULL)
-            return False
-        queue.append((kind, seq, time.time(), step, body))
-        if not self.started:
-            self.start()
-        elif len(queue) == self._wake_at:  # once, as a full batch becomes ready
-            self.sender.wake.set()
-        return True
+        length = queue.__len__
+        append = queue.append
+        next_seq = self.next_seq
+        capacity = self.capacity
+        wake_at = self.sender.max_batch
+        wake = self.sender.wake.set
+        now = time.time
+        client = self
+
+        def submit(kind: str, step: int | None, body: Any) -> bool:
+            """Queue one record; False (and a counted drop) when the queue is full."""
+            seq = next_seq()
+            depth = length()
+            if depth >= capacity:
+                client.counters.drop(protocol.DROP_QUEUE_FULL)
+                return False
+            append((kind, seq, now(), step, body))
+            if not client.started:
+                client.start()
+            elif depth + 1 == wake_at:  # once, as a full batch becomes ready
+                wake()
+            return True
+
+        return submit
 
     def drop(self, reason: str) -> None:
         """Count a record the training thread refused (it still uses a sequence number)."""
