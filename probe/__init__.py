@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from probe import internal, protocol, values
@@ -31,6 +31,8 @@ __all__ = [
     "stats",
     "tensor",
     "text",
+    "unwatch",
+    "watch",
 ]
 
 _PLAIN_TYPES = frozenset(values.PLAIN_NUMBERS)
@@ -189,6 +191,73 @@ def _submit_tensor(name: str, value: Any, step: int | None, extra: dict[str, Any
         internal.record(exc, "tensor")
 
 
+_watchers: list[Any] = []
+
+
+class _Unwatched:
+    """What ``watch`` returns while telemetry is off: the same methods, doing nothing."""
+
+    step = 0
+
+    def data(self, loader: Iterable[Any]) -> Iterator[Any]:
+        return iter(loader)
+
+    def unwatch(self) -> None:
+        pass
+
+
+def watch(
+    model: Any,
+    optimizer: Any,
+    *,
+    log_every: int = 1,
+    layer_every: int = 10,
+    hist_every: int = 100,
+    activations_every: int = 100,
+    batch_size: int | None = None,
+    tokens_per_step: int | None = None,
+    start_step: int = 0,
+) -> Any:
+    """Collect training telemetry from ``model`` and ``optimizer`` through hooks.
+
+    Every ``log_every`` optimizer steps: step time, throughput (given
+    ``batch_size`` or ``tokens_per_step``), learning rates, the global and
+    per-group gradient norm (before clipping), a non-finite flag, CUDA memory.
+    Every ``layer_every``: per-parameter gradient and weight norms and the
+    update-to-weight ratio per group. Every ``hist_every``: weight and gradient
+    histograms. Every ``activations_every``: mean, std and fraction of zeros of
+    each leaf module's output. 0 switches a kind off. Nothing here waits for the
+    device. Returns a watcher with ``unwatch()`` and ``data(loader)`` (times data
+    waits); with telemetry off it returns one that does nothing.
+    """
+    client = _client or (None if _disabled else _autostart())
+    if client is None:
+        return _Unwatched()
+    from probe.watch import Watcher
+
+    watcher = Watcher(
+        client.submit,
+        histogram,
+        model,
+        optimizer,
+        log_every=log_every,
+        layer_every=layer_every,
+        hist_every=hist_every,
+        activations_every=activations_every,
+        batch_size=batch_size,
+        tokens_per_step=tokens_per_step,
+        start_step=start_step,
+    )
+    _watchers.append(watcher)
+    return watcher
+
+
+def unwatch() -> None:
+    """Remove the hooks of every ``watch`` call."""
+    while _watchers:
+        _watchers.pop().unwatch()
+
+
 def _submit_checked(kind: str, step: int | None, body: dict[str, Any]) -> None:
     client = _client or (None if _disabled else _autostart())
     if client is None:
@@ -221,6 +290,7 @@ def finish(timeout: float | None = None) -> bool:
     client = _client
     if client is None:
         return True
+    unwatch()
     _client = None
     _disabled = _finished = True
     try:

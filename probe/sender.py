@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import sys
 import threading
 import time
@@ -321,6 +322,9 @@ class Sender:
     def _encode_scalars(self, metrics: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for name, value in metrics.items():
+            if type(value) is values.CapturedVector:
+                out.update(value.items())
+                continue
             number = values.scalar_value(value)
             if number is None or type(name) is not str:
                 with self.counters.lock:
@@ -334,6 +338,10 @@ class Sender:
                 )
                 continue
             out[name] = number
+        loss = out.get("loss")
+        if loss is not None:
+            # The flag the alert rules and dashboards use: 1 when the loss is NaN or inf.
+            out["loss_nonfinite"] = 0 if math.isfinite(loss) else 1
         return out
 
     def _drain_as_dropped(self, reason: str) -> None:

@@ -32,6 +32,23 @@ class Captured:
         return self.host
 
 
+class CapturedVector:
+    """Many named scalars in one captured 1-d tensor (``probe.watch`` packs a step so)."""
+
+    __slots__ = ("captured", "names", "start")
+
+    def __init__(self, names: list[str], captured: Captured, start: int = 0) -> None:
+        self.names = names
+        self.captured = captured
+        self.start = start
+
+    def items(self) -> list[tuple[str, float]]:
+        """(name, value) pairs; waits for the copy (sender thread)."""
+        host = self.captured.wait()
+        numbers = host[self.start : self.start + len(self.names)].tolist()
+        return list(zip(self.names, numbers, strict=True))
+
+
 def is_tensor(value: object) -> bool:
     torch = sys.modules.get("torch")
     return torch is not None and isinstance(value, torch.Tensor)
