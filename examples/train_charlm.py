@@ -123,18 +123,6 @@ def lr_at(step: int, steps: int, peak: float) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: CharLM, batches: list[tuple[Tensor, Tensor]], device: str) -> Tensor:
-    """Mean loss over a fixed set of validation batches, so evals are comparable."""
-    model.eval()
-    losses = [
-        F.cross_entropy(model(x.to(device)).flatten(0, 1), y.to(device).flatten())
-        for x, y in batches
-    ]
-    model.train()
-    return torch.stack(losses).mean()
-
-
-@torch.no_grad()
 def sample(model: CharLM, n: int, device: str, seed: int) -> str:
     """Generate ``n`` bytes after ``PROMPT`` at temperature 0.8 with a fixed seed."""
     model.eval()
@@ -164,6 +152,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--sample-every", type=int, default=200)
     p.add_argument("--print-every", type=int, default=50)
+    p.add_argument("--features-every", type=int, default=100)
     p.add_argument("--data-bytes", type=int, default=3_000_000)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args()
@@ -180,7 +169,10 @@ def main() -> None:
     split = int(0.9 * len(data))
     train, val = data[:split], data[split:]
     gen = torch.Generator().manual_seed(args.seed)
-    val_batches = [get_batch(val, args.batch_size, args.context, gen) for _ in range(4)]
+    val_batches = [
+        tuple(t.to(args.device) for t in get_batch(val, args.batch_size, args.context, gen))
+        for _ in range(4)
+    ]
 
     model = CharLM(args.context, args.layers, args.d_model, args.heads).to(args.device)
     n_params = sum(p.numel() for p in model.parameters())
@@ -194,13 +186,21 @@ def main() -> None:
     )
 
     tokens_per_step = args.batch_size * args.context
-    start = last = time.perf_counter()
+    # One line for the telemetry the seeds log by hand: step time, tokens/s, lr, grad norms
+    # (pre-clip), weight/grad histograms and activation statistics, all off the host path.
+    watcher = probe.watch(
+        model, opt, tokens_per_step=tokens_per_step, hist_every=50, activations_every=50
+    )
+    # The final hidden states, for the agent's rank / collapse / t-SNE statistics.
+    hidden: list[Tensor] = []
+    model.ln_f.register_forward_hook(lambda module, inputs, out: hidden.append(out))
+
+    start = time.perf_counter()
     step = 0
     for step in range(args.steps):
         if step % args.eval_every == 0:
-            val_loss = evaluate(model, val_batches, args.device)
-            probe.log({"val/loss": val_loss}, step=step)
-            print(f"step {step:5d} | val loss {val_loss.item():.3f}", flush=True)
+            val = probe.evaluate_lm(model, val_batches, step)
+            print(f"step {step:5d} | val loss {val['val/loss'].item():.3f}", flush=True)
         if step % args.sample_every == 0:
             probe.text("samples/generation", sample(model, 120, args.device, args.seed), step=step)
 
@@ -209,42 +209,34 @@ def main() -> None:
             group["lr"] = lr
         x, y = get_batch(train, args.batch_size, args.context, gen)
         x, y = x.to(args.device, non_blocking=True), y.to(args.device, non_blocking=True)
+        hidden.clear()
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # pre-clip norm, a tensor
         opt.step()
+        probe.log({"loss": loss.detach()}, step=step)
+        if hidden:
+            probe.features("hidden/final", hidden[-1], step=step, every=args.features_every)
 
-        now = time.perf_counter()
-        # Host wall time per step; on CUDA it converges to the device rate once the queue fills.
-        step_time = now - last
-        last = now
-        probe.log(
-            {
-                "loss": loss.detach(),
-                "lr": lr,
-                "grad_norm": grad_norm,
-                "tokens_per_second": tokens_per_step / max(step_time, 1e-9),
-                "step_time_seconds": step_time,
-            },
-            step=step,
-        )
         if step % args.print_every == 0 or step == args.steps - 1:
+            now = time.perf_counter()
             print(
                 f"step {step:5d} | loss {loss.item():.3f} | grad norm {grad_norm.item():.2f} "
                 f"| lr {lr:.2e} | {(step + 1) / (now - start):.2f} steps/s",
                 flush=True,
             )
-        if args.max_seconds is not None and now - start > args.max_seconds:
+        if args.max_seconds is not None and time.perf_counter() - start > args.max_seconds:
             print(f"stopping at step {step}: --max-seconds {args.max_seconds} reached")
             break
 
-    val_loss = evaluate(model, val_batches, args.device)
-    probe.log({"val/loss": val_loss}, step=step)
+    val = probe.evaluate_lm(model, val_batches, step)
     final_sample = sample(model, 120, args.device, args.seed)
     probe.text("samples/generation", final_sample, step=step)
+    probe.event("training_done", step=step, steps=step + 1)
+    watcher.unwatch()
     elapsed = time.perf_counter() - start
-    print(f"done: {step + 1} steps in {elapsed:.1f}s | final val loss {val_loss.item():.3f}")
+    print(f"done: {step + 1} steps in {elapsed:.1f}s | final val loss {val['val/loss'].item():.3f}")
     print(f"sample: {final_sample!r}")
     probe.finish()
 

@@ -17,11 +17,14 @@ from typing import Any
 
 from probe import internal, protocol, values
 from probe.client import DEFAULT_EXIT_TIMEOUT, DEFAULT_QUEUE_SIZE, Client
+from probe.features import DEFAULT_MAX_ROWS, FeatureSampler
 from probe.identity import Identity
 
 __all__ = [
     "config",
+    "evaluate_lm",
     "event",
+    "features",
     "finish",
     "flush",
     "histogram",
@@ -158,6 +161,62 @@ def histogram(name: str, values: Any, step: int | None = None, bins: int | None 
     (an asynchronous gather, no host sync); binning happens in the agent.
     """
     _submit_tensor(name, values, step, {"as": "histogram", "bins": bins})
+
+
+_features = FeatureSampler()
+
+
+def features(
+    name: str,
+    tensor: Any,
+    step: int | None = None,
+    *,
+    every: int = 100,
+    max_rows: int = DEFAULT_MAX_ROWS,
+    pair: str | None = None,
+) -> None:
+    """Ship a representation batch (rows = samples) for rank, collapse and t-SNE.
+
+    Every ``every`` steps (or calls, without ``step``), at most ``max_rows``
+    rows chosen on the tensor's device. ``pair="student"`` on a teacher's
+    features takes the same rows as the student's call at the same step.
+    """
+    client = _client or (None if _disabled else _autostart())
+    if client is None:
+        return
+    try:
+        if not _features.due(name, step, every):
+            return
+        rows = _features.sample(name, tensor, step, max_rows, pair)
+        body: dict[str, Any] = {
+            "name": name,
+            "value": values.capture_tensor(rows),
+            "as": "features",
+        }
+        if pair is not None:
+            body["pair"] = pair
+        client.submit(protocol.TENSOR, step, body)
+    except Exception as exc:
+        internal.record(exc, "features")
+
+
+def evaluate_lm(
+    model: Any,
+    batches: Iterable[tuple[Any, Any]],
+    step: int | None = None,
+    *,
+    prefix: str = "val/",
+    ignore_index: int = -100,
+) -> dict[str, Any]:
+    """Validation loss, perplexity and top-1 accuracy of a language model, logged.
+
+    Runs ``model`` in eval mode without gradients over ``(inputs, targets)``
+    batches, sums on the device and logs ``val/loss``, ``val/perplexity`` and
+    ``val/accuracy`` as tensors (no host sync). Returns those three tensors.
+    """
+    from probe.evaluation import evaluate_lm as run
+
+    return run(model, batches, log=log, step=step, prefix=prefix, ignore_index=ignore_index)
 
 
 def _submit_tensor(name: str, value: Any, step: int | None, extra: dict[str, Any]) -> None:
