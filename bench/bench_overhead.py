@@ -1,0 +1,702 @@
+"""Training slowdown of the demo model under monitoring, against no monitoring.
+
+Why: the product's headline promise is "full training telemetry for under 1%
+slowdown" (design.md, performance budget). This script trains the demo model
+(``examples/train_charlm.py``: its data, model, batches and learning-rate
+schedule, reused as they are) for a fixed number of steps, once per variant,
+in interleaved repeats (A B C D A B C D ...). Every run is a fresh
+subprocess, so hooks, threads and sink processes never leak from one variant
+into the next. The timed region is the training loop only (after warm-up
+steps); set-up and shutdown (agent drain, ``wandb.finish``) are outside it
+and reported separately where they matter.
+
+Variants (``KIND:PLACEMENT``):
+
+- ``base``: no monitoring (``OUTRIDER_DISABLED=1``, no agent).
+- ``outrider``: full telemetry through the probe to a real agent process
+  (``--sinks none``: the run store only); ``outrider+sinks`` the same with the
+  agent's default sinks (TensorBoard, Prometheus on a free port, W&B offline).
+  Full telemetry = ``probe.watch(model, opt, log_every=1, hist_every=50,
+  activations_every=50)`` + ``probe.features`` of the last hidden state every
+  100 steps + ``probe.log`` of loss/lr every step + a ``probe.text`` sample
+  every 200 steps.
+- ``wandb``: in-process W&B (offline), the telemetry the way tutorials write
+  it: ``.item()`` on loss and grad norm and ``wandb.log`` every step,
+  ``wandb.Histogram`` of every weight and gradient every 50 steps, the
+  effective rank (SVD of the last hidden state) every 100 steps, a text
+  sample every 200 steps.
+- ``tensorboard``: the same with torch's ``SummaryWriter``.
+
+Placements:
+
+- ``sep`` (separate cores): the trainer pinned to CPU 0 with
+  ``torch.set_num_threads(1)``; the agent (or W&B's service process) pinned
+  to CPU 1. Threads inside the trainer process (the probe's sender, the
+  TensorBoard writer) stay on CPU 0 with the training thread.
+- ``shared``: nothing pinned, torch's default thread count; trainer and agent
+  share every core.
+
+Each monitored variant is compared with the baseline of the same placement,
+repeat by repeat (same round, same thread settings).
+
+    python bench/bench_overhead.py             # default: ~15 min on 2 CPUs
+    python bench/bench_overhead.py --quick     # 2 repeats x 30 steps
+    python bench/bench_overhead.py --variants sep --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+from _common import load_average, machine, percentile, print_table, short_ipc_endpoint, stop_agent
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor, nn
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_PATH = ROOT / "examples" / "train_charlm.py"
+TRAINER_CPU = 0
+AGENT_CPU = 1
+KINDS = ("base", "outrider", "outrider+sinks", "wandb", "tensorboard")
+PLACEMENTS = ("sep", "shared")
+DEFAULT_VARIANTS = tuple(f"{kind}:{place}" for place in PLACEMENTS for kind in KINDS)
+BUDGETS = {"outrider:sep": "<= 1%", "outrider:shared": "well < 5%",
+           "outrider+sinks:sep": "<= 1%", "outrider+sinks:shared": "well < 5%"}
+AGENT_CONFIG = """\
+sinks:
+  tensorboard:
+    enabled: true
+  prometheus:
+    enabled: true
+    port: 0
+  wandb:
+    enabled: true
+    mode: offline
+"""
+
+
+# ---------------------------------------------------------------------------
+# the worker: one training run in its own process
+# ---------------------------------------------------------------------------
+
+
+def load_demo() -> ModuleType:
+    """Import examples/train_charlm.py by path (examples/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("train_charlm", DEMO_PATH)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {DEMO_PATH}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def effective_rank(hidden: Tensor) -> float:
+    """RankMe effective rank of (rows, dim) features, computed in the loop with an SVD."""
+    import torch
+
+    s = torch.linalg.svdvals(hidden.reshape(-1, hidden.shape[-1]).float())
+    p = s / s.sum() + 1e-7
+    return float(torch.exp(-(p * p.log()).sum()).item())
+
+
+def pin_threads_of(pid: int, cpus: set[int]) -> int:
+    """Pin every thread of ``pid`` and of its descendants to ``cpus``; returns the count."""
+    import psutil
+
+    pinned = 0
+    try:
+        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return 0
+    for proc in procs:
+        try:
+            tids = [t.id for t in proc.threads()]
+        except psutil.Error:
+            continue
+        for tid in tids:
+            try:
+                os.sched_setaffinity(tid, cpus)
+                pinned += 1
+            except OSError:
+                pass
+    return pinned
+
+
+class Telemetry:
+    """No monitoring: the baseline. Subclasses add one backend's telemetry."""
+
+    label = "none"
+
+    def __init__(self, args: argparse.Namespace, demo: ModuleType, model: nn.Module,
+                 opt: torch.optim.Optimizer, workdir: Path) -> None:
+        self.args = args
+        self.demo = demo
+        self.model = model
+        self.opt = opt
+        self.workdir = workdir
+        self.step = 0
+        self.sampling = False
+        self.notes: list[str] = []
+        self.events: dict[str, list[int]] = {}
+
+    def before_step(self, step: int) -> None:
+        self.step = step
+
+    def after_step(self, step: int, loss: Tensor, grad_norm: Tensor, lr: float,
+                   step_time: float) -> None:
+        pass
+
+    def at_loop_end(self) -> dict[str, Any]:
+        """Counters read right after the timed loop, before any flush."""
+        return {}
+
+    def close(self) -> dict[str, Any]:
+        return {}
+
+    def _due(self, kind: str, every: int, step: int) -> bool:
+        if every > 0 and step % every == 0:
+            self.events.setdefault(kind, []).append(step)
+            return True
+        return False
+
+    def _sample_text(self) -> str:
+        """The demo's 120-byte sample; the hidden-state hooks skip its forward passes."""
+        self.sampling = True
+        try:
+            return str(self.demo.sample(self.model, 120, "cpu", self.args.seed))
+        finally:
+            self.sampling = False
+
+
+class OutriderTelemetry(Telemetry):
+    label = "outrider probe"
+
+    def __init__(self, args: argparse.Namespace, demo: ModuleType, model: nn.Module,
+                 opt: torch.optim.Optimizer, workdir: Path) -> None:
+        super().__init__(args, demo, model, opt, workdir)
+        import probe
+
+        self.probe = probe
+        if not probe.init(endpoint=args.endpoint, run_id=args.run_id):
+            raise RuntimeError("probe.init() did not start: no agent?")
+        probe.config({"bench": "bench_overhead", "steps": args.steps, "warmup": args.warmup})
+        self.full = hasattr(probe, "watch") and hasattr(probe, "features")
+        self.has_features = hasattr(probe, "features")
+        if self.full:
+            probe.watch(model, opt, log_every=1, layer_every=args.layer_every,
+                        hist_every=args.hist_every, activations_every=args.hist_every,
+                        batch_size=args.batch_size,
+                        tokens_per_step=args.batch_size * args.context)
+        else:
+            self.notes.append(
+                "WARNING: probe.watch is missing: hand-written fallback (probe.log of loss/lr/"
+                "grad_norm/step time every step, probe.histogram of weights and grads every "
+                f"{args.hist_every} steps, hidden features every {args.rank_every} steps); "
+                "this is NOT the full-telemetry figure")
+        model.ln_f.register_forward_hook(self._hidden_hook)
+
+    def _hidden_hook(self, module: nn.Module, inputs: Any, output: Tensor) -> None:
+        if self.sampling:
+            return
+        if self.has_features:
+            self.probe.features("hidden", output, self.step, every=self.args.rank_every)
+        elif self.step % self.args.rank_every == 0:
+            self.probe.tensor("hidden", output.detach().flatten(0, 1)[::8], step=self.step)
+
+    def after_step(self, step: int, loss: Tensor, grad_norm: Tensor, lr: float,
+                   step_time: float) -> None:
+        args = self.args
+        if self.full:
+            self.probe.log({"loss": loss.detach(), "lr": lr}, step=step)
+        else:
+            self.probe.log({"loss": loss.detach(), "lr": lr, "grad_norm": grad_norm,
+                            "step_time_seconds": step_time,
+                            "tokens_per_second": args.batch_size * args.context / step_time},
+                           step=step)
+            if self._due("histograms", args.hist_every, step):
+                for name, p in self.model.named_parameters():
+                    self.probe.histogram(f"weights/{name}", p.detach(), step=step)
+                    if p.grad is not None:
+                        self.probe.histogram(f"grads/{name}", p.grad, step=step)
+        if self.full:
+            self._due("histograms", args.hist_every, step)  # probe.watch does them; count only
+        self._due("features", args.rank_every, step)
+        if self._due("text", args.text_every, step):
+            self.probe.text("samples/generation", self._sample_text(), step=step)
+
+    def at_loop_end(self) -> dict[str, Any]:
+        return {"queue_at_loop_end": self.probe.stats().get("queue_depth")}
+
+    def close(self) -> dict[str, Any]:
+        self.probe.flush(30)
+        stats = self.probe.stats()
+        self.probe.finish(10)
+        return {"probe_stats": stats}
+
+
+class WandbTelemetry(Telemetry):
+    label = "wandb (offline, in-process)"
+
+    def __init__(self, args: argparse.Namespace, demo: ModuleType, model: nn.Module,
+                 opt: torch.optim.Optimizer, workdir: Path) -> None:
+        super().__init__(args, demo, model, opt, workdir)
+        os.environ.update(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_CONSOLE="off",
+                          WANDB_DIR=str(workdir))
+        import wandb
+
+        self.wandb = wandb
+        self.run = wandb.init(project="outrider-bench", dir=str(workdir), mode="offline",
+                              config={"steps": args.steps})
+        if args.placement == "sep":
+            # W&B's service process gets the other core, as the agent does.
+            import psutil
+
+            children = psutil.Process().children()
+            pinned = sum(pin_threads_of(child.pid, {AGENT_CPU}) for child in children)
+            self.notes.append(f"pinned {pinned} threads of W&B's service process to CPU "
+                              f"{AGENT_CPU}")
+        self.hidden: Tensor | None = None
+        model.ln_f.register_forward_hook(self._hidden_hook)
+
+    def _hidden_hook(self, module: nn.Module, inputs: Any, output: Tensor) -> None:
+        if not self.sampling:
+            self.hidden = output.detach()
+
+    def after_step(self, step: int, loss: Tensor, grad_norm: Tensor, lr: float,
+                   step_time: float) -> None:
+        args, wandb = self.args, self.wandb
+        row: dict[str, Any] = {
+            "loss": loss.item(),
+            "lr": lr,
+            "grad_norm": grad_norm.item(),
+            "step_time_seconds": step_time,
+            "tokens_per_second": args.batch_size * args.context / step_time,
+        }
+        if self._due("histograms", args.hist_every, step):
+            for name, p in self.model.named_parameters():
+                row[f"weights/{name}"] = wandb.Histogram(p.detach().cpu().numpy())
+                if p.grad is not None:
+                    row[f"grads/{name}"] = wandb.Histogram(p.grad.detach().cpu().numpy())
+        if self.hidden is not None and self._due("features", args.rank_every, step):
+            row["hidden/effective_rank"] = effective_rank(self.hidden)
+        if self._due("text", args.text_every, step):
+            row["samples/generation"] = wandb.Html(f"<pre>{self._sample_text()}</pre>")
+        wandb.log(row, step=step)
+
+    def close(self) -> dict[str, Any]:
+        started = time.perf_counter()
+        self.run.finish()
+        return {"finish_s": time.perf_counter() - started}
+
+
+class TensorBoardTelemetry(Telemetry):
+    label = "torch SummaryWriter (in-process)"
+
+    def __init__(self, args: argparse.Namespace, demo: ModuleType, model: nn.Module,
+                 opt: torch.optim.Optimizer, workdir: Path) -> None:
+        super().__init__(args, demo, model, opt, workdir)
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(workdir / "tensorboard"))
+        self.hidden: Tensor | None = None
+        model.ln_f.register_forward_hook(self._hidden_hook)
+
+    def _hidden_hook(self, module: nn.Module, inputs: Any, output: Tensor) -> None:
+        if not self.sampling:
+            self.hidden = output.detach()
+
+    def after_step(self, step: int, loss: Tensor, grad_norm: Tensor, lr: float,
+                   step_time: float) -> None:
+        args, add = self.args, self.writer.add_scalar
+        add("loss", loss.item(), step)
+        add("lr", lr, step)
+        add("grad_norm", grad_norm.item(), step)
+        add("step_time_seconds", step_time, step)
+        add("tokens_per_second", args.batch_size * args.context / step_time, step)
+        if self._due("histograms", args.hist_every, step):
+            for name, p in self.model.named_parameters():
+                self.writer.add_histogram(f"weights/{name}", p.detach(), step)
+                if p.grad is not None:
+                    self.writer.add_histogram(f"grads/{name}", p.grad, step)
+        if self.hidden is not None and self._due("features", args.rank_every, step):
+            add("hidden/effective_rank", effective_rank(self.hidden), step)
+        if self._due("text", args.text_every, step):
+            self.writer.add_text("samples/generation", self._sample_text(), step)
+
+    def close(self) -> dict[str, Any]:
+        started = time.perf_counter()
+        self.writer.close()
+        return {"finish_s": time.perf_counter() - started}
+
+
+TELEMETRY: dict[str, type[Telemetry]] = {
+    "base": Telemetry,
+    "outrider": OutriderTelemetry,
+    "outrider+sinks": OutriderTelemetry,
+    "wandb": WandbTelemetry,
+    "tensorboard": TensorBoardTelemetry,
+}
+
+
+def worker(args: argparse.Namespace) -> None:
+    """Train ``warmup + steps`` steps, time the last ``steps``, write a JSON result."""
+    if args.placement == "sep":
+        os.sched_setaffinity(0, {TRAINER_CPU})  # before torch starts any thread
+        os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    import resource
+
+    import torch
+    import torch.nn.functional as F
+
+    if args.placement == "sep":
+        torch.set_num_threads(1)
+        torch.set_num_interop_threads(1)
+    demo = load_demo()
+    torch.manual_seed(args.seed)
+    raw = demo.load_stdlib_text(args.data_bytes)
+    data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    train = data[: int(0.9 * len(data))]
+    gen = torch.Generator().manual_seed(args.seed)
+    model = demo.CharLM(args.context, args.layers, args.d_model, args.heads)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr, betas=(0.9, 0.95))
+    workdir = Path(args.workdir)
+    telemetry = TELEMETRY[args.kind](args, demo, model, opt, workdir)
+
+    total = args.warmup + args.steps
+    step_times: list[float] = []
+    loop_start = cpu_start = 0.0
+    last = time.perf_counter()
+    for step in range(total):
+        if step == args.warmup:
+            loop_start = last = time.perf_counter()
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            cpu_start = usage.ru_utime + usage.ru_stime
+        telemetry.before_step(step)
+        lr = demo.lr_at(step, total, args.lr)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x, y = demo.get_batch(train, args.batch_size, args.context, gen)
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        telemetry.after_step(step, loss, grad_norm, lr, max(time.perf_counter() - last, 1e-9))
+        now = time.perf_counter()
+        if step >= args.warmup:
+            step_times.append(now - last)
+        last = now
+    loop_s = time.perf_counter() - loop_start
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_s = usage.ru_utime + usage.ru_stime - cpu_start
+    result: dict[str, Any] = {
+        "loop_s": loop_s,
+        "trainer_cpu_s": cpu_s,
+        "step_times": step_times,
+        "final_loss": float(loss.item()),
+        "threads": torch.get_num_threads(),
+        "affinity": sorted(os.sched_getaffinity(0)),
+        **telemetry.at_loop_end(),
+    }
+    result.update(telemetry.close())
+    measured = range(args.warmup, total)
+    result["events"] = {k: [s for s in v if s in measured] for k, v in telemetry.events.items()}
+    result["notes"] = telemetry.notes
+    Path(args.result).write_text(json.dumps(result))
+
+
+# ---------------------------------------------------------------------------
+# the driver: agents, interleaved repeats, the report
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """One variant's run in one repeat."""
+
+    loop_s: float
+    step_times: list[float]
+    result: dict[str, Any]
+    agent: dict[str, Any] = field(default_factory=dict)
+
+
+def start_agent(endpoint: str, runs_dir: Path, run_id: str, workdir: Path, *, sinks: bool,
+                cpus: set[int] | None) -> subprocess.Popen[bytes]:
+    """A real agent, as ``outrider run`` starts it (``python -P -m agent``), optionally pinned."""
+    log_path = workdir / "agent.log"
+    command = [sys.executable, "-P", "-m", "agent", "agent", "--endpoint", endpoint,
+               "--runs-dir", str(runs_dir), "--run-id", run_id, "--log-level", "WARNING"]
+    if sinks:
+        config = workdir / "agent.yaml"
+        config.write_text(AGENT_CONFIG)
+        command += ["--config", str(config)]
+    else:
+        command += ["--sinks", "none"]
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=str(workdir))
+    read_fd, write_fd = os.pipe()
+    command += ["--ready-fd", str(write_fd)]
+
+    def pin() -> None:
+        if cpus is not None:
+            os.sched_setaffinity(0, cpus)
+
+    with open(log_path, "ab") as log:
+        agent = subprocess.Popen(command, pass_fds=(write_fd,), stdout=log, stderr=log,
+                                 cwd=workdir, env=env, preexec_fn=pin)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as ready:
+        line = ready.readline()
+    if line.strip() != b"ready":
+        agent.kill()
+        raise RuntimeError(f"the agent did not start:\n{log_path.read_text()[-2000:]}")
+    return agent
+
+
+def agent_cpu_s(pid: int) -> float:
+    """CPU seconds of the agent and its children (W&B's service process) so far."""
+    import psutil
+
+    total = 0.0
+    try:
+        proc = psutil.Process(pid)
+        for p in [proc, *proc.children(recursive=True)]:
+            t = p.cpu_times()
+            total += t.user + t.system
+    except psutil.Error:
+        pass
+    return total
+
+
+def stream_accounting(run_dir: Path) -> dict[str, Any]:
+    """The trainer stream's accounting from run.json (sent, received, dropped, lost)."""
+    info = json.loads((run_dir / "run.json").read_text())
+    for stream in info.get("streams", []):
+        if stream.get("rank", -1) >= 0:
+            return {key: stream.get(key) for key in ("sent", "received", "dropped", "lost")}
+    return {}
+
+
+def run_variant(variant: str, args: argparse.Namespace, tmp: Path, index: int) -> Run:
+    kind, placement = variant.split(":")
+    workdir = Path(tempfile.mkdtemp(prefix=f"{index:03d}-", dir=tmp))
+    result_path = workdir / "result.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OUTRIDER_")}
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--kind", kind,
+               "--placement", placement, "--result", str(result_path),
+               "--workdir", str(workdir)]
+    for name in ("steps", "warmup", "hist_every", "rank_every", "text_every", "layer_every",
+                 "seed", "batch_size", "context", "layers", "d_model", "heads", "lr",
+                 "data_bytes"):
+        command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    agent = None
+    run_id = f"bench-overhead-{index:03d}"
+    runs_dir = workdir / "runs"
+    if kind.startswith("outrider"):
+        endpoint = short_ipc_endpoint(tmp)
+        agent = start_agent(endpoint, runs_dir, run_id, workdir, sinks=kind == "outrider+sinks",
+                            cpus={AGENT_CPU} if placement == "sep" else None)
+        command += ["--endpoint", endpoint, "--run-id", run_id]
+    else:
+        env["OUTRIDER_DISABLED"] = "1"
+    agent_info: dict[str, Any] = {}
+    try:
+        cpu_before = agent_cpu_s(agent.pid) if agent else 0.0
+        proc = subprocess.run(command, env=env, cwd=workdir, capture_output=True, text=True,
+                              check=False)
+        if proc.returncode != 0 or not result_path.exists():
+            raise RuntimeError(f"{variant} worker failed ({proc.returncode}):\n"
+                               f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        if agent is not None:
+            agent_info["cpu_s"] = agent_cpu_s(agent.pid) - cpu_before
+            started = time.perf_counter()
+            stop_agent(agent)
+            agent_info["stop_s"] = time.perf_counter() - started
+            agent_info["accounting"] = stream_accounting(runs_dir / run_id)
+    finally:
+        if agent is not None:
+            stop_agent(agent)
+    result = json.loads(result_path.read_text())
+    shutil.rmtree(workdir, ignore_errors=True)
+    return Run(result["loop_s"], result["step_times"], result, agent_info)
+
+
+def expand_variants(spec: str) -> list[str]:
+    """Names, or a placement ('sep', 'shared') / kind ('wandb') for all matching ones;
+    the baseline of every placement used is added."""
+    chosen: list[str] = []
+    for item in (part.strip() for part in spec.split(",") if part.strip()):
+        matches = [v for v in DEFAULT_VARIANTS if item in (v, *v.split(":"))]
+        if not matches:
+            raise SystemExit(f"unknown variant {item!r}; known: {', '.join(DEFAULT_VARIANTS)}")
+        chosen += [m for m in matches if m not in chosen]
+    for placement in PLACEMENTS:
+        base = f"base:{placement}"
+        if any(v.endswith(f":{placement}") for v in chosen) and base not in chosen:
+            chosen.insert(0, base)
+    return [v for v in DEFAULT_VARIANTS if v in chosen]  # baselines first in each group
+
+
+def pct(x: float) -> str:
+    return f"{x:+.1f}%"
+
+
+def report(variants: Sequence[str], runs: dict[str, list[Run]], args: argparse.Namespace) -> None:
+    print()
+    print(f"Training loop: {args.steps} timed steps after {args.warmup} warm-up steps, "
+          f"{args.repeats} interleaved repeats per variant.")
+    rows: list[list[str]] = []
+    for variant in variants:
+        vruns = runs[variant]
+        base_runs = runs[f"base:{variant.split(':')[1]}"]
+        loops = [r.loop_s for r in vruns]
+        steps = sorted(t for r in vruns for t in r.step_times)
+        median_step = percentile(steps, 50)
+        if variant.startswith("base:"):
+            slow, slow_step = "-", "-"
+        else:
+            paired = [r.loop_s / b.loop_s - 1 for r, b in zip(vruns, base_runs, strict=True)]
+            slow = (f"{pct(100 * statistics.median(paired))} "
+                    f"({pct(100 * min(paired))}..{pct(100 * max(paired))})")
+            base_steps = sorted(t for b in base_runs for t in b.step_times)
+            slow_step = pct(100 * (median_step / percentile(base_steps, 50) - 1))
+        rows.append([
+            variant,
+            f"{statistics.median(loops):.2f}",
+            f"{min(loops):.2f}-{max(loops):.2f}",
+            f"{1000 * median_step:.1f}",
+            f"{1000 * percentile(steps, 90):.1f}",
+            f"{1000 * steps[-1]:.0f}",
+            slow,
+            slow_step,
+            BUDGETS.get(variant, "-"),
+        ])
+    print_table(["variant", "loop s (median)", "min-max", "step ms p50", "p90", "max",
+                 "slowdown: loop, median (min..max)", "slowdown: p50 step", "budget"], rows)
+
+    print()
+    detail: list[list[str]] = []
+    for variant in variants:
+        vruns = runs[variant]
+        first = vruns[0].result
+        events = ", ".join(f"{k} at {v}" for k, v in first["events"].items() if v) or "none"
+        cpu = statistics.median(r.result["trainer_cpu_s"] / r.loop_s for r in vruns)
+        agent_cpu = "-"
+        accounting = "-"
+        queue = "-"
+        if vruns[0].agent:
+            agent_cpu = f"{statistics.median(r.agent['cpu_s'] / r.loop_s for r in vruns):.2f}"
+            sent = sum(r.agent["accounting"].get("sent") or 0 for r in vruns)
+            received = sum(r.agent["accounting"].get("received") or 0 for r in vruns)
+            lost = sum(r.agent["accounting"].get("lost") or 0 for r in vruns)
+            dropped = sum(sum((r.agent["accounting"].get("dropped") or {}).values())
+                          for r in vruns)
+            accounting = f"{received}/{sent} stored, {dropped} dropped, {lost} lost"
+            queue = str(max(r.result.get("queue_at_loop_end") or 0 for r in vruns))
+        detail.append([variant, f"{first['threads']}", ",".join(map(str, first["affinity"])),
+                       f"{cpu:.2f}", agent_cpu, queue, accounting, events])
+    print_table(["variant", "torch threads", "trainer CPUs", "trainer CPU-s / s",
+                 "agent CPU-s / s", "queued at loop end", "records (all repeats)",
+                 "periodic events in the timed steps"], detail)
+    notes = sorted({n for v in variants for r in runs[v] for n in r.result["notes"]})
+    for note in notes:
+        print(f"note: {note}")
+    print(f"note: steps are numbered from 0 (warm-up first); histograms and activation stats "
+          f"every {args.hist_every} steps, features / effective rank every {args.rank_every}, "
+          f"text samples every {args.text_every}. Periodic work that falls outside the timed "
+          "steps (last column) is not in the figures.")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=100, help="timed steps per run (default 100)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats (default 3)")
+    p.add_argument("--quick", action="store_true", help="2 repeats x 30 steps")
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                   help="comma-separated KIND:PLACEMENT names, or a kind / placement for all "
+                        "matching (baselines are added); default: all")
+    p.add_argument("--hist-every", type=int, default=50,
+                   help="weight/grad histograms and activation stats (default 50)")
+    p.add_argument("--rank-every", type=int, default=100,
+                   help="hidden-state features / effective rank (default 100)")
+    p.add_argument("--text-every", type=int, default=200, help="text samples (default 200)")
+    p.add_argument("--layer-every", type=int, default=10,
+                   help="probe.watch per-layer norms (default 10, watch's own default)")
+    # The demo's model and data (examples/train_charlm.py defaults).
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--context", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--data-bytes", type=int, default=3_000_000)
+    # Internal: one run in this process.
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--kind", choices=KINDS, help=argparse.SUPPRESS)
+    p.add_argument("--placement", choices=PLACEMENTS, help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    p.add_argument("--workdir", help=argparse.SUPPRESS)
+    p.add_argument("--endpoint", help=argparse.SUPPRESS)
+    p.add_argument("--run-id", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.repeats, args.steps = 2, 30
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if args.worker:
+        worker(args)
+        return
+    variants = expand_variants(args.variants)
+    if (os.cpu_count() or 1) < 2 and any(v.endswith(":sep") for v in variants):
+        print("fewer than 2 CPUs: skipping the separate-cores variants")
+        variants = [v for v in variants if not v.endswith(":sep")]
+    print(f"machine: {machine()}")
+    print(f"variants: {', '.join(variants)}; {args.repeats} repeats x ({args.warmup} warm-up + "
+          f"{args.steps} timed steps)")
+    load_start = load_average()
+    started = time.perf_counter()
+    runs: dict[str, list[Run]] = {v: [] for v in variants}
+    tmp = Path(tempfile.mkdtemp(prefix="bov-"))
+    try:
+        index = 0
+        for repeat in range(args.repeats):
+            for variant in variants:
+                run = run_variant(variant, args, tmp, index)
+                index += 1
+                runs[variant].append(run)
+                print(f"repeat {repeat + 1}/{args.repeats}  {variant:24s} loop {run.loop_s:6.2f} s"
+                      f"  median step {1000 * statistics.median(run.step_times):6.1f} ms",
+                      flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    report(variants, runs, args)
+    print(f"\nload average (1 min) {load_start:.2f} -> {load_average():.2f}; "
+          f"total {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
