@@ -11,6 +11,8 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import os
+import platform
 import sys
 import threading
 import time
@@ -364,9 +366,6 @@ class Sender:
 
 def hello_body() -> dict[str, Any]:
     """Run metadata only the trainer's process knows."""
-    import os
-    import platform
-
     torch = sys.modules.get("torch")
     return {
         "argv": list(sys.argv),
