@@ -279,9 +279,9 @@ def watch(
 ) -> Any:
     """Collect training telemetry from ``model`` and ``optimizer`` through hooks.
 
-    Every ``log_every`` optimizer steps: step time, throughput (given
-    ``batch_size`` or ``tokens_per_step``), learning rates, the global and
-    per-group gradient norm (before clipping), a non-finite flag, CUDA memory.
+    Every optimizer step: step time and throughput (given ``batch_size`` or
+    ``tokens_per_step``). Every ``log_every`` steps: learning rates, the global
+    and per-group gradient norm (before clipping), a non-finite flag, CUDA memory.
     Every ``layer_every``: per-parameter gradient and weight norms and the
     update-to-weight ratio per group. Every ``hist_every``: weight and gradient
     histograms. Every ``activations_every``: mean, std and fraction of zeros of
@@ -292,7 +292,7 @@ def watch(
     client = _client or (None if _disabled else _autostart())
     if client is None:
         return _Unwatched()
-    from probe.watch import Watcher
+    from probe.watcher import Watcher  # torch is imported only when watching
 
     watcher = Watcher(
         client.submit,

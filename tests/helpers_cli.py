@@ -102,8 +102,21 @@ class AgentProcess:
         self._stderr = open(self.stderr_path, "wb")  # noqa: SIM115 - closed in stop()
         read_fd, write_fd = os.pipe()
         self.process = subprocess.Popen(
-            [OUTRIDER, "agent", "--endpoint", self.endpoint, "--runs-dir", str(self.runs_dir),
-             "--ready-fd", str(write_fd), "--log-level", log_level, "--sinks", "none", *extra],
+            [
+                OUTRIDER,
+                "agent",
+                "--endpoint",
+                self.endpoint,
+                "--runs-dir",
+                str(self.runs_dir),
+                "--ready-fd",
+                str(write_fd),
+                "--log-level",
+                log_level,
+                "--sinks",
+                "none",
+                *extra,
+            ],
             pass_fds=(write_fd,),
             stdout=subprocess.DEVNULL,
             stderr=self._stderr,
@@ -239,11 +252,16 @@ class Pusher:
 
 
 # -- outrider run ------------------------------------------------------------------
-def outrider(*args: str, cwd: Path | None = None, timeout: float = 60.0,
-             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def outrider(
+    *args: str, cwd: Path | None = None, timeout: float = 60.0, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run the ``outrider`` console script to completion, capturing its output."""
     return subprocess.run(
-        [OUTRIDER, *args], cwd=cwd, env=env or clean_env(), capture_output=True, text=True,
+        [OUTRIDER, *args],
+        cwd=cwd,
+        env=env or clean_env(),
+        capture_output=True,
+        text=True,
         timeout=timeout,
     )
 

@@ -33,7 +33,7 @@ def test_tensor_values_are_snapshotted_at_log_time(agent, endpoint: str, runs_di
     running += 41.0
     stored, _ = stored_run(agent, runs_dir, "snapshot")
     [record] = [line for line in stored if line["kind"] == "scalars"]
-    assert record["metrics"] == {"running": 1.0, "loss": 6.0, "n": 0.25}
+    assert record["metrics"] == {"running": 1.0, "loss": 6.0, "n": 0.25, "loss_nonfinite": 0}
 
 
 def test_bad_values_are_skipped_counted_and_never_raise(
@@ -47,7 +47,7 @@ def test_bad_values_are_skipped_counted_and_never_raise(
     probe.log(None, step=4)  # type: ignore[arg-type]
     stored, info = stored_run(agent, runs_dir, "bad-values")
     scalars = [line["metrics"] for line in stored if line["kind"] == "scalars"]
-    assert scalars == [{"loss": 0.5}] * 3
+    assert scalars == [{"loss": 0.5, "loss_nonfinite": 0}] * 3
     [stream] = trainer_streams(info)
     assert stream["invalid_values"] == 6
     warnings = [r.getMessage() for r in caplog.records if "metric 'name'" in r.getMessage()]

@@ -56,7 +56,7 @@ def test_every_record_is_stored_with_exact_accounting(agent, endpoint: str, runs
     scalars = [line for line in stored if line["kind"] == "scalars"]
     assert sorted(line["step"] for line in scalars) == list(range(5000))
     first = min(scalars, key=lambda line: line["step"])
-    assert first["metrics"] == {"loss": 1.0, "lr": 0.001, "step_time": 0.01}
+    assert first["metrics"] == {"loss": 1.0, "lr": 0.001, "step_time": 0.01, "loss_nonfinite": 0}
     assert {"kind", "step", "rank", "t", "metrics"} <= first.keys()
     info = run_info(run_dir)
     [stream] = trainer_streams(info)

@@ -102,5 +102,3 @@ def read_offline_run(directory: Path) -> OfflineRun:
         elif kind == "exit":
             run.exit_code = record.exit.exit_code
     return run
-
-

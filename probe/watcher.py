@@ -64,7 +64,7 @@ class Watcher:
         self._names = {id(p): name for name, p in model.named_parameters()}
         self._last_step_end: float | None = None
         self._data_wait = 0.0
-        self._clip: tuple[Any, float] | None = None  # (pre-clip total norm, max_norm)
+        self._clip_coefficients: dict[int, Any] = {}  # param id -> this step's clip factor
         self._previous: list[Any] | None = None  # parameters before the step (update ratio)
         self._pending: tuple[list[str], Any] | None = None  # this step's gradient statistics
         self._activation_hooks: list[Any] = []
@@ -111,7 +111,7 @@ class Watcher:
             self._pending = None
             internal.record(exc, "watch: before step")
         finally:
-            self._clip = None
+            self._clip_coefficients = {}
 
     def _collect_before_step(self) -> None:
         step = self.step
@@ -128,7 +128,7 @@ class Watcher:
             for param in self._params():
                 name = self._names.get(id(param), "?")
                 self._histogram(f"weights/{name}", param.detach(), step)
-                if param.grad is not None:
+                if param.grad is not None and not param.grad.is_sparse:
                     self._histogram(f"grads/{name}", param.grad, step)
 
     def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
@@ -159,10 +159,10 @@ class Watcher:
             self._data_wait = 0.0
         if self._due(self.log_every, step):
             groups = self.optimizer.param_groups
-            body["lr"] = float(groups[0]["lr"])
+            body["lr"] = _number(groups[0]["lr"])
             if len(groups) > 1:
                 for index, group in enumerate(groups):
-                    body[f"lr/group{index}"] = float(group["lr"])
+                    body[f"lr/group{index}"] = _number(group["lr"])
             body.update(self._cuda_memory())
         names: list[str] = []
         tensors: list[Any] = []
@@ -176,7 +176,8 @@ class Watcher:
             tensors.append(ratios)
         if self._activations:
             names.extend(name for key in self._activations for name in _activation_names(key))
-            tensors.append(self._torch.cat(list(self._activations.values())))
+            device = next(iter(self._activations.values())).device
+            tensors.append(self._torch.cat([t.to(device) for t in self._activations.values()]))
             self._activations = {}
         self._remove_activation_hooks()
         if self._due(self.activations_every, step + 1):
@@ -211,11 +212,15 @@ class Watcher:
             return None
         device = grads[0].device
         norms = torch.stack([n.to(device) for n in torch._foreach_norm(grads)]).float()
-        if self._clip is not None:
-            # clip_grad_norm_ already scaled every gradient by one coefficient; undo it.
-            total_before_clip, max_norm = self._clip
-            coefficient = torch.clamp(max_norm / (total_before_clip.float() + 1e-6), max=1.0)
-            norms = norms / coefficient.to(device)
+        if self._clip_coefficients:
+            # clip_grad_norm_ scaled these gradients by a known factor; undo it per parameter.
+            one = torch.ones((), device=device)
+            factors = [
+                self._clip_coefficients.get(id(p), one).to(device)
+                for params in groups
+                for p in params
+            ]
+            norms = norms / torch.stack(factors)
         names = ["grad_norm"]
         parts = [torch.linalg.vector_norm(norms).reshape(1)]
         start = 0
@@ -301,6 +306,11 @@ class Watcher:
         )
 
 
+def _number(value: Any) -> Any:
+    """A learning rate as a float, or captured if it is a tensor (no sync for a CUDA lr)."""
+    return values.capture_tensor(value) if values.is_tensor(value) else float(value)
+
+
 def _activation_names(module: str) -> list[str]:
     return [f"act/{module}/mean", f"act/{module}/std", f"act/{module}/zero_fraction"]
 
@@ -361,10 +371,12 @@ class _ClipPatch:
         parameters = list(parameters)
         total = self.original(parameters, max_norm, *args, **kwargs)
         try:
-            clipped = {id(p) for p in parameters}
+            # The factor clip_grad_norm_ applied, as a tensor: no sync.
+            factor = torch.clamp(float(max_norm) / (total.detach().float() + 1e-6), max=1.0)
             for watcher in list(self.watchers):
-                if clipped & set(watcher._names):
-                    watcher._clip = (total.detach(), float(max_norm))
+                for param in parameters:
+                    if id(param) in watcher._names:
+                        watcher._clip_coefficients[id(param)] = factor
         except Exception as exc:
             internal.record(exc, "watch: clip")
         return total
