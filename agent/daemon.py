@@ -58,6 +58,19 @@ def default_endpoint() -> str:
     return f"ipc://{directory / 'agent.sock'}"
 
 
+def _socket_is_live(path: Path) -> bool:
+    """Whether a process accepts connections on the unix socket at ``path``."""
+    probe_socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe_socket.settimeout(1.0)
+        probe_socket.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe_socket.close()
+
+
 class Agent:
     """Binds the endpoint and writes every accepted record to the run store."""
 
@@ -113,6 +126,8 @@ class Agent:
         if self.endpoint.startswith("ipc://"):
             path = Path(self.endpoint.removeprefix("ipc://"))
             if path.exists():
+                if _socket_is_live(path):
+                    raise OSError(f"another agent is already listening at {self.endpoint}")
                 path.unlink()  # a stale socket from a dead agent
         self._socket.bind(self.endpoint)
         if self.endpoint.startswith("ipc://"):

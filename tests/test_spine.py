@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -244,3 +245,28 @@ def test_exit_is_bounded_when_the_agent_hangs(agent, endpoint: str, runs_dir: Pa
         agent.send_signal(signal.SIGCONT)
     assert result.returncode == 0, result.stderr
     assert elapsed < 15, f"exit took {elapsed:.1f} s"
+
+
+def test_second_agent_on_a_live_socket_is_refused(agent, endpoint: str, runs_dir: Path) -> None:
+    """A second agent never steals the socket of a live one; a stale socket file is reused."""
+    result = subprocess.run(
+        [PYTHON, "-P", "-m", "agent", "agent", "--endpoint", endpoint, "--sinks", "none"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode != 0
+    assert "another agent is already listening" in result.stderr
+    assert agent.poll() is None
+    result = run_trainer(TRAINER.format(steps=10), endpoint, "still-first")
+    assert result.returncode == 0, result.stderr
+    assert stop_agent(agent) == 0
+    assert len(lines(runs_dir / "still-first")) > 10
+    # The first agent removed its socket on exit; a dead agent's leftover file is reused.
+    path = Path(endpoint.removeprefix("ipc://"))
+
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))
+    stale.close()  # leaves the file behind, nobody listening
+    second = start_agent(endpoint, runs_dir)
+    assert stop_agent(second) == 0
