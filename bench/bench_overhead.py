@@ -4,11 +4,16 @@ Why: the product's headline promise is "full training telemetry for under 1%
 slowdown" (design.md, performance budget). This script trains the demo model
 (``examples/train_charlm.py``: its data, model, batches and learning-rate
 schedule, reused as they are) for a fixed number of steps, once per variant,
-in interleaved repeats (A B C D A B C D ...). Every run is a fresh
+in interleaved repeats (A B C D, then D C B A, ...). Every run is a fresh
 subprocess, so hooks, threads and sink processes never leak from one variant
 into the next. The timed region is the training loop only (after warm-up
-steps); set-up and shutdown (agent drain, ``wandb.finish``) are outside it
-and reported separately where they matter.
+steps); set-up and shutdown (agent drain, ``wandb.finish``) are outside it.
+
+Two kinds of figure: the wall clock (loop and step times, slowdown against the
+paired baseline run) and the direct cost measured inside the trainer (time
+the training thread spends in telemetry code and optimizer hooks, and the CPU
+time of the trainer's other threads). On a noisy shared machine the wall clock
+cannot resolve 1%; the direct cost can. See docs/performance.md.
 
 Variants (``KIND:PLACEMENT``):
 
@@ -41,7 +46,7 @@ Placements:
 Each monitored variant is compared with the baseline of the same placement,
 repeat by repeat (same round, same thread settings).
 
-    python bench/bench_overhead.py             # default: ~20 min on 2 CPUs
+    python bench/bench_overhead.py             # default: ~17 min on 2 CPUs
     python bench/bench_overhead.py --quick     # 2 repeats x 30 steps
     python bench/bench_overhead.py --variants sep --repeats 5
 """

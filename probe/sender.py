@@ -30,6 +30,8 @@ logger = logging.getLogger("outrider.probe")
 
 Record = tuple[str, int, float, "int | None", Any]
 
+IDLE_INTERVAL = 0.2  # the longest the sender sleeps while its queue stays empty
+
 
 class Counters:
     """What the probe did with the records it was handed (thread-safe)."""
@@ -181,9 +183,14 @@ class Sender:
             context.term()
 
     def _loop(self, sock: zmq.Socket[Any], monitor: zmq.Socket[Any]) -> None:
+        interval = self.flush_interval
         while True:
-            self.wake.wait(self.flush_interval)
+            self.wake.wait(interval)
             self.wake.clear()
+            # Every timed wake-up costs CPU the trainer could use: while nothing is
+            # queued, wake up less often (up to IDLE_INTERVAL); busy, every flush_interval.
+            busy = bool(self.queue)
+            interval = self.flush_interval if busy else min(interval * 2, IDLE_INTERVAL)
             self._poll_monitor(monitor)
             stopping = self._stop
             if not self.connected and not stopping:
