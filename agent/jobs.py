@@ -1,0 +1,178 @@
+"""Bounded workers for the agent's expensive statistics (rank, t-SNE, images).
+
+A statistic that takes longer than the trainer takes to produce its input
+must not build a backlog: for each key (one feature stream, one run's
+dashboard) only the newest pending job is kept, and the one it replaces is
+counted as superseded. Workers run at a lower priority than the rest of the
+agent, which itself runs below the trainer, so on a shared core the
+statistics are what waits.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.counters import RateLimitedLog
+
+logger = logging.getLogger("outrider.agent")
+
+
+@dataclass
+class JobFigures:
+    """What one kind of job cost: shown as ``outrider_stat_job_duration_seconds``."""
+
+    count: int = 0
+    seconds_sum: float = 0.0
+    seconds_max: float = 0.0
+    last_seconds: float = 0.0
+    superseded: int = 0
+    failed: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "count": self.count,
+            "seconds_sum": self.seconds_sum,
+            "seconds_max": self.seconds_max,
+            "last_seconds": self.last_seconds,
+            "superseded": self.superseded,
+            "failed": self.failed,
+        }
+
+
+@dataclass
+class _Job:
+    name: str
+    work: Callable[[], Any]
+    done: Callable[[Any], None]
+    figures: JobFigures = field(repr=False, default_factory=JobFigures)
+
+
+def lower_thread_priority(nice: int) -> bool:
+    """Raise the calling thread's niceness by ``nice`` (Linux: niceness is per thread)."""
+    if nice <= 0 or not sys.platform.startswith("linux"):
+        return False
+    try:
+        thread_id = threading.get_native_id()
+        current = os.getpriority(os.PRIO_PROCESS, thread_id)
+        os.setpriority(os.PRIO_PROCESS, thread_id, min(19, current + nice))
+        return True
+    except OSError:
+        return False
+
+
+class StatsJobs:
+    """``threads`` workers over a table of pending jobs, one per key, newest wins."""
+
+    def __init__(
+        self,
+        threads: int = 1,
+        nice: int = 0,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        if threads < 1:
+            raise ValueError(f"stats threads must be >= 1, got {threads}")
+        self.nice = nice
+        self.clock = clock
+        self._pending: collections.OrderedDict[Any, _Job] = collections.OrderedDict()
+        self._figures: dict[str, JobFigures] = {}
+        self._running = 0
+        self._closed = False
+        self._wake = threading.Condition()
+        self._complaints = RateLimitedLog()
+        self._threads = [
+            threading.Thread(target=self._work, name=f"outrider-stats-{i}", daemon=True)
+            for i in range(threads)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(
+        self, key: Any, name: str, work: Callable[[], Any], done: Callable[[Any], None]
+    ) -> None:
+        """Queue ``work``; ``done(result)`` runs on the worker. Replaces ``key``'s pending job."""
+        with self._wake:
+            if self._closed:
+                return
+            figures = self._figures.setdefault(name, JobFigures())
+            previous = self._pending.pop(key, None)
+            if previous is not None:
+                previous.figures.superseded += 1
+            self._pending[key] = _Job(name, work, done, figures)
+            self._wake.notify()
+
+    def pending(self) -> int:
+        with self._wake:
+            return len(self._pending)
+
+    def idle(self) -> bool:
+        """Nothing pending and nothing running (tests and shutdown wait for this)."""
+        with self._wake:
+            return not self._pending and not self._running
+
+    def wait_idle(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._wake:
+            while self._pending or self._running:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._wake.wait(min(left, 0.05))
+            return True
+
+    def figures(self) -> dict[str, dict[str, Any]]:
+        """Per job name: count, seconds_sum/max/last, superseded, failed (thread-safe copy)."""
+        with self._wake:
+            return {name: figures.as_dict() for name, figures in self._figures.items()}
+
+    def _work(self) -> None:
+        lower_thread_priority(self.nice)
+        while True:
+            with self._wake:
+                while not self._pending and not self._closed:
+                    self._wake.wait()
+                if self._closed:
+                    return
+                _, job = self._pending.popitem(last=False)
+                self._running += 1
+            started = self.clock()
+            try:
+                job.done(job.work())
+                failed = False
+            except Exception as exc:  # a statistic that fails must not end the worker
+                failed = True
+                self._complaints.warning(
+                    f"job:{job.name}", "outrider agent: statistic %s failed: %r", job.name, exc
+                )
+            elapsed = self.clock() - started
+            with self._wake:
+                self._running -= 1
+                figures = job.figures
+                figures.count += 1
+                figures.failed += failed
+                figures.seconds_sum += elapsed
+                figures.last_seconds = elapsed
+                figures.seconds_max = max(figures.seconds_max, elapsed)
+                self._wake.notify_all()
+
+    def close(self, timeout: float) -> bool:
+        """Finish the pending jobs within ``timeout``; what is left then is dropped."""
+        deadline = time.monotonic() + timeout
+        finished = self.wait_idle(timeout)
+        with self._wake:
+            self._closed = True
+            dropped = len(self._pending)
+            self._pending.clear()
+            self._wake.notify_all()
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        if dropped:
+            logger.warning("outrider agent: %d statistics jobs left unfinished at exit", dropped)
+        return finished

@@ -1,0 +1,118 @@
+"""The statistics workers: newest job per key wins, costs are counted, exit is bounded."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+
+import pytest
+
+from agent.jobs import StatsJobs
+
+
+def _blocker(jobs: StatsJobs) -> threading.Event:
+    """Occupy the single worker until the returned event is set."""
+    started, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        started.set()
+        release.wait(10)
+
+    jobs.submit("blocker", "hold", hold, lambda _: None)
+    assert started.wait(5)
+    return release
+
+
+def test_newest_pending_job_per_key_wins_and_the_rest_are_counted() -> None:
+    """Three jobs queued for one stream behind a busy worker: only the last runs."""
+    jobs = StatsJobs(threads=1)
+    release = _blocker(jobs)
+    ran: list[int] = []
+    for value in (1, 2, 3):
+        jobs.submit("features/h", "effective_rank", lambda v=value: v, ran.append)
+    jobs.submit("features/other", "effective_rank", lambda: 10, ran.append)
+    assert jobs.pending() == 2
+    release.set()
+    assert jobs.wait_idle(5)
+    assert ran == [3, 10]
+    figures = jobs.figures()["effective_rank"]
+    assert figures["count"] == 2
+    assert figures["superseded"] == 2
+    jobs.close(1)
+
+
+def test_a_failing_job_is_counted_and_the_worker_keeps_going() -> None:
+    """An exception in a statistic ends that job only."""
+    jobs = StatsJobs(threads=1)
+    results: list[str] = []
+
+    def boom() -> str:
+        raise RuntimeError("bad matrix")
+
+    jobs.submit("a", "tsne", boom, results.append)
+    jobs.submit("b", "tsne", lambda: "ok", results.append)
+    assert jobs.wait_idle(5)
+    assert results == ["ok"]
+    assert jobs.figures()["tsne"]["failed"] == 1
+    assert jobs.figures()["tsne"]["count"] == 2
+    jobs.close(1)
+
+
+def test_durations_come_from_the_injected_clock() -> None:
+    """Each job's time is measured around the work, with the given clock."""
+    ticks = iter([10.0, 12.5, 20.0, 20.5])
+    lock = threading.Lock()
+
+    def clock() -> float:
+        with lock:
+            return next(ticks)
+
+    jobs = StatsJobs(threads=1, clock=clock)
+    jobs.submit("a", "pca", lambda: None, lambda _: None)
+    assert jobs.wait_idle(5)
+    jobs.submit("b", "pca", lambda: None, lambda _: None)
+    assert jobs.wait_idle(5)
+    figures = jobs.figures()["pca"]
+    assert figures["seconds_sum"] == pytest.approx(3.0)
+    assert figures["seconds_max"] == pytest.approx(2.5)
+    assert figures["last_seconds"] == pytest.approx(0.5)
+    jobs.close(1)
+
+
+def test_close_is_bounded_by_a_hung_job_and_drops_the_rest() -> None:
+    """A statistic that never returns cannot hold the agent's exit."""
+    jobs = StatsJobs(threads=1)
+    release = _blocker(jobs)
+    jobs.submit("later", "tsne", lambda: None, lambda _: None)
+    started = time.monotonic()
+    assert jobs.close(0.3) is False
+    assert time.monotonic() - started < 2.0
+    jobs.submit("after-close", "tsne", lambda: None, lambda _: None)
+    assert jobs.pending() == 0
+    release.set()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+def test_workers_run_at_the_configured_lower_priority() -> None:
+    """The worker thread's own niceness is raised; the caller's is not."""
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    jobs = StatsJobs(threads=1, nice=5)
+    seen: list[int] = []
+    jobs.submit(
+        "a",
+        "nice",
+        lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id()),
+        seen.append,
+    )
+    assert jobs.wait_idle(5)
+    assert seen == [min(19, before + 5)]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before
+    jobs.close(1)
+
+
+def test_zero_threads_is_a_clear_error() -> None:
+    """A config asking for no workers is refused with the number it got."""
+    with pytest.raises(ValueError, match="got 0"):
+        StatsJobs(threads=0)
