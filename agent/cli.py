@@ -199,7 +199,7 @@ def agent(
     A first signal drains, stores and exits 0; a second exits at once.
     Trainers reach it by setting OUTRIDER_ENDPOINT to the endpoint printed.
     """
-    from agent.daemon import Agent, default_endpoint
+    from agent.daemon import Agent, default_endpoint, yield_cpu_to_the_trainer
 
     logging.basicConfig(level=log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if endpoint and tcp:
@@ -213,6 +213,7 @@ def agent(
         raise click.BadParameter("must be a JSON object", param_hint="--meta")
     endpoint = endpoint or tcp_endpoint(tcp) or default_endpoint()
     store_dir = resolve_runs_dir(runs_dir, config).resolve()
+    yield_cpu_to_the_trainer(config.nice, config.stats.threads)
     try:
         daemon = Agent(
             endpoint,

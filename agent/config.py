@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pydantic
 import yaml
@@ -37,6 +37,26 @@ sink_close_timeout: 30.0
 
 # Bins of the histograms the agent computes from probe.histogram samples.
 histogram_bins: 64
+
+# The agent runs beside the trainer and must lose every contest for a core:
+# its niceness is raised by this much at start (0-19; W&B's service inherits it).
+nice: 10
+
+# Expensive statistics (docs/statistics.md), on workers below the agent's own priority.
+stats:
+  enabled: true
+  threads: 1                # workers, and the BLAS/OpenMP threads of each
+  nice: 5                   # added on top of the agent's niceness, per worker thread
+  window_steps: 100         # window summaries and step-time percentiles every N steps
+  feature_map: tsne         # tsne, pca or off: 2-d maps of probe.features batches
+  map_every: 5              # a map for every Nth features batch of a stream
+  map_points: 1000          # rows a map is computed on (t-SNE is O(n log n))
+  dashboard_seconds: 60     # a training-dashboard image this often (0: never)
+
+# Host, trainer-process and GPU sampling (docs/system.md).
+system:
+  enabled: true
+  interval: 1.0             # seconds
 
 # Destinations besides the run store (which is always on). The three below are
 # on by default; switch one off with `enabled: false`. Keys every sink takes:
@@ -77,6 +97,28 @@ class SinkSettings(pydantic.BaseModel):
         return dict(self.model_extra or {})
 
 
+class StatsSettings(pydantic.BaseModel):
+    """The statistics engine's share of the CPU and how often it draws maps and dashboards."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    threads: int = pydantic.Field(default=1, ge=1, le=64)
+    nice: int = pydantic.Field(default=5, ge=0, le=19)
+    window_steps: int = pydantic.Field(default=100, ge=1)
+    feature_map: Literal["tsne", "pca", "off"] = "tsne"
+    map_every: int = pydantic.Field(default=5, ge=1)
+    map_points: int = pydantic.Field(default=1000, ge=10, le=20000)
+    dashboard_seconds: float = pydantic.Field(default=60.0, ge=0)
+
+
+class SystemSettings(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    interval: float = pydantic.Field(default=1.0, gt=0)
+
+
 class AgentConfig(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid")
 
@@ -84,6 +126,9 @@ class AgentConfig(pydantic.BaseModel):
     drain_timeout: float = pydantic.Field(default=5.0, ge=0)
     sink_close_timeout: float = pydantic.Field(default=30.0, ge=0)
     histogram_bins: int = pydantic.Field(default=64, gt=1, le=512)
+    nice: int = pydantic.Field(default=10, ge=0, le=19)
+    stats: StatsSettings = pydantic.Field(default_factory=StatsSettings)
+    system: SystemSettings = pydantic.Field(default_factory=SystemSettings)
     sinks: dict[str, SinkSettings] = pydantic.Field(default_factory=dict)
 
     def only_sinks(self, names: list[str]) -> AgentConfig:

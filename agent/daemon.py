@@ -39,6 +39,22 @@ BURST_SECONDS = 0.02  # ...or this much time: the store stays close behind the s
 INFO_INTERVAL = 1.0  # seconds between run.json rewrites of a changing run
 
 
+def yield_cpu_to_the_trainer(nice: int, blas_threads: int) -> None:
+    """Run below the trainer: raise this process's niceness, cap BLAS/OpenMP threads.
+
+    Children (W&B's service) inherit the niceness. A numpy call in a statistic
+    would otherwise start one BLAS thread per core, each competing with torch.
+    """
+    if nice > 0:
+        try:
+            os.nice(nice)
+        except OSError as exc:
+            logger.warning("outrider agent: cannot lower its priority: %s", exc)
+    import threadpoolctl
+
+    threadpoolctl.threadpool_limits(limits=blas_threads)
+
+
 def private_ipc_dir() -> Path:
     """A fresh directory only this user can enter, for the IPC socket."""
     return Path(tempfile.mkdtemp(prefix="outrider-"))  # mkdtemp creates it 0700

@@ -83,6 +83,7 @@ class StatsJobs:
         self.clock = clock
         self._pending: collections.OrderedDict[Any, _Job] = collections.OrderedDict()
         self._figures: dict[str, JobFigures] = {}
+        self._running_keys: set[Any] = set()
         self._running = 0
         self._closed = False
         self._wake = threading.Condition()
@@ -132,15 +133,25 @@ class StatsJobs:
         with self._wake:
             return {name: figures.as_dict() for name, figures in self._figures.items()}
 
+    def _next_key(self) -> Any:
+        """The oldest pending key not being worked on (one job per key at a time)."""
+        for key in self._pending:
+            if key not in self._running_keys:
+                return key
+        return None
+
     def _work(self) -> None:
         lower_thread_priority(self.nice)
         while True:
             with self._wake:
-                while not self._pending and not self._closed:
+                key = self._next_key()
+                while key is None and not self._closed:
                     self._wake.wait()
+                    key = self._next_key()
                 if self._closed:
                     return
-                _, job = self._pending.popitem(last=False)
+                job = self._pending.pop(key)
+                self._running_keys.add(key)
                 self._running += 1
             started = self.clock()
             try:
@@ -154,6 +165,7 @@ class StatsJobs:
             elapsed = self.clock() - started
             with self._wake:
                 self._running -= 1
+                self._running_keys.discard(key)
                 figures = job.figures
                 figures.count += 1
                 figures.failed += failed

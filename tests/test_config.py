@@ -19,6 +19,9 @@ def test_documented_default_is_the_default() -> None:
     assert parsed.drain_timeout == config.AgentConfig().drain_timeout
     assert parsed.sink_close_timeout == config.AgentConfig().sink_close_timeout
     assert parsed.histogram_bins == config.AgentConfig().histogram_bins
+    assert parsed.nice == config.AgentConfig().nice
+    assert parsed.stats == config.AgentConfig().stats
+    assert parsed.system == config.AgentConfig().system
     assert yaml.safe_load(config.DEFAULT_YAML)["sinks"]["prometheus"]["port"] == 9400
 
 

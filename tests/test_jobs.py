@@ -116,3 +116,29 @@ def test_zero_threads_is_a_clear_error() -> None:
     """A config asking for no workers is refused with the number it got."""
     with pytest.raises(ValueError, match="got 0"):
         StatsJobs(threads=0)
+
+
+def test_a_key_never_runs_twice_at_once() -> None:
+    """With two workers, a key's next job waits for its running one (stateful maps)."""
+    jobs = StatsJobs(threads=2)
+    started, release = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    def first() -> str:
+        started.set()
+        release.wait(10)
+        return "first"
+
+    jobs.submit("map", "tsne", first, order.append)
+    assert started.wait(5)
+    jobs.submit("map", "tsne", lambda: "second", order.append)
+    jobs.submit("other", "tsne", lambda: "other", order.append)
+    deadline = time.monotonic() + 5
+    while "other" not in order and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert order == ["other"]
+    assert jobs.pending() == 1
+    release.set()
+    assert jobs.wait_idle(5)
+    assert order == ["other", "first", "second"]
+    jobs.close(1)
