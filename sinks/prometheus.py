@@ -1,9 +1,11 @@
 """Prometheus sink: a ``/metrics`` endpoint with training scalars, GPU metrics and agent health.
 
 Training scalars become gauges ``<prefix>_<name>`` labelled by ``run``,
-``rank`` and ``host`` only (never the step: labels must stay bounded). GPU
-samples (``system`` entries) are exported under the DCGM exporter's names,
-units and labels, so dashboards built for it (Grafana 12239) work unchanged.
+``rank`` and ``host`` only (never the step: labels must stay bounded). A
+host's samples (``system`` entries, agent/system.py) become ``<prefix>_host_*``
+gauges labelled ``host`` and ``<prefix>_process_*`` gauges labelled ``host`` and
+``pid``; their GPUs are exported under the DCGM exporter's names, units and
+labels, so dashboards built for it (Grafana 12239) work unchanged.
 The agent's own counters are read at scrape time through ``context.agent_stats``.
 
 The number of series is capped (``max_series``): past the cap new series are
@@ -86,6 +88,94 @@ GPU_METRICS: tuple[tuple[str, str, float, str], ...] = (
         "PCIe RX throughput (in KB/s, as NVML samples it).",
     ),
     ("xid_errors", "DCGM_FI_DEV_XID_ERRORS", 1.0, "Value of the last XID error encountered."),
+    ("memory_util_percent", "DCGM_FI_DEV_MEM_COPY_UTIL", 1.0, "Memory utilization (in %)."),
+    ("mem_clock_mhz", "DCGM_FI_DEV_MEM_CLOCK", 1.0, "Memory clock frequency (in MHz)."),
+    (
+        "energy_joules",
+        "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION",
+        1000.0,
+        "Total energy consumption since the driver was loaded (in mJ).",
+    ),
+    (
+        "ecc_sbe_volatile_total",
+        "DCGM_FI_DEV_ECC_SBE_VOL_TOTAL",
+        1.0,
+        "Total number of single-bit volatile ECC errors.",
+    ),
+    (
+        "ecc_dbe_volatile_total",
+        "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL",
+        1.0,
+        "Total number of double-bit volatile ECC errors.",
+    ),
+)
+
+HOST_LABELS = ("host",)
+PROCESS_LABELS = ("host", "pid")
+
+#: system entry field -> (metric name after ``<prefix>_``, factor to the base unit, HELP)
+HOST_METRICS: tuple[tuple[str, str, float, str], ...] = (
+    (
+        "cpu_percent",
+        "host_cpu_utilization_ratio",
+        0.01,
+        "Share of the host's CPU time spent busy over the last sample interval (0-1).",
+    ),
+    ("cpu_count", "host_cpus", 1.0, "Logical CPUs of the host."),
+    ("load1", "host_load1", 1.0, "Host load average over 1 minute."),
+    ("memory_used_bytes", "host_memory_used_bytes", 1.0, "Host memory in use (bytes)."),
+    ("memory_total_bytes", "host_memory_total_bytes", 1.0, "Host memory in total (bytes)."),
+    (
+        "memory_available_bytes",
+        "host_memory_available_bytes",
+        1.0,
+        "Host memory available to new allocations without swapping (bytes).",
+    ),
+    ("swap_used_bytes", "host_swap_used_bytes", 1.0, "Host swap in use (bytes)."),
+    (
+        "disk_read_bytes_per_s",
+        "host_disk_read_bytes_per_second",
+        1.0,
+        "Bytes read from the host's disks per second over the last sample interval.",
+    ),
+    (
+        "disk_write_bytes_per_s",
+        "host_disk_written_bytes_per_second",
+        1.0,
+        "Bytes written to the host's disks per second over the last sample interval.",
+    ),
+    (
+        "net_recv_bytes_per_s",
+        "host_network_receive_bytes_per_second",
+        1.0,
+        "Bytes received per second on the host's network interfaces but loopback.",
+    ),
+    (
+        "net_sent_bytes_per_s",
+        "host_network_transmit_bytes_per_second",
+        1.0,
+        "Bytes sent per second on the host's network interfaces but loopback.",
+    ),
+)
+
+#: trainer-process field -> (metric name after ``<prefix>_``, factor to the base unit, HELP)
+PROCESS_METRICS: tuple[tuple[str, str, float, str], ...] = (
+    (
+        "cpu_percent",
+        "process_cpu_cores",
+        0.01,
+        "CPU cores a trainer process and its children kept busy over the last sample "
+        "interval (1 = one core).",
+    ),
+    (
+        "rss_bytes",
+        "process_resident_memory_bytes",
+        1.0,
+        "Resident memory of a trainer process plus its children (bytes; pages they share "
+        "are counted in each).",
+    ),
+    ("threads", "process_threads", 1.0, "Threads of a trainer process and its children."),
+    ("children", "process_children", 1.0, "Live descendant processes of a trainer process."),
 )
 
 HEALTH_STATES = ("ok", "retrying", "failing", "stalled", "closed")
@@ -127,6 +217,8 @@ def own_metric_names(prefix: str) -> frozenset[str]:
         "sink_health",
         "stat_job_duration_seconds",
         "alerts_active",
+        *(name for _, name, _, _ in HOST_METRICS),
+        *(name for _, name, _, _ in PROCESS_METRICS),
     ]
     return frozenset(f"{prefix}_{base}{suffix}" for base in bases for suffix in _SUFFIXES)
 
@@ -360,15 +452,49 @@ class PrometheusSink(Sink):
             self._nonfinite.values[labels] += nonfinite
 
     def _system(self, entry: Mapping[str, Any], default_host: str, now: float) -> None:
-        gpus = entry.get("gpus")
-        if not isinstance(gpus, list):
-            return
+        """A host's sample: host and trainer-process gauges, and GPUs under DCGM's names.
+
+        One owner per host holds all of them (stale after ``stale_after_seconds``
+        of silence). A process line missing from a sample (its trainer exited)
+        takes its series with it at once: pids are not reused as labels forever.
+        """
         host = entry.get("host")
         hostname = host if isinstance(host, str) else default_host
         owner = self._gpu_owners.get(hostname)
         if owner is None:
             owner = self._gpu_owners[hostname] = _Owner((hostname,), now)
         owner.last_seen = now
+        p = self.prefix
+        host_labels: Labels = (hostname,)
+        for key, base, factor, help_text in HOST_METRICS:
+            value = entry.get(key)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                family = self._own_family(f"{p}_{base}", help_text, HOST_LABELS)
+                self._set(family, host_labels, value * factor, owner)
+        processes = entry.get("processes")
+        if isinstance(processes, list):
+            live: set[Labels] = set()
+            for process in processes:
+                pid = process.get("pid") if isinstance(process, Mapping) else None
+                if not isinstance(pid, int) or isinstance(pid, bool):
+                    continue
+                labels: Labels = (hostname, str(pid))
+                live.add(labels)
+                for key, base, factor, help_text in PROCESS_METRICS:
+                    value = process.get(key)
+                    if isinstance(value, int | float) and not isinstance(value, bool):
+                        family = self._own_family(f"{p}_{base}", help_text, PROCESS_LABELS)
+                        self._set(family, labels, value * factor, owner)
+            process_names = {f"{p}_{base}" for _, base, _, _ in PROCESS_METRICS}
+            for name, labels in [
+                key for key in owner.series if key[0] in process_names and key[1] not in live
+            ]:
+                owner.series.discard((name, labels))
+                if self._families[name].values.pop(labels, None) is not None:
+                    self._count -= 1
+        gpus = entry.get("gpus")
+        if not isinstance(gpus, list):
+            return
         for gpu in gpus:
             if not isinstance(gpu, Mapping):
                 continue
@@ -384,6 +510,13 @@ class PrometheusSink(Sink):
                 value = gpu.get(key)
                 if isinstance(value, int | float) and not isinstance(value, bool):
                     self._set(self._families[metric], labels, value * factor, owner)
+
+    def _own_family(self, name: str, help_text: str, labelnames: Labels) -> _Family:
+        """One of the sink's own families, made on first use (user metrics cannot take it)."""
+        family = self._families.get(name)
+        if family is None:
+            family = self._family(name, help_text, labelnames)
+        return family
 
     # -- series bookkeeping (under the lock) -------------------------------------------
     def _family(

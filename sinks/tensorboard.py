@@ -159,6 +159,7 @@ class TensorBoardSink(Sink):
             "event": self._event,
             "config": self._config,
             "alert": self._alert,
+            "system": self._system,
         }
 
     # -- the Sink contract ------------------------------------------------------
@@ -391,6 +392,20 @@ class TensorBoardSink(Sink):
         body, note = self._truncate(message, escape_markdown)
         headline = f"**{escape_markdown(severity.upper())}** {body}"
         return [self._markdown(f"alerts/{tag}", headline, note)]
+
+    def _system(self, entry: dict[str, Any], run_dir: Path) -> list[Any]:
+        """A host sample: one scalar per ``agent.system.flatten`` name (``system/...``).
+
+        The agent's own entries (rank -1) go where its alerts go: the run's
+        directory, so TensorBoard shows a ``system`` section beside the
+        training scalars (see docs/system.md).
+        """
+        from agent.system import flatten  # the one definition of the names
+
+        return [
+            summary_pb2.Summary.Value(tag=tag, simple_value=value)
+            for tag, value in flatten(entry).items()
+        ]
 
     def _truncate(self, text: str, render: Callable[..., str], *args: str) -> tuple[str, str]:
         """``render(text)``, cut to ``max_text_chars`` first; the note says what was cut."""
