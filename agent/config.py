@@ -52,6 +52,7 @@ stats:
   map_every: 5              # a map for every Nth features batch of a stream
   map_points: 1000          # rows a map is computed on (t-SNE is O(n log n))
   dashboard_seconds: 60     # a training-dashboard image this often (0: never)
+  close_timeout: 10         # seconds at exit for the last windows, maps and dashboard
 
 # Host, trainer-process and GPU sampling (docs/system.md).
 system:
@@ -110,6 +111,7 @@ class StatsSettings(pydantic.BaseModel):
     map_every: int = pydantic.Field(default=5, ge=1)
     map_points: int = pydantic.Field(default=1000, ge=10, le=20000)
     dashboard_seconds: float = pydantic.Field(default=60.0, ge=0)
+    close_timeout: float = pydantic.Field(default=10.0, ge=0)
 
 
 class SystemSettings(pydantic.BaseModel):

@@ -22,6 +22,7 @@ from typing import Any
 import zmq
 
 from agent import runinfo
+from agent.analysis import Analysis, Derived
 from agent.config import AgentConfig
 from agent.counters import AgentCounters, RateLimitedLog
 from agent.decode import Rejected, decode
@@ -103,6 +104,7 @@ class Agent:
         config: AgentConfig | None = None,
         fanout: Fanout | None = None,
         sink_close_timeout: float | None = None,
+        analysis: bool | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config or AgentConfig()
@@ -124,6 +126,7 @@ class Agent:
         self.complaints = RateLimitedLog(clock=clock)
         self.runs: dict[str, RunStore] = {}
         self._stop_requested = False
+        self._closing = False
         self._signals = 0
         self._context = zmq.Context()
         self._socket = self._context.socket(zmq.PULL)
@@ -137,6 +140,11 @@ class Agent:
             context = SinkContext(runs_dir, agent_stats=self.stats)
             fanout = Fanout.from_config(config, context) if config is not None else Fanout()
         self.fanout = fanout
+        # Statistics, system samples and alerts: on with a config (the CLI), off without.
+        if analysis is None:
+            analysis = config is not None
+        self.analysis = Analysis(self.config, host=self._host) if analysis else None
+        self._burst: list[Batch] = []
 
     def _bind(self) -> None:
         if self.endpoint.startswith("ipc://"):
@@ -206,9 +214,11 @@ class Agent:
             self._learn_cwd(store, batch.records[0].body)
         entries = store.add(batch.envelope, batch.records)
         counters.records += len(batch.records)
-        if self.fanout.workers:
-            source = Source.from_envelope(batch.envelope)
-            self.fanout.submit(Batch(source, entries, str(store.dir)))
+        if self.fanout.workers or self.analysis is not None:
+            stored = Batch(Source.from_envelope(batch.envelope), entries, str(store.dir))
+            self.fanout.submit(stored)
+            if self.analysis is not None:
+                self._burst.append(stored)
 
     def _learn_cwd(self, store: RunStore, hello: dict[str, Any]) -> None:
         """A run the agent was not told about gets git info from its trainer's directory."""
@@ -238,6 +248,10 @@ class Agent:
                 )
         for store in self.runs.values():
             store.flush()
+        if self._burst and self.analysis is not None:
+            # After the flush: statistics read features back from tensors.bin.
+            self.analysis.submit(self._burst)
+            self._burst = []
         return count
 
     def serve(self, ready: Callable[[], None] | None = None) -> int:
@@ -245,6 +259,8 @@ class Agent:
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self.open_declared_run()
         previous = self._install_signals()
+        if self.analysis is not None:
+            self.analysis.start()
         try:
             if ready is not None:
                 ready()
@@ -252,6 +268,7 @@ class Agent:
             while not self._stop_requested:
                 if self.receive_burst(100):
                     self._last_receive = self.clock()
+                self._route_derived()
                 now = self.clock()
                 if now - last_info >= INFO_INTERVAL:
                     last_info = now
@@ -266,15 +283,44 @@ class Agent:
         return 0
 
     def _route_alerts(self) -> None:
-        """Alerts from sinks (a failing sink, a series cap): stored, then sent to every sink."""
+        """Alerts from sinks (a failing sink, a series cap): through the alert rules' cooldowns
+        and destinations when the analysis runs, else stored and sent to every sink."""
         for run_id, alert in self.fanout.take_alerts():
+            if self.analysis is not None and not self._closing:
+                self.analysis.sink_alert(run_id, alert)
+                continue
             logger.warning("outrider agent: alert %s: %s", alert.get("name"), alert.get("message"))
-            targets = [self.runs[run_id]] if run_id in self.runs else list(self.runs.values())
-            for store in targets:
-                entry = store.add_local(alert)
-                store.flush()
-                source = Source(store.run_id, "agent", -1, -1, 0, self._host, os.getpid())
+            self._store_and_send(Derived(run_id, alert))
+
+    def _route_derived(self) -> None:
+        """What the analysis made (derived scalars, summaries, images, system samples,
+        alerts): stored like records, then sent to the sinks."""
+        if self.analysis is None:
+            return
+        derived = self.analysis.take()
+        for item in derived:
+            self._store_and_send(item)
+
+    def _store_and_send(self, item: Derived) -> None:
+        if item.run is None:
+            targets = list(self.runs.values()) if item.to_store else []
+        else:
+            store = self.runs.get(item.run)
+            targets = [store] if store is not None else []
+        is_alert = item.entry.get("kind") == "alert"
+        for store in targets:
+            if is_alert:
+                entry = store.add_alert(item.entry) if item.to_store else dict(item.entry)
+            else:
+                entry = store.add_local(item.entry)
+            store.flush()
+            if item.to_sinks:
+                rank = entry.get("rank", -1)
+                source = Source(store.run_id, "agent", rank, -1, 0, self._host, os.getpid())
                 self.fanout.submit(Batch(source, [entry], str(store.dir)))
+        if not targets and item.to_sinks:
+            source = Source(item.run or "", "agent", -1, -1, 0, self._host, os.getpid())
+            self.fanout.submit(Batch(source, [dict(item.entry)], str(self.runs_dir)))
 
     def stats(self) -> dict[str, Any]:
         """The agent's health, as the Prometheus sink exposes it (safe from other threads)."""
@@ -282,6 +328,8 @@ class Agent:
             try:
                 stats = self.counters.as_dict()
                 stats["sinks"] = self.fanout.snapshot()
+                if self.analysis is not None:
+                    stats.update(self.analysis.stats())
                 stats["runs"] = {
                     run_id: {
                         "streams": [ledger.summary() for ledger in list(store.streams.values())]
@@ -335,6 +383,12 @@ class Agent:
     def close(self) -> None:
         for store in self.runs.values():
             store.flush()
+        if self.analysis is not None:
+            # Final windows, dashboards and alerts go to the sinks before those close.
+            self._route_alerts()
+            self.analysis.close(self.config.stats.close_timeout)
+            self._route_derived()
+        self._closing = True
         self.fanout.close(self.sink_close_timeout)
         self._route_alerts()
         agent_stats = self.counters.as_dict()

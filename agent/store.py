@@ -25,6 +25,7 @@ from probe import protocol
 
 RUN_JSON = "run.json"
 METRICS = "metrics.jsonl"
+ALERTS = "alerts.jsonl"
 TENSORS = "tensors.bin"
 
 _INFO_POOL = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="outrider-runinfo")
@@ -186,6 +187,13 @@ class RunStore:
         line = {"step": None, "rank": -1, "t": time.time(), "stream": "agent", "seq": -1, **line}
         self._pending.append(orjson.dumps(line))
         self.dirty = True
+        return line
+
+    def add_alert(self, alert: dict[str, Any]) -> dict[str, Any]:
+        """An alert: in metrics.jsonl like every entry, and in alerts.jsonl for people."""
+        line = self.add_local(alert)
+        with open(self.dir / ALERTS, "ab") as alerts:
+            alerts.write(orjson.dumps(line) + b"\n")
         return line
 
     def _note(self, kind: str, body: dict[str, Any], envelope: dict[str, Any]) -> None:

@@ -29,6 +29,7 @@ import probe
 
 VOCAB = 256  # bytes: no tokenizer, no unknown characters
 PROMPT = "def "
+MISBEHAVIOURS = ("lr-spike", "nan", "collapse")
 
 
 def load_stdlib_text(max_bytes: int) -> bytes:
@@ -155,6 +156,18 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--features-every", type=int, default=100)
     p.add_argument("--data-bytes", type=int, default=3_000_000)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--misbehave",
+        choices=MISBEHAVIOURS,
+        default=None,
+        help="break the run on purpose from --misbehave-at on, to watch the agent's alerts fire: "
+        "lr-spike (learning rate x100: loss spike, gradient explosion), nan (a NaN loss once: "
+        "non-finite loss and gradients), collapse (every feature row the same: "
+        "representation collapse)",
+    )
+    p.add_argument(
+        "--misbehave-at", type=int, default=None, help="step to misbehave from (default: half-way)"
+    )
     return p.parse_args()
 
 
@@ -195,9 +208,11 @@ def main() -> None:
     hidden: list[Tensor] = []
     model.ln_f.register_forward_hook(lambda module, inputs, out: hidden.append(out))
 
+    misbehave_at = args.steps // 2 if args.misbehave_at is None else args.misbehave_at
     start = time.perf_counter()
     step = 0
     for step in range(args.steps):
+        misbehaving = args.misbehave is not None and step >= misbehave_at
         if step % args.eval_every == 0:
             val = probe.evaluate_lm(model, val_batches, step)
             print(f"step {step:5d} | val loss {val['val/loss'].item():.3f}", flush=True)
@@ -205,19 +220,28 @@ def main() -> None:
             probe.text("samples/generation", sample(model, 120, args.device, args.seed), step=step)
 
         lr = lr_at(step, args.steps, args.lr)
+        if misbehaving and args.misbehave == "lr-spike":
+            lr *= 100
         for group in opt.param_groups:
             group["lr"] = lr
         x, y = get_batch(train, args.batch_size, args.context, gen)
         x, y = x.to(args.device, non_blocking=True), y.to(args.device, non_blocking=True)
         hidden.clear()
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        inject_nan = misbehaving and args.misbehave == "nan" and step == misbehave_at
+        if inject_nan:
+            loss = loss * torch.tensor(float("nan"), device=loss.device)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # pre-clip norm, a tensor
-        opt.step()
+        if not inject_nan:  # like AMP's GradScaler, skip the step whose gradients are NaN
+            opt.step()
         probe.log({"loss": loss.detach()}, step=step)
         if hidden:
-            probe.features("hidden/final", hidden[-1], step=step, every=args.features_every)
+            features = hidden[-1]
+            if misbehaving and args.misbehave == "collapse":
+                features = features.detach()[:1, :1].expand_as(features)
+            probe.features("hidden/final", features, step=step, every=args.features_every)
 
         if step % args.print_every == 0 or step == args.steps - 1:
             now = time.perf_counter()

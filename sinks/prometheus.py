@@ -736,6 +736,26 @@ class AgentStatsCollector(Collector):
                     sum_value=figures.get("seconds_sum", 0.0),
                 )
             yield summary
+        fired = stats.get("alerts_fired")
+        if fired is not None:
+            total = CounterMetricFamily(
+                f"{p}_alerts",
+                "Alerts the agent's alert engine fired (after cooldowns), by alert and severity.",
+                labels=("alert", "severity"),
+            )
+            for alert in fired:
+                total.add_metric(
+                    (str(alert.get("name", "")), str(alert.get("severity", ""))),
+                    alert.get("count", 0),
+                )
+            yield total
+        dropped = stats.get("analysis_dropped")
+        if dropped is not None:
+            yield CounterMetricFamily(
+                f"{p}_analysis_dropped_batches",
+                "Batches the agent's statistics could not keep up with (the run store has them).",
+                value=dropped,
+            )
         alerts = stats.get("alerts_active")
         if alerts is not None:
             active = GaugeMetricFamily(

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sinks import registry
 from sinks.base import Batch, Source
-from sinks.prometheus import ALERT_COOLDOWN_SECONDS, PrometheusSink
+from sinks.prometheus import ALERT_COOLDOWN_SECONDS, GPU_METRICS, PrometheusSink
 from sinks.registry import SinkContext
 from sinks.worker import SinkWorker
 from tests.prometheus_server import (
@@ -124,6 +124,8 @@ def agent_stats(**overrides: Any) -> dict[str, Any]:
         },
         "stat_jobs": {"effective_rank": {"count": 4, "seconds_sum": 0.5}},
         "alerts_active": [{"name": "loss_spike", "severity": "warning", "run": "run-1"}],
+        "alerts_fired": [{"name": "loss_spike", "severity": "warning", "count": 3}],
+        "analysis_dropped": 2,
     }
     stats.update(overrides)
     return stats
@@ -328,6 +330,8 @@ def test_agent_health_is_read_at_scrape_time(make_sink: Any) -> None:
         value(series, "outrider_alerts_active", alert="loss_spike", severity="warning", run="run-1")
         == 1
     )
+    assert value(series, "outrider_alerts_total", alert="loss_spike", severity="warning") == 3
+    assert value(series, "outrider_analysis_dropped_batches_total") == 2
 
     current["stats"] = agent_stats(messages=121)
     del current["stats"]["stat_jobs"]
@@ -442,7 +446,7 @@ def test_millions_of_names_past_the_cap_keep_memory_bounded(make_sink: Any) -> N
         sink.export([batch(source(0), scalars(1, {f"m{start + i}": 1.0 for i in range(1000)}))])
     assert sink.series_count == 10
     assert sink.refused["series_cap"] == 20_000 - 7  # 3 series per rank, then 7 names fit
-    assert len(sink._families) <= 3 + 10 + 7  # own + GPU + the names that fit
+    assert len(sink._families) <= 3 + len(GPU_METRICS) + 7  # own + GPU + the names that fit
     assert len(sink._user_names) <= 4 * 10
 
 

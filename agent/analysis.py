@@ -1,0 +1,481 @@
+"""The agent's brain: statistics, summaries, system samples and alerts, off the receive thread.
+
+The receive loop hands over each burst's stored entries (a deque append) and
+takes back what the analysis made: derived scalars, summaries, images,
+system samples and fired alerts, which it stores and fans out like any other
+record. Everything here runs on one analysis thread plus the statistics
+workers (``agent/jobs.py``), below the agent's own priority; the inbox is
+bounded, so a flood of input costs statistics (counted), never the run store.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from agent.config import AgentConfig
+from agent.jobs import StatsJobs, lower_thread_priority
+from sinks.base import Batch
+
+logger = logging.getLogger("outrider.agent")
+
+INBOX_LIMIT = 10_000  # batches waiting for the analysis thread; older ones are dropped
+TICK_SECONDS = 1.0
+#: kinds the training code makes: their absence (not heartbeats') means a stalled loop
+TRAINER_KINDS = frozenset({"scalars", "tensor", "text", "event", "config", "histogram"})
+TENSORS = "tensors.bin"
+
+
+@dataclass(frozen=True)
+class Derived:
+    """Something the analysis made, for the receive loop to store and send on.
+
+    ``run`` None: no particular run (stored in every open one, sent to sinks
+    once). ``to_store`` / ``to_sinks`` follow an alert's destinations.
+    """
+
+    run: str | None
+    entry: dict[str, Any]
+    to_store: bool = True
+    to_sinks: bool = True
+
+
+@dataclass(frozen=True)
+class _FeatureBatch:
+    run: str
+    rank: int
+    name: str
+    step: int | None
+    run_dir: Path
+    line: Mapping[str, Any]
+
+
+def _floats(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Stored scalars hold NaN/Infinity as strings: numbers again for the statistics."""
+    values: dict[str, float] = {}
+    for name, value in metrics.items():
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                continue
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            values[name] = float(value)
+    return values
+
+
+def read_features(line: Mapping[str, Any], run_dir: Path) -> Any:
+    """A features batch's rows, read back from the run's tensors.bin (float32, 2-d)."""
+    import numpy as np
+
+    shape = line.get("shape")
+    if line.get("dtype") != "float32" or not isinstance(shape, list) or len(shape) != 2:
+        raise ValueError(f"features {line.get('name')!r}: want 2-d float32, got {shape}")
+    with open(run_dir / TENSORS, "rb") as tensors:
+        tensors.seek(int(line["offset"]))
+        data = tensors.read(int(line["nbytes"]))
+    if len(data) != 4 * shape[0] * shape[1]:
+        raise ValueError(f"features {line.get('name')!r}: {len(data)} bytes for shape {shape}")
+    return np.frombuffer(data, dtype=np.float32).reshape(shape)
+
+
+class Analysis:
+    """Owns the analysis thread, the statistics workers, the system sampler and the alerts."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        host: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        sample_system: bool | None = None,
+    ) -> None:
+        self.config = config
+        self.host = host or socket.gethostname()
+        self.clock = clock
+        self.wall_clock = wall_clock
+        from agent import alerts as alert_engine
+        from agent.summaries import Summaries
+        from agent.system import SystemSampler
+
+        settings = config.stats
+        self.summaries = Summaries(window_steps=settings.window_steps)
+        self.jobs = StatsJobs(threads=settings.threads, nice=settings.nice)
+        self.alerts = (
+            alert_engine.AlertEngine.from_config(config.alerts, clock=clock)
+            if config.alerts.enabled
+            else None
+        )
+        self._inbox: collections.deque[tuple[str, Any]] = collections.deque()
+        self._outbox: collections.deque[Derived] = collections.deque()
+        self._results: collections.deque[tuple[str, Any]] = collections.deque()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self.inbox_dropped = 0
+        self._published: dict[str, Any] = {}
+        self._pids: dict[int, tuple[str, int]] = {}  # local trainer pid -> (run, rank)
+        self._open_runs: dict[str, Path] = {}
+        self._feature_counts: dict[tuple[str, int, str], int] = {}
+        self._maps: dict[tuple[str, int, str], Any] = {}
+        self._unpaired: dict[tuple[str, str], _FeatureBatch] = {}
+        self._last_dashboard: dict[str, float] = {}
+        self._last_step: dict[str, int] = {}
+        want_system = config.system.enabled if sample_system is None else sample_system
+        self.sampler = (
+            SystemSampler(
+                interval=config.system.interval,
+                pids=self._local_pids,
+                emit=self._on_system,
+                host=self.host,
+            )
+            if want_system
+            else None
+        )
+        self._thread = threading.Thread(target=self._run, name="outrider-analysis", daemon=True)
+
+    # -- the receive loop's side ---------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+        if self.sampler is not None:
+            self.sampler.start()
+
+    def submit(self, batches: Iterable[Batch]) -> None:
+        """Hand over stored entries (called after the store has written them)."""
+        for batch in batches:
+            if len(self._inbox) >= INBOX_LIMIT:
+                self._inbox.popleft()
+                self.inbox_dropped += 1
+            self._inbox.append(("batch", batch))
+        self._wake.set()
+
+    def sink_alert(self, run: str | None, alert: Mapping[str, Any]) -> None:
+        """A sink's own alert (sink_failed, series cap): through the rules' cooldowns."""
+        self._inbox.append(("sink_alert", (run, dict(alert))))
+        self._wake.set()
+
+    def take(self) -> list[Derived]:
+        taken = []
+        while self._outbox:
+            taken.append(self._outbox.popleft())
+        return taken
+
+    def stats(self) -> dict[str, Any]:
+        """Job costs, active alerts and fired counts, for /metrics (safe from any thread)."""
+        published = dict(self._published)
+        published["stat_jobs"] = self.jobs.figures()
+        published["analysis_dropped"] = self.inbox_dropped
+        return published
+
+    def close(self, timeout: float) -> None:
+        """Finish what is queued (final windows, dashboards) within ``timeout``."""
+        deadline = self.clock() + timeout
+        if self.sampler is not None:
+            self.sampler.close(min(2.0, timeout))
+        self._inbox.append(("close", None))
+        self._wake.set()
+        self._thread.join(max(0.0, deadline - self.clock()))
+        self.jobs.close(max(0.0, deadline - self.clock()))
+        self._process_results()
+        self._publish_alerts()
+        if self.alerts is not None:
+            self.alerts.close(max(0.0, min(5.0, deadline - self.clock())))
+
+    # -- the analysis thread ---------------------------------------------------------------
+    def _run(self) -> None:
+        lower_thread_priority(self.config.stats.nice)
+        next_tick = self.clock() + TICK_SECONDS
+        closing = False
+        while not closing:
+            self._wake.wait(max(0.0, min(TICK_SECONDS, next_tick - self.clock())))
+            self._wake.clear()
+            while self._inbox:
+                what, item = self._inbox.popleft()
+                try:
+                    if what == "close":
+                        closing = True
+                        self._finish_runs()
+                    else:
+                        self._handle(what, item)
+                except Exception as exc:  # a bug in a statistic must not end the analysis
+                    logger.warning("outrider agent: analysis failed on %s: %r", what, exc)
+            self._process_results()
+            now = self.clock()
+            if now >= next_tick or closing:
+                next_tick = now + TICK_SECONDS
+                self._tick(now)
+
+    def _handle(self, what: str, item: Any) -> None:
+        if what == "batch":
+            self._batch(item)
+        elif what == "system":
+            self._system(item)
+        elif what == "sink_alert":
+            run, alert = item
+            if self.alerts is None:
+                self._outbox.append(Derived(run, {"kind": "alert", **alert}))
+                return
+            name = alert.get("name", "sink_failed")
+            event = "series_cap" if name == "prometheus_series_cap" else str(name)
+            for run_id in [run] if run else list(self._open_runs) or [""]:
+                self.alerts.observe_event(run_id, -1, event, alert.get("attrs") or alert)
+
+    def _batch(self, batch: Batch) -> None:
+        source = batch.source
+        run, rank = source.run, source.rank
+        run_dir = Path(batch.run_dir)
+        self._open_runs.setdefault(run, run_dir)
+        engine = self.alerts
+        trainer_record = False
+        for entry in batch.entries:
+            kind = entry.get("kind")
+            if kind in TRAINER_KINDS:
+                trainer_record = True
+            if kind == "scalars":
+                step = entry.get("step")
+                if isinstance(step, int) and step > self._last_step.get(run, -1):
+                    self._last_step[run] = step
+                metrics = _floats(entry.get("metrics") or {})
+                self.summaries.observe(run, rank, entry.get("step"), entry["t"], metrics)
+                if engine is not None:
+                    engine.observe(run, rank, entry.get("step"), entry["t"], metrics)
+            elif kind == "tensor" and entry.get("as") == "features":
+                self._features(
+                    _FeatureBatch(run, rank, str(entry["name"]), entry.get("step"), run_dir, entry)
+                )
+            elif kind == "event":
+                self.summaries.observe_event(run, rank, entry.get("step"), str(entry.get("name")))
+            elif kind == "hello":
+                if source.host == self.host and source.pid > 0:
+                    self._pids[source.pid] = (run, rank)
+                if engine is not None:
+                    engine.observe_event(run, rank, "hello", {"pid": source.pid})
+            elif kind == "probe_stats" and engine is not None:
+                engine.observe_event(run, rank, "probe_stats", {"dropped": entry.get("dropped")})
+            elif kind == "bye":
+                self._pids.pop(source.pid, None)
+                if engine is not None:
+                    engine.observe_event(run, rank, "bye", {})
+            elif kind == "run_end":
+                if engine is not None:
+                    engine.observe_event(
+                        run, rank, "run_end", {"exit_status": entry.get("exit_status")}
+                    )
+                self._end_run(run)
+        if trainer_record and engine is not None:
+            engine.observe_event(run, rank, "record", {})
+
+    # -- representation statistics and maps -------------------------------------------------
+    def _features(self, batch: _FeatureBatch) -> None:
+        from agent import representation
+
+        stream = (batch.run, batch.rank, batch.name)
+
+        def stats() -> dict[str, float]:
+            return representation.representation_stats(read_features(batch.line, batch.run_dir))
+
+        self.jobs.submit(
+            stream, "representation", stats, lambda result: self._result("features", batch, result)
+        )
+        self._pair(batch)
+        count = self._feature_counts[stream] = self._feature_counts.get(stream, 0) + 1
+        method = self.config.stats.feature_map
+        if method != "off" and (count - 1) % self.config.stats.map_every == 0:
+            self._map(batch, method)
+
+    def _pair(self, batch: _FeatureBatch) -> None:
+        """Student/teacher streams: the line naming a pair meets its partner's at the same step."""
+        partner = batch.line.get("pair")
+        key = (batch.run, str(partner) if partner else batch.name)
+        waiting = self._unpaired.get(key)
+        if waiting is not None and waiting.step == batch.step and waiting.name != batch.name:
+            del self._unpaired[key]
+            first, second = (waiting, batch) if partner else (batch, waiting)
+            self._submit_pair(first, second)
+            return
+        if len(self._unpaired) > 256:
+            self._unpaired.clear()  # partners that never came; keep the table bounded
+        self._unpaired[(batch.run, batch.name) if partner else key] = batch
+
+    def _submit_pair(self, student: _FeatureBatch, teacher: _FeatureBatch) -> None:
+        from agent import representation
+
+        def paired() -> dict[str, float]:
+            return representation.paired_stats(
+                read_features(student.line, student.run_dir),
+                read_features(teacher.line, teacher.run_dir),
+            )
+
+        self.jobs.submit(
+            (teacher.run, teacher.rank, teacher.name, "pair"),
+            "pair_cosine",
+            paired,
+            lambda result: self._result("features", teacher, result),
+        )
+
+    def _map(self, batch: _FeatureBatch, method: Literal["tsne", "pca"]) -> None:
+        from agent import maps
+
+        key = (batch.run, batch.rank, batch.name)
+        directory = batch.run_dir / "images" / f"features-{batch.name}-{method}".replace("/", "_")
+        points = self.config.stats.map_points
+
+        def draw() -> Path:
+            feature_map = self._maps.get(key)
+            if feature_map is None:
+                feature_map = self._maps[key] = maps.FeatureMap(max_points=points)
+            step = -1 if batch.step is None else batch.step
+            xy = feature_map.update(read_features(batch.line, batch.run_dir), step, method)
+            title = f"{batch.name} ({method}), step {batch.step}"
+            return maps.render_map(xy, directory / f"{step:08d}.png", title)
+
+        self.jobs.submit(
+            (*key, "map"), method, draw, lambda path: self._result("map", batch, (method, path))
+        )
+
+    def _result(self, what: str, batch: _FeatureBatch, result: Any) -> None:
+        """Called on a worker: the analysis thread turns results into entries."""
+        self._results.append((what, (batch, result)))
+        self._wake.set()
+
+    def _process_results(self) -> None:
+        while self._results:
+            what, (batch, result) = self._results.popleft()
+            if what == "features":
+                metrics = {f"features/{batch.name}/{key}": value for key, value in result.items()}
+                self._derive(batch.run, batch.rank, batch.step, metrics)
+            elif what == "map":
+                method, path = result
+                self._image(batch.run, batch.rank, batch.step, f"features/{batch.name}/{method}", path)
+            elif what == "dashboard":
+                step, path = result
+                self._image(batch, 0, step, "dashboard", path)
+
+    def _derive(self, run: str, rank: int, step: int | None, metrics: dict[str, float]) -> None:
+        """Derived scalars: to the store and sinks, and fed back to summaries and alerts."""
+        clean = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+        t = self.wall_clock()
+        self.summaries.observe(run, rank, step, t, clean)
+        if self.alerts is not None:
+            self.alerts.observe(run, rank, step, t, clean)
+        stored = {k: v if math.isfinite(v) else str(v) for k, v in clean.items()}
+        entry = {"kind": "scalars", "step": step, "rank": rank, "t": t, "metrics": stored}
+        self._outbox.append(Derived(run, entry))
+
+    def _image(self, run: str, rank: int, step: int | None, name: str, path: Path) -> None:
+        entry = {
+            "kind": "image",
+            "step": step,
+            "rank": rank,
+            "t": self.wall_clock(),
+            "name": name,
+            "path": str(path),
+        }
+        self._outbox.append(Derived(run, entry))
+
+    # -- system samples ------------------------------------------------------------------------
+    def _local_pids(self) -> list[int]:
+        return list(self._pids)
+
+    def _on_system(self, entry: dict[str, Any]) -> None:
+        """Called on the sampler's thread."""
+        self._inbox.append(("system", entry))
+        self._wake.set()
+
+    def _system(self, entry: dict[str, Any]) -> None:
+        """Stored in every running run; with none, still sent to the sinks (GPU dashboards)."""
+        from agent.system import flatten
+
+        for run in self._open_runs:
+            self._outbox.append(Derived(run, entry))
+        if not self._open_runs:
+            self._outbox.append(Derived(None, entry, to_store=False))
+        gone = entry.get("gone") or []
+        metrics = flatten(entry)
+        for run in list(self._open_runs):
+            self.summaries.observe(run, -1, None, entry.get("t", self.wall_clock()), metrics)
+        if self.alerts is None:
+            return
+        for run in list(self._open_runs):
+            self.alerts.observe(run, -1, None, entry.get("t", self.wall_clock()), metrics)
+        for pid in gone:
+            owner = self._pids.pop(pid, None)
+            if owner is not None:
+                self.alerts.observe_event(owner[0], owner[1], "process_gone", {"pid": pid})
+
+    # -- periodic work ------------------------------------------------------------------------
+    def _tick(self, now: float) -> None:
+        self._take_summaries()
+        if self.alerts is not None:
+            self.alerts.tick()
+            self._publish_alerts()
+        every = self.config.stats.dashboard_seconds
+        if every > 0:
+            for run in list(self._open_runs):
+                if now - self._last_dashboard.get(run, -math.inf) >= every:
+                    self._dashboard(run, now)
+
+    def _take_summaries(self) -> None:
+        for entry in self.summaries.take():
+            run = entry.pop("run")
+            self._outbox.append(Derived(run, entry))
+
+    def _dashboard(self, run: str, now: float) -> None:
+        from agent.dashboard import render_dashboard
+
+        history = {name: (x.copy(), y.copy()) for name, (x, y) in self.summaries.history(run).items()}
+        if not history:
+            return
+        self._last_dashboard[run] = now
+        step = self._last_step.get(run)
+        directory = self._open_runs[run] / "images" / "dashboard"
+        name = f"{step if step is not None else 0:08d}.png"
+
+        def draw() -> Path:
+            return render_dashboard(history, directory / name, f"outrider run {run}")
+
+        self.jobs.submit(
+            (run, "dashboard"),
+            "dashboard",
+            draw,
+            lambda path: self._results.append(("dashboard", (run, (step, path)))),
+        )
+
+    def _end_run(self, run: str) -> None:
+        """The trainer finished: last windows, a final dashboard, no more periodic work."""
+        self.summaries.close_run(run)
+        self._take_summaries()
+        if run in self._open_runs:
+            if self.config.stats.dashboard_seconds > 0:
+                self._dashboard(run, self.clock())
+            del self._open_runs[run]
+
+    def _finish_runs(self) -> None:
+        for run in list(self._open_runs):
+            self._end_run(run)
+
+    def _publish_alerts(self) -> None:
+        engine = self.alerts
+        if engine is None:
+            return
+        for alert in engine.take_fired():
+            destinations = alert.get("destinations") or []
+            run = alert.pop("run", None) or None
+            self._outbox.append(
+                Derived(run, alert, to_store="store" in destinations, to_sinks="sinks" in destinations)
+            )
+        self._published = {
+            "alerts_active": engine.active(),
+            "alerts_fired": [
+                {"name": name, "severity": severity, "count": count}
+                for (name, severity), count in engine.counts().items()
+            ],
+        }
