@@ -225,8 +225,9 @@ class Analysis:
                 return
             name = alert.get("name", "sink_failed")
             event = "series_cap" if name == "prometheus_series_cap" else str(name)
+            attrs = {**(alert.get("attrs") or {}), "message": alert.get("message", "")}
             for run_id in [run] if run else list(self._open_runs) or [""]:
-                self.alerts.observe_event(run_id, -1, event, alert.get("attrs") or alert)
+                self.alerts.observe_event(run_id, -1, event, attrs)
 
     def _batch(self, batch: Batch) -> None:
         source = batch.source
@@ -234,6 +235,7 @@ class Analysis:
         run_dir = Path(batch.run_dir)
         self._open_runs.setdefault(run, run_dir)
         engine = self.alerts
+        statistics = self.config.stats.enabled
         trainer_record = False
         for entry in batch.entries:
             kind = entry.get("kind")
@@ -244,10 +246,11 @@ class Analysis:
                 if isinstance(step, int) and step > self._last_step.get(run, -1):
                     self._last_step[run] = step
                 metrics = _floats(entry.get("metrics") or {})
-                self.summaries.observe(run, rank, entry.get("step"), entry["t"], metrics)
+                if statistics:
+                    self.summaries.observe(run, rank, entry.get("step"), entry["t"], metrics)
                 if engine is not None:
                     engine.observe(run, rank, entry.get("step"), entry["t"], metrics)
-            elif kind == "tensor" and entry.get("as") == "features":
+            elif kind == "tensor" and entry.get("as") == "features" and statistics:
                 self._features(
                     _FeatureBatch(run, rank, str(entry["name"]), entry.get("step"), run_dir, entry)
                 )
@@ -354,7 +357,9 @@ class Analysis:
                 self._derive(batch.run, batch.rank, batch.step, metrics)
             elif what == "map":
                 method, path = result
-                self._image(batch.run, batch.rank, batch.step, f"features/{batch.name}/{method}", path)
+                self._image(
+                    batch.run, batch.rank, batch.step, f"features/{batch.name}/{method}", path
+                )
             elif what == "dashboard":
                 step, path = result
                 self._image(batch, 0, step, "dashboard", path)
@@ -391,17 +396,16 @@ class Analysis:
         self._wake.set()
 
     def _system(self, entry: dict[str, Any]) -> None:
-        """Stored in every running run; with none, still sent to the sinks (GPU dashboards)."""
+        """Stored in, and sent for, every running run; between runs nothing is recorded."""
         from agent.system import flatten
 
         for run in self._open_runs:
             self._outbox.append(Derived(run, entry))
-        if not self._open_runs:
-            self._outbox.append(Derived(None, entry, to_store=False))
         gone = entry.get("gone") or []
         metrics = flatten(entry)
-        for run in list(self._open_runs):
-            self.summaries.observe(run, -1, None, entry.get("t", self.wall_clock()), metrics)
+        if self.config.stats.enabled:
+            for run in list(self._open_runs):
+                self.summaries.observe(run, -1, None, entry.get("t", self.wall_clock()), metrics)
         if self.alerts is None:
             return
         for run in list(self._open_runs):
@@ -418,7 +422,7 @@ class Analysis:
             self.alerts.tick()
             self._publish_alerts()
         every = self.config.stats.dashboard_seconds
-        if every > 0:
+        if every > 0 and self.config.stats.enabled:
             for run in list(self._open_runs):
                 if now - self._last_dashboard.get(run, -math.inf) >= every:
                     self._dashboard(run, now)
@@ -431,7 +435,9 @@ class Analysis:
     def _dashboard(self, run: str, now: float) -> None:
         from agent.dashboard import render_dashboard
 
-        history = {name: (x.copy(), y.copy()) for name, (x, y) in self.summaries.history(run).items()}
+        history = {
+            name: (x.copy(), y.copy()) for name, (x, y) in self.summaries.history(run).items()
+        }
         if not history:
             return
         self._last_dashboard[run] = now
@@ -440,6 +446,7 @@ class Analysis:
         name = f"{step if step is not None else 0:08d}.png"
 
         def draw() -> Path:
+            directory.mkdir(parents=True, exist_ok=True)
             return render_dashboard(history, directory / name, f"outrider run {run}")
 
         self.jobs.submit(
@@ -454,7 +461,7 @@ class Analysis:
         self.summaries.close_run(run)
         self._take_summaries()
         if run in self._open_runs:
-            if self.config.stats.dashboard_seconds > 0:
+            if self.config.stats.dashboard_seconds > 0 and self.config.stats.enabled:
                 self._dashboard(run, self.clock())
             del self._open_runs[run]
 
@@ -470,7 +477,9 @@ class Analysis:
             destinations = alert.get("destinations") or []
             run = alert.pop("run", None) or None
             self._outbox.append(
-                Derived(run, alert, to_store="store" in destinations, to_sinks="sinks" in destinations)
+                Derived(
+                    run, alert, to_store="store" in destinations, to_sinks="sinks" in destinations
+                )
             )
         self._published = {
             "alerts_active": engine.active(),

@@ -302,6 +302,13 @@ def show(run_name: str, runs_dir: Path | None, as_json: bool) -> None:
             click.echo(_row((*cells, metric["count"]), widths))
     for text in summary["last_texts"]:
         click.echo(f"\n[{text['name']} @ step {text['step']}]\n{text['text']}")
+    if summary["last_alerts"]:
+        click.echo(f"\nALERTS (last {len(summary['last_alerts'])}; all in alerts.jsonl)")
+        for alert in summary["last_alerts"]:
+            step = "" if alert["step"] is None else f" @ step {alert['step']}"
+            click.echo(f"  {alert['severity']:<8} {alert['name']}{step}: {alert['message']}")
+    if summary["dashboard"]:
+        click.echo(f"\ndashboard {summary['dashboard']}")
 
 
 def _overview(info: dict[str, Any], run_dir: Path) -> list[tuple[str, str]]:

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import pydantic
 import yaml
 
+from agent.alerts import DEFAULT_ALERTS_YAML, AlertsConfig
 from sinks import registry
 
 DEFAULT_SINKS = ("tensorboard", "prometheus", "wandb")
@@ -78,6 +79,7 @@ sinks:
     project: outrider
     mode: auto                # online with an API key, offline without
 """
+DEFAULT_YAML += "\n# Alert rules and where alerts go (docs/alerts.md).\n" + DEFAULT_ALERTS_YAML
 
 
 class ConfigError(ValueError):
@@ -131,6 +133,7 @@ class AgentConfig(pydantic.BaseModel):
     nice: int = pydantic.Field(default=10, ge=0, le=19)
     stats: StatsSettings = pydantic.Field(default_factory=StatsSettings)
     system: SystemSettings = pydantic.Field(default_factory=SystemSettings)
+    alerts: AlertsConfig = pydantic.Field(default_factory=AlertsConfig)
     sinks: dict[str, SinkSettings] = pydantic.Field(default_factory=dict)
 
     def only_sinks(self, names: list[str]) -> AgentConfig:

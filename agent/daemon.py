@@ -142,7 +142,8 @@ class Agent:
         self.fanout = fanout
         # Statistics, system samples and alerts: on with a config (the CLI), off without.
         if analysis is None:
-            analysis = config is not None
+            wanted = self.config.stats.enabled or self.config.system.enabled
+            analysis = config is not None and (wanted or self.config.alerts.enabled)
         self.analysis = Analysis(self.config, host=self._host) if analysis else None
         self._burst: list[Batch] = []
 
@@ -302,7 +303,7 @@ class Agent:
             self._store_and_send(item)
 
     def _store_and_send(self, item: Derived) -> None:
-        if item.run is None:
+        if not item.run:  # no particular run (a sink failing on a system sample)
             targets = list(self.runs.values()) if item.to_store else []
         else:
             store = self.runs.get(item.run)
@@ -318,9 +319,6 @@ class Agent:
                 rank = entry.get("rank", -1)
                 source = Source(store.run_id, "agent", rank, -1, 0, self._host, os.getpid())
                 self.fanout.submit(Batch(source, [entry], str(store.dir)))
-        if not targets and item.to_sinks:
-            source = Source(item.run or "", "agent", -1, -1, 0, self._host, os.getpid())
-            self.fanout.submit(Batch(source, [dict(item.entry)], str(self.runs_dir)))
 
     def stats(self) -> dict[str, Any]:
         """The agent's health, as the Prometheus sink exposes it (safe from other threads)."""
@@ -393,6 +391,8 @@ class Agent:
         self._route_alerts()
         agent_stats = self.counters.as_dict()
         agent_stats["sinks"] = self.fanout.snapshot()
+        if self.analysis is not None:
+            agent_stats.update(self.analysis.stats())
         for store in self.runs.values():
             store.close(agent_stats)
         self._socket.close(linger=0)

@@ -115,6 +115,9 @@ class RunSummary:
     metrics: dict[str, MetricSummary] = field(default_factory=dict)
     kinds: dict[str, int] = field(default_factory=dict)
     texts: list[dict[str, Any]] = field(default_factory=list)
+    agent_kinds: dict[str, int] = field(default_factory=dict)
+    alerts: list[dict[str, Any]] = field(default_factory=list)
+    dashboard: str | None = None
     corrupt_lines: int = 0
 
     def as_dict(self) -> dict[str, Any]:
@@ -122,13 +125,17 @@ class RunSummary:
             "info": self.info,
             "metrics": {name: m.as_dict() for name, m in sorted(self.metrics.items())},
             "records_by_kind": self.kinds,
+            "agent_lines_by_kind": self.agent_kinds,
             "last_texts": self.texts,
+            "last_alerts": self.alerts,
+            "dashboard": self.dashboard,
             "corrupt_lines": self.corrupt_lines,
         }
 
 
-def summarise(run_dir: Path, keep_texts: int = 3) -> RunSummary:
-    """Last/min/max of each metric and counts per record kind, from metrics.jsonl."""
+def summarise(run_dir: Path, keep_texts: int = 3, keep_alerts: int = 10) -> RunSummary:
+    """Last/min/max of each metric (the trainer's and the agent's statistics), counts per
+    record kind, the last texts and alerts, from metrics.jsonl."""
     summary = RunSummary(load_info(run_dir))
     path = run_dir / METRICS
     if not path.exists():
@@ -141,8 +148,16 @@ def summarise(run_dir: Path, keep_texts: int = 3) -> RunSummary:
                 summary.corrupt_lines += 1
                 continue
             kind = entry.get("kind", "?")
-            summary.kinds[kind] = summary.kinds.get(kind, 0) + 1
-            if kind == "scalars":
+            kinds = summary.agent_kinds if entry.get("stream") == "agent" else summary.kinds
+            kinds[kind] = kinds.get(kind, 0) + 1
+            if kind == "alert":
+                summary.alerts.append(
+                    {key: entry.get(key) for key in ("name", "severity", "message", "step", "t")}
+                )
+                del summary.alerts[:-keep_alerts]
+            elif kind == "image" and entry.get("name") == "dashboard":
+                summary.dashboard = entry.get("path")
+            elif kind == "scalars":
                 step = entry.get("step")
                 for name, value in entry.get("metrics", {}).items():
                     metric = summary.metrics.get(name)

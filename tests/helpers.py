@@ -89,11 +89,14 @@ def run_trainer(
     )
 
 
-def lines(run_dir: Path) -> list[dict[str, Any]]:
+def lines(run_dir: Path, *, agent_lines: bool = False) -> list[dict[str, Any]]:
+    """metrics.jsonl's records; with ``agent_lines`` also the agent's own lines
+    (summaries, derived statistics, system samples, alerts: stream ``agent``)."""
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return []
-    return [orjson.loads(line) for line in path.read_bytes().splitlines() if line]
+    entries = [orjson.loads(line) for line in path.read_bytes().splitlines() if line]
+    return [e for e in entries if agent_lines or e.get("stream") != "agent"]
 
 
 def run_info(run_dir: Path) -> dict[str, Any]:

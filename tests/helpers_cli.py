@@ -60,8 +60,9 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
 
 
 # -- the run store -------------------------------------------------------------
-def read_lines(run_dir: Path) -> list[dict[str, Any]]:
-    """Every complete line of metrics.jsonl (a half-written last line is skipped)."""
+def read_lines(run_dir: Path, *, agent_lines: bool = False) -> list[dict[str, Any]]:
+    """Every complete line of metrics.jsonl (a half-written last line is skipped); the
+    agent's own lines (stream ``agent``: statistics, system samples, alerts) on request."""
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return []
@@ -70,15 +71,17 @@ def read_lines(run_dir: Path) -> list[dict[str, Any]]:
         if not line:
             continue
         try:
-            out.append(orjson.loads(line))
+            entry = orjson.loads(line)
         except orjson.JSONDecodeError:
             continue
+        if agent_lines or entry.get("stream") != "agent":
+            out.append(entry)
     return out
 
 
 def line_count(run_dir: Path) -> int:
-    path = run_dir / "metrics.jsonl"
-    return path.read_bytes().count(b"\n") if path.exists() else 0
+    """Records stored (the agent's own lines not counted)."""
+    return len(read_lines(run_dir))
 
 
 def run_info(run_dir: Path) -> dict[str, Any]:

@@ -570,5 +570,5 @@ def test_agent_outlives_a_killed_launcher_until_the_trainer_is_done(tmp_path: Pa
     launcher.wait()
     agent = psutil.Process(agent_pid)
     agent.wait(timeout=30)  # exits once the trainer said bye, not 60 s idle later
-    stored = (runs / "orphan" / "metrics.jsonl").read_bytes().splitlines()
-    assert sum(b'"kind":"scalars"' in line for line in stored) == 150
+    stored = read_lines(runs / "orphan")
+    assert sum(line["kind"] == "scalars" for line in stored) == 150

@@ -22,6 +22,7 @@ def test_documented_default_is_the_default() -> None:
     assert parsed.nice == config.AgentConfig().nice
     assert parsed.stats == config.AgentConfig().stats
     assert parsed.system == config.AgentConfig().system
+    assert parsed.alerts == config.AgentConfig().alerts
     assert yaml.safe_load(config.DEFAULT_YAML)["sinks"]["prometheus"]["port"] == 9400
 
 
