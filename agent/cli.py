@@ -149,6 +149,9 @@ def run(
         drain_timeout=drain_timeout,
         require_agent=require_agent,
         quiet=quiet,
+        close_allowance=config.sink_close_timeout
+        + config.stats.close_timeout
+        + launcher.CLOSE_SLACK,
     )
     sys.exit(status)
 

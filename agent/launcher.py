@@ -147,8 +147,13 @@ def run(
     require_agent: bool = False,
     quiet: bool = False,
     agent_args: list[str] | None = None,
+    close_allowance: float = 50.0,
 ) -> int:
-    """Start the agent, run ``command`` with the probe's environment, stop the agent."""
+    """Start the agent, run ``command`` with the probe's environment, stop the agent.
+
+    ``close_allowance``: seconds the agent may take after draining (its statistics'
+    and sinks' close timeouts) before it is killed.
+    """
 
     def say(message: str) -> None:
         if not quiet:
@@ -188,7 +193,7 @@ def run(
         child = subprocess.Popen(command, env=env)
     except OSError as exc:
         say(f"cannot run {command[0]!r}: {exc}")
-        _stop_agent(agent, drain_timeout)
+        _stop_agent(agent, drain_timeout, close_allowance)
         return 127
 
     def forward(signum: int, frame: FrameType | None) -> None:
@@ -207,7 +212,7 @@ def run(
     status = exit_code(returncode)
     if ready:
         send_run_end(endpoint, run_id, status)
-        if not _stop_agent(agent, drain_timeout):
+        if not _stop_agent(agent, drain_timeout, close_allowance):
             say(f"the agent did not finish draining within {drain_timeout:.0f} s and was killed")
         say(f"run {run_id} stored in {runs_dir / run_id} (outrider show {run_id})")
         for line in where_to_look(runs_dir / run_id):
@@ -217,16 +222,19 @@ def run(
     return status
 
 
-SINK_CLOSE_ALLOWANCE = 40.0  # the agent's own sink_close_timeout (30 s) plus slack
+CLOSE_SLACK = 10.0  # seconds beyond the agent's own close budgets before it is killed
 
 
-def _stop_agent(agent: subprocess.Popen[bytes], drain_timeout: float) -> bool:
-    """SIGTERM (drain, close sinks, exit), then SIGKILL past the budget; True if it exited."""
+def _stop_agent(
+    agent: subprocess.Popen[bytes], drain_timeout: float, close_allowance: float = 50.0
+) -> bool:
+    """SIGTERM (drain, finish statistics, close sinks, exit), then SIGKILL past the budget;
+    True if it exited."""
     if agent.poll() is not None:
         return True
     agent.send_signal(signal.SIGTERM)
     try:
-        agent.wait(drain_timeout + SINK_CLOSE_ALLOWANCE)
+        agent.wait(drain_timeout + close_allowance)
         return True
     except subprocess.TimeoutExpired:
         agent.kill()
