@@ -9,6 +9,7 @@ are imported where they are used: the agent must start fast.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -16,6 +17,9 @@ from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
+
+# openTSNE reports each fit's method choice at INFO: noise in the agent's log.
+logging.getLogger("openTSNE").setLevel(logging.WARNING)
 
 FloatArray = npt.NDArray[np.float64]
 IndexArray = npt.NDArray[np.intp]

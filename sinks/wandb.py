@@ -49,7 +49,8 @@ TABLE_INTERVAL = 10.0  # seconds between re-logs of a changing table (each one i
 MAX_HISTOGRAM_BINS = 512  # wandb.Histogram's own limit
 ALERT_TITLE_CHARS = 63  # run.alert wants a title under 64 characters
 NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
-ALERT_LEVELS = {"info": "INFO", "warning": "WARN", "error": "ERROR"}
+# W&B has no level above ERROR: the agent's critical alerts go out as ERROR.
+ALERT_LEVELS = {"info": "INFO", "warning": "WARN", "error": "ERROR", "critical": "ERROR"}
 RUN_ID_CHARS = re.compile(r"[^A-Za-z0-9_-]")
 MAX_RUN_ID_CHARS = 64
 
