@@ -109,7 +109,7 @@ class Analysis:
 
         settings = config.stats
         self.summaries = Summaries(window_steps=settings.window_steps)
-        self.jobs = StatsJobs(threads=settings.threads, nice=settings.nice)
+        self.jobs = StatsJobs(threads=settings.threads, nice=settings.nice, idle=settings.idle)
         self.alerts = (
             alert_engine.AlertEngine.from_config(config.alerts, clock=clock)
             if config.alerts.enabled

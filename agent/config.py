@@ -48,11 +48,12 @@ stats:
   enabled: true
   threads: 1                # workers, and the BLAS/OpenMP threads of each
   nice: 5                   # added on top of the agent's niceness, per worker thread
+  idle: true                # workers in SCHED_IDLE (Linux): only cycles nothing else wants
   window_steps: 100         # window summaries and step-time percentiles every N steps
   feature_map: tsne         # tsne, pca or off: 2-d maps of probe.features batches
   map_every: 5              # a map for every Nth features batch of a stream
   map_points: 1000          # rows a map is computed on (t-SNE is O(n log n))
-  dashboard_seconds: 60     # a training-dashboard image this often (0: never)
+  dashboard_seconds: 120    # a training-dashboard image this often (0: never)
   close_timeout: 10         # seconds at exit for the last windows, maps and dashboard
 
 # Host, trainer-process and GPU sampling (docs/system.md).
@@ -108,11 +109,12 @@ class StatsSettings(pydantic.BaseModel):
     enabled: bool = True
     threads: int = pydantic.Field(default=1, ge=1, le=64)
     nice: int = pydantic.Field(default=5, ge=0, le=19)
+    idle: bool = True
     window_steps: int = pydantic.Field(default=100, ge=1)
     feature_map: Literal["tsne", "pca", "off"] = "tsne"
     map_every: int = pydantic.Field(default=5, ge=1)
     map_points: int = pydantic.Field(default=1000, ge=10, le=20000)
-    dashboard_seconds: float = pydantic.Field(default=60.0, ge=0)
+    dashboard_seconds: float = pydantic.Field(default=120.0, ge=0)
     close_timeout: float = pydantic.Field(default=10.0, ge=0)
 
 

@@ -4,8 +4,8 @@ A statistic that takes longer than the trainer takes to produce its input
 must not build a backlog: for each key (one feature stream, one run's
 dashboard) only the newest pending job is kept, and the one it replaces is
 counted as superseded. Workers run at a lower priority than the rest of the
-agent, which itself runs below the trainer, so on a shared core the
-statistics are what waits.
+agent, which itself runs below the trainer (optionally SCHED_IDLE: only
+cycles nobody else wants), so on a shared core the statistics are what waits.
 """
 
 from __future__ import annotations
@@ -55,17 +55,24 @@ class _Job:
     figures: JobFigures = field(repr=False, default_factory=JobFigures)
 
 
-def lower_thread_priority(nice: int) -> bool:
-    """Raise the calling thread's niceness by ``nice`` (Linux: niceness is per thread)."""
-    if nice <= 0 or not sys.platform.startswith("linux"):
+def lower_thread_priority(nice: int, idle: bool = False) -> bool:
+    """Raise the calling thread's niceness by ``nice``; with ``idle``, also move it to
+    SCHED_IDLE, which runs only on cycles no normal thread wants (Linux: both per thread)."""
+    if not sys.platform.startswith("linux"):
         return False
+    thread_id = threading.get_native_id()
+    lowered = False
     try:
-        thread_id = threading.get_native_id()
-        current = os.getpriority(os.PRIO_PROCESS, thread_id)
-        os.setpriority(os.PRIO_PROCESS, thread_id, min(19, current + nice))
-        return True
+        if nice > 0:
+            current = os.getpriority(os.PRIO_PROCESS, thread_id)
+            os.setpriority(os.PRIO_PROCESS, thread_id, min(19, current + nice))
+            lowered = True
+        if idle:
+            os.sched_setscheduler(thread_id, os.SCHED_IDLE, os.sched_param(0))
+            lowered = True
     except OSError:
-        return False
+        pass
+    return lowered
 
 
 class StatsJobs:
@@ -75,11 +82,13 @@ class StatsJobs:
         self,
         threads: int = 1,
         nice: int = 0,
+        idle: bool = False,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         if threads < 1:
             raise ValueError(f"stats threads must be >= 1, got {threads}")
         self.nice = nice
+        self.idle = idle
         self.clock = clock
         self._pending: collections.OrderedDict[Any, _Job] = collections.OrderedDict()
         self._figures: dict[str, JobFigures] = {}
@@ -141,7 +150,7 @@ class StatsJobs:
         return None
 
     def _work(self) -> None:
-        lower_thread_priority(self.nice)
+        lower_thread_priority(self.nice, self.idle)
         while True:
             with self._wake:
                 key = self._next_key()

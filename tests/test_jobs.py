@@ -142,3 +142,15 @@ def test_a_key_never_runs_twice_at_once() -> None:
     assert jobs.wait_idle(5)
     assert order == ["other", "first", "second"]
     jobs.close(1)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SCHED_IDLE is Linux's")
+def test_idle_workers_run_under_sched_idle() -> None:
+    """``idle=True`` puts the worker thread, and only it, in the SCHED_IDLE class."""
+    jobs = StatsJobs(threads=1, idle=True)
+    seen: list[int] = []
+    jobs.submit("a", "idle", lambda: os.sched_getscheduler(threading.get_native_id()), seen.append)
+    assert jobs.wait_idle(5)
+    assert seen == [os.SCHED_IDLE]
+    assert os.sched_getscheduler(threading.get_native_id()) != os.SCHED_IDLE
+    jobs.close(1)

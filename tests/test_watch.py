@@ -281,7 +281,7 @@ def test_activation_stats_match_a_forward_hook(agent: Any, endpoint: str, runs_d
 
 
 def test_histograms_of_weights_and_gradients(agent: Any, endpoint: str, runs_dir: Path) -> None:
-    """weights/<name> and grads/<name> histograms hold every element of a small parameter."""
+    """weights/, grads/ and activations/ histograms hold every element of small tensors."""
     probe.init(endpoint, run_id="hist")
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -290,7 +290,14 @@ def test_histograms_of_weights_and_gradients(agent: Any, endpoint: str, runs_dir
     for step in range(4):
         x, y = batch(step)
         opt.zero_grad()
-        nn.functional.mse_loss(model(x), y).backward()
+        first = model[0](x)  # the model's forward, one leaf at a time: outputs at hand
+        hidden = model[1](first)
+        out = model[2](hidden)
+        nn.functional.mse_loss(out, y).backward()
+        if step == 0:  # an activation step (activations_every=100): leaf outputs too
+            expected[(0, "activations/0")] = first.detach()
+            expected[(0, "activations/1")] = hidden.detach()
+            expected[(0, "activations/2")] = out.detach()
         if step % 2 == 0:
             for name, p in model.named_parameters():
                 expected[(step, f"weights/{name}")] = p.detach().clone()
@@ -384,7 +391,9 @@ def test_each_kind_arrives_on_exactly_its_steps(agent: Any, endpoint: str, runs_
     for prefix in ("grad_norm/layer/", "param_norm", "update_ratio/"):
         assert steps_with(steps, prefix) == layer, prefix
     assert steps_with(steps, "act/") == {0, 5, 10}
-    assert {step for step, _ in histograms(stored)} == {0, 4, 8}
+    found = histograms(stored)
+    assert {step for step, name in found if not name.startswith("activations/")} == {0, 4, 8}
+    assert {step for step, name in found if name.startswith("activations/")} == {0, 5, 10}
     for step in set(range(12)) - log - layer - {5}:  # nothing due: step timing only
         assert set(steps[step]) == TIMING, step
 
