@@ -88,7 +88,7 @@ class StatsJobs:
         if threads < 1:
             raise ValueError(f"stats threads must be >= 1, got {threads}")
         self.nice = nice
-        self.idle = idle
+        self.sched_idle = idle
         self.clock = clock
         self._pending: collections.OrderedDict[Any, _Job] = collections.OrderedDict()
         self._figures: dict[str, JobFigures] = {}
@@ -150,7 +150,7 @@ class StatsJobs:
         return None
 
     def _work(self) -> None:
-        lower_thread_priority(self.nice, self.idle)
+        lower_thread_priority(self.nice, self.sched_idle)
         while True:
             with self._wake:
                 key = self._next_key()
