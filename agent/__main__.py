@@ -5,4 +5,5 @@
 
 from agent.cli import main
 
-main(prog_name="outrider")
+if __name__ == "__main__":  # statistics worker processes import this module too (spawn)
+    main(prog_name="outrider")

@@ -29,6 +29,7 @@ logger = logging.getLogger("outrider.agent")
 
 INBOX_LIMIT = 10_000  # batches waiting for the analysis thread; older ones are dropped
 TICK_SECONDS = 1.0
+SLICE_SECONDS = 0.005  # analysis work between two pauses (about the interpreter's switch interval)
 #: kinds the training code makes: their absence (not heartbeats') means a stalled loop
 TRAINER_KINDS = frozenset({"scalars", "tensor", "text", "event", "config", "histogram"})
 TENSORS = "tensors.bin"
@@ -87,6 +88,44 @@ def read_features(line: Mapping[str, Any], run_dir: Path) -> Any:
     return np.frombuffer(data, dtype=np.float32).reshape(shape)
 
 
+# -- jobs: module-level functions, so that they can run in a worker process -----------------
+def representation_job(line: Mapping[str, Any], run_dir: Path) -> dict[str, float]:
+    from agent.representation import representation_stats
+
+    return representation_stats(read_features(line, run_dir))
+
+
+def pair_job(
+    student: Mapping[str, Any], student_dir: Path, teacher: Mapping[str, Any], teacher_dir: Path
+) -> dict[str, float]:
+    from agent.representation import paired_stats
+
+    return paired_stats(read_features(student, student_dir), read_features(teacher, teacher_dir))
+
+
+def map_job(
+    feature_map: Any,
+    line: Mapping[str, Any],
+    run_dir: Path,
+    step: int,
+    method: Literal["tsne", "pca"],
+    path: Path,
+    title: str,
+) -> tuple[Any, Path]:
+    """The next map of a stream; returns the updated FeatureMap with the PNG's path."""
+    from agent.maps import render_map
+
+    points = feature_map.update(read_features(line, run_dir), step, method)
+    return feature_map, render_map(points, path, title)
+
+
+def dashboard_job(history: Mapping[str, tuple[Any, Any]], path: Path, title: str) -> Path:
+    from agent.dashboard import render_dashboard
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return render_dashboard(history, path, title)
+
+
 class Analysis:
     """Owns the analysis thread, the statistics workers, the system sampler and the alerts."""
 
@@ -109,7 +148,12 @@ class Analysis:
 
         settings = config.stats
         self.summaries = Summaries(window_steps=settings.window_steps)
-        self.jobs = StatsJobs(threads=settings.threads, nice=settings.nice, idle=settings.idle)
+        self.jobs = StatsJobs(
+            threads=settings.threads,
+            nice=settings.nice,
+            idle=settings.idle,
+            processes=settings.processes,
+        )
         self.alerts = (
             alert_engine.AlertEngine.from_config(config.alerts, clock=clock)
             if config.alerts.enabled
@@ -197,21 +241,36 @@ class Analysis:
         while not closing:
             self._wake.wait(max(0.0, min(TICK_SECONDS, next_tick - self.clock())))
             self._wake.clear()
-            while self._inbox:
-                what, item = self._inbox.popleft()
-                try:
-                    if what == "close":
-                        closing = True
-                        self._finish_runs()
-                    else:
-                        self._handle(what, item)
-                except Exception as exc:  # a bug in a statistic must not end the analysis
-                    logger.warning("outrider agent: analysis failed on %s: %r", what, exc)
+            while self._inbox and not closing:
+                closing = self._work_a_slice()
             self._process_results()
             now = self.clock()
             if now >= next_tick or closing:
                 next_tick = now + TICK_SECONDS
                 self._tick(now)
+
+    def _work_a_slice(self) -> bool:
+        """Up to SLICE_SECONDS of inbox work, then a pause that keeps this thread's share of
+        the interpreter (the GIL) under ``stats.gil_share``: the receive loop, not the
+        statistics, decides how fast the agent ingests. True once the close item is seen."""
+        started = time.perf_counter()
+        deadline = started + SLICE_SECONDS
+        closing = False
+        while self._inbox and not closing and time.perf_counter() < deadline:
+            what, item = self._inbox.popleft()
+            try:
+                if what == "close":
+                    closing = True
+                    self._finish_runs()
+                else:
+                    self._handle(what, item)
+            except Exception as exc:  # a bug in a statistic must not end the analysis
+                logger.warning("outrider agent: analysis failed on %s: %r", what, exc)
+        busy = time.perf_counter() - started
+        share = self.config.stats.gil_share
+        if self._inbox and not closing and share < 1.0:
+            time.sleep(busy * (1.0 - share) / share)
+        return closing
 
     def _handle(self, what: str, item: Any) -> None:
         if what == "batch":
@@ -278,15 +337,13 @@ class Analysis:
 
     # -- representation statistics and maps -------------------------------------------------
     def _features(self, batch: _FeatureBatch) -> None:
-        from agent import representation
-
         stream = (batch.run, batch.rank, batch.name)
-
-        def stats() -> dict[str, float]:
-            return representation.representation_stats(read_features(batch.line, batch.run_dir))
-
         self.jobs.submit(
-            stream, "representation", stats, lambda result: self._result("features", batch, result)
+            stream,
+            "representation",
+            representation_job,
+            lambda result: self._result("features", batch, result),
+            (batch.line, batch.run_dir),
         )
         self._pair(batch)
         count = self._feature_counts[stream] = self._feature_counts.get(stream, 0) + 1
@@ -301,48 +358,38 @@ class Analysis:
         waiting = self._unpaired.get(key)
         if waiting is not None and waiting.step == batch.step and waiting.name != batch.name:
             del self._unpaired[key]
-            first, second = (waiting, batch) if partner else (batch, waiting)
-            self._submit_pair(first, second)
+            student, teacher = (waiting, batch) if partner else (batch, waiting)
+            self.jobs.submit(
+                (teacher.run, teacher.rank, teacher.name, "pair"),
+                "pair_cosine",
+                pair_job,
+                lambda result: self._result("features", teacher, result),
+                (student.line, student.run_dir, teacher.line, teacher.run_dir),
+            )
             return
         if len(self._unpaired) > 256:
             self._unpaired.clear()  # partners that never came; keep the table bounded
         self._unpaired[(batch.run, batch.name) if partner else key] = batch
 
-    def _submit_pair(self, student: _FeatureBatch, teacher: _FeatureBatch) -> None:
-        from agent import representation
-
-        def paired() -> dict[str, float]:
-            return representation.paired_stats(
-                read_features(student.line, student.run_dir),
-                read_features(teacher.line, teacher.run_dir),
-            )
-
-        self.jobs.submit(
-            (teacher.run, teacher.rank, teacher.name, "pair"),
-            "pair_cosine",
-            paired,
-            lambda result: self._result("features", teacher, result),
-        )
-
     def _map(self, batch: _FeatureBatch, method: Literal["tsne", "pca"]) -> None:
-        from agent import maps
+        """A map job carries the stream's FeatureMap out and back (its state: the last map)."""
+        from agent.maps import FeatureMap
 
         key = (batch.run, batch.rank, batch.name)
         directory = batch.run_dir / "images" / f"features-{batch.name}-{method}".replace("/", "_")
-        points = self.config.stats.map_points
+        step = -1 if batch.step is None else batch.step
 
-        def draw() -> Path:
-            feature_map = self._maps.get(key)
-            if feature_map is None:
-                feature_map = self._maps[key] = maps.FeatureMap(max_points=points)
-            step = -1 if batch.step is None else batch.step
-            xy = feature_map.update(read_features(batch.line, batch.run_dir), step, method)
+        def done(result: tuple[Any, Path]) -> None:
+            self._maps[key] = result[0]  # one job per key at a time: no race
+            self._result("map", batch, (method, result[1]))
+
+        def submit_with_current_map() -> tuple[Any, ...]:
+            feature_map = self._maps.get(key) or FeatureMap(max_points=self.config.stats.map_points)
             title = f"{batch.name} ({method}), step {batch.step}"
-            return maps.render_map(xy, directory / f"{step:08d}.png", title)
+            path = directory / f"{step:08d}.png"
+            return (feature_map, batch.line, batch.run_dir, step, method, path, title)
 
-        self.jobs.submit(
-            (*key, "map"), method, draw, lambda path: self._result("map", batch, (method, path))
-        )
+        self.jobs.submit((*key, "map"), method, map_job, done, submit_with_current_map())
 
     def _result(self, what: str, batch: _FeatureBatch, result: Any) -> None:
         """Called on a worker: the analysis thread turns results into entries."""
@@ -433,8 +480,6 @@ class Analysis:
             self._outbox.append(Derived(run, entry))
 
     def _dashboard(self, run: str, now: float) -> None:
-        from agent.dashboard import render_dashboard
-
         history = {
             name: (x.copy(), y.copy()) for name, (x, y) in self.summaries.history(run).items()
         }
@@ -442,18 +487,13 @@ class Analysis:
             return
         self._last_dashboard[run] = now
         step = self._last_step.get(run)
-        directory = self._open_runs[run] / "images" / "dashboard"
-        name = f"{step if step is not None else 0:08d}.png"
-
-        def draw() -> Path:
-            directory.mkdir(parents=True, exist_ok=True)
-            return render_dashboard(history, directory / name, f"outrider run {run}")
-
+        path = self._open_runs[run] / "images" / "dashboard" / f"{step or 0:08d}.png"
         self.jobs.submit(
             (run, "dashboard"),
             "dashboard",
-            draw,
-            lambda path: self._results.append(("dashboard", (run, (step, path)))),
+            dashboard_job,
+            lambda written: self._results.append(("dashboard", (run, (step, written)))),
+            (history, path, f"outrider run {run}"),
         )
 
     def _end_run(self, run: str) -> None:

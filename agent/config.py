@@ -49,6 +49,8 @@ stats:
   threads: 1                # workers, and the BLAS/OpenMP threads of each
   nice: 5                   # added on top of the agent's niceness, per worker thread
   idle: true                # workers in SCHED_IDLE (Linux): only cycles nothing else wants
+  gil_share: 0.25           # most of the agent's Python time the analysis thread may take
+  processes: true           # run statistics jobs in worker processes (no GIL contention)
   window_steps: 100         # window summaries and step-time percentiles every N steps
   feature_map: tsne         # tsne, pca or off: 2-d maps of probe.features batches
   map_every: 5              # a map for every Nth features batch of a stream
@@ -110,6 +112,8 @@ class StatsSettings(pydantic.BaseModel):
     threads: int = pydantic.Field(default=1, ge=1, le=64)
     nice: int = pydantic.Field(default=5, ge=0, le=19)
     idle: bool = True
+    gil_share: float = pydantic.Field(default=0.25, gt=0, le=1)
+    processes: bool = True
     window_steps: int = pydantic.Field(default=100, ge=1)
     feature_map: Literal["tsne", "pca", "off"] = "tsne"
     map_every: int = pydantic.Field(default=5, ge=1)

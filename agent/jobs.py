@@ -11,8 +11,11 @@ cycles nobody else wants), so on a shared core the statistics are what waits.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import logging
+import multiprocessing
 import os
+import signal
 import sys
 import threading
 import time
@@ -50,9 +53,35 @@ class JobFigures:
 @dataclass
 class _Job:
     name: str
-    work: Callable[[], Any]
+    work: Callable[..., Any]
+    args: tuple[Any, ...]
     done: Callable[[Any], None]
     figures: JobFigures = field(repr=False, default_factory=JobFigures)
+
+
+def _worker_process_setup(niceness: int, idle: bool, blas_threads: int) -> None:
+    """In a statistics worker process: as low as the worker threads, one BLAS thread,
+    deaf to ^C (the agent shuts its workers down itself)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        try:
+            current = os.getpriority(os.PRIO_PROCESS, 0)
+            os.setpriority(os.PRIO_PROCESS, 0, max(current, niceness))
+            if idle:
+                os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        except OSError:
+            pass
+    import threadpoolctl
+
+    threadpoolctl.threadpool_limits(limits=blas_threads)
+
+
+def _own_niceness() -> int:
+    """The calling thread's niceness (a worker thread's, already lowered)."""
+    try:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    except OSError:
+        return 0
 
 
 def lower_thread_priority(nice: int, idle: bool = False) -> bool:
@@ -76,20 +105,30 @@ def lower_thread_priority(nice: int, idle: bool = False) -> bool:
 
 
 class StatsJobs:
-    """``threads`` workers over a table of pending jobs, one per key, newest wins."""
+    """``threads`` workers over a table of pending jobs, one per key, newest wins.
+
+    With ``processes``, each worker thread runs its jobs in a worker process
+    (started on the first job): a statistic in C code that holds Python's GIL
+    (a matplotlib draw, an openTSNE step) would otherwise stall the agent's
+    receive loop. Jobs are then module-level functions with picklable arguments.
+    """
 
     def __init__(
         self,
         threads: int = 1,
         nice: int = 0,
         idle: bool = False,
+        processes: bool = False,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         if threads < 1:
             raise ValueError(f"stats threads must be >= 1, got {threads}")
         self.nice = nice
         self.sched_idle = idle
+        self.processes = processes
         self.clock = clock
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
         self._pending: collections.OrderedDict[Any, _Job] = collections.OrderedDict()
         self._figures: dict[str, JobFigures] = {}
         self._running_keys: set[Any] = set()
@@ -105,9 +144,15 @@ class StatsJobs:
             thread.start()
 
     def submit(
-        self, key: Any, name: str, work: Callable[[], Any], done: Callable[[Any], None]
+        self,
+        key: Any,
+        name: str,
+        work: Callable[..., Any],
+        done: Callable[[Any], None],
+        args: tuple[Any, ...] = (),
     ) -> None:
-        """Queue ``work``; ``done(result)`` runs on the worker. Replaces ``key``'s pending job."""
+        """Queue ``work(*args)``; ``done(result)`` runs on the worker thread. Replaces
+        ``key``'s pending job."""
         with self._wake:
             if self._closed:
                 return
@@ -115,7 +160,7 @@ class StatsJobs:
             previous = self._pending.pop(key, None)
             if previous is not None:
                 previous.figures.superseded += 1
-            self._pending[key] = _Job(name, work, done, figures)
+            self._pending[key] = _Job(name, work, args, done, figures)
             self._wake.notify()
 
     def pending(self) -> int:
@@ -164,7 +209,7 @@ class StatsJobs:
                 self._running += 1
             started = self.clock()
             try:
-                job.done(job.work())
+                job.done(self._call(job))
                 failed = False
             except Exception as exc:  # a statistic that fails must not end the worker
                 failed = True
@@ -183,6 +228,26 @@ class StatsJobs:
                 figures.seconds_max = max(figures.seconds_max, elapsed)
                 self._wake.notify_all()
 
+    def _call(self, job: _Job) -> Any:
+        if not self.processes:
+            return job.work(*job.args)
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = concurrent.futures.ProcessPoolExecutor(
+                    max_workers=len(self._threads),
+                    mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_worker_process_setup,
+                    initargs=(_own_niceness(), self.sched_idle, 1),
+                )
+            pool = self._pool
+        try:
+            return pool.submit(job.work, *job.args).result()
+        except concurrent.futures.process.BrokenProcessPool:
+            with self._pool_lock:  # a worker died (OOM killer): the next job gets a new pool
+                if self._pool is pool:
+                    self._pool = None
+            raise
+
     def close(self, timeout: float) -> bool:
         """Finish the pending jobs within ``timeout``; what is left then is dropped."""
         deadline = time.monotonic() + timeout
@@ -194,6 +259,19 @@ class StatsJobs:
             self._wake.notify_all()
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            _stop_pool(pool, finished)
         if dropped:
             logger.warning("outrider agent: %d statistics jobs left unfinished at exit", dropped)
         return finished
+
+
+def _stop_pool(pool: concurrent.futures.ProcessPoolExecutor, finished: bool) -> None:
+    """Shut the worker processes down; a job still running at the deadline is killed."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=finished, cancel_futures=True)
+    if not finished:
+        for process in processes:
+            process.kill()

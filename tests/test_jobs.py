@@ -154,3 +154,32 @@ def test_idle_workers_run_under_sched_idle() -> None:
     assert seen == [os.SCHED_IDLE]
     assert os.sched_getscheduler(threading.get_native_id()) != os.SCHED_IDLE
     jobs.close(1)
+
+
+def _whoami(nice_before: int) -> tuple[int, int, int]:
+    """Runs in a worker process: its pid, niceness increment and scheduling policy."""
+    return os.getpid(), os.getpriority(os.PRIO_PROCESS, 0) - nice_before, os.sched_getscheduler(0)
+
+
+def _crash() -> None:
+    os._exit(3)  # a worker process killed mid-job (the OOM killer, a segfault)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SCHED_IDLE is Linux's")
+def test_process_jobs_run_in_a_lower_priority_process_that_is_replaced_when_it_dies() -> None:
+    """processes=True: jobs run outside the agent's interpreter; a dead worker costs one job."""
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    jobs = StatsJobs(threads=1, nice=3, idle=True, processes=True)
+    seen: list[tuple[int, int, int]] = []
+    jobs.submit("a", "whoami", _whoami, seen.append, (base,))
+    assert jobs.wait_idle(60)
+    [(pid, raised, policy)] = seen
+    assert pid != os.getpid()
+    assert raised == 3 and policy == os.SCHED_IDLE
+    jobs.submit("b", "crash", _crash, seen.append)
+    assert jobs.wait_idle(60)
+    assert jobs.figures()["crash"]["failed"] == 1
+    jobs.submit("c", "whoami", _whoami, seen.append, (base,))
+    assert jobs.wait_idle(60)
+    assert len(seen) == 2 and seen[1][0] not in (pid, os.getpid())
+    assert jobs.close(10)
