@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from agent.config import AgentConfig
-from agent.jobs import StatsJobs, lower_thread_priority
+from agent.jobs import StatsJobs
 from sinks.base import Batch
 
 logger = logging.getLogger("outrider.agent")
 
-INBOX_LIMIT = 10_000  # batches waiting for the analysis thread; older ones are dropped
+INBOX_LIMIT = 50_000  # entries waiting for the analysis thread (~50 MB); older batches dropped
 TICK_SECONDS = 1.0
 SLICE_SECONDS = 0.005  # analysis work between two pauses (about the interpreter's switch interval)
 #: kinds the training code makes: their absence (not heartbeats') means a stalled loop
@@ -165,6 +165,8 @@ class Analysis:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self.inbox_dropped = 0
+        self._inbox_entries = 0  # entries of the batches in the inbox
+        self._inbox_lock = threading.Lock()
         self._published: dict[str, Any] = {}
         self._pids: dict[int, tuple[str, int]] = {}  # local trainer pid -> (run, rank)
         self._open_runs: dict[str, Path] = {}
@@ -194,11 +196,20 @@ class Analysis:
 
     def submit(self, batches: Iterable[Batch]) -> None:
         """Hand over stored entries (called after the store has written them)."""
-        for batch in batches:
-            if len(self._inbox) >= INBOX_LIMIT:
-                self._inbox.popleft()
-                self.inbox_dropped += 1
-            self._inbox.append(("batch", batch))
+        with self._inbox_lock:
+            for batch in batches:
+                self._inbox_entries += len(batch.entries)
+                self._inbox.append(("batch", batch))
+            if self._inbox_entries > INBOX_LIMIT:
+                kept: list[tuple[str, Any]] = []
+                while self._inbox_entries > INBOX_LIMIT and self._inbox:
+                    what, item = self._inbox.popleft()
+                    if what == "batch":
+                        self._inbox_entries -= len(item.entries)
+                        self.inbox_dropped += 1
+                    else:
+                        kept.append((what, item))  # system samples and sink alerts stay
+                self._inbox.extendleft(reversed(kept))
         self._wake.set()
 
     def sink_alert(self, run: str | None, alert: Mapping[str, Any]) -> None:
@@ -235,7 +246,6 @@ class Analysis:
 
     # -- the analysis thread ---------------------------------------------------------------
     def _run(self) -> None:
-        lower_thread_priority(self.config.stats.nice)
         next_tick = self.clock() + TICK_SECONDS
         closing = False
         while not closing:
@@ -257,7 +267,10 @@ class Analysis:
         deadline = started + SLICE_SECONDS
         closing = False
         while self._inbox and not closing and time.perf_counter() < deadline:
-            what, item = self._inbox.popleft()
+            with self._inbox_lock:
+                what, item = self._inbox.popleft()
+                if what == "batch":
+                    self._inbox_entries -= len(item.entries)
             try:
                 if what == "close":
                     closing = True

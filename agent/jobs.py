@@ -59,14 +59,13 @@ class _Job:
     figures: JobFigures = field(repr=False, default_factory=JobFigures)
 
 
-def _worker_process_setup(niceness: int, idle: bool, blas_threads: int) -> None:
-    """In a statistics worker process: as low as the worker threads, one BLAS thread,
-    deaf to ^C (the agent shuts its workers down itself)."""
+def _worker_process_setup(nice: int, idle: bool, blas_threads: int) -> None:
+    """In a statistics worker process: ``nice`` below the agent, SCHED_IDLE (Linux: only
+    cycles nothing else wants), one BLAS thread, deaf to ^C (the agent stops it)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
         try:
-            current = os.getpriority(os.PRIO_PROCESS, 0)
-            os.setpriority(os.PRIO_PROCESS, 0, max(current, niceness))
+            os.setpriority(os.PRIO_PROCESS, 0, min(19, os.getpriority(os.PRIO_PROCESS, 0) + nice))
             if idle:
                 os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
         except OSError:
@@ -76,34 +75,6 @@ def _worker_process_setup(niceness: int, idle: bool, blas_threads: int) -> None:
     threadpoolctl.threadpool_limits(limits=blas_threads)
 
 
-def _own_niceness() -> int:
-    """The calling thread's niceness (a worker thread's, already lowered)."""
-    try:
-        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    except OSError:
-        return 0
-
-
-def lower_thread_priority(nice: int, idle: bool = False) -> bool:
-    """Raise the calling thread's niceness by ``nice``; with ``idle``, also move it to
-    SCHED_IDLE, which runs only on cycles no normal thread wants (Linux: both per thread)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    thread_id = threading.get_native_id()
-    lowered = False
-    try:
-        if nice > 0:
-            current = os.getpriority(os.PRIO_PROCESS, thread_id)
-            os.setpriority(os.PRIO_PROCESS, thread_id, min(19, current + nice))
-            lowered = True
-        if idle:
-            os.sched_setscheduler(thread_id, os.SCHED_IDLE, os.sched_param(0))
-            lowered = True
-    except OSError:
-        pass
-    return lowered
-
-
 class StatsJobs:
     """``threads`` workers over a table of pending jobs, one per key, newest wins.
 
@@ -111,6 +82,9 @@ class StatsJobs:
     (started on the first job): a statistic in C code that holds Python's GIL
     (a matplotlib draw, an openTSNE step) would otherwise stall the agent's
     receive loop. Jobs are then module-level functions with picklable arguments.
+    ``nice`` and ``idle`` apply to those processes only: a thread of the agent
+    at a lower priority would hold the GIL while starved and stall the receive
+    loop behind it (priority inversion).
     """
 
     def __init__(
@@ -195,7 +169,6 @@ class StatsJobs:
         return None
 
     def _work(self) -> None:
-        lower_thread_priority(self.nice, self.sched_idle)
         while True:
             with self._wake:
                 key = self._next_key()
@@ -237,7 +210,7 @@ class StatsJobs:
                     max_workers=len(self._threads),
                     mp_context=multiprocessing.get_context("spawn"),
                     initializer=_worker_process_setup,
-                    initargs=(_own_niceness(), self.sched_idle, 1),
+                    initargs=(self.nice, self.sched_idle, 1),
                 )
             pool = self._pool
         try:

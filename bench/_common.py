@@ -74,7 +74,7 @@ def percentile(ordered: Sequence[float], q: float) -> float:
 
 
 def wait_for_lines(path: Path, expected: int, timeout: float, poll: float = 0.005) -> float | None:
-    """Tail ``path`` until it holds ``expected`` newline-terminated lines.
+    """Tail ``path`` until it holds ``expected`` newline-terminated record lines.
 
     Returns the ``time.perf_counter()`` at which the count was first seen (so
     the resolution is ``poll`` plus one read), or None on timeout. Reading only
@@ -90,7 +90,8 @@ def wait_for_lines(path: Path, expected: int, timeout: float, poll: float = 0.00
                 handle = open(path, "rb")  # noqa: SIM115 - closed in finally
             if handle is not None:
                 while chunk := handle.read(1 << 20):
-                    count += chunk.count(b"\n")
+                    # the agent's own lines (statistics, system samples) are not records
+                    count += chunk.count(b"\n") - chunk.count(b'"stream":"agent"')
                 if count >= expected:
                     return time.perf_counter()
             if now > deadline:

@@ -303,6 +303,8 @@ def latency(tmp: Path, rate: float, seconds: float) -> dict[str, float]:
                     continue
                 *lines, tail = (tail + chunk).split(b"\n")
                 for line in lines:
+                    if b'"stream":"agent"' in line:
+                        continue  # the agent's own lines (window statistics) are not records
                     if b'"kind":"scalars"' in line and b'"warmup"' not in line:
                         delays.append(seen - orjson.loads(line)["t"])
                     elif b'"kind":"bye"' in line:

@@ -238,3 +238,45 @@ def test_statistics_off_leaves_the_run_store_alone(tmp_path: Path) -> None:
     assert stop_agent(agent, timeout=60) == 0
     assert [e for e in lines(runs / "plain", agent_lines=True) if e["stream"] == "agent"] == []
     assert not (runs / "plain" / "alerts.jsonl").exists()
+
+
+def test_the_demo_misbehaving_on_purpose_raises_its_alert(tmp_path: Path) -> None:
+    """`train_charlm.py --misbehave nan` under `outrider run`: a critical nonfinite alert."""
+    import subprocess
+
+    from tests.helpers import REPO
+    from tests.helpers_cli import OUTRIDER, PYTHON, clean_env
+
+    runs = tmp_path / "runs"
+    demo = [
+        PYTHON,
+        str(REPO / "examples" / "train_charlm.py"),
+        *("--steps", "12", "--layers", "1", "--d-model", "32", "--heads", "2"),
+        *("--context", "32", "--batch-size", "4", "--data-bytes", "100000"),
+        *("--eval-every", "1000", "--sample-every", "1000", "--features-every", "1000"),
+        *("--misbehave", "nan", "--misbehave-at", "6", "--device", "cpu"),
+    ]
+    done = subprocess.run(
+        [OUTRIDER, "run", "--runs-dir", str(runs), "--run-id", "misbehave", "--", *demo],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    stored = [
+        orjson.loads(line)
+        for line in (runs / "misbehave" / "alerts.jsonl").read_bytes().splitlines()
+    ]
+    nonfinite = [a for a in stored if a["name"] == "nonfinite"]
+    assert len(nonfinite) == 1
+    assert nonfinite[0]["step"] == 6 and nonfinite[0]["severity"] == "critical"
+    show = subprocess.run(
+        [OUTRIDER, "show", "misbehave", "--runs-dir", str(runs)],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "critical nonfinite @ step 6" in show.stdout

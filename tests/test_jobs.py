@@ -94,24 +94,6 @@ def test_close_is_bounded_by_a_hung_job_and_drops_the_rest() -> None:
     release.set()
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
-def test_workers_run_at_the_configured_lower_priority() -> None:
-    """The worker thread's own niceness is raised; the caller's is not."""
-    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    jobs = StatsJobs(threads=1, nice=5)
-    seen: list[int] = []
-    jobs.submit(
-        "a",
-        "nice",
-        lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id()),
-        seen.append,
-    )
-    assert jobs.wait_idle(5)
-    assert seen == [min(19, before + 5)]
-    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before
-    jobs.close(1)
-
-
 def test_zero_threads_is_a_clear_error() -> None:
     """A config asking for no workers is refused with the number it got."""
     with pytest.raises(ValueError, match="got 0"):
@@ -141,18 +123,6 @@ def test_a_key_never_runs_twice_at_once() -> None:
     release.set()
     assert jobs.wait_idle(5)
     assert order == ["other", "first", "second"]
-    jobs.close(1)
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SCHED_IDLE is Linux's")
-def test_idle_workers_run_under_sched_idle() -> None:
-    """``idle=True`` puts the worker thread, and only it, in the SCHED_IDLE class."""
-    jobs = StatsJobs(threads=1, idle=True)
-    seen: list[int] = []
-    jobs.submit("a", "idle", lambda: os.sched_getscheduler(threading.get_native_id()), seen.append)
-    assert jobs.wait_idle(5)
-    assert seen == [os.SCHED_IDLE]
-    assert os.sched_getscheduler(threading.get_native_id()) != os.SCHED_IDLE
     jobs.close(1)
 
 
