@@ -46,9 +46,9 @@ nice: 10
 # Expensive statistics (docs/statistics.md), on workers below the agent's own priority.
 stats:
   enabled: true
-  threads: 1                # workers, and the BLAS/OpenMP threads of each
-  nice: 5                   # added on top of the agent's niceness, per worker thread
-  idle: true                # workers in SCHED_IDLE (Linux): only cycles nothing else wants
+  threads: 1                # worker processes, and the agent's BLAS/OpenMP threads
+  nice: 5                   # worker processes: added on top of the agent's niceness
+  idle: true                # worker processes in SCHED_IDLE (Linux): only idle cycles
   gil_share: 0.25           # most of the agent's Python time the analysis thread may take
   processes: true           # run statistics jobs in worker processes (no GIL contention)
   window_steps: 100         # window summaries and step-time percentiles every N steps
