@@ -243,6 +243,7 @@ class Analysis:
         self._publish_alerts()
         if self.alerts is not None:
             self.alerts.close(max(0.0, min(5.0, deadline - self.clock())))
+            self._published = {**self._published, "alert_engine": self.alerts.stats()}
 
     # -- the analysis thread ---------------------------------------------------------------
     def _run(self) -> None:
@@ -535,6 +536,7 @@ class Analysis:
                 )
             )
         self._published = {
+            "alert_engine": engine.stats(),  # state size, refusals, webhook deliveries
             "alerts_active": engine.active(),
             "alerts_fired": [
                 {"name": name, "severity": severity, "count": count}

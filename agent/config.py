@@ -119,6 +119,12 @@ class StatsSettings(pydantic.BaseModel):
     map_every: int = pydantic.Field(default=5, ge=1)
     map_points: int = pydantic.Field(default=1000, ge=10, le=20000)
     dashboard_seconds: float = pydantic.Field(default=120.0, ge=0)
+
+    @pydantic.field_validator("feature_map", mode="before")
+    @classmethod
+    def _unquoted_off(cls, value: Any) -> Any:
+        """YAML reads a bare `off` as false."""
+        return "off" if value is False else value
     close_timeout: float = pydantic.Field(default=10.0, ge=0)
 
 

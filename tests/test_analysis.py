@@ -193,6 +193,7 @@ def test_statistics_summaries_images_and_alerts_from_a_real_run(
     agent_stats = run_info(run_dir)["agent"]
     fired = {a["name"]: a["count"] for a in agent_stats["alerts_fired"]}
     assert fired["nonfinite"] == 1
+    assert agent_stats["alert_engine"]["webhooks"]["hook"]["sent"] == len(hook.received)
 
 
 def test_a_killed_trainer_raises_run_died(tmp_path: Path, webhook: tuple[str, type[_Hook]]) -> None:
@@ -280,3 +281,34 @@ def test_the_demo_misbehaving_on_purpose_raises_its_alert(tmp_path: Path) -> Non
         timeout=60,
     )
     assert "critical nonfinite @ step 6" in show.stdout
+
+
+def test_a_statistic_that_fails_is_counted_and_the_rest_go_on(tmp_path: Path) -> None:
+    """All-NaN features make their job fail (counted); another stream's statistics still land."""
+    code = (
+        "import torch, probe\nprobe.init()\n"
+        "probe.features('bad', torch.full((64, 8), float('nan')), step=0, every=1)\n"
+        "probe.features('good', torch.randn(64, 8), step=0, every=1)\n"
+        "probe.log({'loss': 1.0}, step=0)\nprobe.finish()\n"
+    )
+    config = tmp_path / "agent.yaml"
+    config.write_text("stats: {feature_map: off}\nsystem: {enabled: false}\n")
+    endpoint = short_ipc_endpoint()
+    runs = tmp_path / "runs"
+    agent = start_agent(endpoint, runs, "--config", str(config), sinks="none")
+    done = run_trainer(code, endpoint, "failing-stat")
+    assert done.returncode == 0, done.stderr
+    run_dir = runs / "failing-stat"
+    wait_for(
+        lambda: any(
+            "features/good/effective_rank" in e["metrics"] for e in _agent_lines(run_dir, "scalars")
+        ),
+        30,
+        "the good stream's statistics",
+    )
+    assert stop_agent(agent, timeout=60) == 0
+    jobs = run_info(run_dir)["agent"]["stat_jobs"]["representation"]
+    assert jobs["failed"] == 1 and jobs["count"] == 2
+    names = {n for e in _agent_lines(run_dir, "scalars") for n in e["metrics"]}
+    assert not any(n.startswith("features/bad/") for n in names)
+    assert sum(e["kind"] == "scalars" for e in lines(run_dir)) == 1  # the trainer's record kept

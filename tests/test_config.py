@@ -108,3 +108,8 @@ def test_bad_config_stops_the_agent_and_the_launcher_before_anything_runs(tmp_pa
         assert result.returncode != 0
         assert "bad.yaml:1: drain_timeout" in result.stderr
     assert not marker.exists()
+
+
+def test_a_bare_off_switches_feature_maps_off() -> None:
+    """`feature_map: off` (which YAML reads as false) means no maps, not a type error."""
+    assert config.parse("stats: {feature_map: off}\n").stats.feature_map == "off"
