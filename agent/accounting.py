@@ -40,14 +40,8 @@ class StreamLedger:
 
     @classmethod
     def from_envelope(cls, envelope: dict[str, Any]) -> StreamLedger:
-        return cls(
-            stream=envelope["stream"],
-            rank=envelope["rank"],
-            local_rank=envelope["local_rank"],
-            world_size=envelope["world_size"],
-            host=envelope["host"],
-            pid=envelope["pid"],
-        )
+        """A ledger for the stream the envelope names (every identity field but the run)."""
+        return cls(**{key: envelope[key] for key in protocol.ENVELOPE_KEYS if key != "run"})
 
     def observe(
         self, kind: str, seq: int, t: float, step: int | None, body: dict[str, Any]

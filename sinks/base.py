@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from probe.protocol import ENVELOPE_KEYS
+
 
 @dataclass(frozen=True)
 class Source:
@@ -31,15 +33,8 @@ class Source:
 
     @classmethod
     def from_envelope(cls, envelope: dict[str, Any]) -> Source:
-        return cls(
-            run=envelope["run"],
-            stream=envelope["stream"],
-            rank=envelope["rank"],
-            local_rank=envelope["local_rank"],
-            world_size=envelope["world_size"],
-            host=envelope["host"],
-            pid=envelope["pid"],
-        )
+        """The wire envelope's identity fields (probe.protocol.ENVELOPE_KEYS)."""
+        return cls(**{key: envelope[key] for key in ENVELOPE_KEYS})
 
 
 @dataclass(frozen=True)
