@@ -285,9 +285,10 @@ def watch(
     Every ``layer_every``: per-parameter gradient and weight norms and the
     update-to-weight ratio per group. Every ``hist_every``: weight and gradient
     histograms. Every ``activations_every``: mean, std and fraction of zeros of
-    each leaf module's output, and a histogram of it. 0 switches a kind off. Nothing here waits for the
-    device. Returns a watcher with ``unwatch()`` and ``data(loader)`` (times data
-    waits); with telemetry off it returns one that does nothing.
+    each leaf module's output, and a histogram of it. 0 switches a kind off.
+    Nothing here waits for the device. Returns a watcher with ``unwatch()`` and
+    ``data(loader)`` (times data waits); with telemetry off it returns one that
+    does nothing.
     """
     client = _client or (None if _disabled else _autostart())
     if client is None:
