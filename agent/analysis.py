@@ -163,7 +163,6 @@ class Analysis:
         self._outbox: collections.deque[Derived] = collections.deque()
         self._results: collections.deque[tuple[str, Any]] = collections.deque()
         self._wake = threading.Event()
-        self._stop = threading.Event()
         self.inbox_dropped = 0
         self._inbox_entries = 0  # entries of the batches in the inbox
         self._inbox_lock = threading.Lock()

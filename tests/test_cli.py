@@ -565,7 +565,13 @@ def test_agent_outlives_a_killed_launcher_until_the_trainer_is_done(tmp_path: Pa
         15,
         "the agent process",
     )
-    wait_for(lambda: (runs / "orphan" / "metrics.jsonl").exists(), 15, "the first records")
+    # The run's metrics.jsonl exists as soon as the agent opens the declared run: wait for
+    # a record of the trainer itself, or the launcher may die before it starts the trainer.
+    wait_for(
+        lambda: any(line["kind"] == "scalars" for line in read_lines(runs / "orphan")),
+        30,
+        "the trainer's first records",
+    )
     launcher.kill()
     launcher.wait()
     agent = psutil.Process(agent_pid)
