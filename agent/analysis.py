@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 from agent.config import AgentConfig
 from agent.jobs import StatsJobs
+from agent.store import TENSORS
 from sinks.base import Batch
 
 logger = logging.getLogger("outrider.agent")
@@ -32,7 +33,6 @@ TICK_SECONDS = 1.0
 SLICE_SECONDS = 0.005  # analysis work between two pauses (about the interpreter's switch interval)
 #: kinds the training code makes: their absence (not heartbeats') means a stalled loop
 TRAINER_KINDS = frozenset({"scalars", "tensor", "text", "event", "config", "histogram"})
-TENSORS = "tensors.bin"
 
 
 @dataclass(frozen=True)
@@ -136,7 +136,6 @@ class Analysis:
         host: str | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
-        sample_system: bool | None = None,
     ) -> None:
         self.config = config
         self.host = host or socket.gethostname()
@@ -174,7 +173,6 @@ class Analysis:
         self._unpaired: dict[tuple[str, str], _FeatureBatch] = {}
         self._last_dashboard: dict[str, float] = {}
         self._last_step: dict[str, int] = {}
-        want_system = config.system.enabled if sample_system is None else sample_system
         self.sampler = (
             SystemSampler(
                 interval=config.system.interval,
@@ -182,7 +180,7 @@ class Analysis:
                 emit=self._on_system,
                 host=self.host,
             )
-            if want_system
+            if config.system.enabled
             else None
         )
         self._thread = threading.Thread(target=self._run, name="outrider-analysis", daemon=True)

@@ -141,11 +141,6 @@ class StatsJobs:
         with self._wake:
             return len(self._pending)
 
-    def idle(self) -> bool:
-        """Nothing pending and nothing running (tests and shutdown wait for this)."""
-        with self._wake:
-            return not self._pending and not self._running
-
     def wait_idle(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         with self._wake:
