@@ -152,6 +152,7 @@ class Analysis:
             nice=settings.nice,
             idle=settings.idle,
             processes=settings.processes,
+            cpu_share=settings.cpu_share,
         )
         self.alerts = (
             alert_engine.AlertEngine.from_config(config.alerts, clock=clock)
@@ -188,8 +189,21 @@ class Analysis:
     # -- the receive loop's side ---------------------------------------------------------
     def start(self) -> None:
         self._thread.start()
+        if self.config.stats.enabled:
+            self.jobs.warm_up(self._job_modules())
         if self.sampler is not None:
             self.sampler.start()
+
+    def _job_modules(self) -> tuple[str, ...]:
+        """What the statistics jobs import: loaded by the workers as the agent starts."""
+        settings = self.config.stats
+        modules = ["agent.representation"]
+        if settings.feature_map != "off" or settings.dashboard_seconds > 0:
+            modules += ["agent.maps", "agent.dashboard", "matplotlib.backends.backend_agg",
+                        "matplotlib.figure", "matplotlib.ticker"]
+        if settings.feature_map == "tsne":
+            modules.append("openTSNE")
+        return tuple(modules)
 
     def submit(self, batches: Iterable[Batch]) -> None:
         """Hand over stored entries (called after the store has written them)."""
@@ -303,7 +317,11 @@ class Analysis:
         source = batch.source
         run, rank = source.run, source.rank
         run_dir = Path(batch.run_dir)
-        self._open_runs.setdefault(run, run_dir)
+        if run not in self._open_runs:
+            self._open_runs[run] = run_dir
+            # The first dashboard comes one interval in, when there is a curve to draw;
+            # drawing one at the start would cost the trainer CPU for an empty picture.
+            self._last_dashboard.setdefault(run, self.clock())
         engine = self.alerts
         statistics = self.config.stats.enabled
         trainer_record = False

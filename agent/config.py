@@ -49,6 +49,7 @@ stats:
   threads: 1                # worker processes, and the agent's BLAS/OpenMP threads
   nice: 5                   # worker processes: added on top of the agent's niceness
   idle: true                # worker processes in SCHED_IDLE (Linux): only idle cycles
+  cpu_share: 0.01           # most of one core each kind of job may use on average (0: no cap)
   gil_share: 0.25           # most of the agent's Python time the analysis thread may take
   processes: true           # run statistics jobs in worker processes (no GIL contention)
   window_steps: 100         # window summaries and step-time percentiles every N steps
@@ -112,6 +113,7 @@ class StatsSettings(pydantic.BaseModel):
     threads: int = pydantic.Field(default=1, ge=1, le=64)
     nice: int = pydantic.Field(default=5, ge=0, le=19)
     idle: bool = True
+    cpu_share: float = pydantic.Field(default=0.01, ge=0, le=1)
     gil_share: float = pydantic.Field(default=0.25, gt=0, le=1)
     processes: bool = True
     window_steps: int = pydantic.Field(default=100, ge=1)
@@ -119,13 +121,13 @@ class StatsSettings(pydantic.BaseModel):
     map_every: int = pydantic.Field(default=5, ge=1)
     map_points: int = pydantic.Field(default=1000, ge=10, le=20000)
     dashboard_seconds: float = pydantic.Field(default=120.0, ge=0)
+    close_timeout: float = pydantic.Field(default=10.0, ge=0)
 
     @pydantic.field_validator("feature_map", mode="before")
     @classmethod
     def _unquoted_off(cls, value: Any) -> Any:
         """YAML reads a bare `off` as false."""
         return "off" if value is False else value
-    close_timeout: float = pydantic.Field(default=10.0, ge=0)
 
 
 class SystemSettings(pydantic.BaseModel):

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
+import importlib
 import logging
 import multiprocessing
 import os
@@ -36,6 +38,7 @@ class JobFigures:
     seconds_sum: float = 0.0
     seconds_max: float = 0.0
     last_seconds: float = 0.0
+    cpu_seconds_sum: float = 0.0  # CPU the jobs used (wall time under SCHED_IDLE is longer)
     superseded: int = 0
     failed: int = 0
 
@@ -45,6 +48,7 @@ class JobFigures:
             "seconds_sum": self.seconds_sum,
             "seconds_max": self.seconds_max,
             "last_seconds": self.last_seconds,
+            "cpu_seconds_sum": self.cpu_seconds_sum,
             "superseded": self.superseded,
             "failed": self.failed,
         }
@@ -59,20 +63,42 @@ class _Job:
     figures: JobFigures = field(repr=False, default_factory=JobFigures)
 
 
-def _worker_process_setup(nice: int, idle: bool, blas_threads: int) -> None:
-    """In a statistics worker process: ``nice`` below the agent, SCHED_IDLE (Linux: only
-    cycles nothing else wants), one BLAS thread, deaf to ^C (the agent stops it)."""
+def _worker_process_setup(
+    nice: int, idle: bool, blas_threads: int, preload: tuple[str, ...] = ()
+) -> None:
+    """In a statistics worker process: ``nice`` below the agent, the statistics' imports
+    (``preload``), then SCHED_IDLE (Linux: only cycles nothing else wants), one BLAS
+    thread, deaf to ^C (the agent stops it).
+
+    The imports come before SCHED_IDLE: under it they would wait for idle
+    cycles, which a starting trainer leaves none of, and spill into its first
+    training steps.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if sys.platform.startswith("linux"):
-        try:
+    linux = sys.platform.startswith("linux")
+    if linux:
+        with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, 0, min(19, os.getpriority(os.PRIO_PROCESS, 0) + nice))
-            if idle:
-                os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-        except OSError:
-            pass
+    for module in preload:
+        with contextlib.suppress(Exception):  # the job that needs it fails, and is counted
+            importlib.import_module(module)
+    if linux and idle:
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     import threadpoolctl
 
     threadpoolctl.threadpool_limits(limits=blas_threads)
+
+
+def _started() -> None:
+    """The warm-up job: it only makes the pool start its worker process."""
+
+
+def _measured(work: Callable[..., Any], *args: Any) -> tuple[Any, float]:
+    """``work(*args)`` and the CPU seconds it used, measured where it runs."""
+    started = time.thread_time()
+    result = work(*args)
+    return result, time.thread_time() - started
 
 
 class StatsJobs:
@@ -93,21 +119,28 @@ class StatsJobs:
         nice: int = 0,
         idle: bool = False,
         processes: bool = False,
+        cpu_share: float = 0.0,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         if threads < 1:
             raise ValueError(f"stats threads must be >= 1, got {threads}")
+        if not 0.0 <= cpu_share <= 1.0:
+            raise ValueError(f"stats cpu_share must be in [0, 1], got {cpu_share}")
+        self.cpu_share = cpu_share
         self.nice = nice
         self.sched_idle = idle
         self.processes = processes
         self.clock = clock
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._preload: tuple[str, ...] = ()  # modules each worker process imports at start
         self._pool_lock = threading.Lock()
         self._pending: collections.OrderedDict[Any, _Job] = collections.OrderedDict()
         self._figures: dict[str, JobFigures] = {}
         self._running_keys: set[Any] = set()
+        self._rest_until: dict[str, float] = {}  # job name -> earliest start of the next one
         self._running = 0
         self._closed = False
+        self._closing = False
         self._wake = threading.Condition()
         self._complaints = RateLimitedLog()
         self._threads = [
@@ -156,28 +189,37 @@ class StatsJobs:
         with self._wake:
             return {name: figures.as_dict() for name, figures in self._figures.items()}
 
-    def _next_key(self) -> Any:
-        """The oldest pending key not being worked on (one job per key at a time)."""
-        for key in self._pending:
-            if key not in self._running_keys:
-                return key
-        return None
+    def _next_key(self) -> tuple[Any, float | None]:
+        """The oldest pending key not being worked on (one job per key at a time) whose kind
+        is not resting off its CPU budget; else None and how long until one may be."""
+        now = self.clock() if self._rest_until else 0.0
+        soonest: float | None = None
+        for key, job in self._pending.items():
+            if key in self._running_keys:
+                continue
+            rest = self._rest_until.get(job.name, now) - now
+            if rest <= 0:
+                return key, None
+            soonest = rest if soonest is None else min(soonest, rest)
+        return None, soonest
 
     def _work(self) -> None:
         while True:
             with self._wake:
-                key = self._next_key()
+                key, wait = self._next_key()
                 while key is None and not self._closed:
-                    self._wake.wait()
-                    key = self._next_key()
+                    self._wake.wait(wait)
+                    key, wait = self._next_key()
                 if self._closed:
                     return
                 job = self._pending.pop(key)
                 self._running_keys.add(key)
                 self._running += 1
             started = self.clock()
+            cpu = 0.0
             try:
-                job.done(self._call(job))
+                result, cpu = self._call(job)
+                job.done(result)
                 failed = False
             except Exception as exc:  # a statistic that fails must not end the worker
                 failed = True
@@ -188,28 +230,53 @@ class StatsJobs:
             with self._wake:
                 self._running -= 1
                 self._running_keys.discard(key)
+                if self.cpu_share > 0 and not self._closing:
+                    # The CPU budget: a kind of job that used c CPU-seconds starts again
+                    # no sooner than c / cpu_share after this one started. A slow
+                    # statistic runs less often (newest input wins); a cheap one is not held.
+                    self._rest_until[job.name] = started + cpu / self.cpu_share
                 figures = job.figures
                 figures.count += 1
                 figures.failed += failed
+                figures.cpu_seconds_sum += cpu
                 figures.seconds_sum += elapsed
                 figures.last_seconds = elapsed
                 figures.seconds_max = max(figures.seconds_max, elapsed)
                 self._wake.notify_all()
 
-    def _call(self, job: _Job) -> Any:
+    def warm_up(self, modules: tuple[str, ...]) -> None:
+        """Start the worker processes now and import ``modules`` in each, without waiting.
+
+        Starting a process and importing numpy and matplotlib costs about a
+        second of CPU. Paid while the trainer is still starting (the agent starts
+        first), it does not fall on the first training steps with a statistic.
+        An import that fails here fails again, and is counted, in the job that needs it.
+        """
         if not self.processes:
-            return job.work(*job.args)
+            return
+        self._preload = tuple(modules)
+        pool = self._get_pool()
+        for _ in self._threads:
+            pool.submit(_started)
+
+    def _get_pool(self) -> concurrent.futures.ProcessPoolExecutor:
         with self._pool_lock:
             if self._pool is None:
                 self._pool = concurrent.futures.ProcessPoolExecutor(
                     max_workers=len(self._threads),
                     mp_context=multiprocessing.get_context("spawn"),
                     initializer=_worker_process_setup,
-                    initargs=(self.nice, self.sched_idle, 1),
+                    initargs=(self.nice, self.sched_idle, 1, self._preload),
                 )
-            pool = self._pool
+            return self._pool
+
+    def _call(self, job: _Job) -> tuple[Any, float]:
+        if not self.processes:
+            return _measured(job.work, *job.args)
+        pool = self._get_pool()
         try:
-            return pool.submit(job.work, *job.args).result()
+            result: tuple[Any, float] = pool.submit(_measured, job.work, *job.args).result()
+            return result
         except concurrent.futures.process.BrokenProcessPool:
             with self._pool_lock:  # a worker died (OOM killer): the next job gets a new pool
                 if self._pool is pool:
@@ -219,6 +286,10 @@ class StatsJobs:
     def close(self, timeout: float) -> bool:
         """Finish the pending jobs within ``timeout``; what is left then is dropped."""
         deadline = time.monotonic() + timeout
+        with self._wake:  # the trainer is done: the last maps and dashboard need no budget
+            self._closing = True
+            self._rest_until.clear()
+            self._wake.notify_all()
         finished = self.wait_idle(timeout)
         with self._wake:
             self._closed = True

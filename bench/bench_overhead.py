@@ -47,7 +47,7 @@ Each monitored variant is compared with the baseline of the same placement,
 repeat by repeat (same round, same thread settings).
 
     python bench/bench_overhead.py             # default: ~17 min on 2 CPUs
-    python bench/bench_overhead.py --quick     # 2 repeats x 30 steps
+    python bench/bench_overhead.py --quick     # 2 repeats x 100 steps
     python bench/bench_overhead.py --variants sep --repeats 5
 """
 
@@ -181,8 +181,15 @@ class Telemetry:
     def on_hidden(self, output: Tensor) -> None:
         pass
 
+    def generate(self, step: int) -> str | None:
+        """The demo's own text sample on text steps, in every variant (the baseline too):
+        generating it is the trainer's work, logging it is the telemetry's."""
+        if self._due("text", self.args.text_every, step):
+            return self._sample_text()
+        return None
+
     def after_step(self, step: int, loss: Tensor, grad_norm: Tensor, lr: float,
-                   step_time: float) -> None:
+                   step_time: float, sample: str | None) -> None:
         pass
 
     def at_loop_end(self) -> dict[str, Any]:
@@ -245,7 +252,7 @@ class OutriderTelemetry(Telemetry):
             self.probe.tensor("hidden", output.detach().flatten(0, 1)[::8], step=self.step)
 
     def after_step(self, step: int, loss: Tensor, grad_norm: Tensor, lr: float,
-                   step_time: float) -> None:
+                   step_time: float, sample: str | None) -> None:
         args = self.args
         if self.full and not self.log_only:
             self.probe.log({"loss": loss.detach(), "lr": lr}, step=step)
@@ -264,8 +271,8 @@ class OutriderTelemetry(Telemetry):
         if self.full:
             self._due("histograms", args.hist_every, step)  # probe.watch does them; count only
         self._due("features", args.rank_every, step)
-        if self._due("text", args.text_every, step):
-            self.probe.text("samples/generation", self._sample_text(), step=step)
+        if sample is not None:
+            self.probe.text("samples/generation", sample, step=step)
 
     def at_loop_end(self) -> dict[str, Any]:
         return {"queue_at_loop_end": self.probe.stats().get("queue_depth")}
@@ -305,7 +312,7 @@ class WandbTelemetry(Telemetry):
         self.hidden = output.detach()
 
     def after_step(self, step: int, loss: Tensor, grad_norm: Tensor, lr: float,
-                   step_time: float) -> None:
+                   step_time: float, sample: str | None) -> None:
         args, wandb = self.args, self.wandb
         row: dict[str, Any] = {
             "loss": loss.item(),
@@ -321,8 +328,8 @@ class WandbTelemetry(Telemetry):
                     row[f"grads/{name}"] = wandb.Histogram(p.grad.detach().cpu().numpy())
         if self.hidden is not None and self._due("features", args.rank_every, step):
             row["hidden/effective_rank"] = effective_rank(self.hidden)
-        if self._due("text", args.text_every, step):
-            row["samples/generation"] = wandb.Html(f"<pre>{self._sample_text()}</pre>")
+        if sample is not None:
+            row["samples/generation"] = wandb.Html(f"<pre>{sample}</pre>")
         wandb.log(row, step=step)
 
     def close(self) -> dict[str, Any]:
@@ -347,7 +354,7 @@ class TensorBoardTelemetry(Telemetry):
         self.hidden = output.detach()
 
     def after_step(self, step: int, loss: Tensor, grad_norm: Tensor, lr: float,
-                   step_time: float) -> None:
+                   step_time: float, sample: str | None) -> None:
         args, add = self.args, self.writer.add_scalar
         add("loss", loss.item(), step)
         add("lr", lr, step)
@@ -361,8 +368,8 @@ class TensorBoardTelemetry(Telemetry):
                     self.writer.add_histogram(f"grads/{name}", p.grad, step)
         if self.hidden is not None and self._due("features", args.rank_every, step):
             add("hidden/effective_rank", effective_rank(self.hidden), step)
-        if self._due("text", args.text_every, step):
-            self.writer.add_text("samples/generation", self._sample_text(), step)
+        if sample is not None:
+            self.writer.add_text("samples/generation", sample, step)
 
     def close(self) -> dict[str, Any]:
         started = time.perf_counter()
@@ -426,12 +433,13 @@ def worker(args: argparse.Namespace) -> None:
     first = args.start - args.warmup  # the warm-up steps come just before the timed window
     step_times: list[float] = []
     telemetry_times: list[float] = []  # training-thread time in telemetry code, per step
-    loop_start = cpu_start = thread_start = 0.0
+    loop_start = cpu_start = thread_start = loop_start_unix = 0.0
     last = time.perf_counter()
     for i in range(total):
         step = first + i
         if i == args.warmup:
             loop_start = last = time.perf_counter()
+            loop_start_unix = time.time()
             usage = resource.getrusage(resource.RUSAGE_SELF)
             cpu_start = usage.ru_utime + usage.ru_stime
             thread_start = time.thread_time()
@@ -446,8 +454,10 @@ def worker(args: argparse.Namespace) -> None:
         loss.backward()  # type: ignore[no-untyped-call]
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        step_time = max(time.perf_counter() - last, 1e-9)
+        sample = telemetry.generate(step)
         started = time.perf_counter()
-        telemetry.after_step(step, loss, grad_norm, lr, max(started - last, 1e-9))
+        telemetry.after_step(step, loss, grad_norm, lr, step_time, sample)
         now = time.perf_counter()
         if i >= args.warmup:
             step_times.append(now - last)
@@ -455,11 +465,13 @@ def worker(args: argparse.Namespace) -> None:
                                    - marks["pre0"] + marks["post1"] - marks["post0"])
         last = now
     loop_s = time.perf_counter() - loop_start
+    loop_end_unix = time.time()
     thread_s = time.thread_time() - thread_start
     usage = resource.getrusage(resource.RUSAGE_SELF)
     cpu_s = usage.ru_utime + usage.ru_stime - cpu_start
     result: dict[str, Any] = {
         "loop_s": loop_s,
+        "loop_unix": [loop_start_unix, loop_end_unix],
         "trainer_cpu_s": cpu_s,
         "other_threads_cpu_s": cpu_s - thread_s,
         "telemetry_times": telemetry_times,
@@ -728,14 +740,16 @@ def report(variants: Sequence[str], runs: dict[str, list[Run]], args: argparse.N
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=60, help="timed steps per run (default 60)")
+    p.add_argument("--steps", type=int, default=200,
+                   help="timed steps per run (default 200: every periodic kind at its rate)")
     p.add_argument("--warmup", type=int, default=5,
                    help="untimed steps just before the timed ones (default 5)")
     p.add_argument("--start", type=int, default=50,
-                   help="step number of the first timed step (default 50: with 60 steps the "
-                        "window 50-109 holds histograms at 50 and 100 and features at 100)")
+                   help="step number of the first timed step (default 50: with 200 steps the "
+                        "window 50-249 holds histograms at 50, 100, 150 and 200, features at "
+                        "100 and 200 and a text sample at 200, each at its nominal rate)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats (default 3)")
-    p.add_argument("--quick", action="store_true", help="2 repeats x 30 steps")
+    p.add_argument("--quick", action="store_true", help="2 repeats x 100 steps")
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                    help="comma-separated KIND:PLACEMENT names, or a kind / placement for all "
                         "matching (baselines are added); default: all but outrider-log:shared")
@@ -765,7 +779,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--run-id", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
-        args.repeats, args.steps = 2, 30
+        args.repeats, args.steps = 2, 100
     if args.start < args.warmup:
         p.error("--start must be at least --warmup (warm-up steps are numbered before it)")
     return args

@@ -60,6 +60,13 @@ class Sink(abc.ABC):
         once: a sink that wrote part of them before failing sees that part twice.
         """
 
+    def prepare(self) -> None:  # noqa: B027 - optional hook, no-op by default
+        """Pay one-off costs (heavy imports) once, on the sink's thread, before any export.
+
+        The agent starts before the trainer, so what is paid here is not taken
+        from training steps; a failure is logged and left to the first export.
+        """
+
     def flush(self, timeout: float) -> None:  # noqa: B027 - optional hook, no-op by default
         """Make what was exported visible (write files, push buffers) within ``timeout``."""
 

@@ -311,6 +311,22 @@ class WandbSink(Sink):
         counts["abandoned_runs"] = self.abandoned
         return counts
 
+    def prepare(self) -> None:
+        """Import wandb, and what ``wandb.init`` imports on every run start, ahead of the run.
+
+        Together about 1.5 s of CPU (wandb's launch-job module builds pydantic
+        models on import); paid at the first record, it fell on the trainer's
+        first steps.
+        """
+        if self.mode == "disabled":
+            return
+        import wandb  # noqa: F401
+
+        try:  # wandb's internals: a later release may move it, which only costs the time
+            importlib.import_module("wandb.sdk.launch.inputs.internal")
+        except ImportError as exc:
+            logger.debug("outrider sink wandb: no launch-inputs module to preload: %s", exc)
+
     def export(self, batches: Sequence[Batch]) -> None:
         if self.mode == "disabled":
             return

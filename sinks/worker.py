@@ -61,6 +61,7 @@ class SinkWorker:
         backoff: float = 0.25,
         backoff_max: float = 5.0,
         flush_interval: float = 1.0,
+        export_interval: float = 0.25,
         stall_after: float = 30.0,
         on_failure: FailureCallback | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -74,6 +75,9 @@ class SinkWorker:
         self.backoff = backoff
         self.backoff_max = backoff_max
         self.flush_interval = flush_interval
+        # Most seconds a queued batch waits (unless max_batches are queued): the worker
+        # wakes this often, and every wake-up on a shared core is taken from the trainer.
+        self.export_interval = min(export_interval, flush_interval)
         # A sink may know better how long one call can legitimately take (W&B's init).
         self.stall_after = max(stall_after, float(getattr(sink, "stall_after", 0.0)))
         self._close_budget = 5.0
@@ -162,9 +166,13 @@ class SinkWorker:
 
     # -- worker thread -----------------------------------------------------------
     def _run(self) -> None:
+        error = self._call(self.sink.prepare)
+        if error is not None:
+            logger.warning("outrider sink %s: prepare failed: %s: %s", self.name,
+                           type(error).__name__, error)
         last_flush = self.clock()
         while True:
-            self._wake.wait(0.05)
+            self._wake.wait(self.export_interval)
             self._wake.clear()
             stopping = self._stop.is_set()
             while self.queue:

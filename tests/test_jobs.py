@@ -153,3 +153,40 @@ def test_process_jobs_run_in_a_lower_priority_process_that_is_replaced_when_it_d
     assert jobs.wait_idle(60)
     assert len(seen) == 2 and seen[1][0] not in (pid, os.getpid())
     assert jobs.close(10)
+
+
+def _burn(seconds: float) -> float:
+    """Use ``seconds`` of CPU; returns when this job started (perf_counter)."""
+    started = time.perf_counter()
+    cpu = time.thread_time()
+    while time.thread_time() - cpu < seconds:
+        pass
+    return started
+
+
+def test_cpu_share_spaces_a_kind_of_job_by_what_it_cost_and_holds_no_other_kind() -> None:
+    """cpu_share=0.2: a t-SNE that used 0.1 CPU-s lets the next start 0.5 s after it began;
+    a cheap job of another kind queued behind it runs at once; close lifts the budget."""
+    jobs = StatsJobs(threads=1, cpu_share=0.2)
+    starts: dict[str, float] = {}
+    jobs.submit("map/a", "tsne", _burn, lambda t: starts.setdefault("first", t), (0.1,))
+    assert jobs.wait_idle(5)
+    jobs.submit("map/a", "tsne", _burn, lambda t: starts.setdefault("second", t), (0.1,))
+    jobs.submit("rank/a", "representation", _burn, lambda t: starts.setdefault("rank", t),
+                (0.0,))
+    assert jobs.wait_idle(5)
+    assert starts["second"] - starts["first"] >= 0.1 / 0.2 - 0.01
+    assert starts["rank"] < starts["second"]  # the other kind was not held behind the rest
+    figures = jobs.figures()["tsne"]
+    assert figures["count"] == 2
+    assert figures["cpu_seconds_sum"] >= 0.2
+    # At close the trainer is done: the last job of a resting kind (held until 0.5 s after
+    # the second began) runs at once.
+    jobs.submit("map/a", "tsne", _burn, lambda t: starts.setdefault("last", t), (0.0,))
+    assert jobs.close(2.0)
+    assert starts["last"] - starts["second"] < 0.1 / 0.2
+
+
+def test_cpu_share_out_of_range_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="cpu_share"):
+        StatsJobs(cpu_share=1.5)
