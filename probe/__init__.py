@@ -157,7 +157,7 @@ def tensor(name: str, value: Any, step: int | None = None) -> None:
 def histogram(name: str, values: Any, step: int | None = None, bins: int | None = None) -> None:
     """Have the agent histogram ``values`` (weights, gradients, activations).
 
-    Large tensors are subsampled to 65,536 random elements on their own device
+    Large tensors are subsampled to 8,192 random elements on their own device
     (an asynchronous gather, no host sync); binning happens in the agent.
     """
     _submit_tensor(name, values, step, {"as": "histogram", "bins": bins})

@@ -68,7 +68,10 @@ def capture_tensor(tensor: Any) -> Captured:
     return Captured(tensor.clone(), None)
 
 
-HISTOGRAM_SAMPLE = 65_536
+# A 64-bin histogram needs far fewer values than a large tensor holds: 8,192 random ones
+# put ~128 in the average bin. Shipping more cost the trainer and the agent megabytes per
+# histogram step (the demo model: 6.7 MB at 65,536 a tensor, 1.2 MB at 8,192).
+HISTOGRAM_SAMPLE = 8_192
 
 
 def sample_tensor(tensor: Any, limit: int) -> Any:

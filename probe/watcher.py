@@ -304,7 +304,7 @@ class Watcher:
         self._activations[name] = self._torch.stack(
             [x.mean(), x.std() if x.numel() > 1 else x.new_zeros(()), (x == 0).float().mean()]
         )
-        # A sample of the output itself (<= 65,536 values, gathered on its device).
+        # A sample of the output itself (<= 8,192 values, gathered on its device).
         self._histogram(f"activations/{name}", tensor.detach(), self.step)
 
 
