@@ -62,6 +62,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -425,6 +426,12 @@ def worker(args: argparse.Namespace) -> None:
 
     opt.register_step_pre_hook(mark("pre0"))
     opt.register_step_post_hook(mark("post0"))
+    import psutil
+
+    me = psutil.Process()
+    x = torch.randn(256, 256)
+    (x @ x).sum().item()  # torch's thread pools are started by now (the baseline checks it)
+    torch_threads = {t.id for t in me.threads()}  # threads started before the telemetry's
     telemetry = TELEMETRY[args.kind](args, demo, model, opt, workdir)
     opt.register_step_pre_hook(mark("pre1"))
     opt.register_step_post_hook(mark("post1"))
@@ -433,13 +440,16 @@ def worker(args: argparse.Namespace) -> None:
     first = args.start - args.warmup  # the warm-up steps come just before the timed window
     step_times: list[float] = []
     telemetry_times: list[float] = []  # training-thread time in telemetry code, per step
-    loop_start = cpu_start = thread_start = loop_start_unix = 0.0
+    loop_start = cpu_start = thread_start = loop_start_unix = agent_start = 0.0
+    helpers_start: dict[tuple[str, int], float] = {}
     last = time.perf_counter()
     for i in range(total):
         step = first + i
         if i == args.warmup:
             loop_start = last = time.perf_counter()
             loop_start_unix = time.time()
+            agent_start = agent_cpu_s(args.agent_pid) if args.agent_pid else 0.0
+            helpers_start = helper_cpu(me, torch_threads)
             usage = resource.getrusage(resource.RUSAGE_SELF)
             cpu_start = usage.ru_utime + usage.ru_stime
             thread_start = time.thread_time()
@@ -466,12 +476,17 @@ def worker(args: argparse.Namespace) -> None:
         last = now
     loop_s = time.perf_counter() - loop_start
     loop_end_unix = time.time()
+    agent_loop_s = agent_cpu_s(args.agent_pid) - agent_start if args.agent_pid else 0.0
+    helpers_end = helper_cpu(me, torch_threads)
+    helpers_loop_s = sum(cpu - helpers_start.get(key, 0.0) for key, cpu in helpers_end.items())
     thread_s = time.thread_time() - thread_start
     usage = resource.getrusage(resource.RUSAGE_SELF)
     cpu_s = usage.ru_utime + usage.ru_stime - cpu_start
     result: dict[str, Any] = {
         "loop_s": loop_s,
         "loop_unix": [loop_start_unix, loop_end_unix],
+        "agent_loop_cpu_s": agent_loop_s,  # the agent's and its children's CPU in the loop
+        "helpers_loop_cpu_s": helpers_loop_s,  # telemetry threads and child processes
         "trainer_cpu_s": cpu_s,
         "other_threads_cpu_s": cpu_s - thread_s,
         "telemetry_times": telemetry_times,
@@ -535,6 +550,25 @@ def start_agent(endpoint: str, runs_dir: Path, run_id: str, workdir: Path, *, si
     return agent
 
 
+def helper_cpu(me: Any, torch_threads: set[int]) -> dict[tuple[str, int], float]:
+    """CPU seconds so far of the trainer's telemetry threads (those started after torch's:
+    the probe's sender and ZeroMQ's, TensorBoard's and W&B's writers) and of its child
+    processes (W&B's service), by thread or process id."""
+    import psutil
+
+    cpu: dict[tuple[str, int], float] = {}
+    try:
+        for thread in me.threads():
+            if thread.id not in torch_threads and thread.id != threading.get_native_id():
+                cpu[("thread", thread.id)] = thread.user_time + thread.system_time
+        for child in me.children(recursive=True):
+            times = child.cpu_times()
+            cpu[("process", child.pid)] = times.user + times.system
+    except psutil.Error:
+        pass
+    return cpu
+
+
 def agent_cpu_s(pid: int) -> float:
     """CPU seconds of the agent and its children (W&B's service process) so far."""
     import psutil
@@ -578,7 +612,7 @@ def run_variant(variant: str, args: argparse.Namespace, tmp: Path, index: int) -
         endpoint = short_ipc_endpoint(tmp)
         agent = start_agent(endpoint, runs_dir, run_id, workdir, sinks=kind == "outrider+sinks",
                             cpus={AGENT_CPU} if placement == "sep" else None)
-        command += ["--endpoint", endpoint, "--run-id", run_id]
+        command += ["--endpoint", endpoint, "--run-id", run_id, "--agent-pid", str(agent.pid)]
     else:
         env["OUTRIDER_DISABLED"] = "1"
     agent_info: dict[str, Any] = {}
@@ -674,35 +708,33 @@ def report(variants: Sequence[str], runs: dict[str, list[Run]], args: argparse.N
         tele_ms = 1000 * statistics.fmean(tele)
         other_ms = ms_per_step(vruns, "other_threads_cpu_s")
         extra_ms = other_ms - ms_per_step(base_runs, "other_threads_cpu_s")
+        helpers_ms = ms_per_step(vruns, "helpers_loop_cpu_s")
+        agent_ms = ms_per_step(vruns, "agent_loop_cpu_s")
         base_step = percentile(sorted(t for b in base_runs for t in b.step_times), 50)
-        shared = variant.endswith(":shared")  # torch's worker threads swamp other-thread CPU
-        direct = "-" if variant.startswith("base:") else pct(
-            100 * (tele_ms + (0.0 if shared else extra_ms)) / (1000 * base_step))
-        extra = "n/a" if shared else f"{extra_ms:+.2f}"
-        main_ms = ms_per_step(vruns, "trainer_cpu_s") - other_ms
-        base_main_ms = ms_per_step(base_runs, "trainer_cpu_s") - ms_per_step(
-            base_runs, "other_threads_cpu_s")
-        main_extra = "n/a" if shared else pct(100 * (main_ms / base_main_ms - 1))
-        agent = (f"{statistics.median(r.agent['cpu_share'] for r in vruns):.3f}"
-                 if vruns[0].agent else "-")
+        shared = variant.endswith(":shared")
+        # Separate cores: what the trainer's own core lost (the agent and W&B's service have
+        # the other core). Shared cores: all CPU the telemetry took from the trainer's cores,
+        # the agent's included (torch's own threads swamp a comparison of thread totals).
+        cost_ms = tele_ms + (helpers_ms + agent_ms if shared else extra_ms)
+        direct = "-" if variant.startswith("base:") else pct(100 * cost_ms / (1000 * base_step))
         rows.append([variant, f"{tele_ms:.2f}", f"{1000 * percentile(tele, 50):.2f}",
-                     f"{1000 * tele[-1]:.1f}", f"{other_ms:.2f}", extra, agent, direct,
-                     f"{main_ms:.1f}", "-" if variant.startswith("base:") else main_extra])
+                     f"{1000 * tele[-1]:.1f}", f"{helpers_ms:.2f}", f"{agent_ms:.2f}",
+                     "n/a" if shared else f"{extra_ms:+.2f}", direct])
     print_table(["variant", "training thread in telemetry, ms/step: mean", "p50", "max",
-                 "other trainer threads, CPU ms/step", "vs baseline", "agent CPU share",
-                 "direct cost: (thread + extra CPU) / base p50 step",
-                 "training thread CPU ms/step", "vs baseline"], rows)
+                 "telemetry threads + child processes, CPU ms/step", "agent CPU ms/step",
+                 "other trainer threads vs baseline, CPU ms/step",
+                 "direct cost / base p50 step"], rows)
     print("training thread in telemetry: the telemetry calls after each step, the hidden-state "
           "hook and the optimizer hooks (probe.watch), timed on the training thread; not "
-          "probe.watch's activation hooks (forward hooks on activation steps). Other trainer "
-          "threads: the probe's sender, W&B's and TensorBoard's writer threads (and, with "
-          "shared cores, torch's own worker threads). Agent CPU share: the agent's (and its "
-          "children's) CPU time over the trainer's whole life, per second of it. With shared "
-          "cores the agent's CPU also competes with the trainer, which only the wall clock "
-          "shows. With shared cores the direct cost is the training thread's share alone: "
-          "torch's own worker threads (spinning included) swamp the other-thread CPU there. "
-          "Training thread CPU: its whole CPU time per step (median over repeats), which "
-          "includes everything the direct figure leaves out, and machine noise.")
+          "probe.watch's activation hooks (forward hooks on activation steps). Telemetry "
+          "threads: the trainer's threads started after torch's (the probe's sender and "
+          "ZeroMQ's, TensorBoard's writer, W&B's), with its child processes (W&B's service); "
+          "0 for the baseline unless torch started threads late. Agent CPU: the agent's and "
+          "its children's (statistics workers, W&B's service) during the timed loop. Direct "
+          "cost, separate cores: training thread + the other trainer threads' extra CPU on "
+          "the trainer's core. Shared cores: training thread + telemetry threads + agent, all "
+          "CPU taken from the cores torch runs on; the wall clock adds what preemption and "
+          "cache effects cost on top.")
 
     print()
     detail: list[list[str]] = []
@@ -777,6 +809,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workdir", help=argparse.SUPPRESS)
     p.add_argument("--endpoint", help=argparse.SUPPRESS)
     p.add_argument("--run-id", help=argparse.SUPPRESS)
+    p.add_argument("--agent-pid", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
         args.repeats, args.steps = 2, 100

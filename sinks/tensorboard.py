@@ -84,6 +84,30 @@ def _use_tensorflow_stub() -> None:
 _use_tensorflow_stub()
 
 
+def _use_c_crc32c() -> None:
+    """Frame event records with google-crc32c's C CRC-32C instead of the stub's Python one.
+
+    Without TensorFlow, TensorBoard's record writer computes each record's two
+    checksums byte by byte in Python (~100 us per KB, in the agent, on cores
+    the trainer uses); the C library gives the same values in well under a
+    microsecond. The writer takes the function from its module's globals.
+    """
+    try:
+        import google_crc32c
+        from tensorboard.summary.writer import record_writer  # type: ignore[import-untyped]
+    except ImportError:
+        return
+
+    def masked_crc32c(data: bytes) -> int:
+        crc: int = google_crc32c.value(data)
+        return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+    record_writer.masked_crc32c = masked_crc32c
+
+
+_use_c_crc32c()
+
+
 class BadEntry(ValueError):
     """An entry that cannot become a summary; ``reason`` is the counter it is skipped under."""
 

@@ -613,3 +613,18 @@ print("ok")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_event_records_are_framed_with_the_c_crc32c_and_the_stub_agrees() -> None:
+    """The sink swaps the writer's pure-Python CRC-32C for google-crc32c's C one: the values
+    must be exactly what TensorBoard's own (Python) reader checks them against."""
+    from tensorboard.compat.tensorflow_stub import pywrap_tensorflow
+    from tensorboard.summary.writer import record_writer
+
+    import sinks.tensorboard  # noqa: F401  - the import installs the C checksum
+
+    assert record_writer.masked_crc32c is not pywrap_tensorflow.masked_crc32c
+    rng = np.random.default_rng(0)
+    for size in (0, 1, 7, 8, 255, 4096):
+        data = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+        assert record_writer.masked_crc32c(data) == pywrap_tensorflow.masked_crc32c(data)
