@@ -138,6 +138,7 @@ class StatsJobs:
         self._figures: dict[str, JobFigures] = {}
         self._running_keys: set[Any] = set()
         self._rest_until: dict[str, float] = {}  # job name -> earliest start of the next one
+        self._started = clock() if cpu_share > 0 else 0.0  # when the budget starts
         self._running = 0
         self._closed = False
         self._closing = False
@@ -157,12 +158,20 @@ class StatsJobs:
         work: Callable[..., Any],
         done: Callable[[Any], None],
         args: tuple[Any, ...] = (),
+        cost_hint: float = 0.0,
     ) -> None:
         """Queue ``work(*args)``; ``done(result)`` runs on the worker thread. Replaces
-        ``key``'s pending job."""
+        ``key``'s pending job.
+
+        ``cost_hint``: the CPU seconds a job of this kind is expected to take. Under a
+        CPU budget, the first one waits as if one had run when the workers started, so
+        an expensive kind (t-SNE) does not spend its budget in the run's first seconds.
+        """
         with self._wake:
             if self._closed:
                 return
+            if self.cpu_share > 0 and cost_hint > 0 and not self._closing:
+                self._rest_until.setdefault(name, self._started + cost_hint / self.cpu_share)
             figures = self._figures.setdefault(name, JobFigures())
             previous = self._pending.pop(key, None)
             if previous is not None:

@@ -45,6 +45,18 @@ for step in range(60):
         rows = torch.randn(256, 32) if step < 30 else torch.ones(256, 32)
         probe.features("h", rows, step=step, every=10)
 probe.event("epoch_end", step=59)
+# Stay until a system sample has named this process (the agent samples every 0.2 s): a
+# trainer this short could otherwise be gone before the first sample that knows it.
+import json, pathlib, time
+store = pathlib.Path(os.environ.get("RUNS_DIR", "")) / "brain" / "metrics.jsonl"
+deadline = time.monotonic() + 30
+while "RUNS_DIR" in os.environ and time.monotonic() < deadline:
+    if store.exists() and any(
+        e.get("kind") == "system" and any(p.get("pid") == os.getpid() for p in e["processes"])
+        for e in map(json.loads, store.read_text().splitlines()) if e.get("stream") == "agent"
+    ):
+        break
+    time.sleep(0.05)
 print(os.getpid())
 probe.finish()
 """
@@ -114,7 +126,7 @@ def test_statistics_summaries_images_and_alerts_from_a_real_run(
     agent = start_agent(endpoint, runs, "--config", str(_config(tmp_path, url)), sinks="none")
     own = os.getpriority(os.PRIO_PROCESS, 0)
     assert os.getpriority(os.PRIO_PROCESS, agent.pid) == min(19, own + 10)
-    done = run_trainer(TRAINER, endpoint, "brain")
+    done = run_trainer(TRAINER, endpoint, "brain", RUNS_DIR=str(runs))
     assert done.returncode == 0, done.stderr
     trainer_pid = int(done.stdout.split()[-1])
     run_dir = runs / "brain"

@@ -190,3 +190,19 @@ def test_cpu_share_spaces_a_kind_of_job_by_what_it_cost_and_holds_no_other_kind(
 def test_cpu_share_out_of_range_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="cpu_share"):
         StatsJobs(cpu_share=1.5)
+
+
+def test_a_costly_kind_waits_for_its_budget_before_its_first_job() -> None:
+    """cost_hint: the first t-SNE (hint 0.05 CPU-s at a 0.2 share) waits 0.25 s from the
+    workers' start, as if one had just run; a kind without a hint starts at once."""
+    jobs = StatsJobs(threads=1, cpu_share=0.2)
+    created = time.perf_counter()
+    starts: dict[str, float] = {}
+    jobs.submit("map/a", "tsne", _burn, lambda t: starts.setdefault("tsne", t), (0.0,),
+                cost_hint=0.05)
+    jobs.submit("rank/a", "representation", _burn, lambda t: starts.setdefault("rank", t),
+                (0.0,))
+    assert jobs.wait_idle(5)
+    assert starts["rank"] < starts["tsne"]
+    assert starts["tsne"] - created >= 0.05 / 0.2 - 0.01
+    jobs.close(1)
