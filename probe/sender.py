@@ -31,6 +31,8 @@ logger = logging.getLogger("outrider.probe")
 Record = tuple[str, int, float, "int | None", Any]
 
 IDLE_INTERVAL = 0.2  # the longest the sender sleeps while its queue stays empty
+#: seconds after start during which records wait in the queue for a slow-starting agent
+CONNECT_GRACE = 2.0
 
 
 class Counters:
@@ -73,7 +75,7 @@ class Sender:
         *,
         flush_interval: float = 0.02,
         max_batch: int = 512,
-        connect_grace: float = 2.0,
+        connect_grace: float = CONNECT_GRACE,
         heartbeat_interval: float = 5.0,
         stats_interval: float = 1.0,
         high_water_mark: int = 1000,

@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from probe.sender import CONNECT_GRACE
 from tests.helpers import (
     PYTHON,
     lines,
@@ -106,6 +107,7 @@ def test_agent_killed_and_restarted(endpoint: str, runs_dir: Path) -> None:
     env = dict(
         os.environ, OUTRIDER_ENDPOINT=endpoint, OUTRIDER_RUN_ID="killed", OUTRIDER_PROBE_RAISE="1"
     )
+    launched = time.monotonic()
     trainer = subprocess.Popen(
         [PYTHON, "-c", SLOW_TRAINER.format(steps=3000)],
         env=env,
@@ -119,7 +121,13 @@ def test_agent_killed_and_restarted(endpoint: str, runs_dir: Path) -> None:
     second = None
     try:
         run_dir = runs_dir / "killed"
-        wait_for(lambda: len(lines(run_dir)) > 300, 30, "records before the kill")
+        # Past the sender's connect grace: within it, records wait in the probe's queue for
+        # an agent (none is lost, none dropped), so an early outage would not show as drops.
+        wait_for(
+            lambda: len(lines(run_dir)) > 300 and time.monotonic() - launched > CONNECT_GRACE + 0.5,
+            30,
+            "records before the kill, past the connect grace",
+        )
         first.send_signal(signal.SIGKILL)
         first.wait()
         # Let the trainer log 200 steps into the void: those must be counted as drops.
