@@ -30,6 +30,11 @@ logger = logging.getLogger("outrider.agent")
 
 INBOX_LIMIT = 50_000  # entries waiting for the analysis thread (~50 MB); older batches dropped
 TICK_SECONDS = 1.0
+#: the analysis thread works through its inbox this often, not on every stored burst: each
+#: wake-up costs CPU that, on a machine the trainer keeps busy, comes out of its steps
+BATCH_SECONDS = 0.25
+#: ... unless this many entries wait (a flood: keep up, within the GIL share)
+WAKE_ENTRIES = 5_000
 SLICE_SECONDS = 0.005  # analysis work between two pauses (about the interpreter's switch interval)
 #: kinds the training code makes: their absence (not heartbeats') means a stalled loop
 TRAINER_KINDS = frozenset({"scalars", "tensor", "text", "event", "config", "histogram"})
@@ -226,7 +231,9 @@ class Analysis:
                     else:
                         kept.append((what, item))  # system samples and sink alerts stay
                 self._inbox.extendleft(reversed(kept))
-        self._wake.set()
+            flood = self._inbox_entries >= WAKE_ENTRIES
+        if flood:
+            self._wake.set()
 
     def sink_alert(self, run: str | None, alert: Mapping[str, Any]) -> None:
         """A sink's own alert (sink_failed, series cap): through the rules' cooldowns."""
@@ -266,7 +273,7 @@ class Analysis:
         next_tick = self.clock() + TICK_SECONDS
         closing = False
         while not closing:
-            self._wake.wait(max(0.0, min(TICK_SECONDS, next_tick - self.clock())))
+            self._wake.wait(max(0.0, min(BATCH_SECONDS, next_tick - self.clock())))
             self._wake.clear()
             while self._inbox and not closing:
                 closing = self._work_a_slice()
@@ -431,8 +438,7 @@ class Analysis:
 
     def _result(self, what: str, batch: _FeatureBatch, result: Any) -> None:
         """Called on a worker: the analysis thread turns results into entries."""
-        self._results.append((what, (batch, result)))
-        self._wake.set()
+        self._results.append((what, (batch, result)))  # taken within BATCH_SECONDS
 
     def _process_results(self) -> None:
         while self._results:
@@ -476,9 +482,8 @@ class Analysis:
         return list(self._pids)
 
     def _on_system(self, entry: dict[str, Any]) -> None:
-        """Called on the sampler's thread."""
+        """Called on the sampler's thread; handled within BATCH_SECONDS."""
         self._inbox.append(("system", entry))
-        self._wake.set()
 
     def _system(self, entry: dict[str, Any]) -> None:
         """Stored in, and sent for, every running run; between runs nothing is recorded."""
