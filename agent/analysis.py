@@ -204,16 +204,20 @@ class Analysis:
         if self.sampler is not None:
             self.sampler.start()
 
+    def wait_warm(self, timeout: float) -> bool:
+        """Wait until the statistics workers have started, at most ``timeout``."""
+        return self.jobs.wait_warm(timeout)
+
     def _job_modules(self) -> tuple[str, ...]:
-        """What the statistics jobs import: loaded by the workers as the agent starts."""
-        settings = self.config.stats
-        modules = ["agent.representation"]
-        if settings.feature_map != "off" or settings.dashboard_seconds > 0:
-            modules += ["agent.maps", "agent.dashboard", "matplotlib.backends.backend_agg",
-                        "matplotlib.figure", "matplotlib.ticker"]
-        if settings.feature_map == "tsne":
-            modules.append("openTSNE")
-        return tuple(modules)
+        """What the workers import as the agent starts: the job functions' module (unpickling
+        a job imports it) and numpy, for the first features batch.
+
+        matplotlib and openTSNE (about a second of CPU more) are left to the first
+        dashboard and the first t-SNE map, minutes into the run (dashboard_seconds,
+        cpu_share): imported here they competed with the trainer's own start-up and
+        spilled into its first steps.
+        """
+        return (__name__, "agent.representation")  # the jobs' own module, then numpy
 
     def submit(self, batches: Iterable[Batch]) -> None:
         """Hand over stored entries (called after the store has written them)."""

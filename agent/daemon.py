@@ -38,6 +38,9 @@ MAX_OPEN_RUNS = 64
 BURST = 1000  # messages per receive burst before the store is flushed...
 BURST_SECONDS = 0.02  # ...or this much time: the store stays close behind the socket
 INFO_INTERVAL = 1.0  # seconds between run.json rewrites of a changing run
+#: most seconds the agent waits, before it says it is ready, for its one-off start-up work
+#: (statistics worker processes, W&B's imports); `outrider run` starts the trainer after it
+WARM_SECONDS = 5.0
 
 
 def yield_cpu_to_the_trainer(nice: int, blas_threads: int) -> None:
@@ -255,6 +258,16 @@ class Agent:
             self._burst = []
         return count
 
+    def _wait_warm(self, timeout: float) -> None:
+        """Let the start-up work finish before the trainer starts: on a machine the trainer
+        keeps busy, the same work done later would come out of its first training steps."""
+        deadline = self.clock() + timeout
+        warm = self.fanout.wait_prepared(timeout)
+        if self.analysis is not None:
+            warm = self.analysis.wait_warm(max(0.0, deadline - self.clock())) and warm
+        if not warm:
+            logger.info("outrider agent: start-up work still going after %.0f s", timeout)
+
     def serve(self, ready: Callable[[], None] | None = None) -> int:
         """Run until a signal; returns the process exit status."""
         self.runs_dir.mkdir(parents=True, exist_ok=True)
@@ -263,6 +276,7 @@ class Agent:
         if self.analysis is not None:
             self.analysis.start()
         try:
+            self._wait_warm(WARM_SECONDS)
             if ready is not None:
                 ready()
             last_info = self.clock()

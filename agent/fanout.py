@@ -57,6 +57,11 @@ class Fanout:
         for worker in self.workers:
             worker.submit(batch)
 
+    def wait_prepared(self, timeout: float) -> bool:
+        """Wait until every sink's one-off preparation (imports) is done, at most ``timeout``."""
+        deadline = self.clock() + timeout
+        return all(w.prepared.wait(max(0.0, deadline - self.clock())) for w in self.workers)
+
     def _on_failure(self, sink: str, batch: Batch, error: BaseException) -> None:
         """Called on a sink's worker thread when a batch is given up on."""
         now = self.clock()

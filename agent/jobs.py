@@ -133,6 +133,7 @@ class StatsJobs:
         self.clock = clock
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
         self._preload: tuple[str, ...] = ()  # modules each worker process imports at start
+        self._warming: list[concurrent.futures.Future[None]] = []
         self._pool_lock = threading.Lock()
         self._pending: collections.OrderedDict[Any, _Job] = collections.OrderedDict()
         self._figures: dict[str, JobFigures] = {}
@@ -256,17 +257,23 @@ class StatsJobs:
     def warm_up(self, modules: tuple[str, ...]) -> None:
         """Start the worker processes now and import ``modules`` in each, without waiting.
 
-        Starting a process and importing numpy and matplotlib costs about a
-        second of CPU. Paid while the trainer is still starting (the agent starts
-        first), it does not fall on the first training steps with a statistic.
-        An import that fails here fails again, and is counted, in the job that needs it.
+        Starting a worker process (the interpreter, the agent's modules, numpy)
+        costs about half a second of CPU: paid before the trainer starts (the agent
+        waits for it before it says it is ready), it does not fall on training
+        steps. An import that fails here fails again, and is counted, in the job
+        that needs it.
         """
         if not self.processes:
             return
         self._preload = tuple(modules)
         pool = self._get_pool()
-        for _ in self._threads:
-            pool.submit(_started)
+        self._warming = [pool.submit(_started) for _ in self._threads]
+
+    def wait_warm(self, timeout: float) -> bool:
+        """Wait until the worker processes started by :meth:`warm_up` are up, at most
+        ``timeout``; True when they are (or there is nothing to wait for)."""
+        pending = concurrent.futures.wait(self._warming, timeout=timeout).not_done
+        return not pending
 
     def _get_pool(self) -> concurrent.futures.ProcessPoolExecutor:
         with self._pool_lock:

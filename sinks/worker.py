@@ -90,6 +90,7 @@ class SinkWorker:
         self._state = Health.OK
         self._busy_since: float | None = None
         self._in_flight = 0  # entries handed to an export that has not returned
+        self.prepared = threading.Event()  # set once the sink's prepare() has returned
         self._thread = threading.Thread(
             target=self._run, name=f"outrider-sink-{self.name}", daemon=True
         )
@@ -167,6 +168,7 @@ class SinkWorker:
     # -- worker thread -----------------------------------------------------------
     def _run(self) -> None:
         error = self._call(self.sink.prepare)
+        self.prepared.set()
         if error is not None:
             logger.warning("outrider sink %s: prepare failed: %s: %s", self.name,
                            type(error).__name__, error)
