@@ -49,7 +49,9 @@ def scalars(step: int | None, rank: int = 0, **metrics: Any) -> dict[str, Any]:
 
 
 def run_sink(runs_dir: Path, batches: list[Batch], **options: Any) -> tuple[WandbSink, SinkWorker]:
-    """Everything through a real SinkWorker, then a clean close."""
+    """Everything through a real SinkWorker, then a clean close; a W&B row for every step
+    unless ``rows_per_second`` is given (these tests check what each entry becomes)."""
+    options.setdefault("rows_per_second", 0)
     sink = WandbSink(WandbSink.Options(**options), SinkContext(runs_dir))
     worker = SinkWorker(sink, flush_interval=0.2)
     for batch in batches:
@@ -250,6 +252,32 @@ def test_bad_entries_are_skipped_and_the_rest_kept(tmp_path: Path) -> None:
     assert run.series("a") == [(1, 1), (2, 2)]
     assert run.series("c") == [(1, 2)]
     assert not [row for row in run.history if {"b", "h", "t", "i"} & row.keys()]
+
+
+def test_rows_per_second_folds_steps_into_fewer_rows_and_keeps_every_metric(
+    tmp_path: Path,
+) -> None:
+    """rows_per_second=1, 30 steps arriving within a fraction of a second: W&B gets far fewer
+    rows than steps; each row holds every metric's latest value at the latest step, a value
+    logged only once (a histogram step) is not lost, and the last step is always logged."""
+    run_dir = tmp_path / "run-f"
+    entries = [scalars(step, loss=1.0 / (step + 1)) for step in range(30)]
+    entries.insert(10, entry("histogram", 9, name="w", counts=[1, 2], edges=[0.0, 0.5, 1.0]))
+    entries.insert(21, scalars(19, layer_norm=3.0))
+    batches = [Batch(source("run-f"), [e], str(run_dir)) for e in entries]
+    run_sink(tmp_path, batches, rows_per_second=1)
+    run = read_offline_run(run_dir)
+    losses = run.series("loss")
+    assert 1 <= len(losses) <= 3 < 30
+    assert losses[-1] == (29, 1.0 / 30)
+    steps = [step for step, _ in losses]
+    assert steps == sorted(steps)
+    for step, value in losses:  # each row: the latest loss at its step
+        assert value == 1.0 / (step + 1)
+    ((hist_step, hist),) = run.series("w")
+    assert hist["values"] == [1, 2] and hist_step in steps
+    ((_, norm),) = run.series("layer_norm")
+    assert norm == 3.0
 
 
 def test_a_hanging_finish_is_abandoned_within_finish_timeout(tmp_path: Path) -> None:
