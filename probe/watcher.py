@@ -65,6 +65,7 @@ class Watcher:
         self._last_step_end: float | None = None
         self._data_wait = 0.0
         self._clip_coefficients: dict[int, Any] = {}  # param id -> this step's clip factor
+        self._pre_clip_norms: dict[int, Any] = {}  # param id -> its gradient norm before clipping
         self._previous: list[Any] | None = None  # parameters before the step (update ratio)
         self._pending: tuple[list[str], Any] | None = None  # this step's gradient statistics
         self._activation_hooks: list[Any] = []
@@ -112,6 +113,7 @@ class Watcher:
             internal.record(exc, "watch: before step")
         finally:
             self._clip_coefficients = {}
+            self._pre_clip_norms = {}
 
     def _collect_before_step(self) -> None:
         step = self.step
@@ -211,16 +213,8 @@ class Watcher:
         if not grads:
             return None
         device = grads[0].device
-        norms = torch.stack([n.to(device) for n in torch._foreach_norm(grads)]).float()
-        if self._clip_coefficients:
-            # clip_grad_norm_ scaled these gradients by a known factor; undo it per parameter.
-            one = torch.ones((), device=device)
-            factors = [
-                self._clip_coefficients.get(id(p), one).to(device)
-                for params in groups
-                for p in params
-            ]
-            norms = norms / torch.stack(factors)
+        params = [p for group in groups for p in group]
+        norms = self._pre_clip_gradient_norms(params, grads, device)
         names = ["grad_norm"]
         parts = [torch.linalg.vector_norm(norms).reshape(1)]
         start = 0
@@ -247,6 +241,27 @@ class Watcher:
             names.extend(f"param_norm/layer/{self._names.get(id(p), '?')}" for p in weights)
             parts.append(weight_norms)
         return names, torch.cat(parts)
+
+    def _pre_clip_gradient_norms(self, params: list[Any], grads: list[Any], device: Any) -> Any:
+        """Each parameter's gradient norm before any clipping, as one float vector.
+
+        Norms that ``clip_grad_norm_`` computed before clipping are reused (no second
+        pass over the gradients); the others are computed here, and those a clip call
+        scaled by a known factor are divided by it.
+        """
+        torch = self._torch
+        known = self._pre_clip_norms
+        if known and all(id(p) in known for p in params):
+            return torch.stack([known[id(p)].to(device) for p in params]).float()
+        missing = [i for i, p in enumerate(params) if id(p) not in known]
+        computed = torch._foreach_norm([grads[i] for i in missing])
+        norms: list[Any] = [known.get(id(p)) for p in params]
+        factors = self._clip_coefficients
+        for i, norm in zip(missing, computed, strict=True):
+            factor = factors.get(id(params[i]))
+            # clip_grad_norm_ scaled this gradient by a known factor: undo it.
+            norms[i] = norm if factor is None else norm / factor.to(norm.device)
+        return torch.stack([n.to(device) for n in norms]).float()
 
     def _update_ratios(self, previous: list[Any]) -> tuple[list[str], Any]:
         """||w_after - w_before|| / ||w_before|| per param group: how fast weights move."""
@@ -371,6 +386,10 @@ class _ClipPatch:
         if isinstance(parameters, torch.Tensor):
             parameters = [parameters]
         parameters = list(parameters)
+        if not args and not kwargs:
+            total = self._clip_reusing_norms(parameters, max_norm)
+            if total is not None:
+                return total
         total = self.original(parameters, max_norm, *args, **kwargs)
         try:
             # The factor clip_grad_norm_ applied, as a tensor: no sync.
@@ -379,6 +398,36 @@ class _ClipPatch:
                 for param in parameters:
                     if id(param) in watcher._names:
                         watcher._clip_coefficients[id(param)] = factor
+        except Exception as exc:
+            internal.record(exc, "watch: clip")
+        return total
+
+
+    def _clip_reusing_norms(self, parameters: list[Any], max_norm: float) -> Any:
+        """``clip_grad_norm_(parameters, max_norm)`` as torch computes it (2-norm: one
+        ``_foreach_norm`` over the gradients, their stacked norm, ``clip_grads_with_norm_``),
+        keeping the per-parameter norms for the watchers: the watcher then needs no second
+        pass over every gradient. None (do it the usual way) for gradients of several
+        devices or dtypes, sparse ones, or a torch without ``clip_grads_with_norm_``."""
+        import torch
+
+        clip_with_norm = getattr(torch.nn.utils, "clip_grads_with_norm_", None)
+        with_grad = [p for p in parameters if p.grad is not None]
+        if clip_with_norm is None or not with_grad:
+            return None
+        grads = [p.grad for p in with_grad]
+        first = grads[0]
+        if any(g.is_sparse or g.device != first.device or g.dtype != first.dtype for g in grads):
+            return None
+        with torch.no_grad():
+            norms = torch._foreach_norm(grads)
+            total = torch.linalg.vector_norm(torch.stack(norms))
+            clip_with_norm(parameters, max_norm, total)
+        try:
+            for watcher in list(self.watchers):
+                for param, norm in zip(with_grad, norms, strict=True):
+                    if id(param) in watcher._names:
+                        watcher._pre_clip_norms[id(param)] = norm
         except Exception as exc:
             internal.record(exc, "watch: clip")
         return total

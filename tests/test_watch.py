@@ -163,6 +163,59 @@ def test_groups_clipped_separately_log_their_own_pre_clip_norms(
         assert close(steps[step]["grad_norm"], (before[0] ** 2 + before[1] ** 2) ** 0.5), step
 
 
+@pytest.mark.parametrize("how", ["one group only", "norm_type inf", "error_if_nonfinite"])
+def test_other_clip_calls_still_log_pre_clip_norms(
+    agent: Any, endpoint: str, runs_dir: Path, how: str
+) -> None:
+    """Clipping a subset, or with arguments the norm-reusing path leaves to torch (another
+    norm type, error_if_nonfinite): the logged norms are still those before clipping."""
+    run_id = f"clip-{how.replace(' ', '-')}"
+    probe.init(endpoint, run_id=run_id)
+    model = mlp()
+    groups = [list(model[0].parameters()), list(model[2].parameters())]
+    opt = torch.optim.SGD([{"params": groups[0]}, {"params": groups[1]}], lr=0.05)
+    probe.watch(model, opt, layer_every=1)
+    expected = []
+    for step in range(3):
+        x, y = batch(step)
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        layers = {name: norm([p.grad]) for name, p in model.named_parameters()}
+        before = norm([p.grad for p in model.parameters()])
+        if how == "one group only":
+            torch.nn.utils.clip_grad_norm_(groups[0], 0.01)
+        elif how == "norm_type inf":
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.001, norm_type=math.inf)
+        else:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01, error_if_nonfinite=True)
+        clipped = groups[0] if how == "one group only" else list(model.parameters())
+        assert norm([p.grad for p in clipped]) < 0.05, "the test must really clip"
+        expected.append((before, layers))
+        opt.step()
+    steps = by_step(stored_run(agent, runs_dir, run_id)[0])
+    for step, (before, layers) in enumerate(expected):
+        assert close(steps[step]["grad_norm"], before), step
+        for name, value in layers.items():
+            assert close(steps[step][f"grad_norm/layer/{name}"], value), (step, name)
+
+
+def test_watched_clip_grad_norm_clips_exactly_as_torch_does(agent: Any, endpoint: str) -> None:
+    """The norm-reusing clip returns torch's total norm and leaves torch's gradients."""
+    probe.init(endpoint, run_id="clip-exact")
+    model, twin = mlp(), mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    probe.watch(model, opt, layer_every=1)
+    assert torch.nn.utils.clip_grad_norm_ is not ORIGINAL_CLIP
+    for net in (model, twin):
+        x, y = batch(0)
+        nn.functional.mse_loss(net(x), y).backward()
+    ours = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+    theirs = ORIGINAL_CLIP(twin.parameters(), 0.05)
+    assert torch.equal(ours, theirs)
+    for mine, reference in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(mine.grad, reference.grad)
+
+
 def test_param_groups_lr_schedule_layer_norms_and_update_ratios(
     agent: Any, endpoint: str, runs_dir: Path
 ) -> None:
