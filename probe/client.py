@@ -90,7 +90,7 @@ class Client:
             append((kind, seq, now(), step, body))
             if not client.started:
                 client.start()
-            elif depth + 1 == wake_at:  # once, as a full batch becomes ready
+            elif depth == 0 or depth + 1 == wake_at:  # a first record, or a full batch
                 wake()
             return True
 

@@ -30,7 +30,7 @@ logger = logging.getLogger("outrider.probe")
 
 Record = tuple[str, int, float, "int | None", Any]
 
-IDLE_INTERVAL = 0.2  # the longest the sender sleeps while its queue stays empty
+IDLE_INTERVAL = 1.0  # the longest the sender sleeps with nothing queued (probe stats, heartbeats)
 #: seconds after start during which records wait in the queue for a slow-starting agent
 CONNECT_GRACE = 2.0
 
@@ -185,14 +185,17 @@ class Sender:
             context.term()
 
     def _loop(self, sock: zmq.Socket[Any], monitor: zmq.Socket[Any]) -> None:
-        interval = self.flush_interval
+        # Every wake-up costs CPU the trainer could use, so the sender never polls: with
+        # nothing queued it sleeps until the training thread queues a record (the client
+        # wakes it) or a control record is due; then it gives the batch flush_interval to
+        # fill (a full batch wakes it sooner) and sends it as one message.
         while True:
-            self.wake.wait(interval)
-            self.wake.clear()
-            # Every timed wake-up costs CPU the trainer could use: while nothing is
-            # queued, wake up less often (up to IDLE_INTERVAL); busy, every flush_interval.
-            busy = bool(self.queue)
-            interval = self.flush_interval if busy else min(interval * 2, IDLE_INTERVAL)
+            if not self.queue and not self._stop:
+                self.wake.wait(IDLE_INTERVAL)
+                self.wake.clear()
+            if self.queue and not self._stop:
+                self.wake.wait(self.flush_interval)
+                self.wake.clear()
             self._poll_monitor(monitor)
             stopping = self._stop
             if not self.connected and not stopping:
