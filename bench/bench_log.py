@@ -242,8 +242,8 @@ def store_report(runs_dir: Path, logged: int, stats: dict[str, Any]) -> None:
     stored = 0
     with open(run_dir / "metrics.jsonl", "rb") as lines:
         for line in lines:
-            if b'"kind":"scalars"' in line:
-                stored += 1
+            if b'"kind":"scalars"' in line and b'"stream":"agent"' not in line:
+                stored += 1  # the trainer's records, not the agent's derived statistics
     info = orjson.loads((run_dir / "run.json").read_bytes())
     print("\nprobe -> agent store")
     print(f"  probe.log calls          {logged}")
