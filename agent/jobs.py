@@ -105,7 +105,7 @@ class StatsJobs:
     """``threads`` workers over a table of pending jobs, one per key, newest wins.
 
     With ``processes``, each worker thread runs its jobs in a worker process
-    (started on the first job): a statistic in C code that holds Python's GIL
+    (started by warm_up() or the first job): a statistic in C code that holds Python's GIL
     (a matplotlib draw, an openTSNE step) would otherwise stall the agent's
     receive loop. Jobs are then module-level functions with picklable arguments.
     ``nice`` and ``idle`` apply to those processes only: a thread of the agent
