@@ -198,10 +198,11 @@ class Sender:
                 self.wake.clear()
             self._poll_monitor(monitor)
             stopping = self._stop
-            if not self.connected and not stopping:
-                if time.monotonic() - self._started_at < self.connect_grace:
+            if not self.connected:
+                in_grace = time.monotonic() - self._started_at < self.connect_grace
+                if in_grace and not stopping:
                     continue  # give the agent its start-up moment; the queue buffers
-                self._warn_no_agent()
+                self._warn_no_agent()  # also when the trainer ends within the grace
             try:
                 self._send_pending(sock)
                 self._maybe_control()
