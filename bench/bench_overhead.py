@@ -46,7 +46,7 @@ Placements:
 Each monitored variant is compared with the baseline of the same placement,
 repeat by repeat (same round, same thread settings).
 
-    python bench/bench_overhead.py             # default: ~17 min on 2 CPUs
+    python bench/bench_overhead.py             # default: ~16 min on 2 CPUs
     python bench/bench_overhead.py --quick     # 2 repeats x 100 steps
     python bench/bench_overhead.py --variants sep --repeats 5
 """
