@@ -90,7 +90,7 @@ def _worker_process_setup(
     threadpoolctl.threadpool_limits(limits=blas_threads)
 
 
-def _started() -> None:
+def _warm_up_job() -> None:
     """The warm-up job: it only makes the pool start its worker process."""
 
 
@@ -139,7 +139,7 @@ class StatsJobs:
         self._figures: dict[str, JobFigures] = {}
         self._running_keys: set[Any] = set()
         self._rest_until: dict[str, float] = {}  # job name -> earliest start of the next one
-        self._started = clock() if cpu_share > 0 else 0.0  # when the budget starts
+        self._budget_start = clock() if cpu_share > 0 else 0.0
         self._running = 0
         self._closed = False
         self._closing = False
@@ -172,7 +172,7 @@ class StatsJobs:
             if self._closed:
                 return
             if self.cpu_share > 0 and cost_hint > 0 and not self._closing:
-                self._rest_until.setdefault(name, self._started + cost_hint / self.cpu_share)
+                self._rest_until.setdefault(name, self._budget_start + cost_hint / self.cpu_share)
             figures = self._figures.setdefault(name, JobFigures())
             previous = self._pending.pop(key, None)
             if previous is not None:
@@ -267,7 +267,7 @@ class StatsJobs:
             return
         self._preload = tuple(modules)
         pool = self._get_pool()
-        self._warming = [pool.submit(_started) for _ in self._threads]
+        self._warming = [pool.submit(_warm_up_job) for _ in self._threads]
 
     def wait_warm(self, timeout: float) -> bool:
         """Wait until the worker processes started by :meth:`warm_up` are up, at most

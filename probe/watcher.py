@@ -251,16 +251,14 @@ class Watcher:
         """
         torch = self._torch
         known = self._pre_clip_norms
-        if known and all(id(p) in known for p in params):
-            return torch.stack([known[id(p)].to(device) for p in params]).float()
-        missing = [i for i, p in enumerate(params) if id(p) not in known]
-        computed = torch._foreach_norm([grads[i] for i in missing])
         norms: list[Any] = [known.get(id(p)) for p in params]
-        factors = self._clip_coefficients
-        for i, norm in zip(missing, computed, strict=True):
-            factor = factors.get(id(params[i]))
-            # clip_grad_norm_ scaled this gradient by a known factor: undo it.
-            norms[i] = norm if factor is None else norm / factor.to(norm.device)
+        missing = [i for i, norm in enumerate(norms) if norm is None]
+        if missing:
+            computed = torch._foreach_norm([grads[i] for i in missing])
+            for i, norm in zip(missing, computed, strict=True):
+                factor = self._clip_coefficients.get(id(params[i]))
+                # clip_grad_norm_ scaled this gradient by a known factor: undo it.
+                norms[i] = norm if factor is None else norm / factor.to(norm.device)
         return torch.stack([n.to(device) for n in norms]).float()
 
     def _update_ratios(self, previous: list[Any]) -> tuple[list[str], Any]:
@@ -401,7 +399,6 @@ class _ClipPatch:
         except Exception as exc:
             internal.record(exc, "watch: clip")
         return total
-
 
     def _clip_reusing_norms(self, parameters: list[Any], max_norm: float) -> Any:
         """``clip_grad_norm_(parameters, max_norm)`` as torch computes it (2-norm: one
