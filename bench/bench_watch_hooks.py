@@ -1,0 +1,81 @@
+"""Training-thread cost of probe.watch's optimizer hooks on the demo model, per step.
+
+Why: the hooks (gradient norms before clipping, lr, step time; per-layer norms
+every ``--layer-every`` steps) run inside ``optimizer.step()`` on the training
+thread. This times ``clip_grad_norm_`` + ``optimizer.step()`` (+ one
+``probe.log``) with and without a watcher, in interleaved rounds, on one torch
+thread. No agent is needed: without one the records are counted as dropped,
+which costs the training thread the same. Histograms and activations are off:
+they have their own steps (docs/watch.md).
+
+    python bench/bench_watch_hooks.py              # ~30 s
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from typing import Any
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=30, help="timed steps per round and side")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--layer-every", type=int, default=10)
+    args = p.parse_args()
+
+    import torch
+    import torch.nn.functional as F
+    from bench_overhead import load_demo
+
+    import probe
+
+    torch.set_num_threads(1)
+    demo = load_demo()
+
+    endpoint = f"ipc://{tempfile.mkdtemp()}/nobody.sock"  # nothing listens: drops, counted
+    os.environ.setdefault("OUTRIDER_RUN_ID", "bench-watch-hooks")
+    probe.init(endpoint=endpoint)
+    model = demo.CharLM(128, 4, 128, 4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randint(0, 256, (16, 128))
+    y = torch.randint(0, 256, (16, 128))
+
+    def median_step_ms(watched: bool) -> float:
+        times = []
+        for step in range(args.steps):
+            loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+            opt.zero_grad()
+            loss.backward()  # type: ignore[no-untyped-call]
+            started = time.perf_counter()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            if watched:
+                probe.log({"loss": loss.detach()}, step=step)
+            times.append(time.perf_counter() - started)
+        return 1000 * statistics.median(times)
+
+    base: list[float] = []
+    watched: list[float] = []
+    for _ in range(args.rounds):
+        base.append(median_step_ms(False))
+        watcher: Any = probe.watch(model, opt, log_every=1, layer_every=args.layer_every,
+                                   hist_every=0, activations_every=0)
+        watched.append(median_step_ms(True))
+        watcher.unwatch()
+    hooks = [w - b for w, b in zip(watched, base, strict=True)]
+    print(f"clip_grad_norm_ + optimizer.step(), median ms per step over {args.rounds} rounds "
+          f"x {args.steps} steps (1 torch thread):")
+    print(f"  without probe.watch  {statistics.median(base):.3f}")
+    print(f"  with probe.watch     {statistics.median(watched):.3f}")
+    print(f"  the hooks            {statistics.median(hooks):.3f} "
+          f"(rounds {min(hooks):.3f}..{max(hooks):.3f})")
+    probe.finish(2.0)
+
+
+if __name__ == "__main__":
+    main()
