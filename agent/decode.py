@@ -196,6 +196,19 @@ def _check_tensor(body: dict[str, Any]) -> None:
     count = math.prod(shape)
     if count * TENSOR_DTYPES[dtype] != len(data):
         raise Rejected("bad_record", f"tensor data is {len(data)} bytes, shape says otherwise")
+    if body.get("as") == "histograms":
+        _check_histogram_batch(body, count)
+
+
+def _check_histogram_batch(body: dict[str, Any], count: int) -> None:
+    """A batch of histogram samples: a name and a length for each, the lengths adding up."""
+    names, lengths = body.get("names"), body.get("lengths")
+    if type(names) is not list or type(lengths) is not list or len(names) != len(lengths):
+        raise Rejected("bad_record", "a histogram batch needs names and lengths of one size")
+    for name in names:
+        _check_name(name, "histogram name")
+    if any(type(n) is not int or n < 0 for n in lengths) or sum(lengths) != count:
+        raise Rejected("bad_record", "histogram batch lengths must add up to the tensor's size")
 
 
 def _check_text(body: dict[str, Any]) -> None:

@@ -103,6 +103,7 @@ class RunStore:
         metrics = self.dir / METRICS
         if not metrics.exists():
             return
+        previous: tuple[Any, Any] | None = None
         with open(metrics, "rb") as lines:
             for line in lines:
                 try:
@@ -115,6 +116,10 @@ class RunStore:
                     or entry["stream"] == "agent"  # the agent's own entries (alerts)
                 ):
                     continue
+                record = (entry["stream"], entry["seq"])
+                if record == previous:
+                    continue  # another line of the same record (a histogram batch)
+                previous = record
                 ledger = self.streams.get(entry["stream"])
                 if ledger is None:
                     ledger = StreamLedger.from_envelope(entry.get("source") or _unknown(entry))
@@ -162,6 +167,12 @@ class RunStore:
             if kind == protocol.TENSOR and body.get("as") == "histogram":
                 line["kind"] = "histogram"
                 line.update(histograms.from_tensor(body, body["data"], self.histogram_bins))
+            elif kind == protocol.TENSOR and body.get("as") == "histograms":
+                # One record, one line per histogram (same seq: a resumed agent counts it once).
+                line["kind"] = "histogram"
+                batch = histograms.from_batch(body, body["data"], self.histogram_bins)
+                entries.extend({**line, **fields} for fields in batch)
+                continue
             elif kind == protocol.TENSOR:
                 data = body.pop("data")
                 body["offset"] = self._tensor_offset

@@ -250,6 +250,29 @@ def _submit_tensor(name: str, value: Any, step: int | None, extra: dict[str, Any
         internal.record(exc, "tensor")
 
 
+def _submit_histograms(names: list[str], samples: list[Any], step: int | None) -> None:
+    """Ship many bounded histogram samples (``probe.watch``'s) as a few batch records.
+
+    The agent splits each batch by ``lengths`` and bins every histogram, as it
+    does for ``probe.histogram``.
+    """
+    client = _client or (None if _disabled else _autostart())
+    if client is None:
+        return
+    try:
+        for batch_names, lengths, vector in values.concat_samples(names, samples):
+            body = {
+                "name": "histograms",
+                "value": values.capture_fresh(vector),
+                "as": "histograms",
+                "names": batch_names,
+                "lengths": lengths,
+            }
+            client.submit(protocol.TENSOR, step, body)
+    except Exception as exc:
+        internal.record(exc, "histograms")
+
+
 _watchers: list[Any] = []
 
 
@@ -297,7 +320,7 @@ def watch(
 
     watcher = Watcher(
         client.submit,
-        histogram,
+        _submit_histograms,
         model,
         optimizer,
         log_every=log_every,

@@ -10,6 +10,7 @@ torch is never imported here; we only touch it when the trainer already has.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from probe import protocol
@@ -32,21 +33,44 @@ class Captured:
         return self.host
 
 
-class CapturedVector:
-    """Many named scalars in one captured 1-d tensor (``probe.watch`` packs a step so)."""
+class StepVector:
+    """One step's numbers in one captured 1-d tensor, and the function that names them.
 
-    __slots__ = ("captured", "names", "start")
+    The training thread only reduces tensors on their device (one norm per
+    parameter, say) and copies the vector once; ``derive`` turns the host
+    numbers into named metrics (global and per-group norms, ratios, flags) on
+    the sender thread, where that arithmetic costs the training thread nothing.
+    """
 
-    def __init__(self, names: list[str], captured: Captured, start: int = 0) -> None:
-        self.names = names
+    __slots__ = ("_pairs", "captured", "derive")
+
+    def __init__(
+        self, captured: Captured, derive: Callable[[list[float]], list[tuple[str, float]]]
+    ) -> None:
         self.captured = captured
+        self.derive = derive
+        self._pairs: list[tuple[str, float]] | None = None
+
+    def pairs(self) -> list[tuple[str, float]]:
+        """(name, value) pairs; waits for the copy (sender thread, computed once)."""
+        if self._pairs is None:
+            self._pairs = self.derive(self.captured.wait().tolist())
+        return self._pairs
+
+
+class CapturedVector:
+    """The slice of a :class:`StepVector`'s metrics that one record carries."""
+
+    __slots__ = ("start", "stop", "vector")
+
+    def __init__(self, vector: StepVector, start: int = 0, stop: int | None = None) -> None:
+        self.vector = vector
         self.start = start
+        self.stop = stop
 
     def items(self) -> list[tuple[str, float]]:
         """(name, value) pairs; waits for the copy (sender thread)."""
-        host = self.captured.wait()
-        numbers = host[self.start : self.start + len(self.names)].tolist()
-        return list(zip(self.names, numbers, strict=True))
+        return self.vector.pairs()[self.start : self.stop]
 
 
 def is_tensor(value: object) -> bool:
@@ -68,6 +92,17 @@ def capture_tensor(tensor: Any) -> Captured:
     return Captured(tensor.clone(), None)
 
 
+def capture_fresh(tensor: Any) -> Captured:
+    """:func:`capture_tensor` for a tensor the probe has just computed itself.
+
+    Nobody else holds it, so on CPU no snapshot copy is needed (one torch op
+    less on the training thread); on CUDA it is the same asynchronous copy.
+    """
+    if tensor.is_cuda:
+        return capture_tensor(tensor)
+    return Captured(tensor, None)
+
+
 # A 64-bin histogram needs far fewer values than a large tensor holds: 8,192 random ones
 # put ~128 in the average bin. Shipping more cost the trainer and the agent megabytes per
 # histogram step (the demo model: 6.7 MB at 65,536 a tensor, 1.2 MB at 8,192).
@@ -83,6 +118,50 @@ def sample_tensor(tensor: Any, limit: int) -> Any:
         return flat
     index = torch.randint(flat.numel(), (limit,), device=flat.device)
     return flat[index]
+
+
+# One histogram-batch record carries at most this many sampled values (4 MiB of float32)
+# and this many histograms.
+HISTOGRAM_BATCH_VALUES = 1 << 20
+HISTOGRAM_BATCH_NAMES = 1024
+
+
+def concat_samples(names: list[str], samples: list[Any]) -> list[tuple[list[str], list[int], Any]]:
+    """Histogram samples as few float32 vectors: ``(names, lengths, vector)`` per batch.
+
+    One batch per device, of at most ``HISTOGRAM_BATCH_VALUES`` values and
+    ``HISTOGRAM_BATCH_NAMES`` histograms: the training thread then does one
+    concatenation and one copy for a hundred histograms instead of a record
+    each. The concatenation copies, so the samples may change afterwards.
+    """
+    import torch
+
+    by_device: dict[Any, list[tuple[str, Any]]] = {}
+    for name, sample in zip(names, samples, strict=True):
+        flat = sample.reshape(-1)
+        by_device.setdefault(flat.device, []).append(
+            (name, flat if flat.dtype == torch.float32 else flat.float())
+        )
+    batches = []
+    for pairs in by_device.values():
+        chunk: list[tuple[str, Any]] = []
+        size = 0
+        for name, flat in pairs:
+            full = len(chunk) == HISTOGRAM_BATCH_NAMES
+            if chunk and (full or size + flat.numel() > HISTOGRAM_BATCH_VALUES):
+                batches.append(_batch(chunk))
+                chunk, size = [], 0
+            chunk.append((name, flat))
+            size += flat.numel()
+        if chunk:
+            batches.append(_batch(chunk))
+    return batches
+
+
+def _batch(chunk: list[tuple[str, Any]]) -> tuple[list[str], list[int], Any]:
+    import torch
+
+    return [n for n, _ in chunk], [t.numel() for _, t in chunk], torch.cat([t for _, t in chunk])
 
 
 def sample_array(array: Any, limit: int) -> Any:

@@ -11,6 +11,7 @@ What is collected, and how often, is documented in docs/watch.md.
 
 from __future__ import annotations
 
+import math
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -27,7 +28,7 @@ class Watcher:
     def __init__(
         self,
         submit: SubmitFn,
-        histogram: Callable[[str, Any, int | None], None],
+        histograms: Callable[[list[str], list[Any], int | None], None],
         model: Any,
         optimizer: Any,
         *,
@@ -51,7 +52,7 @@ class Watcher:
 
         self._torch = torch
         self._submit = submit
-        self._histogram = histogram
+        self._histograms = histograms
         self.model = model
         self.optimizer = optimizer
         self.log_every = log_every
@@ -62,14 +63,18 @@ class Watcher:
         self.tokens_per_step = tokens_per_step
         self.step = start_step
         self._names = {id(p): name for name, p in model.named_parameters()}
+        self._cuda = torch.cuda.is_available()  # ~20 us a call in a training loop: ask once
         self._last_step_end: float | None = None
         self._data_wait = 0.0
         self._clip_coefficients: dict[int, Any] = {}  # param id -> this step's clip factor
-        self._pre_clip_norms: dict[int, Any] = {}  # param id -> its gradient norm before clipping
-        self._previous: list[Any] | None = None  # parameters before the step (update ratio)
-        self._pending: tuple[list[str], Any] | None = None  # this step's gradient statistics
+        self._clips: list[_Clip] = []  # this step's norm-reusing clip_grad_norm_ calls
+        self._layouts: dict[tuple[Any, ...], _Layout] = {}
+        self._previous: list[Any] | None = None  # weights before the step (update ratio)
+        self._weight_norms: tuple[Any, _Layout] | None = None  # their norms, per parameter
+        self._pending: tuple[Any, _Layout, bool] | None = None  # this step's gradient norms
         self._activation_hooks: list[Any] = []
         self._activations: dict[str, Any] = {}
+        self._activation_samples: dict[str, Any] = {}  # histogram name -> bounded sample
         self._handles = [
             optimizer.register_step_pre_hook(self._before_step),
             optimizer.register_step_post_hook(self._after_step),
@@ -113,25 +118,34 @@ class Watcher:
             internal.record(exc, "watch: before step")
         finally:
             self._clip_coefficients = {}
-            self._pre_clip_norms = {}
+            self._clips = []
 
     def _collect_before_step(self) -> None:
         step = self.step
-        if self._due(self.log_every, step) or self._due(self.layer_every, step):
-            self._pending = self._gradient_stats(layers=self._due(self.layer_every, step))
+        layers = self._due(self.layer_every, step)
+        if self._due(self.log_every, step) or layers:
+            norms = self._gradient_norms()
+            self._pending = None if norms is None else (*norms, layers)
         else:
             self._pending = None
-        if self._due(self.layer_every, step):
-            # A copy of the weights, to measure how far this step moves them.
-            self._previous = list(
-                self._torch._foreach_mul([p.detach() for p in self._params()], 1.0)
-            )
+        if layers:
+            # A copy of the weights, to measure how far this step moves them, and their norms.
+            params = self._params()
+            self._previous = list(self._torch._foreach_mul([p.detach() for p in params], 1.0))
+            layout = self._layout(params)
+            self._weight_norms = (self._stack(self._previous, layout), layout)
         if self._due(self.hist_every, step):
+            names, samples = [], []
+            limit = values.HISTOGRAM_SAMPLE
             for param in self._params():
                 name = self._names.get(id(param), "?")
-                self._histogram(f"weights/{name}", param.detach(), step)
+                names.append(f"weights/{name}")
+                samples.append(values.sample_tensor(param.detach(), limit))
                 if param.grad is not None and not param.grad.is_sparse:
-                    self._histogram(f"grads/{name}", param.grad, step)
+                    names.append(f"grads/{name}")
+                    samples.append(values.sample_tensor(param.grad, limit))
+            # Concatenated (copied) now, before the optimizer changes the weights.
+            self._histograms(names, samples, step)
 
     def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         try:
@@ -142,6 +156,7 @@ class Watcher:
         finally:
             self.step += 1
             self._previous = None
+            self._weight_norms = None
 
     def _record_step(self) -> None:
         step = self.step
@@ -166,31 +181,44 @@ class Watcher:
                 for index, group in enumerate(groups):
                     body[f"lr/group{index}"] = _number(group["lr"])
             body.update(self._cuda_memory())
-        names: list[str] = []
+        sections: list[tuple[str, _Layout | list[str]]] = []
         tensors: list[Any] = []
         if self._pending is not None:
-            names.extend(self._pending[0])
-            tensors.append(self._pending[1])
+            norms, layout, layers = self._pending
             self._pending = None
-        if self._previous is not None:
-            ratio_names, ratios = self._update_ratios(self._previous)
-            names.extend(ratio_names)
-            tensors.append(ratios)
+            sections.append(("grads+layers" if layers else "grads", layout))
+            tensors.append(norms)
+        if self._previous is not None and self._weight_norms is not None:
+            weight_norms, layout = self._weight_norms
+            # before - after, in place in the copy: the norms of this step's update.
+            self._torch._foreach_sub_(self._previous, [p.detach() for p in self._params()])
+            sections.append(("weights", layout))
+            tensors.extend((weight_norms, self._stack(self._previous, layout)))
         if self._activations:
-            names.extend(name for key in self._activations for name in _activation_names(key))
+            modules = list(self._activations)
             device = next(iter(self._activations.values())).device
+            sections.append(("activations", modules))
             tensors.append(self._torch.cat([t.to(device) for t in self._activations.values()]))
             self._activations = {}
+        if self._activation_samples:
+            samples, self._activation_samples = self._activation_samples, {}
+            self._histograms(list(samples), list(samples.values()), step)
         self._remove_activation_hooks()
         if self._due(self.activations_every, step + 1):
             self._add_activation_hooks()
         if tensors:
-            vector = self._torch.cat([t.float().reshape(-1).to(tensors[0].device) for t in tensors])
-            captured = values.capture_tensor(vector)  # one async copy for the whole step
+            if len(tensors) == 1:
+                vector = tensors[0]
+            else:
+                device = tensors[0].device
+                vector = self._torch.cat([t.float().reshape(-1).to(device) for t in tensors])
+            # One async copy for the whole step; names and sums come on the sender thread.
+            derive = _StepMetrics(sections)
+            step_vector = values.StepVector(values.capture_fresh(vector), derive)
             # A record holds at most MAX_METRICS_PER_RECORD values: big models take several.
             room = protocol.MAX_METRICS_PER_RECORD - 64
-            for start in range(0, len(names), room):
-                part = values.CapturedVector(names[start : start + room], captured, start)
+            for start in range(0, derive.count(), room):
+                part = values.CapturedVector(step_vector, start, start + room)
                 if start == 0:
                     body["__watch__"] = part
                 else:
@@ -202,92 +230,67 @@ class Watcher:
     def _params(self) -> list[Any]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
-    def _gradient_stats(self, *, layers: bool) -> tuple[list[str], Any] | None:
-        """Global, per-group and (if ``layers``) per-parameter gradient norms, pre-clip."""
-        torch = self._torch
-        groups = [
-            [p for p in group["params"] if p.grad is not None and not p.grad.is_sparse]
-            for group in self.optimizer.param_groups
-        ]
-        grads = [p.grad for params in groups for p in params]
-        if not grads:
-            return None
-        device = grads[0].device
-        params = [p for group in groups for p in group]
-        norms = self._pre_clip_gradient_norms(params, grads, device)
-        names = ["grad_norm"]
-        parts = [torch.linalg.vector_norm(norms).reshape(1)]
-        start = 0
-        multi = len(groups) > 1
-        for index, params in enumerate(groups):
-            if multi:
-                names.append(f"grad_norm/group{index}")
-                parts.append(
-                    torch.linalg.vector_norm(norms[start : start + len(params)]).reshape(1)
-                )
-            start += len(params)
-        names.append("grad_nonfinite")
-        parts.append((~torch.isfinite(parts[0])).float())
-        if layers:
-            params = [p for group in groups for p in group]
-            names.extend(f"grad_norm/layer/{self._names.get(id(p), '?')}" for p in params)
-            parts.append(norms)
-            weights = self._params()
-            weight_norms = torch.stack(
-                [n.to(device) for n in torch._foreach_norm([p.detach() for p in weights])]
-            ).float()
-            names.append("param_norm")
-            parts.append(torch.linalg.vector_norm(weight_norms).reshape(1))
-            names.extend(f"param_norm/layer/{self._names.get(id(p), '?')}" for p in weights)
-            parts.append(weight_norms)
-        return names, torch.cat(parts)
+    def _gradient_norms(self) -> tuple[Any, _Layout] | None:
+        """Each parameter's gradient norm before any clipping: one float vector, and its layout.
 
-    def _pre_clip_gradient_norms(self, params: list[Any], grads: list[Any], device: Any) -> Any:
-        """Each parameter's gradient norm before any clipping, as one float vector.
-
-        Norms that ``clip_grad_norm_`` computed before clipping are reused (no second
-        pass over the gradients); the others are computed here, and those a clip call
-        scaled by a known factor are divided by it.
+        A ``clip_grad_norm_`` call over all of this optimizer's parameters has
+        already stacked those norms: that vector is used as it is (no torch op
+        here). Otherwise norms a clip call computed are reused, the rest computed,
+        and those a clip call scaled by a known factor divided by it.
         """
+        if len(self._clips) == 1:
+            clip = self._clips[0]
+            if all(id(p) in clip.ids for p in self._params()):
+                return clip.norms, self._layout(clip.params)
         torch = self._torch
-        known = self._pre_clip_norms
+        params = [
+            p
+            for group in self.optimizer.param_groups
+            for p in group["params"]
+            if p.grad is not None and not p.grad.is_sparse
+        ]
+        if not params:
+            return None
+        known: dict[int, Any] = {}
+        for clip in self._clips:
+            for param, norm in zip(clip.params, clip.norms, strict=True):
+                known.setdefault(id(param), norm)  # the first clip saw the gradient unclipped
         norms: list[Any] = [known.get(id(p)) for p in params]
         missing = [i for i, norm in enumerate(norms) if norm is None]
         if missing:
-            computed = torch._foreach_norm([grads[i] for i in missing])
+            computed = torch._foreach_norm([params[i].grad for i in missing])
             for i, norm in zip(missing, computed, strict=True):
                 factor = self._clip_coefficients.get(id(params[i]))
                 # clip_grad_norm_ scaled this gradient by a known factor: undo it.
                 norms[i] = norm if factor is None else norm / factor.to(norm.device)
-        return torch.stack([n.to(device) for n in norms]).float()
+        layout = self._layout(params)
+        device = params[0].device
+        return torch.stack([n.to(device) for n in norms]).float(), layout
 
-    def _update_ratios(self, previous: list[Any]) -> tuple[list[str], Any]:
-        """||w_after - w_before|| / ||w_before|| per param group: how fast weights move."""
-        torch = self._torch
-        names, parts = [], []
-        offset = 0
-        for index, group in enumerate(self.optimizer.param_groups):
-            params = list(group["params"])
-            before = previous[offset : offset + len(params)]
-            offset += len(params)
-            if not params:
-                continue
-            delta = torch._foreach_sub([p.detach() for p in params], before)
-            device = params[0].device
-            moved = torch.linalg.vector_norm(
-                torch.stack([n.to(device) for n in torch._foreach_norm(delta)])
-            )
-            size = torch.linalg.vector_norm(
-                torch.stack([n.to(device) for n in torch._foreach_norm(before)])
-            )
-            names.append(f"update_ratio/group{index}")
-            parts.append((moved / (size + 1e-12)).reshape(1))
-        return names, torch.cat(parts) if parts else torch.zeros(0)
+    def _layout(self, params: list[Any]) -> _Layout:
+        """Names and param groups of a vector with one entry per tensor of ``params``."""
+        groups = self.optimizer.param_groups
+        key = (len(groups), *map(id, params))
+        layout = self._layouts.get(key)
+        if layout is None:
+            if len(self._layouts) > 16:
+                self._layouts.clear()  # parameter sets that change every step: stay bounded
+            layout = _Layout(params, self._names, groups)
+            self._layouts[key] = layout
+        return layout
+
+    def _stack(self, tensors: list[Any], layout: _Layout) -> Any:
+        """One norm per tensor, stacked as one float vector on the first tensor's device."""
+        norms = list(self._torch._foreach_norm(tensors))
+        if not layout.one_device:
+            device = tensors[0].device
+            norms = [n.to(device) for n in norms]
+        return self._torch.stack(norms).float()
 
     def _cuda_memory(self) -> dict[str, int]:
         """Allocator counters: host-side bookkeeping, no device sync."""
         torch = self._torch
-        if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        if not self._cuda or not torch.cuda.is_initialized():
             return {}
         return {
             "cuda_memory_allocated_bytes": torch.cuda.memory_allocated(),
@@ -317,8 +320,12 @@ class Watcher:
         self._activations[name] = self._torch.stack(
             [x.mean(), x.std() if x.numel() > 1 else x.new_zeros(()), (x == 0).float().mean()]
         )
-        # A sample of the output itself (<= 8,192 values, gathered on its device).
-        self._histogram(f"activations/{name}", tensor.detach(), self.step)
+        # A sample of the output itself (<= 8,192 values, gathered on its device), shipped
+        # with the others after the step; a small output is copied, later layers may change it.
+        sample = values.sample_tensor(x, values.HISTOGRAM_SAMPLE)
+        self._activation_samples[f"activations/{name}"] = (
+            sample.clone() if x.numel() <= values.HISTOGRAM_SAMPLE else sample
+        )
 
 
 def _number(value: Any) -> Any:
@@ -418,16 +425,118 @@ class _ClipPatch:
             return None
         with torch.no_grad():
             norms = torch._foreach_norm(grads)
-            total = torch.linalg.vector_norm(torch.stack(norms))
+            stacked = torch.stack(norms)
+            total = torch.linalg.vector_norm(stacked)
             clip_with_norm(parameters, max_norm, total)
         try:
+            clip = _Clip(with_grad, stacked.float(), {id(p) for p in parameters})
             for watcher in list(self.watchers):
-                for param, norm in zip(with_grad, norms, strict=True):
-                    if id(param) in watcher._names:
-                        watcher._pre_clip_norms[id(param)] = norm
+                watcher._clips.append(clip)
         except Exception as exc:
             internal.record(exc, "watch: clip")
         return total
+
+
+class _Clip:
+    """One norm-reusing ``clip_grad_norm_`` call: its gradients' norms before clipping."""
+
+    __slots__ = ("ids", "norms", "params")
+
+    def __init__(self, params: list[Any], norms: Any, ids: set[int]) -> None:
+        self.params = params  # the parameters that had a gradient, in the vector's order
+        self.norms = norms  # their pre-clip norms, one float vector
+        self.ids = ids  # every parameter the call was given
+
+
+class _Layout:
+    """Where this optimizer's parameters sit in a vector with one entry per tensor.
+
+    ``positions`` are the entries of the optimizer's parameters (a clip call may
+    also have covered others), ``names`` their names, ``groups`` the entries of
+    each param group. Built once per set of tensors (the watcher caches it), so a
+    step only looks it up.
+    """
+
+    __slots__ = ("count", "groups", "names", "one_device", "positions")
+
+    def __init__(self, params: list[Any], names: dict[int, str], groups: list[Any]) -> None:
+        group_of = {id(p): index for index, group in enumerate(groups) for p in group["params"]}
+        self.count = len(params)
+        self.positions = [i for i, p in enumerate(params) if id(p) in group_of]
+        self.names = [names.get(id(params[i]), "?") for i in self.positions]
+        self.groups: list[list[int]] = [[] for _ in groups]
+        for position in self.positions:
+            self.groups[group_of[id(params[position])]].append(position)
+        self.one_device = len({p.device for p in params}) <= 1
+
+
+class _StepMetrics:
+    """Names a step vector's numbers and derives the sums (sender thread, plain floats).
+
+    ``sections`` says what the vector holds, in order: ``grads`` (one pre-clip
+    gradient norm per parameter; ``grads+layers`` also logs each of them),
+    ``weights`` (each parameter's norm before the step, then the norm of its
+    update), ``activations`` (mean, std, zero fraction per module).
+    """
+
+    def __init__(self, sections: list[tuple[str, Any]]) -> None:
+        self.sections = sections
+
+    def count(self) -> int:
+        """How many metrics ``__call__`` returns (known on the training thread)."""
+        total = 0
+        for kind, layout in self.sections:
+            if kind.startswith("grads"):
+                multi = len(layout.groups) > 1
+                total += 2 + (len(layout.groups) if multi else 0)
+                total += len(layout.positions) if kind == "grads+layers" else 0
+            elif kind == "weights":
+                total += 1 + len(layout.positions) + sum(1 for group in layout.groups if group)
+            else:
+                total += 3 * len(layout)
+        return total
+
+    def __call__(self, numbers: list[float]) -> list[tuple[str, float]]:
+        out: list[tuple[str, float]] = []
+        at = 0
+        for kind, layout in self.sections:
+            if kind.startswith("grads"):
+                norms = numbers[at : at + layout.count]
+                at += layout.count
+                mine = [norms[i] for i in layout.positions]
+                total = _root_sum_squares(mine)
+                out.append(("grad_norm", total))
+                if len(layout.groups) > 1:
+                    out.extend(
+                        (f"grad_norm/group{index}", _root_sum_squares([norms[i] for i in group]))
+                        for index, group in enumerate(layout.groups)
+                    )
+                out.append(("grad_nonfinite", 0.0 if math.isfinite(total) else 1.0))
+                if kind == "grads+layers":
+                    names = [f"grad_norm/layer/{n}" for n in layout.names]
+                    out.extend(zip(names, mine, strict=True))
+            elif kind == "weights":
+                weights = numbers[at : at + layout.count]
+                moves = numbers[at + layout.count : at + 2 * layout.count]
+                at += 2 * layout.count
+                out.append(("param_norm", _root_sum_squares(weights)))
+                names = [f"param_norm/layer/{n}" for n in layout.names]
+                out.extend(zip(names, weights, strict=True))  # every weight is the optimizer's
+                for index, group in enumerate(layout.groups):
+                    if group:
+                        moved = _root_sum_squares([moves[i] for i in group])
+                        size = _root_sum_squares([weights[i] for i in group])
+                        out.append((f"update_ratio/group{index}", moved / (size + 1e-12)))
+            else:
+                for module in layout:
+                    out.extend(zip(_activation_names(module), numbers[at : at + 3], strict=True))
+                    at += 3
+        return out
+
+
+def _root_sum_squares(norms: list[float]) -> float:
+    """The norm of the concatenation of tensors, from their norms."""
+    return math.sqrt(sum(n * n for n in norms))
 
 
 _clip_patch = _ClipPatch()
