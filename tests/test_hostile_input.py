@@ -165,6 +165,35 @@ def case_mixed_records() -> Case:
     )
 
 
+def case_histogram_batches() -> Case:
+    """Batches of histogram samples (probe.watch's) whose names and lengths disagree."""
+    t = _t()
+    good = {
+        "name": "histograms",
+        "as": "histograms",
+        "dtype": "float32",
+        "shape": [3],
+        "data": bytes(12),
+        "names": ["weights/w"],
+        "lengths": [3],
+    }
+    records = [
+        [protocol.TENSOR, 0, t, 0, good],  # good: one histogram, one line
+        [protocol.TENSOR, 1, t, 0, {**good, "names": ["a", "b"]}],  # 2 names, 1 length
+        [protocol.TENSOR, 2, t, 0, {**good, "lengths": [2]}],  # adds up to 2, not 3
+        [protocol.TENSOR, 3, t, 0, {**good, "lengths": [4, -1], "names": ["a", "b"]}],
+        [protocol.TENSOR, 4, t, 0, {**good, "names": [""]}],  # empty name
+        [protocol.TENSOR, 5, t, 0, {**good, "names": "weights/w"}],  # not a list
+        [protocol.TENSOR, 6, t, 0, {**good, "lengths": [3.0]}],  # not an integer
+        [protocol.TENSOR, 7, t, 0, {**good, "names": None, "lengths": None}],
+    ]
+    return Case(
+        [pack(envelope(stream="mixed"), records)],
+        rejected_records={"bad_record": 7},
+        extra_good=1,
+    )
+
+
 def case_deep_nesting() -> Case:
     env = envelope(stream="mixed")
     t = _t()
@@ -235,6 +264,7 @@ CASES: dict[str, Callable[[], Case]] = {
     "wrong_version": case_wrong_version,
     "bad_envelope": case_bad_envelope,
     "mixed_records": case_mixed_records,
+    "histogram_batches": case_histogram_batches,
     "deep_nesting": case_deep_nesting,
     "metric_limits": case_metric_limits,
     "json_unsafe_values": case_json_unsafe_values,
