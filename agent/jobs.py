@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from typing import Any
 
 from agent.counters import RateLimitedLog
@@ -64,17 +65,30 @@ class _Job:
 
 
 def _worker_process_setup(
-    nice: int, idle: bool, blas_threads: int, preload: tuple[str, ...] = ()
+    nice: int,
+    idle: bool,
+    blas_threads: int,
+    preload: tuple[str, ...] = (),
+    lifeline: Connection | None = None,
 ) -> None:
     """In a statistics worker process: ``nice`` below the agent, the statistics' imports
     (``preload``), then SCHED_IDLE (Linux: only cycles nothing else wants), one BLAS
-    thread, deaf to ^C (the agent stops it).
+    thread, deaf to ^C (the agent stops it), and gone when the agent is (``lifeline``).
+
+    A process pool's workers outlive a killed parent: each holds its own end of
+    the job queue's pipe, so it never reads end-of-file there. The lifeline is a
+    pipe only the agent can write to; a thread blocked on it exits the process
+    as soon as the agent is gone, at no cost while it lives.
 
     The imports come before SCHED_IDLE: under it they would wait for idle
     cycles, which a starting trainer leaves none of, and spill into its first
     training steps.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if lifeline is not None:
+        threading.Thread(
+            target=_exit_with_the_agent, args=(lifeline,), name="outrider-lifeline", daemon=True
+        ).start()
     linux = sys.platform.startswith("linux")
     if linux:
         with contextlib.suppress(OSError):
@@ -88,6 +102,13 @@ def _worker_process_setup(
     import threadpoolctl
 
     threadpoolctl.threadpool_limits(limits=blas_threads)
+
+
+def _exit_with_the_agent(lifeline: Connection) -> None:
+    with contextlib.suppress(EOFError, OSError):
+        while True:
+            lifeline.recv_bytes()  # nothing is ever sent: this returns at end-of-file
+    os._exit(0)
 
 
 def _warm_up_job() -> None:
@@ -132,6 +153,7 @@ class StatsJobs:
         self.processes = processes
         self.clock = clock
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._lifeline: tuple[Connection, Connection] | None = None  # the pool's (read, write)
         self._preload: tuple[str, ...] = ()  # modules each worker process imports at start
         self._warming: list[concurrent.futures.Future[None]] = []
         self._pool_lock = threading.Lock()
@@ -278,11 +300,16 @@ class StatsJobs:
     def _get_pool(self) -> concurrent.futures.ProcessPoolExecutor:
         with self._pool_lock:
             if self._pool is None:
+                context = multiprocessing.get_context("spawn")
+                # Only this process holds the write end: the workers see end-of-file when the
+                # agent dies in any way (SIGKILL, the OOM killer) and exit, not linger.
+                # (The read end stays open here too: the pool may start a worker later.)
+                self._lifeline = context.Pipe(duplex=False)
                 self._pool = concurrent.futures.ProcessPoolExecutor(
                     max_workers=len(self._threads),
-                    mp_context=multiprocessing.get_context("spawn"),
+                    mp_context=context,
                     initializer=_worker_process_setup,
-                    initargs=(self.nice, self.sched_idle, 1, self._preload),
+                    initargs=(self.nice, self.sched_idle, 1, self._preload, self._lifeline[0]),
                 )
             return self._pool
 

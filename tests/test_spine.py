@@ -278,3 +278,31 @@ def test_second_agent_on_a_live_socket_is_refused(agent, endpoint: str, runs_dir
     stale.close()  # leaves the file behind, nobody listening
     second = start_agent(endpoint, runs_dir)
     assert stop_agent(second) == 0
+
+
+def test_killed_agent_leaves_no_statistics_workers_behind(endpoint: str, runs_dir: Path) -> None:
+    """SIGKILL (the OOM killer's way) takes the agent's statistics worker processes with it:
+    a process pool's workers would otherwise wait on their job queue for ever."""
+    import psutil
+
+    agent = start_agent(endpoint, runs_dir)
+    try:
+        workers = wait_for(
+            lambda: [
+                child
+                for child in psutil.Process(agent.pid).children(recursive=True)
+                if "multiprocessing" in " ".join(child.cmdline())
+            ],
+            30,
+            "the agent's statistics workers",
+        )
+        agent.send_signal(signal.SIGKILL)
+        agent.wait()
+        wait_for(
+            lambda: not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers),
+            15,
+            "the workers to exit after the agent",
+        )
+    finally:
+        if agent.poll() is None:
+            agent.kill()
