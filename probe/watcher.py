@@ -457,13 +457,15 @@ class _Layout:
     step only looks it up.
     """
 
-    __slots__ = ("count", "groups", "names", "one_device", "positions")
+    __slots__ = ("count", "grad_names", "groups", "names", "one_device", "param_names", "positions")
 
     def __init__(self, params: list[Any], names: dict[int, str], groups: list[Any]) -> None:
         group_of = {id(p): index for index, group in enumerate(groups) for p in group["params"]}
         self.count = len(params)
         self.positions = [i for i, p in enumerate(params) if id(p) in group_of]
         self.names = [names.get(id(params[i]), "?") for i in self.positions]
+        self.grad_names = [f"grad_norm/layer/{name}" for name in self.names]
+        self.param_names = [f"param_norm/layer/{name}" for name in self.names]
         self.groups: list[list[int]] = [[] for _ in groups]
         for position in self.positions:
             self.groups[group_of[id(params[position])]].append(position)
@@ -513,15 +515,14 @@ class _StepMetrics:
                     )
                 out.append(("grad_nonfinite", 0.0 if math.isfinite(total) else 1.0))
                 if kind == "grads+layers":
-                    names = [f"grad_norm/layer/{n}" for n in layout.names]
-                    out.extend(zip(names, mine, strict=True))
+                    out.extend(zip(layout.grad_names, mine, strict=True))
             elif kind == "weights":
                 weights = numbers[at : at + layout.count]
                 moves = numbers[at + layout.count : at + 2 * layout.count]
                 at += 2 * layout.count
                 out.append(("param_norm", _root_sum_squares(weights)))
-                names = [f"param_norm/layer/{n}" for n in layout.names]
-                out.extend(zip(names, weights, strict=True))  # every weight is the optimizer's
+                # Every weight is the optimizer's: one name per entry.
+                out.extend(zip(layout.param_names, weights, strict=True))
                 for index, group in enumerate(layout.groups):
                     if group:
                         moved = _root_sum_squares([moves[i] for i in group])

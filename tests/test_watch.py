@@ -199,6 +199,39 @@ def test_other_clip_calls_still_log_pre_clip_norms(
             assert close(steps[step][f"grad_norm/layer/{name}"], value), (step, name)
 
 
+def test_one_clip_over_two_models_logs_only_the_watched_models_norms(
+    agent: Any, endpoint: str, runs_dir: Path
+) -> None:
+    """clip_grad_norm_ over a watched and an unwatched model together: the watched one's
+    grad_norm and layer norms are of its own gradients (pre-clip), not of both models'."""
+    probe.init(endpoint, run_id="clip-two")
+    model, other = mlp(), mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    probe.watch(model, opt, layer_every=1)
+    expected = []
+    for step in range(3):
+        x, y = batch(step)
+        opt.zero_grad()
+        other.zero_grad()
+        (nn.functional.mse_loss(model(x), y) + nn.functional.mse_loss(other(x), y)).backward()
+        layers = {name: norm([p.grad]) for name, p in model.named_parameters()}
+        mine = norm([p.grad for p in model.parameters()])
+        both = norm([p.grad for p in [*model.parameters(), *other.parameters()]])
+        assert both > mine * 1.01, "the other model must add to the joint norm"
+        returned = torch.nn.utils.clip_grad_norm_([*model.parameters(), *other.parameters()], 0.01)
+        assert close(float(returned), both)
+        expected.append((mine, layers))
+        opt.step()
+    steps = by_step(stored_run(agent, runs_dir, "clip-two")[0])
+    for step, (mine, layers) in enumerate(expected):
+        assert close(steps[step]["grad_norm"], mine), step
+        assert {k for k in steps[step] if k.startswith("grad_norm/layer/")} == {
+            f"grad_norm/layer/{name}" for name in layers
+        }
+        for name, value in layers.items():
+            assert close(steps[step][f"grad_norm/layer/{name}"], value), (step, name)
+
+
 def test_watched_clip_grad_norm_clips_exactly_as_torch_does(agent: Any, endpoint: str) -> None:
     """The norm-reusing clip returns torch's total norm and leaves torch's gradients."""
     probe.init(endpoint, run_id="clip-exact")
