@@ -47,8 +47,9 @@ def _bins(body: dict[str, Any], default: int) -> int:
 def _fields(name: str, values: Any, bins: int) -> dict[str, Any]:
     finite = values[np.isfinite(values)]
     if finite.size:
-        counts, edges = np.histogram(finite, bins=bins)
         low, high = float(finite.min()), float(finite.max())
+        # The range np.histogram would take itself: the same bins, two passes fewer.
+        counts, edges = np.histogram(finite, bins=bins, range=(low, high))
     else:
         counts, edges = np.zeros(bins, dtype=np.int64), np.linspace(0.0, 1.0, bins + 1)
         low = high = 0.0
