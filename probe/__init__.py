@@ -115,6 +115,11 @@ def _autostart() -> Client | None:
     return _client
 
 
+def _live_client() -> Client | None:
+    """The stream, started from the environment on first use; None while telemetry is off."""
+    return _client or (None if _disabled else _autostart())
+
+
 def log(metrics: Mapping[str, Any], step: int | None = None) -> None:
     """Log scalars: Python numbers or single-element tensors, by name.
 
@@ -181,7 +186,7 @@ def features(
     rows chosen on the tensor's device. ``pair="student"`` on a teacher's
     features takes the same rows as the student's call at the same step.
     """
-    client = _client or (None if _disabled else _autostart())
+    client = _live_client()
     if client is None:
         return
     try:
@@ -220,7 +225,7 @@ def evaluate_lm(
 
 
 def _submit_tensor(name: str, value: Any, step: int | None, extra: dict[str, Any]) -> None:
-    client = _client or (None if _disabled else _autostart())
+    client = _live_client()
     if client is None:
         return
     try:
@@ -256,7 +261,7 @@ def _submit_histograms(names: list[str], samples: list[Any], step: int | None) -
     The agent splits each batch by ``lengths`` and bins every histogram, as it
     does for ``probe.histogram``.
     """
-    client = _client or (None if _disabled else _autostart())
+    client = _live_client()
     if client is None:
         return
     try:
@@ -313,7 +318,7 @@ def watch(
     ``data(loader)`` (times data waits); with telemetry off it returns one that
     does nothing.
     """
-    client = _client or (None if _disabled else _autostart())
+    client = _live_client()
     if client is None:
         return _Unwatched()
     from probe.watcher import Watcher  # torch is imported only when watching
@@ -342,7 +347,7 @@ def unwatch() -> None:
 
 
 def _submit_checked(kind: str, step: int | None, body: dict[str, Any]) -> None:
-    client = _client or (None if _disabled else _autostart())
+    client = _live_client()
     if client is None:
         return
     try:

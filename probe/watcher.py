@@ -71,7 +71,7 @@ class Watcher:
         self._layouts: dict[tuple[Any, ...], _Layout] = {}
         self._previous: list[Any] | None = None  # weights before the step (update ratio)
         self._weight_norms: tuple[Any, _Layout] | None = None  # their norms, per parameter
-        self._pending: tuple[Any, _Layout, bool] | None = None  # this step's gradient norms
+        self._pending: tuple[_GradientNorms, Any] | None = None  # this step's gradient norms
         self._activation_hooks: list[Any] = []
         self._activations: dict[str, Any] = {}
         self._activation_samples: dict[str, Any] = {}  # histogram name -> bounded sample
@@ -125,7 +125,11 @@ class Watcher:
         layers = self._due(self.layer_every, step)
         if self._due(self.log_every, step) or layers:
             norms = self._gradient_norms()
-            self._pending = None if norms is None else (*norms, layers)
+            if norms is None:
+                self._pending = None
+            else:
+                vector, layout = norms
+                self._pending = (_GradientNorms(layout, layers), vector)
         else:
             self._pending = None
         if layers:
@@ -181,23 +185,22 @@ class Watcher:
                 for index, group in enumerate(groups):
                     body[f"lr/group{index}"] = _number(group["lr"])
             body.update(self._cuda_memory())
-        sections: list[tuple[str, _Layout | list[str]]] = []
+        sections: list[_Section] = []
         tensors: list[Any] = []
         if self._pending is not None:
-            norms, layout, layers = self._pending
+            section, norms = self._pending
             self._pending = None
-            sections.append(("grads+layers" if layers else "grads", layout))
+            sections.append(section)
             tensors.append(norms)
         if self._previous is not None and self._weight_norms is not None:
             weight_norms, layout = self._weight_norms
             # before - after, in place in the copy: the norms of this step's update.
             self._torch._foreach_sub_(self._previous, [p.detach() for p in self._params()])
-            sections.append(("weights", layout))
+            sections.append(_WeightNorms(layout))
             tensors.extend((weight_norms, self._stack(self._previous, layout)))
         if self._activations:
-            modules = list(self._activations)
             device = next(iter(self._activations.values())).device
-            sections.append(("activations", modules))
+            sections.append(_ActivationStats(list(self._activations)))
             tensors.append(self._torch.cat([t.to(device) for t in self._activations.values()]))
             self._activations = {}
         if self._activation_samples:
@@ -472,66 +475,90 @@ class _Layout:
         self.one_device = len({p.device for p in params}) <= 1
 
 
+class _GradientNorms:
+    """A step vector's section of pre-clip gradient norms, one per parameter: the global
+    and per-group norms and the non-finite flag, with ``layers`` each norm too."""
+
+    def __init__(self, layout: _Layout, layers: bool) -> None:
+        self.layout = layout
+        self.layers = layers
+        self.size = layout.count
+        multi = len(layout.groups) > 1
+        self.count = 2 + (len(layout.groups) if multi else 0)
+        self.count += len(layout.positions) if layers else 0
+
+    def metrics(self, norms: list[float]) -> list[tuple[str, float]]:
+        layout = self.layout
+        mine = [norms[i] for i in layout.positions]
+        total = _root_sum_squares(mine)
+        out = [("grad_norm", total)]
+        if len(layout.groups) > 1:
+            out.extend(
+                (f"grad_norm/group{index}", _root_sum_squares([norms[i] for i in group]))
+                for index, group in enumerate(layout.groups)
+            )
+        out.append(("grad_nonfinite", 0.0 if math.isfinite(total) else 1.0))
+        if self.layers:
+            out.extend(zip(layout.grad_names, mine, strict=True))
+        return out
+
+
+class _WeightNorms:
+    """A section of each parameter's norm before the step, then the norm of its update:
+    the weight norms and the update-to-weight ratio per group."""
+
+    def __init__(self, layout: _Layout) -> None:
+        self.layout = layout
+        self.size = 2 * layout.count
+        self.count = 1 + len(layout.positions) + sum(1 for group in layout.groups if group)
+
+    def metrics(self, numbers: list[float]) -> list[tuple[str, float]]:
+        layout = self.layout
+        weights, moves = numbers[: layout.count], numbers[layout.count :]
+        out = [("param_norm", _root_sum_squares(weights))]
+        out.extend(zip(layout.param_names, weights, strict=True))  # every weight is the optimizer's
+        for index, group in enumerate(layout.groups):
+            if group:
+                moved = _root_sum_squares([moves[i] for i in group])
+                size = _root_sum_squares([weights[i] for i in group])
+                out.append((f"update_ratio/group{index}", moved / (size + 1e-12)))
+        return out
+
+
+class _ActivationStats:
+    """A section of mean, std and zero fraction for each module's output."""
+
+    def __init__(self, modules: list[str]) -> None:
+        self.names = [name for module in modules for name in _activation_names(module)]
+        self.size = self.count = len(self.names)
+
+    def metrics(self, numbers: list[float]) -> list[tuple[str, float]]:
+        return list(zip(self.names, numbers, strict=True))
+
+
+_Section = _GradientNorms | _WeightNorms | _ActivationStats
+
+
 class _StepMetrics:
     """Names a step vector's numbers and derives the sums (sender thread, plain floats).
 
-    ``sections`` says what the vector holds, in order: ``grads`` (one pre-clip
-    gradient norm per parameter; ``grads+layers`` also logs each of them),
-    ``weights`` (each parameter's norm before the step, then the norm of its
-    update), ``activations`` (mean, std, zero fraction per module).
+    ``sections`` say what the vector holds, in order; each takes its ``size``
+    numbers and makes its ``count`` metrics.
     """
 
-    def __init__(self, sections: list[tuple[str, Any]]) -> None:
+    def __init__(self, sections: list[_Section]) -> None:
         self.sections = sections
 
     def count(self) -> int:
         """How many metrics ``__call__`` returns (known on the training thread)."""
-        total = 0
-        for kind, layout in self.sections:
-            if kind.startswith("grads"):
-                multi = len(layout.groups) > 1
-                total += 2 + (len(layout.groups) if multi else 0)
-                total += len(layout.positions) if kind == "grads+layers" else 0
-            elif kind == "weights":
-                total += 1 + len(layout.positions) + sum(1 for group in layout.groups if group)
-            else:
-                total += 3 * len(layout)
-        return total
+        return sum(section.count for section in self.sections)
 
     def __call__(self, numbers: list[float]) -> list[tuple[str, float]]:
         out: list[tuple[str, float]] = []
         at = 0
-        for kind, layout in self.sections:
-            if kind.startswith("grads"):
-                norms = numbers[at : at + layout.count]
-                at += layout.count
-                mine = [norms[i] for i in layout.positions]
-                total = _root_sum_squares(mine)
-                out.append(("grad_norm", total))
-                if len(layout.groups) > 1:
-                    out.extend(
-                        (f"grad_norm/group{index}", _root_sum_squares([norms[i] for i in group]))
-                        for index, group in enumerate(layout.groups)
-                    )
-                out.append(("grad_nonfinite", 0.0 if math.isfinite(total) else 1.0))
-                if kind == "grads+layers":
-                    out.extend(zip(layout.grad_names, mine, strict=True))
-            elif kind == "weights":
-                weights = numbers[at : at + layout.count]
-                moves = numbers[at + layout.count : at + 2 * layout.count]
-                at += 2 * layout.count
-                out.append(("param_norm", _root_sum_squares(weights)))
-                # Every weight is the optimizer's: one name per entry.
-                out.extend(zip(layout.param_names, weights, strict=True))
-                for index, group in enumerate(layout.groups):
-                    if group:
-                        moved = _root_sum_squares([moves[i] for i in group])
-                        size = _root_sum_squares([weights[i] for i in group])
-                        out.append((f"update_ratio/group{index}", moved / (size + 1e-12)))
-            else:
-                for module in layout:
-                    out.extend(zip(_activation_names(module), numbers[at : at + 3], strict=True))
-                    at += 3
+        for section in self.sections:
+            out.extend(section.metrics(numbers[at : at + section.size]))
+            at += section.size
         return out
 
 

@@ -11,6 +11,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import psutil
+
 from probe.sender import CONNECT_GRACE
 from tests.helpers import (
     PYTHON,
@@ -283,8 +285,6 @@ def test_second_agent_on_a_live_socket_is_refused(agent, endpoint: str, runs_dir
 def test_killed_agent_leaves_no_statistics_workers_behind(endpoint: str, runs_dir: Path) -> None:
     """SIGKILL (the OOM killer's way) takes the agent's statistics worker processes with it:
     a process pool's workers would otherwise wait on their job queue for ever."""
-    import psutil
-
     agent = start_agent(endpoint, runs_dir)
     try:
         workers = wait_for(

@@ -87,6 +87,13 @@ def batch(step: int, size: int = 8, features: int = 8) -> tuple[torch.Tensor, to
     return x, x.sum(dim=1, keepdim=True)
 
 
+def backward(model: nn.Module, opt: torch.optim.Optimizer, step: int) -> None:
+    """The step's gradients: its batch, zeroed gradients, one MSE backward pass."""
+    x, y = batch(step)
+    opt.zero_grad()
+    nn.functional.mse_loss(model(x), y).backward()
+
+
 def forward_hook_count(model: nn.Module) -> int:
     return sum(len(module._forward_hooks) for module in model.modules())
 
@@ -113,9 +120,7 @@ def test_grad_norms_are_the_pre_clip_norms(
     probe.watch(model, opt, layer_every=1)
     expected: list[tuple[float, dict[str, float]]] = []
     for step in range(4):
-        x, y = batch(step)
-        opt.zero_grad()
-        nn.functional.mse_loss(model(x), y).backward()
+        backward(model, opt, step)
         grads = {name: p.grad.clone() for name, p in model.named_parameters()}
         total = norm(list(grads.values()))
         if max_norm is not None:
@@ -147,9 +152,7 @@ def test_groups_clipped_separately_log_their_own_pre_clip_norms(
     probe.watch(model, opt)
     expected = []
     for step in range(3):
-        x, y = batch(step)
-        opt.zero_grad()
-        nn.functional.mse_loss(model(x), y).backward()
+        backward(model, opt, step)
         before = [norm([p.grad for p in group]) for group in groups]
         torch.nn.utils.clip_grad_norm_(groups[0], 0.01)
         torch.nn.utils.clip_grad_norm_(groups[1], 0.02)
@@ -177,9 +180,7 @@ def test_other_clip_calls_still_log_pre_clip_norms(
     probe.watch(model, opt, layer_every=1)
     expected = []
     for step in range(3):
-        x, y = batch(step)
-        opt.zero_grad()
-        nn.functional.mse_loss(model(x), y).backward()
+        backward(model, opt, step)
         layers = {name: norm([p.grad]) for name, p in model.named_parameters()}
         before = norm([p.grad for p in model.parameters()])
         if how == "one group only":
@@ -263,9 +264,7 @@ def test_param_groups_lr_schedule_layer_norms_and_update_ratios(
     probe.watch(model, opt, layer_every=1)
     expected = []
     for step in range(4):
-        x, y = batch(step)
-        opt.zero_grad()
-        nn.functional.mse_loss(model(x), y).backward()
+        backward(model, opt, step)
         before = [[p.detach().clone() for p in group] for group in groups]
         want: dict[str, float] = {
             "grad_norm": norm([p.grad for p in model.parameters()]),
@@ -347,9 +346,7 @@ def test_activation_stats_match_a_forward_hook(agent: Any, endpoint: str, runs_d
     probe.watch(model, opt, activations_every=1)
     expected = []
     for step in range(3):
-        x, y = batch(step)
-        opt.zero_grad()
-        nn.functional.mse_loss(model(x), y).backward()
+        backward(model, opt, step)
         want = {}
         for name, out in seen.items():
             want[f"act/{name}/mean"] = float(out.mean())
@@ -464,9 +461,7 @@ def test_each_kind_arrives_on_exactly_its_steps(agent: Any, endpoint: str, runs_
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     probe.watch(model, opt, log_every=2, layer_every=3, hist_every=4, activations_every=5)
     for step in range(12):
-        x, y = batch(step)
-        opt.zero_grad()
-        nn.functional.mse_loss(model(x), y).backward()
+        backward(model, opt, step)
         opt.step()
     stored = stored_run(agent, runs_dir, "every")[0]
     steps = by_step(stored)
@@ -601,9 +596,7 @@ def test_clip_patch_stays_until_the_last_watcher_goes(
             watchers[0].unwatch()
             assert torch.nn.utils.clip_grad_norm_ is not ORIGINAL_CLIP
         for index, (model, opt) in enumerate(zip(models, opts, strict=True)):
-            x, y = batch(step)
-            opt.zero_grad()
-            nn.functional.mse_loss(model(x), y).backward()
+            backward(model, opt, step)
             expected[(index, step)] = norm([p.grad for p in model.parameters()])
             if index == 0 or step > 0:  # at step 0 only the first model clips
                 total = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01)
@@ -711,9 +704,7 @@ def test_frozen_and_unused_parameters(agent: Any, endpoint: str, runs_dir: Path)
     probe.watch(model, opt, layer_every=1, hist_every=1, activations_every=1)
     expected = []
     for step in range(3):
-        x, y = batch(step)
-        opt.zero_grad()
-        nn.functional.mse_loss(model(x), y).backward()
+        backward(model, opt, step)
         assert all(p.grad is None for p in idle)
         expected.append((norm([p.grad for p in trained]), norm(list(model.parameters()))))
         opt.step()
