@@ -29,11 +29,14 @@ from sinks.base import Batch
 logger = logging.getLogger("outrider.agent")
 
 INBOX_LIMIT = 50_000  # entries waiting for the analysis thread (~50 MB); older batches dropped
+#: the analysis thread wakes once a tick, not on every stored burst: each wake-up costs CPU
+#: that, on a machine the trainer keeps busy, comes out of its steps. It works through its
+#: inbox then, right after the system sample (which wakes it), so both share one wake-up.
 TICK_SECONDS = 1.0
-#: the analysis thread works through its inbox this often, not on every stored burst: each
-#: wake-up costs CPU that, on a machine the trainer keeps busy, comes out of its steps
-BATCH_SECONDS = 0.25
-#: ... unless this many entries wait (a flood: keep up, within the GIL share)
+#: a wake-up this far into a tick (the system sample's) does the tick's work early
+EARLY_TICK = 0.5
+#: ... and the inbox is worked through at once when this many entries wait (a flood: keep
+#: up, within the GIL share)
 WAKE_ENTRIES = 5_000
 SLICE_SECONDS = 0.005  # analysis work between two pauses (about the interpreter's switch interval)
 #: kinds the training code makes: their absence (not heartbeats') means a stalled loop
@@ -146,8 +149,10 @@ class Analysis:
         host: str | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        on_output: Callable[[], None] | None = None,
     ) -> None:
         self.config = config
+        self.on_output = on_output  # called on this thread when ``take`` has something
         self.host = host or socket.gethostname()
         self.clock = clock
         self.wall_clock = wall_clock
@@ -274,18 +279,22 @@ class Analysis:
 
     # -- the analysis thread ---------------------------------------------------------------
     def _run(self) -> None:
-        next_tick = self.clock() + TICK_SECONDS
+        last_tick = self.clock()
+        # With a sampler, its sample sets the pace; the thread's own timer is the fallback.
+        period = TICK_SECONDS * (1.5 if self.sampler is not None else 1.0)
         closing = False
         while not closing:
-            self._wake.wait(max(0.0, min(BATCH_SECONDS, next_tick - self.clock())))
+            self._wake.wait(max(0.0, last_tick + period - self.clock()))
             self._wake.clear()
             while self._inbox and not closing:
                 closing = self._work_a_slice()
             self._process_results()
             now = self.clock()
-            if now >= next_tick or closing:
-                next_tick = now + TICK_SECONDS
+            if now - last_tick >= EARLY_TICK * TICK_SECONDS or closing:
+                last_tick = now
                 self._tick(now)
+            if self._outbox and self.on_output is not None:
+                self.on_output()
 
     def _work_a_slice(self) -> bool:
         """Up to SLICE_SECONDS of inbox work, then a pause that keeps this thread's share of
@@ -442,7 +451,7 @@ class Analysis:
 
     def _result(self, what: str, batch: _FeatureBatch, result: Any) -> None:
         """Called on a worker: the analysis thread turns results into entries."""
-        self._results.append((what, (batch, result)))  # taken within BATCH_SECONDS
+        self._results.append((what, (batch, result)))  # taken at the next wake-up (a tick at most)
 
     def _process_results(self) -> None:
         while self._results:
@@ -486,8 +495,9 @@ class Analysis:
         return list(self._pids)
 
     def _on_system(self, entry: dict[str, Any]) -> None:
-        """Called on the sampler's thread; handled within BATCH_SECONDS."""
+        """Called on the sampler's thread: the analysis wakes for it (and does its tick)."""
         self._inbox.append(("system", entry))
+        self._wake.set()
 
     def _system(self, entry: dict[str, Any]) -> None:
         """Stored in, and sent for, every running run; between runs nothing is recorded."""

@@ -7,6 +7,7 @@ the store is at most one burst behind the socket.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -37,7 +38,11 @@ logger = logging.getLogger("outrider.agent")
 MAX_OPEN_RUNS = 64
 BURST = 1000  # messages per receive burst before the store is flushed...
 BURST_SECONDS = 0.02  # ...or this much time: the store stays close behind the socket
-INFO_INTERVAL = 1.0  # seconds between run.json rewrites of a changing run
+#: the receive loop's beat: run.json rewrites of a changing run, sink alerts, the parent
+#: check and the sinks' exports (kicked together), once a second
+INFO_INTERVAL = 1.0
+#: a wake-up this far into a beat (the analysis's output, once a second) does the beat early
+EARLY_BEAT = 0.5
 #: most seconds the agent waits, before it says it is ready, for its one-off start-up work
 #: (statistics worker processes, W&B's imports); `outrider run` starts the trainer after it
 WARM_SECONDS = 5.0
@@ -138,6 +143,15 @@ class Agent:
         # Beyond twice our own limit ZeroMQ cuts the sender off before buffering it.
         self._socket.setsockopt(zmq.MAXMSGSIZE, 2 * protocol.MAX_MESSAGE_BYTES)
         self._bind()
+        # Other threads (the analysis, signals) wake the receive loop through this pipe,
+        # so it can sleep until its next beat instead of polling.
+        self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_read, False)
+        os.set_blocking(self._wake_write, False)
+        self._poller = zmq.Poller()
+        self._poller.register(self._socket, zmq.POLLIN)
+        self._poller.register(self._wake_read, zmq.POLLIN)
+        self._previous_wakeup_fd: int | None = None  # while serve() has the signals
         if fanout is None:
             # No config: the run store alone (what tests and embedders want by default).
             context = SinkContext(runs_dir, agent_stats=self.stats)
@@ -147,7 +161,9 @@ class Agent:
         if analysis is None:
             wanted = self.config.stats.enabled or self.config.system.enabled
             analysis = config is not None and (wanted or self.config.alerts.enabled)
-        self.analysis = Analysis(self.config, host=self._host) if analysis else None
+        self.analysis = (
+            Analysis(self.config, host=self._host, on_output=self.wake) if analysis else None
+        )
         self._burst: list[Batch] = []
 
     def _bind(self) -> None:
@@ -230,9 +246,19 @@ class Agent:
             store.info["git"] = None  # asked once per run, even outside a repository
             store.collect_info_later(lambda: {"git": runinfo.git_info(hello["cwd"])})
 
+    def wake(self) -> None:
+        """Wake the receive loop from another thread (safe from any thread)."""
+        # Full: a wake-up is already pending. Closed: the agent is gone.
+        with contextlib.suppress(OSError):
+            os.write(self._wake_write, b"\0")
+
     def receive_burst(self, timeout_ms: int) -> int:
-        """Wait up to ``timeout_ms`` for input, then drain up to BURST messages."""
-        if not self._socket.poll(timeout_ms):
+        """Wait up to ``timeout_ms`` for input or a wake-up, then drain up to BURST messages."""
+        ready = dict(self._poller.poll(timeout_ms))
+        if self._wake_read in ready:
+            with contextlib.suppress(BlockingIOError):
+                os.read(self._wake_read, 4096)
+        if self._socket not in ready:
             return 0
         count = 0
         recv = self._socket.recv
@@ -279,23 +305,34 @@ class Agent:
             self._wait_warm(WARM_SECONDS)
             if ready is not None:
                 ready()
-            last_info = self.clock()
+            last_beat = self.clock()
             while not self._stop_requested:
-                if self.receive_burst(100):
+                wait = last_beat + INFO_INTERVAL - self.clock()
+                if self.receive_burst(max(0, int(wait * 1000) + 1)):
                     self._last_receive = self.clock()
-                self._route_derived()
+                derived = self._route_derived()
                 now = self.clock()
-                if now - last_info >= INFO_INTERVAL:
-                    last_info = now
-                    self._route_alerts()
-                    self._write_dirty_info()
-                    self._check_parent(now)
+                since = now - last_beat
+                if since >= INFO_INTERVAL or (derived and since >= EARLY_BEAT * INFO_INTERVAL):
+                    last_beat = now
+                    self._beat(now)
             self._drain()
         finally:
             self.close()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+            signal.set_wakeup_fd(self._previous_wakeup_fd or -1)
+            self._previous_wakeup_fd = None
+            self._close_wake_pipe()
         return 0
+
+    def _beat(self, now: float) -> None:
+        """Once a second, in one burst with the analysis's output: a core woken from idle
+        is slow for its first milliseconds, so periodic work is done together."""
+        self._route_alerts()
+        self._write_dirty_info()
+        self._check_parent(now)
+        self.fanout.kick()
 
     def _route_alerts(self) -> None:
         """Alerts from sinks (a failing sink, a series cap): through the alert rules' cooldowns
@@ -307,14 +344,15 @@ class Agent:
             logger.warning("outrider agent: alert %s: %s", alert.get("name"), alert.get("message"))
             self._store_and_send(Derived(run_id, alert))
 
-    def _route_derived(self) -> None:
+    def _route_derived(self) -> int:
         """What the analysis made (derived scalars, summaries, images, system samples,
-        alerts): stored like records, then sent to the sinks."""
+        alerts): stored like records, then sent to the sinks. Returns how many."""
         if self.analysis is None:
-            return
+            return 0
         derived = self.analysis.take()
         for item in derived:
             self._store_and_send(item)
+        return len(derived)
 
     def _store_and_send(self, item: Derived) -> None:
         if not item.run:  # no particular run (a sink failing on a system sample)
@@ -413,6 +451,16 @@ class Agent:
         self._context.term()
         if self.endpoint.startswith("ipc://"):
             Path(self.endpoint.removeprefix("ipc://")).unlink(missing_ok=True)
+        if self._previous_wakeup_fd is None:  # serve() closes it once signals are restored
+            self._close_wake_pipe()
+
+    def _close_wake_pipe(self) -> None:
+        if self._wake_read < 0:
+            return
+        self._poller.unregister(self._wake_read)
+        os.close(self._wake_read)
+        os.close(self._wake_write)
+        self._wake_read = self._wake_write = -1  # a late wake() writes to no fd, not a reused one
 
     # -- signals -----------------------------------------------------------------
     def request_stop(self) -> None:
@@ -422,6 +470,8 @@ class Agent:
         previous: dict[int, Any] = {}
         for signum in (signal.SIGTERM, signal.SIGINT):
             previous[signum] = signal.signal(signum, self._on_signal)
+        # A signal wakes the receive loop's poll at once (it may sleep up to a beat).
+        self._previous_wakeup_fd = signal.set_wakeup_fd(self._wake_write, warn_on_full_buffer=False)
         return previous
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:

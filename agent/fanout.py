@@ -57,6 +57,11 @@ class Fanout:
         for worker in self.workers:
             worker.submit(batch)
 
+    def kick(self) -> None:
+        """Every sink exports now (the agent's once-a-second beat)."""
+        for worker in self.workers:
+            worker.kick()
+
     def wait_prepared(self, timeout: float) -> bool:
         """Wait until every sink's one-off preparation (imports) is done, at most ``timeout``."""
         deadline = self.clock() + timeout

@@ -51,6 +51,17 @@ def test_raising_sink_retries_then_drops_and_reports() -> None:
     assert worker.close(2.0)
 
 
+def test_the_agents_kick_exports_at_once() -> None:
+    """kick() (the agent's beat) exports what is queued now, not at the worker's own interval."""
+    sink = MemorySink()
+    worker = SinkWorker(sink, export_interval=60.0, flush_interval=60.0)
+    wait_for(worker.prepared.is_set, 5, "the sink to be prepared")
+    worker.submit(batch(3))
+    worker.kick()
+    wait_for(lambda: len(sink.entries()) == 3, 5, "the kicked export (its own timer is 60 s)")
+    assert worker.close(2.0)
+
+
 def test_hanging_sink_fills_its_own_queue_only() -> None:
     """A wedged export: submits stay O(1), old batches are dropped and counted, others flow."""
     hanging, healthy = HangingSink(), MemorySink()

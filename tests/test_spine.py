@@ -306,3 +306,18 @@ def test_killed_agent_leaves_no_statistics_workers_behind(endpoint: str, runs_di
     finally:
         if agent.poll() is None:
             agent.kill()
+
+
+def test_another_thread_wakes_the_sleeping_receive_loop(endpoint: str, runs_dir: Path) -> None:
+    """The receive loop sleeps until its next beat; Agent.wake (the analysis's output, and
+    signals through the same pipe) cuts the sleep short."""
+    from agent.daemon import Agent
+
+    agent = Agent(endpoint, runs_dir)
+    try:
+        threading.Thread(target=agent.wake).start()
+        started = time.monotonic()
+        assert agent.receive_burst(60_000) == 0
+        assert time.monotonic() - started < 30  # without the wake-up: the full 60 s
+    finally:
+        agent.close()
