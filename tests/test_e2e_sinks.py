@@ -12,6 +12,7 @@ import subprocess
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.helpers import PYTHON, REPO, lines, run_info
@@ -48,6 +49,7 @@ def test_demo_run_reaches_every_default_sink(tmp_path: Path) -> None:
     env = clean_env(WANDB_MODE="offline", WANDB_SILENT="true")
     env.pop("OUTRIDER_SINKS")  # the defaults, this time
     env.pop("WANDB_API_KEY", None)
+    env.pop("GOMAXPROCS", None)
     for name in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
         env[name] = str(tmp_path / "wandb-home")
     launcher = subprocess.Popen(
@@ -57,6 +59,12 @@ def test_demo_run_reaches_every_default_sink(tmp_path: Path) -> None:
     )  # fmt: skip
     try:
         poll(lambda: prometheus.query('outrider_loss{run="demo"}'), 60, "loss in Prometheus")
+        # W&B's service (Go) runs with one scheduler thread: the agent's environment says so.
+        cores = [
+            p for p in psutil.Process(launcher.pid).children(recursive=True)
+            if p.name() == "wandb-core"
+        ]  # fmt: skip
+        assert [p.environ().get("GOMAXPROCS") for p in cores] == ["1"]
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
             exposition = reply.read().decode()
         check = promtool("check", "metrics", stdin=exposition)
