@@ -1,0 +1,197 @@
+"""The agent's own CPU: idle, and at a trainer's pace of one small message per step.
+
+An agent sits beside the trainer for the whole run, so what it costs when
+little happens matters as much as its ingest rate: on a machine the trainer
+keeps busy, every CPU-millisecond the agent takes, and every wake-up, comes
+out of the trainer's steps (docs/performance.md). Each round starts a fresh
+agent (as ``outrider run`` does) per configuration, lets it settle, then
+measures its CPU, and its children's (statistics workers, W&B's service),
+over two phases: idle (no trainer), and paced (a probe in this process logs
+five scalars ``--rate`` times a second, each flushed by the probe's sender as
+one message, as a trainer's step does). Configurations alternate within each
+round. ``--compare DIR`` adds the same configurations run from another source
+tree (e.g. a ``git worktree`` of an older commit), side by side.
+
+Figures are printed, never asserted: this machine is shared and noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_overhead
+from _common import load_average, machine, print_table, short_ipc_endpoint
+
+
+def agent_cpu(pid: int) -> tuple[float, float]:
+    """CPU seconds so far of the agent process and of all its descendants."""
+    import psutil
+
+    agent = psutil.Process(pid)
+    own = sum(agent.cpu_times()[:2])
+    children = 0.0
+    for child in agent.children(recursive=True):
+        try:
+            children += sum(child.cpu_times()[:2])
+        except psutil.Error:
+            continue
+    return own, children
+
+
+def measure(pid: int, seconds: float, rate: float, step0: int) -> tuple[float, float, int]:
+    """Agent and children CPU in ms per second over ``seconds``; ``rate`` messages/s (0: idle)."""
+    import probe
+
+    own0, kids0 = agent_cpu(pid)
+    started = time.perf_counter()
+    sent = 0
+    while (elapsed := time.perf_counter() - started) < seconds:
+        if rate:
+            sent += 1
+            probe.log(
+                {"loss": 1.0 / sent, "lr": 1e-3, "a": 1.0, "b": 2.0, "c": 3.0}, step=step0 + sent
+            )
+            time.sleep(max(0.0, sent / rate - (time.perf_counter() - started)))
+        else:
+            time.sleep(min(0.5, seconds - elapsed))
+    elapsed = time.perf_counter() - started
+    own1, kids1 = agent_cpu(pid)
+    return 1e3 * (own1 - own0) / elapsed, 1e3 * (kids1 - kids0) / elapsed, sent
+
+
+def one_agent(
+    label: str, sinks: bool, tree: Path | None, args: argparse.Namespace, tmp: Path
+) -> dict[str, tuple[float, float, int]]:
+    import probe
+
+    workdir = Path(tempfile.mkdtemp(prefix="w-", dir=tmp))
+    endpoint = short_ipc_endpoint(tmp)
+    saved = os.environ.get("PYTHONPATH")
+    if tree is not None:
+        os.environ["PYTHONPATH"] = str(tree)  # the agent imports from the other tree
+    try:
+        agent = bench_overhead.start_agent(
+            endpoint, workdir / "runs", "idle", workdir, sinks=sinks, cpus=None
+        )
+    finally:
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved
+    try:
+        probe.init(endpoint=endpoint, run_id="idle")
+        probe.log({"warm": 1.0}, step=0)
+        probe.flush()
+        time.sleep(args.settle)
+        figures = {
+            "idle": measure(agent.pid, args.seconds, 0.0, 0),
+            "paced": measure(agent.pid, args.seconds, args.rate, 1),
+        }
+        probe.finish()
+    finally:
+        bench_overhead.stop_agent(agent)
+    print(
+        f"  {label:28s} idle {figures['idle'][0]:6.1f} + {figures['idle'][1]:5.1f} ms/s   "
+        f"paced {figures['paced'][0]:6.1f} + {figures['paced'][1]:5.1f} ms/s",
+        flush=True,
+    )
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=20.0, help="per phase (default 20)")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=10.0,
+        help="messages per second in the paced phase (default 10: a 100 ms step)",
+    )
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (default 2)")
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=5.0,
+        help="seconds after start-up before measuring (default 5)",
+    )
+    parser.add_argument(
+        "--compare",
+        type=Path,
+        default=None,
+        help="another source tree (e.g. a git worktree of an older commit) "
+        "whose agent runs side by side",
+    )
+    parser.add_argument(
+        "--no-sinks-only", action="store_true", help="only the agent with --sinks none"
+    )
+    args = parser.parse_args()
+    os.environ.setdefault("WANDB_SILENT", "true")
+    configs: list[tuple[str, bool, Path | None]] = [("this tree, sinks none", False, None)]
+    if not args.no_sinks_only:
+        configs.append(("this tree, default sinks", True, None))
+    if args.compare is not None:
+        configs += [
+            (label.replace("this tree", "--compare"), sinks, args.compare.resolve())
+            for label, sinks, _ in list(configs)
+        ]
+    print(f"machine: {machine()}; load average {load_average():.2f}")
+    print(
+        f"{args.rounds} rounds x {len(configs)} agents; {args.seconds:.0f} s idle, then "
+        f"{args.seconds:.0f} s at {args.rate:g} messages/s"
+    )
+    results: dict[str, list[dict[str, tuple[float, float, int]]]] = {c[0]: [] for c in configs}
+    with tempfile.TemporaryDirectory(prefix="bai-") as tmp:
+        for round_ in range(args.rounds):
+            order = configs if round_ % 2 == 0 else configs[::-1]
+            print(f"round {round_ + 1}/{args.rounds}")
+            for label, sinks, tree in order:
+                results[label].append(one_agent(label, sinks, tree, args, Path(tmp)))
+    rows = []
+    for label, runs in results.items():
+
+        def med(phase: str, i: int) -> float:
+            return statistics.median(run[phase][i] for run in runs)  # noqa: B023
+
+        idle, paced = med("idle", 0) + med("idle", 1), med("paced", 0) + med("paced", 1)
+        per_message = (paced - idle) / args.rate
+        rows.append(
+            [
+                label,
+                f"{med('idle', 0):.1f}",
+                f"{med('idle', 1):.1f}",
+                f"{idle:.1f}",
+                f"{med('paced', 0):.1f}",
+                f"{med('paced', 1):.1f}",
+                f"{paced:.1f}",
+                f"{per_message:.2f}",
+            ]
+        )
+    print()
+    print_table(
+        [
+            "agent",
+            "idle: agent ms/s",
+            "children",
+            "total",
+            "paced: agent ms/s",
+            "children",
+            "total",
+            "ms per message (paced - idle)",
+        ],
+        rows,
+    )
+    print(
+        f"\nmedians over {args.rounds} rounds; load average {load_average():.2f}. "
+        "ms/s: milliseconds of CPU per second of wall clock (10 ms/s = 1% of one core)."
+    )
+
+
+if __name__ == "__main__":
+    main()
