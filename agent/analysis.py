@@ -35,6 +35,9 @@ INBOX_LIMIT = 50_000  # entries waiting for the analysis thread (~50 MB); older 
 TICK_SECONDS = 1.0
 #: a wake-up this far into a tick (the system sample's) does the tick's work early
 EARLY_TICK = 0.5
+#: with a system sampler its sample sets the pace; the thread's own timer waits this many
+#: ticks, a fallback that never fires just before a sample
+FALLBACK_TICKS = 1.5
 #: ... and the inbox is worked through at once when this many entries wait (a flood: keep
 #: up, within the GIL share)
 WAKE_ENTRIES = 5_000
@@ -280,8 +283,7 @@ class Analysis:
     # -- the analysis thread ---------------------------------------------------------------
     def _run(self) -> None:
         last_tick = self.clock()
-        # With a sampler, its sample sets the pace; the thread's own timer is the fallback.
-        period = TICK_SECONDS * (1.5 if self.sampler is not None else 1.0)
+        period = TICK_SECONDS * (FALLBACK_TICKS if self.sampler is not None else 1.0)
         closing = False
         while not closing:
             self._wake.wait(max(0.0, last_tick + period - self.clock()))

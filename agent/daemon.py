@@ -40,7 +40,7 @@ BURST = 1000  # messages per receive burst before the store is flushed...
 BURST_SECONDS = 0.02  # ...or this much time: the store stays close behind the socket
 #: the receive loop's beat: run.json rewrites of a changing run, sink alerts, the parent
 #: check and the sinks' exports (kicked together), once a second
-INFO_INTERVAL = 1.0
+BEAT_SECONDS = 1.0
 #: a wake-up this far into a beat (the analysis's output, once a second) does the beat early
 EARLY_BEAT = 0.5
 #: most seconds the agent waits, before it says it is ready, for its one-off start-up work
@@ -313,13 +313,13 @@ class Agent:
                 ready()
             last_beat = self.clock()
             while not self._stop_requested:
-                wait = last_beat + INFO_INTERVAL - self.clock()
+                wait = last_beat + BEAT_SECONDS - self.clock()
                 if self.receive_burst(max(0, int(wait * 1000) + 1)):
                     self._last_receive = self.clock()
                 derived = self._route_derived()
                 now = self.clock()
                 since = now - last_beat
-                if since >= INFO_INTERVAL or (derived and since >= EARLY_BEAT * INFO_INTERVAL):
+                if since >= BEAT_SECONDS or (derived and since >= EARLY_BEAT * BEAT_SECONDS):
                     last_beat = now
                     self._beat(now)
             self._drain()
@@ -327,8 +327,8 @@ class Agent:
             self.close()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
-            signal.set_wakeup_fd(self._previous_wakeup_fd or -1)
-            self._previous_wakeup_fd = None
+            previous_fd, self._previous_wakeup_fd = self._previous_wakeup_fd, None
+            signal.set_wakeup_fd(-1 if previous_fd is None else previous_fd)
             self._close_wake_pipe()
         return 0
 

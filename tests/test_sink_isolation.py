@@ -42,7 +42,8 @@ def test_raising_sink_retries_then_drops_and_reports() -> None:
         on_failure=lambda name, b, e: failures.append((name, e)),
     )
     worker.submit(batch(10))
-    wait_for(lambda: worker.stats.dropped.get("export_failed"), 5, "the batch to be given up")
+    # The failure callback comes last, after the drop is counted and logged.
+    wait_for(lambda: failures, 5, "the batch to be given up and reported")
     assert worker.stats.dropped == {"export_failed": 10}
     assert worker.stats.failures == 3 and worker.stats.retries == 2
     assert worker.health is Health.FAILING
