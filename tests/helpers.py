@@ -95,7 +95,10 @@ def lines(run_dir: Path, *, agent_lines: bool = False) -> list[dict[str, Any]]:
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return []
-    entries = [orjson.loads(line) for line in path.read_bytes().splitlines() if line]
+    data = path.read_bytes()
+    # A live agent may be mid-write: only lines that have their newline are whole.
+    complete = data[: data.rfind(b"\n") + 1]
+    entries = [orjson.loads(line) for line in complete.splitlines() if line]
     return [e for e in entries if agent_lines or e.get("stream") != "agent"]
 
 
