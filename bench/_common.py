@@ -6,6 +6,7 @@ machines they run on are shared and noisy (see docs/performance.md).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import subprocess
@@ -115,6 +116,23 @@ def machine() -> str:
         pass
     return (f"{model}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
             f"{platform.system()} {platform.release()}")
+
+
+def agent_cpu(pid: int) -> tuple[float, float]:
+    """CPU seconds so far of the agent process, and of its descendants (statistics
+    workers, W&B's service); what could not be read counts as nothing."""
+    import psutil
+
+    own = children = 0.0
+    try:
+        agent = psutil.Process(pid)
+        own = sum(agent.cpu_times()[:2])
+        for child in agent.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                children += sum(child.cpu_times()[:2])
+    except psutil.Error:
+        pass
+    return own, children
 
 
 def load_average() -> float:

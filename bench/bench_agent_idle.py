@@ -27,22 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_overhead
-from _common import load_average, machine, print_table, short_ipc_endpoint
-
-
-def agent_cpu(pid: int) -> tuple[float, float]:
-    """CPU seconds so far of the agent process and of all its descendants."""
-    import psutil
-
-    agent = psutil.Process(pid)
-    own = sum(agent.cpu_times()[:2])
-    children = 0.0
-    for child in agent.children(recursive=True):
-        try:
-            children += sum(child.cpu_times()[:2])
-        except psutil.Error:
-            continue
-    return own, children
+from _common import agent_cpu, load_average, machine, print_table, short_ipc_endpoint
 
 
 def measure(pid: int, seconds: float, rate: float, step0: int) -> tuple[float, float, int]:
@@ -155,20 +140,21 @@ def main() -> None:
                 results[label].append(one_agent(label, sinks, tree, args, Path(tmp)))
     rows = []
     for label, runs in results.items():
-
-        def med(phase: str, i: int) -> float:
-            return statistics.median(run[phase][i] for run in runs)  # noqa: B023
-
-        idle, paced = med("idle", 0) + med("idle", 1), med("paced", 0) + med("paced", 1)
+        # Median over the rounds of (agent, children) CPU, per phase.
+        idle_own, idle_kids, paced_own, paced_kids = (
+            statistics.median(run[phase][i] for run in runs)
+            for phase, i in (("idle", 0), ("idle", 1), ("paced", 0), ("paced", 1))
+        )
+        idle, paced = idle_own + idle_kids, paced_own + paced_kids
         per_message = (paced - idle) / args.rate
         rows.append(
             [
                 label,
-                f"{med('idle', 0):.1f}",
-                f"{med('idle', 1):.1f}",
+                f"{idle_own:.1f}",
+                f"{idle_kids:.1f}",
                 f"{idle:.1f}",
-                f"{med('paced', 0):.1f}",
-                f"{med('paced', 1):.1f}",
+                f"{paced_own:.1f}",
+                f"{paced_kids:.1f}",
                 f"{paced:.1f}",
                 f"{per_message:.2f}",
             ]

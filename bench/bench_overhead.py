@@ -70,7 +70,15 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from _common import load_average, machine, percentile, print_table, short_ipc_endpoint, stop_agent
+from _common import (
+    agent_cpu,
+    load_average,
+    machine,
+    percentile,
+    print_table,
+    short_ipc_endpoint,
+    stop_agent,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -571,17 +579,7 @@ def helper_cpu(me: Any, torch_threads: set[int]) -> dict[tuple[str, int], float]
 
 def agent_cpu_s(pid: int) -> float:
     """CPU seconds of the agent and its children (W&B's service process) so far."""
-    import psutil
-
-    total = 0.0
-    try:
-        proc = psutil.Process(pid)
-        for p in [proc, *proc.children(recursive=True)]:
-            t = p.cpu_times()
-            total += t.user + t.system
-    except psutil.Error:
-        pass
-    return total
+    return sum(agent_cpu(pid))
 
 
 def stream_accounting(run_dir: Path) -> dict[str, Any]:
