@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -72,8 +73,29 @@ class OfflineRun:
         return json.loads((self.run_dir / "files" / logged[-1]["path"]).read_text())["data"]  # type: ignore[no-any-return]
 
 
-def read_offline_run(directory: Path) -> OfflineRun:
-    """The single offline run under ``directory/wandb``, decoded record by record."""
+def read_offline_run(directory: Path, timeout: float = 30.0) -> OfflineRun:
+    """The single offline run under ``directory/wandb``, decoded record by record.
+
+    ``run.finish()`` can return before W&B's service has written its buffered
+    records out (seen once under a loaded CI run: a file of just its header), so
+    the file is read again until it holds the run's exit record, for at most
+    ``timeout`` seconds; then what it holds is returned (or its corruption raised).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        late = time.monotonic() > deadline
+        try:
+            run = _read_offline_run(directory)
+        except AssertionError:  # a record cut short mid-write; corrupt if it stays so
+            if late:
+                raise
+            run = None
+        if run is not None and (run.exit_code is not None or late):
+            return run
+        time.sleep(0.1)
+
+
+def _read_offline_run(directory: Path) -> OfflineRun:
     from wandb.proto import wandb_internal_pb2
 
     (log,) = directory.glob("wandb/offline-run-*/run-*.wandb")
