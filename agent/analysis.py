@@ -24,7 +24,7 @@ from typing import Any, Literal
 from agent.config import AgentConfig
 from agent.jobs import StatsJobs
 from agent.store import TENSORS
-from sinks.base import Batch
+from sinks.base import TRAINER_KINDS, Batch
 
 logger = logging.getLogger("outrider.agent")
 
@@ -42,8 +42,6 @@ FALLBACK_TICKS = 1.5
 #: up, within the GIL share)
 WAKE_ENTRIES = 5_000
 SLICE_SECONDS = 0.005  # analysis work between two pauses (about the interpreter's switch interval)
-#: kinds the training code makes: their absence (not heartbeats') means a stalled loop
-TRAINER_KINDS = frozenset({"scalars", "tensor", "text", "event", "config", "histogram"})
 
 
 @dataclass(frozen=True)

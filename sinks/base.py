@@ -18,6 +18,11 @@ from typing import Any, ClassVar
 
 from probe.protocol import ENVELOPE_KEYS
 
+#: entry kinds the training code made (a ``histogram`` is a stored ``tensor``): their
+#: arrival means the loop is alive. Heartbeats and probe counters come from the sender
+#: thread, so they keep coming from a hung loop and do not count.
+TRAINER_KINDS = frozenset({"scalars", "tensor", "text", "event", "config", "histogram"})
+
 
 @dataclass(frozen=True)
 class Source:

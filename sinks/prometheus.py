@@ -36,7 +36,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from sinks.base import Batch, Sink
+from sinks.base import TRAINER_KINDS, Batch, Sink
 from sinks.registry import SinkContext
 
 logger = logging.getLogger("outrider.sinks.prometheus")
@@ -48,9 +48,6 @@ HOUSEKEEPING_INTERVAL_SECONDS = 1.0
 TRAINING_LABELS = ("run", "rank", "host")
 GPU_LABELS = ("gpu", "UUID", "device", "modelName", "Hostname")  # the DCGM exporter's
 
-# Records the training code made: they move a rank's "last record" clock. Heartbeats
-# and probe counters come from the sender thread, so they keep coming from a hung loop.
-TRAINER_KINDS = frozenset({"scalars", "tensor", "text", "event", "config"})
 SYSTEM = "system"
 BYE = "bye"
 RUN_END = "run_end"
