@@ -22,6 +22,7 @@ from tensorboard.backend.event_processing import (  # type: ignore[import-untype
     event_accumulator,
 )
 
+from agent import system
 from agent.system import SystemSampler, flatten
 from sinks.base import Batch, Source
 from sinks.prometheus import PrometheusSink
@@ -88,6 +89,17 @@ def with_rates(sampler: SystemSampler, clock: FakeClock) -> dict[str, Any]:
 
     result: dict[str, Any] = wait_for(attempt, 10, "a sample with host CPU %")
     return result
+
+
+@pytest.fixture(params=["proc-children", "process-table"])
+def children_walk(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test with each way of finding a trainer's descendants."""
+    if request.param == "proc-children":
+        if not system._PROC_CHILDREN:
+            pytest.skip("this kernel has no /proc/<pid>/task/<tid>/children")
+    else:
+        monkeypatch.setattr(system, "_PROC_CHILDREN", False)
+    return str(request.param)
 
 
 def no_gpus(**kwargs: Any) -> SystemSampler:
@@ -166,7 +178,7 @@ def test_no_disk_counters_means_no_disk_fields(monkeypatch: pytest.MonkeyPatch) 
     assert sampler.counters()["sample_errors"] == 0
 
 
-def test_trainer_line_sums_its_children(processes: Any) -> None:
+def test_trainer_line_sums_its_children(processes: Any, children_walk: str) -> None:
     """A trainer's line sums its workers: RSS >= 260 MB, 2 children, one spinning core of CPU."""
     trainer = processes(TRAINER)
     sampler = no_gpus(pids=lambda: [trainer.pid], children_scan_interval=0)
@@ -190,7 +202,9 @@ def test_trainer_line_sums_its_children(processes: Any) -> None:
     assert line["cpu_percent"] <= 100 * psutil.cpu_count() + 10
 
 
-def test_children_are_found_by_the_periodic_scan(processes: Any, tmp_path: Path) -> None:
+def test_children_are_found_by_the_periodic_scan(
+    processes: Any, tmp_path: Path, children_walk: str
+) -> None:
     """A worker started after a scan joins its trainer's line at the next scan, not before."""
     go = tmp_path / "go"
     trainer = processes(
@@ -208,6 +222,33 @@ def test_children_are_found_by_the_periodic_scan(processes: Any, tmp_path: Path)
     assert line_of(sampler.sample(), trainer.pid)["children"] == 0  # type: ignore[index]
     clock.now += 1.0
     assert line_of(sampler.sample(), trainer.pid)["children"] == 1  # type: ignore[index]
+
+
+def test_grandchildren_and_children_of_other_threads_are_found(
+    processes: Any, children_walk: str
+) -> None:
+    """A worker forked by a non-main thread, and that worker's own child, are the trainer's."""
+    trainer = processes(
+        "import subprocess, sys, threading, time\n"
+        "grandchild = 'import subprocess, sys, time; "
+        "subprocess.Popen([sys.executable, \"-c\", \"import time; time.sleep(600)\"]); "
+        "time.sleep(600)'\n"
+        "def fork():\n"
+        "    subprocess.Popen([sys.executable, '-c', grandchild])\n"
+        "    time.sleep(600)  # alive: the worker stays this thread's child\n"
+        "threading.Thread(target=fork, daemon=True).start()\n"
+        "time.sleep(600)"
+    )
+    sampler = no_gpus(pids=lambda: [trainer.pid], children_scan_interval=0)
+    wait_for(
+        lambda: len(psutil.Process(trainer.pid).children(recursive=True)) == 2,
+        30,
+        "the worker and its child",
+    )
+    expected = {p.pid for p in psutil.Process(trainer.pid).children(recursive=True)}
+    found = {p.pid for p in sampler._scan([psutil.Process(trainer.pid)])[trainer.pid]}
+    assert found == expected
+    assert line_of(sampler.sample(), trainer.pid)["children"] == 2  # type: ignore[index]
 
 
 def test_gone_trainer_is_reported_once_and_dropped(processes: Any) -> None:
