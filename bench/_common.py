@@ -39,9 +39,23 @@ def start_agent(endpoint: str, runs_dir: Path, log_path: Path) -> subprocess.Pop
     read_fd, write_fd = os.pipe()
     with open(log_path, "ab") as log:
         agent = subprocess.Popen(
-            [sys.executable, "-P", "-m", "agent", "agent", "--endpoint", endpoint,
-             "--runs-dir", str(runs_dir), "--ready-fd", str(write_fd), "--log-level", "WARNING",
-             "--sinks", "none"],
+            [
+                sys.executable,
+                "-P",
+                "-m",
+                "agent",
+                "agent",
+                "--endpoint",
+                endpoint,
+                "--runs-dir",
+                str(runs_dir),
+                "--ready-fd",
+                str(write_fd),
+                "--log-level",
+                "WARNING",
+                "--sinks",
+                "none",
+            ],
             pass_fds=(write_fd,),
             stdout=log,
             stderr=log,
@@ -114,8 +128,10 @@ def machine() -> str:
                 model = line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return (f"{model}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-            f"{platform.system()} {platform.release()}")
+    return (
+        f"{model}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"{platform.system()} {platform.release()}"
+    )
 
 
 def agent_cpu(pid: int) -> tuple[float, float]:

@@ -61,8 +61,18 @@ from probe import protocol
 BUDGET_VALUES_PER_S = 1_000_000
 BUDGET_LATENCY_P99_MS = 50.0
 BATCH = 512  # records per message: the probe's default max_batch
-NAMES = ("loss", "lr", "grad_norm", "acc", "tokens_per_second", "ppl", "weight_norm", "mem_gb",
-         "eps", "step_time")
+NAMES = (
+    "loss",
+    "lr",
+    "grad_norm",
+    "acc",
+    "tokens_per_second",
+    "ppl",
+    "weight_norm",
+    "mem_gb",
+    "eps",
+    "step_time",
+)
 VALUES_PER_RECORD = len(NAMES)
 
 
@@ -71,8 +81,15 @@ def build_messages(run_id: str, stream: str, records: int, first_step: int = 0) 
 
     Values vary per record, so orjson's float formatting does realistic work.
     """
-    envelope = {"run": run_id, "stream": stream, "rank": 0, "local_rank": 0, "world_size": 1,
-                "host": socket.gethostname(), "pid": os.getpid()}
+    envelope = {
+        "run": run_id,
+        "stream": stream,
+        "rank": 0,
+        "local_rank": 0,
+        "world_size": 1,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+    }
     packer = msgpack.Packer(use_bin_type=True)
     now = time.time()
     messages = []
@@ -89,8 +106,16 @@ def build_messages(run_id: str, stream: str, records: int, first_step: int = 0) 
 # -- end-to-end over the socket ---------------------------------------------------------------
 
 
-def sender_process(endpoint: str, run_id: str, stream: str, records: int, first_step: int,
-                   ready: Any, go: Event, results: Any) -> None:
+def sender_process(
+    endpoint: str,
+    run_id: str,
+    stream: str,
+    records: int,
+    first_step: int,
+    ready: Any,
+    go: Event,
+    results: Any,
+) -> None:
     """Build messages, connect, wait for go, then push them all (blocking sends: this
     measures the agent, so the sender waits at the high-water mark instead of dropping)."""
     messages = build_messages(run_id, stream, records, first_step)
@@ -153,8 +178,11 @@ def end_to_end(tmp: Path, senders: int, records: int) -> dict[str, float]:
         sampler.start()
         t0 = time.perf_counter()
         go.set()
-        done = wait_for_lines(runs_dir / "ingest" / "metrics.jsonl", share * senders,
-                              timeout=max(60.0, records / 5000))
+        done = wait_for_lines(
+            runs_dir / "ingest" / "metrics.jsonl",
+            share * senders,
+            timeout=max(60.0, records / 5000),
+        )
         cpu = sampler.cpu_seconds() - cpu0
         sampler.stop()
         if done is None:
@@ -336,15 +364,19 @@ def spread(values: list[float]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=5.0,
-                        help="length of the latency run at nominal load")
-    parser.add_argument("--rate", type=float, default=1000.0,
-                        help="probe.log calls per second in the latency run")
-    parser.add_argument("--records", type=int, default=200_000,
-                        help="records per throughput run (10 values each)")
+    parser.add_argument(
+        "--seconds", type=float, default=5.0, help="length of the latency run at nominal load"
+    )
+    parser.add_argument(
+        "--rate", type=float, default=1000.0, help="probe.log calls per second in the latency run"
+    )
+    parser.add_argument(
+        "--records", type=int, default=200_000, help="records per throughput run (10 values each)"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="interleaved throughput repeats")
-    parser.add_argument("--quick", action="store_true",
-                        help="50k records, 1 repeat, 3 s latency run (~20 s)")
+    parser.add_argument(
+        "--quick", action="store_true", help="50k records, 1 repeat, 3 s latency run (~20 s)"
+    )
     args = parser.parse_args()
     if args.quick:
         args.seconds, args.records, args.repeats = 3.0, 50_000, 1
@@ -363,27 +395,40 @@ def main() -> None:
         for r in range(args.repeats):
             for name, run in runs:
                 rows.setdefault(name, []).append(run())
-            print(f"throughput repeat {r + 1}/{args.repeats} done", flush=True,
-                  file=sys.stderr)
+            print(f"throughput repeat {r + 1}/{args.repeats} done", flush=True, file=sys.stderr)
         lat = latency(tmp, args.rate, args.seconds)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     report(rows, lat, records, args, (load_before, load_average()))
 
 
-def report(rows: dict[str, list[dict[str, float]]], lat: dict[str, float], records: int,
-           args: argparse.Namespace, load: tuple[float, float]) -> None:
+def report(
+    rows: dict[str, list[dict[str, float]]],
+    lat: dict[str, float],
+    records: int,
+    args: argparse.Namespace,
+    load: tuple[float, float],
+) -> None:
     print("\nbench_ingest: agent ingest into the run store (metrics.jsonl)")
     print(f"machine: {machine()}; 1-min load average {load[0]:.1f} -> {load[1]:.1f}")
-    print(f"{records:,} records x {VALUES_PER_RECORD} values per run, {BATCH} records per "
-          f"message ({len(build_messages('x', 'y', BATCH)[0]):,} bytes); "
-          f"median of {args.repeats} interleaved repeats (min-max of records/s alongside)")
+    print(
+        f"{records:,} records x {VALUES_PER_RECORD} values per run, {BATCH} records per "
+        f"message ({len(build_messages('x', 'y', BATCH)[0]):,} bytes); "
+        f"median of {args.repeats} interleaved repeats (min-max of records/s alongside)"
+    )
     table = []
 
     def add(name: str, runs: list[float]) -> None:
         rate = statistics.median(runs)
-        table.append([name, f"{rate:,.0f}", spread(runs), f"{rate * VALUES_PER_RECORD:,.0f}",
-                      f"{rate * VALUES_PER_RECORD / BUDGET_VALUES_PER_S:.2f}"])
+        table.append(
+            [
+                name,
+                f"{rate:,.0f}",
+                spread(runs),
+                f"{rate * VALUES_PER_RECORD:,.0f}",
+                f"{rate * VALUES_PER_RECORD / BUDGET_VALUES_PER_S:.2f}",
+            ]
+        )
 
     e2e = ("e2e, 1 sender process", "e2e, 2 sender processes")
     for name in e2e:
@@ -394,36 +439,62 @@ def report(rows: dict[str, list[dict[str, float]]], lat: dict[str, float], recor
     add("in-process msgpack.unpackb only", [r["unpackb"] for r in inproc])
     print()
     print_table(["path", "records/s", "min-max", "values/s", "x budget"], table)
-    print(f"budget (design.md): >= {BUDGET_VALUES_PER_S:,} scalar values/s into the run store; "
-          "decode() = msgpack + validation, ingest() adds accounting, JSON and the write")
+    print(
+        f"budget (design.md): >= {BUDGET_VALUES_PER_S:,} scalar values/s into the run store; "
+        "decode() = msgpack + validation, ingest() adds accounting, JSON and the write"
+    )
 
     details = []
     for name in e2e:
         runs = rows[name]
-        details.append([
-            name,
-            f"{statistics.median(r['send_seconds'] for r in runs):.2f}",
-            f"{statistics.median(r['seconds'] for r in runs):.2f}",
-            f"{statistics.median(r['records_per_agent_cpu_s'] for r in runs):,.0f}",
-            f"{max(r['peak_rss_mb'] for r in runs):.0f}",
-            f"{sum(r['lost'] for r in runs):.0f}",
-        ])
+        details.append(
+            [
+                name,
+                f"{statistics.median(r['send_seconds'] for r in runs):.2f}",
+                f"{statistics.median(r['seconds'] for r in runs):.2f}",
+                f"{statistics.median(r['records_per_agent_cpu_s'] for r in runs):,.0f}",
+                f"{max(r['peak_rss_mb'] for r in runs):.0f}",
+                f"{sum(r['lost'] for r in runs):.0f}",
+            ]
+        )
     print()
-    print_table(["end-to-end detail", "sends done s", "all stored s", "records / agent CPU-s",
-                 "agent peak RSS MB", "lost"], details)
-    print("(sends finish at once: ZeroMQ's queues, SNDHWM 1000 + the agent's RCVHWM 10000 "
-          "messages, hold the whole run, so 'all stored' is the agent's own pace)")
+    print_table(
+        [
+            "end-to-end detail",
+            "sends done s",
+            "all stored s",
+            "records / agent CPU-s",
+            "agent peak RSS MB",
+            "lost",
+        ],
+        details,
+    )
+    print(
+        "(sends finish at once: ZeroMQ's queues, SNDHWM 1000 + the agent's RCVHWM 10000 "
+        "messages, hold the whole run, so 'all stored' is the agent's own pace)"
+    )
 
-    print(f"\nprobe.log -> line in metrics.jsonl, {args.rate:,.0f} records/s for "
-          f"{args.seconds:g} s (real probe in a trainer process, real agent)")
+    print(
+        f"\nprobe.log -> line in metrics.jsonl, {args.rate:,.0f} records/s for "
+        f"{args.seconds:g} s (real probe in a trainer process, real agent)"
+    )
     print_table(
         ["records seen", "p50 ms", "p99 ms", "max ms", "budget p99 ms", "poll gap p50/p99 ms"],
-        [[f"{lat['count']:.0f}/{lat['expected']:.0f}", f"{lat['p50_ms']:.1f}",
-          f"{lat['p99_ms']:.1f}", f"{lat['max_ms']:.1f}", f"{BUDGET_LATENCY_P99_MS:.0f}",
-          f"{lat['poll_p50_ms']:.2f}/{lat['poll_p99_ms']:.2f}"]],
+        [
+            [
+                f"{lat['count']:.0f}/{lat['expected']:.0f}",
+                f"{lat['p50_ms']:.1f}",
+                f"{lat['p99_ms']:.1f}",
+                f"{lat['max_ms']:.1f}",
+                f"{BUDGET_LATENCY_P99_MS:.0f}",
+                f"{lat['poll_p50_ms']:.2f}/{lat['poll_p99_ms']:.2f}",
+            ]
+        ],
     )
-    print("resolution: a line is stamped when this script's poll first reads it, so each "
-          "figure is late by at most one poll gap (column above)")
+    print(
+        "resolution: a line is stamped when this script's poll first reads it, so each "
+        "figure is late by at most one poll gap (column above)"
+    )
 
 
 if __name__ == "__main__":

@@ -45,8 +45,18 @@ from _common import (
 import probe
 
 RUN_ID = "bench-log"
-NAMES = ("loss", "lr", "grad_norm", "acc", "tokens_per_second", "ppl", "weight_norm", "mem_gb",
-         "eps", "step_time")
+NAMES = (
+    "loss",
+    "lr",
+    "grad_norm",
+    "acc",
+    "tokens_per_second",
+    "ppl",
+    "weight_norm",
+    "mem_gb",
+    "eps",
+    "step_time",
+)
 
 # A PULL socket in its own process that receives and discards: the far end of "bare zmq".
 DRAIN_CODE = """
@@ -138,8 +148,9 @@ def make_probes(endpoint: str, calls: int) -> list[Contender]:
 
     return [
         Contender(f"probe.log, burst ({calls} back to back)", call, after_round=flush),
-        Contender("probe.log, paced (256, then a flush)", call, after_round=flush, chunk=256,
-                  step=10**8),
+        Contender(
+            "probe.log, paced (256, then a flush)", call, after_round=flush, chunk=256, step=10**8
+        ),
     ]
 
 
@@ -159,8 +170,9 @@ def wait_probe_connected(warmup: int) -> int:
 
 
 def make_wandb(tmp: Path) -> tuple[Contender, Callable[[], None]]:
-    os.environ.update(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_CONSOLE="off",
-                      WANDB_DIR=str(tmp))
+    os.environ.update(
+        WANDB_MODE="offline", WANDB_SILENT="true", WANDB_CONSOLE="off", WANDB_DIR=str(tmp)
+    )
     import wandb
 
     run = wandb.init(project="outrider-bench", dir=str(tmp))
@@ -198,8 +210,9 @@ def make_tf_free_tb(tmp: Path) -> tuple[Contender, Callable[[], None]]:
 def make_bare_zmq(tmp: Path) -> tuple[Contender, Callable[[], None], list[int]]:
     """msgpack.packb + PUSH send(NOBLOCK) of the same dict, to a PULL in another process."""
     endpoint = short_ipc_endpoint(tmp, "drain.sock")
-    drain = subprocess.Popen([sys.executable, "-P", "-c", DRAIN_CODE, endpoint],
-                             stdout=subprocess.PIPE)
+    drain = subprocess.Popen(
+        [sys.executable, "-P", "-c", DRAIN_CODE, endpoint], stdout=subprocess.PIPE
+    )
     assert drain.stdout is not None
     if drain.stdout.readline().strip() != b"ready":
         raise RuntimeError("the PULL drain process did not start")
@@ -247,11 +260,15 @@ def store_report(runs_dir: Path, logged: int, stats: dict[str, Any]) -> None:
     info = orjson.loads((run_dir / "run.json").read_bytes())
     print("\nprobe -> agent store")
     print(f"  probe.log calls          {logged}")
-    print(f"  probe stats              sent={stats.get('sent')} (incl. control records) "
-          f"dropped={stats.get('dropped')} queue_depth={stats.get('queue_depth')}")
+    print(
+        f"  probe stats              sent={stats.get('sent')} (incl. control records) "
+        f"dropped={stats.get('dropped')} queue_depth={stats.get('queue_depth')}"
+    )
     print(f"  scalars lines stored     {stored}  ({stored / logged:.4%} of probe.log calls)")
-    print(f"  run.json                 records={info.get('records')} dropped={info.get('dropped')} "
-          f"lost={info.get('lost')} status={info.get('status')}")
+    print(
+        f"  run.json                 records={info.get('records')} dropped={info.get('dropped')} "
+        f"lost={info.get('lost')} status={info.get('status')}"
+    )
 
 
 def main() -> None:
@@ -314,37 +331,66 @@ def main() -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def report(contenders: list[Contender], calls: int, rounds: int, timer_ns: float,
-           again: int, load: tuple[float, float]) -> None:
+def report(
+    contenders: list[Contender],
+    calls: int,
+    rounds: int,
+    timer_ns: float,
+    again: int,
+    load: tuple[float, float],
+) -> None:
     print("\nbench_log: training-thread cost of logging 10 scalars, one call at a time")
     print(f"machine: {machine()}; 1-min load average {load[0]:.1f} -> {load[1]:.1f}")
-    print(f"{rounds} interleaved rounds x {calls} calls per contender, pooled "
-          f"({rounds * calls} samples each); GC enabled")
+    print(
+        f"{rounds} interleaved rounds x {calls} calls per contender, pooled "
+        f"({rounds * calls} samples each); GC enabled"
+    )
     calibration = sorted(contenders[0].samples)
     overhead = percentile(calibration, 50)
-    print(f"timer: perf_counter_ns pair {timer_ns:.0f} ns; empty call (timer + wrapper) "
-          f"{overhead:.0f} ns median, subtracted from every other row")
+    print(
+        f"timer: perf_counter_ns pair {timer_ns:.0f} ns; empty call (timer + wrapper) "
+        f"{overhead:.0f} ns median, subtracted from every other row"
+    )
     figures = []
     for contender in contenders:
         ordered = sorted(contender.samples)
         minus = 0.0 if contender is contenders[0] else overhead
         spread = sorted(contender.round_medians)
-        figures.append((
-            contender.name,
-            max(0.0, percentile(ordered, 50) - minus) / 1000,
-            max(0.0, percentile(ordered, 99) - minus) / 1000,
-            max(0.0, sum(ordered) / len(ordered) - minus) / 1000,
-            f"{(spread[0] - minus) / 1000:.2f}-{(spread[-1] - minus) / 1000:.2f}",
-        ))
+        figures.append(
+            (
+                contender.name,
+                max(0.0, percentile(ordered, 50) - minus) / 1000,
+                max(0.0, percentile(ordered, 99) - minus) / 1000,
+                max(0.0, sum(ordered) / len(ordered) - minus) / 1000,
+                f"{(spread[0] - minus) / 1000:.2f}-{(spread[-1] - minus) / 1000:.2f}",
+            )
+        )
     burst, paced = figures[1][1], figures[2][1]
     rows = [
-        [name, f"{median:.2f}", f"{p99:.2f}", f"{mean:.2f}", spread,
-         "-" if i == 0 else f"{median / paced:.1f}x", "-" if i == 0 else f"{median / burst:.1f}x"]
+        [
+            name,
+            f"{median:.2f}",
+            f"{p99:.2f}",
+            f"{mean:.2f}",
+            spread,
+            "-" if i == 0 else f"{median / paced:.1f}x",
+            "-" if i == 0 else f"{median / burst:.1f}x",
+        ]
         for i, (name, median, p99, mean, spread) in enumerate(figures)
     ]
     print()
-    print_table(["contender", "median us", "p99 us", "mean us", "round medians us",
-                 "/ probe paced", "/ probe burst"], rows)
+    print_table(
+        [
+            "contender",
+            "median us",
+            "p99 us",
+            "mean us",
+            "round medians us",
+            "/ probe paced",
+            "/ probe burst",
+        ],
+        rows,
+    )
     print(f"\nbare zmq sends refused at the high-water mark (zmq.Again): {again}")
     print("budget (design.md): probe.log of 10 scalars <= 2 us median on the training thread")
 

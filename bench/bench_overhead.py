@@ -92,8 +92,12 @@ KINDS = ("base", "outrider-log", "outrider", "outrider+sinks", "wandb", "tensorb
 PLACEMENTS = ("sep", "shared")
 ALL_VARIANTS = tuple(f"{kind}:{place}" for place in PLACEMENTS for kind in KINDS)
 DEFAULT_VARIANTS = tuple(v for v in ALL_VARIANTS if v != "outrider-log:shared")
-BUDGETS = {"outrider:sep": "<= 1%", "outrider:shared": "well < 5%",
-           "outrider+sinks:sep": "<= 1%", "outrider+sinks:shared": "well < 5%"}
+BUDGETS = {
+    "outrider:sep": "<= 1%",
+    "outrider:shared": "well < 5%",
+    "outrider+sinks:sep": "<= 1%",
+    "outrider+sinks:shared": "well < 5%",
+}
 AGENT_CONFIG = """\
 sinks:
   tensorboard:
@@ -159,8 +163,14 @@ class Telemetry:
 
     label = "none"
 
-    def __init__(self, args: argparse.Namespace, demo: ModuleType, model: nn.Module,
-                 opt: torch.optim.Optimizer, workdir: Path) -> None:
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        demo: ModuleType,
+        model: nn.Module,
+        opt: torch.optim.Optimizer,
+        workdir: Path,
+    ) -> None:
         self.args = args
         self.demo = demo
         self.model = model
@@ -197,8 +207,15 @@ class Telemetry:
             return self._sample_text()
         return None
 
-    def after_step(self, step: int, loss: Tensor, grad_norm: Tensor, lr: float,
-                   step_time: float, sample: str | None) -> None:
+    def after_step(
+        self,
+        step: int,
+        loss: Tensor,
+        grad_norm: Tensor,
+        lr: float,
+        step_time: float,
+        sample: str | None,
+    ) -> None:
         pass
 
     def at_loop_end(self) -> dict[str, Any]:
@@ -226,8 +243,14 @@ class Telemetry:
 class OutriderTelemetry(Telemetry):
     label = "outrider probe"
 
-    def __init__(self, args: argparse.Namespace, demo: ModuleType, model: nn.Module,
-                 opt: torch.optim.Optimizer, workdir: Path) -> None:
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        demo: ModuleType,
+        model: nn.Module,
+        opt: torch.optim.Optimizer,
+        workdir: Path,
+    ) -> None:
         super().__init__(args, demo, model, opt, workdir)
         import probe
 
@@ -241,17 +264,24 @@ class OutriderTelemetry(Telemetry):
         if self.log_only:
             return  # the transport floor: probe.log of five scalars per step, nothing else
         if self.full:
-            probe.watch(model, opt, log_every=1, layer_every=args.layer_every,
-                        hist_every=args.hist_every, activations_every=args.hist_every,
-                        batch_size=args.batch_size,
-                        tokens_per_step=args.batch_size * args.context,
-                        start_step=args.start - args.warmup)
+            probe.watch(
+                model,
+                opt,
+                log_every=1,
+                layer_every=args.layer_every,
+                hist_every=args.hist_every,
+                activations_every=args.hist_every,
+                batch_size=args.batch_size,
+                tokens_per_step=args.batch_size * args.context,
+                start_step=args.start - args.warmup,
+            )
         else:
             self.notes.append(
                 "WARNING: probe.watch is missing: hand-written fallback (probe.log of loss/lr/"
                 "grad_norm/step time every step, probe.histogram of weights and grads every "
                 f"{args.hist_every} steps, hidden features every {args.rank_every} steps); "
-                "this is NOT the full-telemetry figure")
+                "this is NOT the full-telemetry figure"
+            )
         self.hook_hidden()
 
     def on_hidden(self, output: Tensor) -> None:
@@ -260,16 +290,29 @@ class OutriderTelemetry(Telemetry):
         elif self.step % self.args.rank_every == 0:
             self.probe.tensor("hidden", output.detach().flatten(0, 1)[::8], step=self.step)
 
-    def after_step(self, step: int, loss: Tensor, grad_norm: Tensor, lr: float,
-                   step_time: float, sample: str | None) -> None:
+    def after_step(
+        self,
+        step: int,
+        loss: Tensor,
+        grad_norm: Tensor,
+        lr: float,
+        step_time: float,
+        sample: str | None,
+    ) -> None:
         args = self.args
         if self.full and not self.log_only:
             self.probe.log({"loss": loss.detach(), "lr": lr}, step=step)
         else:
-            self.probe.log({"loss": loss.detach(), "lr": lr, "grad_norm": grad_norm,
-                            "step_time_seconds": step_time,
-                            "tokens_per_second": args.batch_size * args.context / step_time},
-                           step=step)
+            self.probe.log(
+                {
+                    "loss": loss.detach(),
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "step_time_seconds": step_time,
+                    "tokens_per_second": args.batch_size * args.context / step_time,
+                },
+                step=step,
+            )
             if self.log_only:
                 return
             if self._due("histograms", args.hist_every, step):
@@ -296,32 +339,48 @@ class OutriderTelemetry(Telemetry):
 class WandbTelemetry(Telemetry):
     label = "wandb (offline, in-process)"
 
-    def __init__(self, args: argparse.Namespace, demo: ModuleType, model: nn.Module,
-                 opt: torch.optim.Optimizer, workdir: Path) -> None:
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        demo: ModuleType,
+        model: nn.Module,
+        opt: torch.optim.Optimizer,
+        workdir: Path,
+    ) -> None:
         super().__init__(args, demo, model, opt, workdir)
-        os.environ.update(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_CONSOLE="off",
-                          WANDB_DIR=str(workdir))
+        os.environ.update(
+            WANDB_MODE="offline", WANDB_SILENT="true", WANDB_CONSOLE="off", WANDB_DIR=str(workdir)
+        )
         import wandb
 
         self.wandb = wandb
-        self.run = wandb.init(project="outrider-bench", dir=str(workdir), mode="offline",
-                              config={"steps": args.steps})
+        self.run = wandb.init(
+            project="outrider-bench", dir=str(workdir), mode="offline", config={"steps": args.steps}
+        )
         if args.placement == "sep":
             # W&B's service process gets the other core, as the agent does.
             import psutil
 
             children = psutil.Process().children()
             pinned = sum(pin_threads_of(child.pid, {AGENT_CPU}) for child in children)
-            self.notes.append(f"pinned {pinned} threads of W&B's service process to CPU "
-                              f"{AGENT_CPU}")
+            self.notes.append(
+                f"pinned {pinned} threads of W&B's service process to CPU {AGENT_CPU}"
+            )
         self.hidden: Tensor | None = None
         self.hook_hidden()
 
     def on_hidden(self, output: Tensor) -> None:
         self.hidden = output.detach()
 
-    def after_step(self, step: int, loss: Tensor, grad_norm: Tensor, lr: float,
-                   step_time: float, sample: str | None) -> None:
+    def after_step(
+        self,
+        step: int,
+        loss: Tensor,
+        grad_norm: Tensor,
+        lr: float,
+        step_time: float,
+        sample: str | None,
+    ) -> None:
         args, wandb = self.args, self.wandb
         row: dict[str, Any] = {
             "loss": loss.item(),
@@ -350,8 +409,14 @@ class WandbTelemetry(Telemetry):
 class TensorBoardTelemetry(Telemetry):
     label = "torch SummaryWriter (in-process)"
 
-    def __init__(self, args: argparse.Namespace, demo: ModuleType, model: nn.Module,
-                 opt: torch.optim.Optimizer, workdir: Path) -> None:
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        demo: ModuleType,
+        model: nn.Module,
+        opt: torch.optim.Optimizer,
+        workdir: Path,
+    ) -> None:
         super().__init__(args, demo, model, opt, workdir)
         from torch.utils.tensorboard import SummaryWriter
 
@@ -362,8 +427,15 @@ class TensorBoardTelemetry(Telemetry):
     def on_hidden(self, output: Tensor) -> None:
         self.hidden = output.detach()
 
-    def after_step(self, step: int, loss: Tensor, grad_norm: Tensor, lr: float,
-                   step_time: float, sample: str | None) -> None:
+    def after_step(
+        self,
+        step: int,
+        loss: Tensor,
+        grad_norm: Tensor,
+        lr: float,
+        step_time: float,
+        sample: str | None,
+    ) -> None:
         args, add = self.args, self.writer.add_scalar
         add("loss", loss.item(), step)
         add("lr", lr, step)
@@ -420,7 +492,9 @@ def worker(args: argparse.Namespace) -> None:
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr, betas=(0.9, 0.95))
+        lr=args.lr,
+        betas=(0.9, 0.95),
+    )
     workdir = Path(args.workdir)
     # Optimizer hooks run in registration order: marks registered before and after the
     # telemetry's own hooks (probe.watch) time those hooks from outside.
@@ -479,8 +553,15 @@ def worker(args: argparse.Namespace) -> None:
         now = time.perf_counter()
         if i >= args.warmup:
             step_times.append(now - last)
-            telemetry_times.append(now - started + telemetry.hook_s + marks["pre1"]
-                                   - marks["pre0"] + marks["post1"] - marks["post0"])
+            telemetry_times.append(
+                now
+                - started
+                + telemetry.hook_s
+                + marks["pre1"]
+                - marks["pre0"]
+                + marks["post1"]
+                - marks["post0"]
+            )
         last = now
     loop_s = time.perf_counter() - loop_start
     loop_end_unix = time.time()
@@ -526,12 +607,26 @@ class Run:
     agent: dict[str, Any] = field(default_factory=dict)
 
 
-def start_agent(endpoint: str, runs_dir: Path, run_id: str, workdir: Path, *, sinks: bool,
-                cpus: set[int] | None) -> subprocess.Popen[bytes]:
+def start_agent(
+    endpoint: str, runs_dir: Path, run_id: str, workdir: Path, *, sinks: bool, cpus: set[int] | None
+) -> subprocess.Popen[bytes]:
     """A real agent, as ``outrider run`` starts it (``python -P -m agent``), optionally pinned."""
     log_path = workdir / "agent.log"
-    command = [sys.executable, "-P", "-m", "agent", "agent", "--endpoint", endpoint,
-               "--runs-dir", str(runs_dir), "--run-id", run_id, "--log-level", "WARNING"]
+    command = [
+        sys.executable,
+        "-P",
+        "-m",
+        "agent",
+        "agent",
+        "--endpoint",
+        endpoint,
+        "--runs-dir",
+        str(runs_dir),
+        "--run-id",
+        run_id,
+        "--log-level",
+        "WARNING",
+    ]
     if sinks:
         config = workdir / "agent.yaml"
         config.write_text(AGENT_CONFIG)
@@ -547,8 +642,15 @@ def start_agent(endpoint: str, runs_dir: Path, run_id: str, workdir: Path, *, si
             os.sched_setaffinity(0, cpus)
 
     with open(log_path, "ab") as log:
-        agent = subprocess.Popen(command, pass_fds=(write_fd,), stdout=log, stderr=log,
-                                 cwd=workdir, env=env, preexec_fn=pin)
+        agent = subprocess.Popen(
+            command,
+            pass_fds=(write_fd,),
+            stdout=log,
+            stderr=log,
+            cwd=workdir,
+            env=env,
+            preexec_fn=pin,
+        )
     os.close(write_fd)
     with os.fdopen(read_fd, "rb") as ready:
         line = ready.readline()
@@ -596,20 +698,50 @@ def run_variant(variant: str, args: argparse.Namespace, tmp: Path, index: int) -
     workdir = Path(tempfile.mkdtemp(prefix=f"{index:03d}-", dir=tmp))
     result_path = workdir / "result.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("OUTRIDER_")}
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--kind", kind,
-               "--placement", placement, "--result", str(result_path),
-               "--workdir", str(workdir)]
-    for name in ("steps", "warmup", "hist_every", "rank_every", "text_every", "layer_every",
-                 "seed", "batch_size", "context", "layers", "d_model", "heads", "lr",
-                 "data_bytes", "start"):
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        "--kind",
+        kind,
+        "--placement",
+        placement,
+        "--result",
+        str(result_path),
+        "--workdir",
+        str(workdir),
+    ]
+    for name in (
+        "steps",
+        "warmup",
+        "hist_every",
+        "rank_every",
+        "text_every",
+        "layer_every",
+        "seed",
+        "batch_size",
+        "context",
+        "layers",
+        "d_model",
+        "heads",
+        "lr",
+        "data_bytes",
+        "start",
+    ):
         command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     agent = None
     run_id = f"bench-overhead-{index:03d}"
     runs_dir = workdir / "runs"
     if kind.startswith("outrider"):
         endpoint = short_ipc_endpoint(tmp)
-        agent = start_agent(endpoint, runs_dir, run_id, workdir, sinks=kind == "outrider+sinks",
-                            cpus={AGENT_CPU} if placement == "sep" else None)
+        agent = start_agent(
+            endpoint,
+            runs_dir,
+            run_id,
+            workdir,
+            sinks=kind == "outrider+sinks",
+            cpus={AGENT_CPU} if placement == "sep" else None,
+        )
         command += ["--endpoint", endpoint, "--run-id", run_id, "--agent-pid", str(agent.pid)]
     else:
         env["OUTRIDER_DISABLED"] = "1"
@@ -617,14 +749,18 @@ def run_variant(variant: str, args: argparse.Namespace, tmp: Path, index: int) -
     try:
         cpu_before = agent_cpu_s(agent.pid) if agent else 0.0
         started = time.perf_counter()
-        proc = subprocess.run(command, env=env, cwd=workdir, capture_output=True, text=True,
-                              check=False)
+        proc = subprocess.run(
+            command, env=env, cwd=workdir, capture_output=True, text=True, check=False
+        )
         if proc.returncode != 0 or not result_path.exists():
-            raise RuntimeError(f"{variant} worker failed ({proc.returncode}):\n"
-                               f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+            raise RuntimeError(
+                f"{variant} worker failed ({proc.returncode}):\n"
+                f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+            )
         if agent is not None:
             agent_info["cpu_share"] = (agent_cpu_s(agent.pid) - cpu_before) / (
-                time.perf_counter() - started)
+                time.perf_counter() - started
+            )
             started = time.perf_counter()
             stop_agent(agent)
             agent_info["stop_s"] = time.perf_counter() - started
@@ -664,8 +800,10 @@ def ms_per_step(runs: Sequence[Run], key: str) -> float:
 
 def report(variants: Sequence[str], runs: dict[str, list[Run]], args: argparse.Namespace) -> None:
     print()
-    print(f"Wall clock: steps {args.start}-{args.start + args.steps - 1} timed, after "
-          f"{args.warmup} warm-up steps; {args.repeats} interleaved repeats per variant.")
+    print(
+        f"Wall clock: steps {args.start}-{args.start + args.steps - 1} timed, after "
+        f"{args.warmup} warm-up steps; {args.repeats} interleaved repeats per variant."
+    )
     rows: list[list[str]] = []
     for variant in variants:
         vruns = runs[variant]
@@ -677,23 +815,39 @@ def report(variants: Sequence[str], runs: dict[str, list[Run]], args: argparse.N
             slow, slow_step = "-", "-"
         else:
             paired = [r.loop_s / b.loop_s - 1 for r, b in zip(vruns, base_runs, strict=True)]
-            slow = (f"{pct(100 * statistics.median(paired))} "
-                    f"({pct(100 * min(paired))}..{pct(100 * max(paired))})")
+            slow = (
+                f"{pct(100 * statistics.median(paired))} "
+                f"({pct(100 * min(paired))}..{pct(100 * max(paired))})"
+            )
             base_steps = sorted(t for b in base_runs for t in b.step_times)
             slow_step = pct(100 * (median_step / percentile(base_steps, 50) - 1))
-        rows.append([
-            variant,
-            f"{statistics.median(loops):.2f}",
-            f"{min(loops):.2f}-{max(loops):.2f}",
-            f"{1000 * median_step:.1f}",
-            f"{1000 * percentile(steps, 90):.1f}",
-            f"{1000 * steps[-1]:.0f}",
-            slow,
-            slow_step,
-            BUDGETS.get(variant, "-"),
-        ])
-    print_table(["variant", "loop s (median)", "min-max", "step ms p50", "p90", "max",
-                 "slowdown: loop, median (min..max)", "slowdown: p50 step", "budget"], rows)
+        rows.append(
+            [
+                variant,
+                f"{statistics.median(loops):.2f}",
+                f"{min(loops):.2f}-{max(loops):.2f}",
+                f"{1000 * median_step:.1f}",
+                f"{1000 * percentile(steps, 90):.1f}",
+                f"{1000 * steps[-1]:.0f}",
+                slow,
+                slow_step,
+                BUDGETS.get(variant, "-"),
+            ]
+        )
+    print_table(
+        [
+            "variant",
+            "loop s (median)",
+            "min-max",
+            "step ms p50",
+            "p90",
+            "max",
+            "slowdown: loop, median (min..max)",
+            "slowdown: p50 step",
+            "budget",
+        ],
+        rows,
+    )
 
     print()
     print("Direct cost, measured inside the trainer (independent of run-to-run noise):")
@@ -715,24 +869,44 @@ def report(variants: Sequence[str], runs: dict[str, list[Run]], args: argparse.N
         # the agent's included (torch's own threads swamp a comparison of thread totals).
         cost_ms = tele_ms + (helpers_ms + agent_ms if shared else extra_ms)
         direct = "-" if variant.startswith("base:") else pct(100 * cost_ms / (1000 * base_step))
-        rows.append([variant, f"{tele_ms:.2f}", f"{1000 * percentile(tele, 50):.2f}",
-                     f"{1000 * tele[-1]:.1f}", f"{helpers_ms:.2f}", f"{agent_ms:.2f}",
-                     "n/a" if shared else f"{extra_ms:+.2f}", direct])
-    print_table(["variant", "training thread in telemetry, ms/step: mean", "p50", "max",
-                 "telemetry threads + child processes, CPU ms/step", "agent CPU ms/step",
-                 "other trainer threads vs baseline, CPU ms/step",
-                 "direct cost / base p50 step"], rows)
-    print("training thread in telemetry: the telemetry calls after each step, the hidden-state "
-          "hook and the optimizer hooks (probe.watch), timed on the training thread; not "
-          "probe.watch's activation hooks (forward hooks on activation steps). Telemetry "
-          "threads: the trainer's threads started after torch's (the probe's sender and "
-          "ZeroMQ's, TensorBoard's writer, W&B's), with its child processes (W&B's service); "
-          "0 for the baseline unless torch started threads late. Agent CPU: the agent's and "
-          "its children's (statistics workers, W&B's service) during the timed loop. Direct "
-          "cost, separate cores: training thread + the other trainer threads' extra CPU on "
-          "the trainer's core. Shared cores: training thread + telemetry threads + agent, all "
-          "CPU taken from the cores torch runs on; the wall clock adds what preemption and "
-          "cache effects cost on top.")
+        rows.append(
+            [
+                variant,
+                f"{tele_ms:.2f}",
+                f"{1000 * percentile(tele, 50):.2f}",
+                f"{1000 * tele[-1]:.1f}",
+                f"{helpers_ms:.2f}",
+                f"{agent_ms:.2f}",
+                "n/a" if shared else f"{extra_ms:+.2f}",
+                direct,
+            ]
+        )
+    print_table(
+        [
+            "variant",
+            "training thread in telemetry, ms/step: mean",
+            "p50",
+            "max",
+            "telemetry threads + child processes, CPU ms/step",
+            "agent CPU ms/step",
+            "other trainer threads vs baseline, CPU ms/step",
+            "direct cost / base p50 step",
+        ],
+        rows,
+    )
+    print(
+        "training thread in telemetry: the telemetry calls after each step, the hidden-state "
+        "hook and the optimizer hooks (probe.watch), timed on the training thread; not "
+        "probe.watch's activation hooks (forward hooks on activation steps). Telemetry "
+        "threads: the trainer's threads started after torch's (the probe's sender and "
+        "ZeroMQ's, TensorBoard's writer, W&B's), with its child processes (W&B's service); "
+        "0 for the baseline unless torch started threads late. Agent CPU: the agent's and "
+        "its children's (statistics workers, W&B's service) during the timed loop. Direct "
+        "cost, separate cores: training thread + the other trainer threads' extra CPU on "
+        "the trainer's core. Shared cores: training thread + telemetry threads + agent, all "
+        "CPU taken from the cores torch runs on; the wall clock adds what preemption and "
+        "cache effects cost on top."
+    )
 
     print()
     detail: list[list[str]] = []
@@ -746,50 +920,96 @@ def report(variants: Sequence[str], runs: dict[str, list[Run]], args: argparse.N
             sent = sum(r.agent["accounting"].get("sent") or 0 for r in vruns)
             received = sum(r.agent["accounting"].get("received") or 0 for r in vruns)
             lost = sum(r.agent["accounting"].get("lost") or 0 for r in vruns)
-            dropped = sum(sum((r.agent["accounting"].get("dropped") or {}).values())
-                          for r in vruns)
+            dropped = sum(sum((r.agent["accounting"].get("dropped") or {}).values()) for r in vruns)
             accounting = f"{received}/{sent} stored, {dropped} dropped, {lost} lost"
             queue = str(max(r.result.get("queue_at_loop_end") or 0 for r in vruns))
         losses = {f"{r.result['final_loss']:.4f}" for r in vruns}
-        detail.append([variant, f"{first['threads']}", ",".join(map(str, first["affinity"])),
-                       queue, accounting, "/".join(sorted(losses)), events])
-    print_table(["variant", "torch threads", "trainer CPUs", "queued at loop end",
-                 "records (all repeats)", "final loss", "periodic events in the timed steps"],
-                detail)
-    print("final loss: identical across a placement's variants when monitoring leaves "
-          "training untouched")
+        detail.append(
+            [
+                variant,
+                f"{first['threads']}",
+                ",".join(map(str, first["affinity"])),
+                queue,
+                accounting,
+                "/".join(sorted(losses)),
+                events,
+            ]
+        )
+    print_table(
+        [
+            "variant",
+            "torch threads",
+            "trainer CPUs",
+            "queued at loop end",
+            "records (all repeats)",
+            "final loss",
+            "periodic events in the timed steps",
+        ],
+        detail,
+    )
+    print(
+        "final loss: identical across a placement's variants when monitoring leaves "
+        "training untouched"
+    )
     notes = sorted({n for v in variants for r in runs[v] for n in r.result["notes"]})
     for note in notes:
         print(f"note: {note}")
-    print(f"note: histograms and activation stats every {args.hist_every} steps, features / "
-          f"effective rank every {args.rank_every}, text samples every {args.text_every}; only "
-          "the periodic work inside the timed steps (last column) is in the figures, at the "
-          "rate it has there. The p50-step slowdown is the every-step cost alone.")
+    print(
+        f"note: histograms and activation stats every {args.hist_every} steps, features / "
+        f"effective rank every {args.rank_every}, text samples every {args.text_every}; only "
+        "the periodic work inside the timed steps (last column) is in the figures, at the "
+        "rate it has there. The p50-step slowdown is the every-step cost alone."
+    )
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=200,
-                   help="timed steps per run (default 200: every periodic kind at its rate)")
-    p.add_argument("--warmup", type=int, default=5,
-                   help="untimed steps just before the timed ones (default 5)")
-    p.add_argument("--start", type=int, default=50,
-                   help="step number of the first timed step (default 50: with 200 steps the "
-                        "window 50-249 holds histograms at 50, 100, 150 and 200, features at "
-                        "100 and 200 and a text sample at 200, each at its nominal rate)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=200,
+        help="timed steps per run (default 200: every periodic kind at its rate)",
+    )
+    p.add_argument(
+        "--warmup", type=int, default=5, help="untimed steps just before the timed ones (default 5)"
+    )
+    p.add_argument(
+        "--start",
+        type=int,
+        default=50,
+        help="step number of the first timed step (default 50: with 200 steps the "
+        "window 50-249 holds histograms at 50, 100, 150 and 200, features at "
+        "100 and 200 and a text sample at 200, each at its nominal rate)",
+    )
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats (default 3)")
     p.add_argument("--quick", action="store_true", help="2 repeats x 100 steps")
-    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
-                   help="comma-separated KIND:PLACEMENT names, or a kind / placement for all "
-                        "matching (baselines are added); default: all but outrider-log:shared")
-    p.add_argument("--hist-every", type=int, default=50,
-                   help="weight/grad histograms and activation stats (default 50)")
-    p.add_argument("--rank-every", type=int, default=100,
-                   help="hidden-state features / effective rank (default 100)")
+    p.add_argument(
+        "--variants",
+        default=",".join(DEFAULT_VARIANTS),
+        help="comma-separated KIND:PLACEMENT names, or a kind / placement for all "
+        "matching (baselines are added); default: all but outrider-log:shared",
+    )
+    p.add_argument(
+        "--hist-every",
+        type=int,
+        default=50,
+        help="weight/grad histograms and activation stats (default 50)",
+    )
+    p.add_argument(
+        "--rank-every",
+        type=int,
+        default=100,
+        help="hidden-state features / effective rank (default 100)",
+    )
     p.add_argument("--text-every", type=int, default=200, help="text samples (default 200)")
-    p.add_argument("--layer-every", type=int, default=10,
-                   help="probe.watch per-layer norms (default 10, watch's own default)")
+    p.add_argument(
+        "--layer-every",
+        type=int,
+        default=10,
+        help="probe.watch per-layer norms (default 10, watch's own default)",
+    )
     # The demo's model and data (examples/train_charlm.py defaults).
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
@@ -826,8 +1046,10 @@ def main() -> None:
         print("fewer than 2 CPUs: skipping the separate-cores variants")
         variants = [v for v in variants if not v.endswith(":sep")]
     print(f"machine: {machine()}")
-    print(f"variants: {', '.join(variants)}; {args.repeats} repeats x ({args.warmup} warm-up + "
-          f"{args.steps} timed steps)")
+    print(
+        f"variants: {', '.join(variants)}; {args.repeats} repeats x ({args.warmup} warm-up + "
+        f"{args.steps} timed steps)"
+    )
     load_start = load_average()
     started = time.perf_counter()
     runs: dict[str, list[Run]] = {v: [] for v in variants}
@@ -840,14 +1062,18 @@ def main() -> None:
                 run = run_variant(variant, args, tmp, index)
                 index += 1
                 runs[variant].append(run)
-                print(f"repeat {repeat + 1}/{args.repeats}  {variant:24s} loop {run.loop_s:6.2f} s"
-                      f"  median step {1000 * statistics.median(run.step_times):6.1f} ms",
-                      flush=True)
+                print(
+                    f"repeat {repeat + 1}/{args.repeats}  {variant:24s} loop {run.loop_s:6.2f} s"
+                    f"  median step {1000 * statistics.median(run.step_times):6.1f} ms",
+                    flush=True,
+                )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     report(variants, runs, args)
-    print(f"\nload average (1 min) {load_start:.2f} -> {load_average():.2f}; "
-          f"total {time.perf_counter() - started:.0f} s")
+    print(
+        f"\nload average (1 min) {load_start:.2f} -> {load_average():.2f}; "
+        f"total {time.perf_counter() - started:.0f} s"
+    )
 
 
 if __name__ == "__main__":

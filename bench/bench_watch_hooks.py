@@ -63,17 +63,22 @@ def main() -> None:
     watched: list[float] = []
     for _ in range(args.rounds):
         base.append(median_step_ms(False))
-        watcher: Any = probe.watch(model, opt, log_every=1, layer_every=args.layer_every,
-                                   hist_every=0, activations_every=0)
+        watcher: Any = probe.watch(
+            model, opt, log_every=1, layer_every=args.layer_every, hist_every=0, activations_every=0
+        )
         watched.append(median_step_ms(True))
         watcher.unwatch()
     hooks = [w - b for w, b in zip(watched, base, strict=True)]
-    print(f"clip_grad_norm_ + optimizer.step(), median ms per step over {args.rounds} rounds "
-          f"x {args.steps} steps (1 torch thread):")
+    print(
+        f"clip_grad_norm_ + optimizer.step(), median ms per step over {args.rounds} rounds "
+        f"x {args.steps} steps (1 torch thread):"
+    )
     print(f"  without probe.watch  {statistics.median(base):.3f}")
     print(f"  with probe.watch     {statistics.median(watched):.3f}")
-    print(f"  the hooks            {statistics.median(hooks):.3f} "
-          f"(rounds {min(hooks):.3f}..{max(hooks):.3f})")
+    print(
+        f"  the hooks            {statistics.median(hooks):.3f} "
+        f"(rounds {min(hooks):.3f}..{max(hooks):.3f})"
+    )
     probe.finish(2.0)
 
 

@@ -14,5 +14,6 @@ if ! command -v promtool >/dev/null || ! [ -x /usr/bin/prometheus ]; then
 fi
 bash scripts/setup.sh
 .venv/bin/ruff check .
+.venv/bin/ruff format --check .
 .venv/bin/mypy
 .venv/bin/python -m pytest "$@"

@@ -172,8 +172,7 @@ def test_cpu_share_spaces_a_kind_of_job_by_what_it_cost_and_holds_no_other_kind(
     jobs.submit("map/a", "tsne", _burn, lambda t: starts.setdefault("first", t), (0.1,))
     assert jobs.wait_idle(5)
     jobs.submit("map/a", "tsne", _burn, lambda t: starts.setdefault("second", t), (0.1,))
-    jobs.submit("rank/a", "representation", _burn, lambda t: starts.setdefault("rank", t),
-                (0.0,))
+    jobs.submit("rank/a", "representation", _burn, lambda t: starts.setdefault("rank", t), (0.0,))
     assert jobs.wait_idle(5)
     assert starts["second"] - starts["first"] >= 0.1 / 0.2 - 0.01
     assert starts["rank"] < starts["second"]  # the other kind was not held behind the rest
@@ -198,10 +197,10 @@ def test_a_costly_kind_waits_for_its_budget_before_its_first_job() -> None:
     jobs = StatsJobs(threads=1, cpu_share=0.2)
     created = time.perf_counter()
     starts: dict[str, float] = {}
-    jobs.submit("map/a", "tsne", _burn, lambda t: starts.setdefault("tsne", t), (0.0,),
-                cost_hint=0.05)
-    jobs.submit("rank/a", "representation", _burn, lambda t: starts.setdefault("rank", t),
-                (0.0,))
+    jobs.submit(
+        "map/a", "tsne", _burn, lambda t: starts.setdefault("tsne", t), (0.0,), cost_hint=0.05
+    )
+    jobs.submit("rank/a", "representation", _burn, lambda t: starts.setdefault("rank", t), (0.0,))
     assert jobs.wait_idle(5)
     assert starts["rank"] < starts["tsne"]
     assert starts["tsne"] - created >= 0.05 / 0.2 - 0.01

@@ -539,8 +539,14 @@ def test_a_histogram_from_the_trainer_moves_the_last_record_time(make_sink: Any)
     """probe.watch's histograms reach the sinks as stored ``histogram`` entries, not tensors."""
     sink = make_sink()
     sink.export([batch(source(0), scalars(1, {"loss": 1.0}, t=100.0))])
-    histogram = {"kind": "histogram", "t": 250.0, "step": 50, "name": "weights/w",
-                 "edges": [0.0, 1.0], "counts": [3]}
+    histogram = {
+        "kind": "histogram",
+        "t": 250.0,
+        "step": 50,
+        "name": "weights/w",
+        "edges": [0.0, 1.0],
+        "counts": [3],
+    }
     sink.export([batch(source(0), histogram)])
     assert value(scrape(sink), "outrider_last_record_timestamp_seconds", **RANK) == 250.0
     assert value(scrape(sink), "outrider_step", **RANK) == 50.0

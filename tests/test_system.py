@@ -231,7 +231,7 @@ def test_grandchildren_and_children_of_other_threads_are_found(
     trainer = processes(
         "import subprocess, sys, threading, time\n"
         "grandchild = 'import subprocess, sys, time; "
-        "subprocess.Popen([sys.executable, \"-c\", \"import time; time.sleep(600)\"]); "
+        'subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"]); '
         "time.sleep(600)'\n"
         "def fork():\n"
         "    subprocess.Popen([sys.executable, '-c', grandchild])\n"
