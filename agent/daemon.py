@@ -29,6 +29,7 @@ from agent.counters import AgentCounters, RateLimitedLog
 from agent.decode import Rejected, decode
 from agent.fanout import Fanout
 from agent.store import RunStore
+from agent.threadnames import ThreadNamer
 from probe import protocol
 from sinks.base import Batch, Source
 from sinks.registry import SinkContext
@@ -171,6 +172,7 @@ class Agent:
             Analysis(self.config, host=self._host, on_output=self.wake) if analysis else None
         )
         self._burst: list[Batch] = []
+        self._name_threads = ThreadNamer()
 
     def _bind(self) -> None:
         if self.endpoint.startswith("ipc://"):
@@ -309,6 +311,7 @@ class Agent:
             self.analysis.start()
         try:
             self._wait_warm(WARM_SECONDS)
+            self._name_threads()
             if ready is not None:
                 ready()
             last_beat = self.clock()
@@ -339,6 +342,7 @@ class Agent:
         self._write_dirty_info()
         self._check_parent(now)
         self.fanout.kick()
+        self._name_threads()  # after the kick: a sink's first export starts its library's
 
     def _route_alerts(self) -> None:
         """Alerts from sinks (a failing sink, a series cap): through the alert rules' cooldowns

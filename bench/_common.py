@@ -151,6 +151,35 @@ def agent_cpu(pid: int) -> tuple[float, float]:
     return own, children
 
 
+def agent_cpu_by_part(pid: int) -> dict[str, float]:
+    """CPU seconds so far of each part of the agent: its threads by their OS names
+    (agent/threadnames.py; the receive loop is the main thread), its statistics
+    workers, W&B's service and any other child by name. Linux only ({} elsewhere)."""
+    import psutil
+
+    parts: dict[str, float] = {}
+
+    def add(part: str, seconds: float) -> None:
+        parts[part] = parts.get(part, 0.0) + seconds
+
+    try:
+        agent = psutil.Process(pid)
+        for thread in agent.threads():
+            try:
+                name = Path(f"/proc/{pid}/task/{thread.id}/comm").read_text().strip()
+            except OSError:
+                continue  # ended meanwhile
+            add("receive loop" if thread.id == pid else name, thread.user_time + thread.system_time)
+        for child in agent.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                command = " ".join(child.cmdline())
+                part = "statistics workers" if "multiprocessing" in command else child.name()
+                add(part, sum(child.cpu_times()[:2]))
+    except (psutil.Error, OSError):
+        return {}
+    return parts
+
+
 def load_average() -> float:
     """1-minute load average: other work on a shared 2-CPU box shows up here."""
     return os.getloadavg()[0]

@@ -72,6 +72,7 @@ from typing import TYPE_CHECKING, Any
 
 from _common import (
     agent_cpu,
+    agent_cpu_by_part,
     load_average,
     machine,
     percentile,
@@ -524,6 +525,7 @@ def worker(args: argparse.Namespace) -> None:
     telemetry_times: list[float] = []  # training-thread time in telemetry code, per step
     loop_start = cpu_start = thread_start = loop_start_unix = agent_start = 0.0
     helpers_start: dict[tuple[str, int], float] = {}
+    parts_start: dict[str, float] = {}
     last = time.perf_counter()
     for i in range(total):
         step = first + i
@@ -531,6 +533,7 @@ def worker(args: argparse.Namespace) -> None:
             loop_start = last = time.perf_counter()
             loop_start_unix = time.time()
             agent_start = agent_cpu_s(args.agent_pid) if args.agent_pid else 0.0
+            parts_start = agent_cpu_by_part(args.agent_pid) if args.agent_pid else {}
             helpers_start = helper_cpu(me, torch_threads)
             usage = resource.getrusage(resource.RUSAGE_SELF)
             cpu_start = usage.ru_utime + usage.ru_stime
@@ -566,6 +569,7 @@ def worker(args: argparse.Namespace) -> None:
     loop_s = time.perf_counter() - loop_start
     loop_end_unix = time.time()
     agent_loop_s = agent_cpu_s(args.agent_pid) - agent_start if args.agent_pid else 0.0
+    parts_end = agent_cpu_by_part(args.agent_pid) if args.agent_pid else {}
     helpers_end = helper_cpu(me, torch_threads)
     helpers_loop_s = sum(cpu - helpers_start.get(key, 0.0) for key, cpu in helpers_end.items())
     thread_s = time.thread_time() - thread_start
@@ -575,6 +579,7 @@ def worker(args: argparse.Namespace) -> None:
         "loop_s": loop_s,
         "loop_unix": [loop_start_unix, loop_end_unix],
         "agent_loop_cpu_s": agent_loop_s,  # the agent's and its children's CPU in the loop
+        "agent_parts_cpu_s": {k: v - parts_start.get(k, 0.0) for k, v in parts_end.items()},
         "helpers_loop_cpu_s": helpers_loop_s,  # telemetry threads and child processes
         "trainer_cpu_s": cpu_s,
         "other_threads_cpu_s": cpu_s - thread_s,
@@ -798,6 +803,36 @@ def ms_per_step(runs: Sequence[Run], key: str) -> float:
     return 1000 * float(statistics.median(r.result[key] / len(r.step_times) for r in runs))
 
 
+def report_agent_parts(variants: Sequence[str], runs: dict[str, list[Run]]) -> None:
+    """The agent's CPU per step by part (thread or child process), where it was measured."""
+    with_parts = [v for v in variants if any(r.result.get("agent_parts_cpu_s") for r in runs[v])]
+    if not with_parts:
+        return
+
+    def per_step(variant: str, part: str) -> float:
+        vruns = runs[variant]
+        return 1000 * float(
+            statistics.median(
+                r.result["agent_parts_cpu_s"].get(part, 0.0) / len(r.step_times) for r in vruns
+            )
+        )
+
+    totals: dict[str, float] = {}
+    for variant in with_parts:
+        for r in runs[variant]:
+            for part, seconds in r.result["agent_parts_cpu_s"].items():
+                totals[part] = totals.get(part, 0.0) + seconds
+    named = sorted((p for p in totals if totals[p] > 0), key=lambda p: -totals[p])[:9]
+    rows = []
+    for variant in with_parts:
+        cells = [per_step(variant, part) for part in named]
+        rest = sum(per_step(variant, part) for part in totals if part not in named)
+        rows.append([variant, *(f"{c:.2f}" for c in cells), f"{rest:.2f}"])
+    print()
+    print("Agent CPU by part, ms/step (median of the repeats; threads by their OS names):")
+    print_table(["variant", *named, "other"], rows)
+
+
 def report(variants: Sequence[str], runs: dict[str, list[Run]], args: argparse.Namespace) -> None:
     print()
     print(
@@ -907,6 +942,7 @@ def report(variants: Sequence[str], runs: dict[str, list[Run]], args: argparse.N
         "CPU taken from the cores torch runs on; the wall clock adds what preemption and "
         "cache effects cost on top."
     )
+    report_agent_parts(variants, runs)
 
     print()
     detail: list[list[str]] = []

@@ -23,6 +23,7 @@ import psutil
 import pytest
 import zmq
 
+from agent.threadnames import os_name
 from tests.helpers_cli import (
     OUTRIDER,
     PYTHON,
@@ -422,8 +423,14 @@ def test_help_of_each_command(command: list[str]) -> None:
 
 # -- outrider agent ------------------------------------------------------------------
 def test_agent_sigterm_drains_and_exits_0(tmp_path: Path) -> None:
-    """On SIGTERM the agent stores what was already sent, writes run.json and exits 0 promptly."""
-    agent = AgentProcess(tmp_path)
+    """On SIGTERM the agent stores what was already sent, writes run.json and exits 0 promptly.
+
+    No training dashboard: the final one imports matplotlib in a fresh worker (seconds
+    of CPU on a slow machine), which is the statistics' exit work, not the drain's.
+    """
+    config = tmp_path / "agent.yaml"
+    config.write_text("stats:\n  dashboard_seconds: 0\n")
+    agent = AgentProcess(tmp_path, "--config", str(config))
     good = GoodStream("drain")
     with Pusher(agent.endpoint) as push:
         for _ in range(20):
@@ -439,6 +446,31 @@ def test_agent_sigterm_drains_and_exits_0(tmp_path: Path) -> None:
     assert info["agent"]["records"] == 2000
     assert info["status"] == "incomplete"  # the stream never said bye
     assert not Path(agent.endpoint.removeprefix("ipc://")).exists()
+
+
+def test_agent_threads_carry_their_names_at_the_os_level(tmp_path: Path) -> None:
+    """top -H and /proc show which part of the agent a thread is; the process keeps its name."""
+    agent = AgentProcess(tmp_path, "--sinks", "tensorboard")
+    try:
+        task = Path(f"/proc/{agent.process.pid}/task")
+
+        def names() -> set[str] | None:
+            found = {(t / "comm").read_text().strip() for t in task.iterdir()}
+            wanted = {"analysis", "system-sampler", "sink-tensorboar"}
+            return found if wanted <= found else None
+
+        found = wait_for(names, 20, "the agent's named threads")
+        main = (task / str(agent.process.pid) / "comm").read_text().strip()
+        assert main == (Path(f"/proc/{agent.process.pid}") / "comm").read_text().strip()
+        assert main not in {"analysis", "system-sampler"} and main in found
+    finally:
+        agent.stop()
+
+
+def test_os_thread_names_drop_the_prefix_and_fit_the_kernel() -> None:
+    assert os_name("outrider-sink-wandb") == "sink-wandb"
+    assert os_name("outrider-sink-tensorboard") == "sink-tensorboar"  # 15 characters kept
+    assert os_name("Thread-3 (serve_forever)") == "Thread-3 (serve"
 
 
 def test_agent_second_signal_forces_exit(tmp_path: Path) -> None:
