@@ -255,9 +255,16 @@ class StatsJobs:
                 failed = False
             except Exception as exc:  # a statistic that fails must not end the worker
                 failed = True
-                self._complaints.warning(
-                    f"job:{job.name}", "outrider agent: statistic %s failed: %r", job.name, exc
-                )
+                if self._closed:  # close() stopped the worker processes at its deadline
+                    logger.warning(
+                        "outrider agent: statistic %s was still running when the exit "
+                        "timeout (stats.close_timeout) ran out, and was stopped",
+                        job.name,
+                    )
+                else:
+                    self._complaints.warning(
+                        f"job:{job.name}", "outrider agent: statistic %s failed: %r", job.name, exc
+                    )
             elapsed = self.clock() - started
             with self._wake:
                 self._running -= 1

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from agent.jobs import StatsJobs
+from tests.helpers import wait_for
 
 
 def _blocker(jobs: StatsJobs) -> threading.Event:
@@ -153,6 +154,28 @@ def test_process_jobs_run_in_a_lower_priority_process_that_is_replaced_when_it_d
     assert jobs.wait_idle(60)
     assert len(seen) == 2 and seen[1][0] not in (pid, os.getpid())
     assert jobs.close(10)
+
+
+def _sleep(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+def test_a_process_job_cut_off_at_exit_is_said_to_be_stopped_not_failed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A job still running in its worker process when close() runs out of time: the process
+    is killed, and the log says the exit timeout stopped it (not a BrokenProcessPool)."""
+    jobs = StatsJobs(threads=1, processes=True)
+    jobs.submit("warm", "whoami", _whoami, lambda _: None, (os.getpriority(os.PRIO_PROCESS, 0),))
+    assert jobs.wait_idle(60)  # the worker process is up
+    jobs.submit("dashboard/run", "dashboard", _sleep, lambda _: None, (30.0,))
+    time.sleep(0.2)
+    with caplog.at_level("WARNING", logger="outrider.agent"):
+        started = time.monotonic()
+        assert jobs.close(0.5) is False
+        assert time.monotonic() - started < 10.0
+        wait_for(lambda: "dashboard was still running" in caplog.text, 10, "the exit message")
+    assert "BrokenProcessPool" not in caplog.text
 
 
 def _burn(seconds: float) -> float:
