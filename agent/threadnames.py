@@ -32,7 +32,9 @@ class ThreadNamer:
         if not self._enabled:
             return
         main = threading.main_thread()
-        for thread in threading.enumerate():
+        threads = threading.enumerate()
+        self._named &= {thread.native_id for thread in threads}  # the kernel reuses tids
+        for thread in threads:
             tid = thread.native_id
             if tid is None or tid in self._named or thread is main:
                 continue
