@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 
@@ -28,37 +28,65 @@ def short_ipc_endpoint(base: Path, name: str = "agent.sock") -> str:
     return f"ipc://{path}"
 
 
-def start_agent(endpoint: str, runs_dir: Path, log_path: Path) -> subprocess.Popen[bytes]:
+#: ten scalar names of a typical training step (bench_log, bench_ingest)
+SCALAR_NAMES = (
+    "loss",
+    "lr",
+    "grad_norm",
+    "acc",
+    "tokens_per_second",
+    "ppl",
+    "weight_norm",
+    "mem_gb",
+    "eps",
+    "step_time",
+)
+
+
+def start_agent(
+    endpoint: str,
+    runs_dir: Path,
+    log_path: Path,
+    *,
+    options: Sequence[str] = ("--sinks", "none"),
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    preexec_fn: Callable[[], None] | None = None,
+) -> subprocess.Popen[bytes]:
     """Start a real ``outrider agent`` the way ``outrider run`` does, return once it is bound.
 
     ``python -P -m agent`` keeps the current directory off ``sys.path``; the
-    agent writes 'ready' on a pipe once its socket is bound. Sinks are off: these
+    agent writes 'ready' on a pipe once its socket is bound. ``options`` are
+    further ``outrider agent`` options; by default sinks are off, as these
     figures are about the probe and the run store, which every sink comes after.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     read_fd, write_fd = os.pipe()
+    command = [
+        sys.executable,
+        "-P",
+        "-m",
+        "agent",
+        "agent",
+        "--endpoint",
+        endpoint,
+        "--runs-dir",
+        str(runs_dir),
+        "--ready-fd",
+        str(write_fd),
+        "--log-level",
+        "WARNING",
+        *options,
+    ]
     with open(log_path, "ab") as log:
         agent = subprocess.Popen(
-            [
-                sys.executable,
-                "-P",
-                "-m",
-                "agent",
-                "agent",
-                "--endpoint",
-                endpoint,
-                "--runs-dir",
-                str(runs_dir),
-                "--ready-fd",
-                str(write_fd),
-                "--log-level",
-                "WARNING",
-                "--sinks",
-                "none",
-            ],
+            command,
             pass_fds=(write_fd,),
             stdout=log,
             stderr=log,
+            cwd=cwd,
+            env=env,
+            preexec_fn=preexec_fn,
         )
     os.close(write_fd)
     with os.fdopen(read_fd, "rb") as ready:

@@ -44,6 +44,7 @@ import orjson
 import psutil
 import zmq
 from _common import (
+    SCALAR_NAMES,
     load_average,
     machine,
     percentile,
@@ -61,18 +62,7 @@ from probe import protocol
 BUDGET_VALUES_PER_S = 1_000_000
 BUDGET_LATENCY_P99_MS = 50.0
 BATCH = 512  # records per message: the probe's default max_batch
-NAMES = (
-    "loss",
-    "lr",
-    "grad_norm",
-    "acc",
-    "tokens_per_second",
-    "ppl",
-    "weight_norm",
-    "mem_gb",
-    "eps",
-    "step_time",
-)
+NAMES = SCALAR_NAMES
 VALUES_PER_RECORD = len(NAMES)
 
 

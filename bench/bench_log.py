@@ -33,6 +33,7 @@ import msgpack
 import orjson
 import zmq
 from _common import (
+    SCALAR_NAMES,
     load_average,
     machine,
     percentile,
@@ -45,18 +46,7 @@ from _common import (
 import probe
 
 RUN_ID = "bench-log"
-NAMES = (
-    "loss",
-    "lr",
-    "grad_norm",
-    "acc",
-    "tokens_per_second",
-    "ppl",
-    "weight_norm",
-    "mem_gb",
-    "eps",
-    "step_time",
-)
+NAMES = SCALAR_NAMES
 
 # A PULL socket in its own process that receives and discards: the far end of "bare zmq".
 DRAIN_CODE = """

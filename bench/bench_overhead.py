@@ -80,6 +80,7 @@ from _common import (
     short_ipc_endpoint,
     stop_agent,
 )
+from _common import start_agent as common_start_agent
 
 if TYPE_CHECKING:
     import torch
@@ -616,53 +617,27 @@ def start_agent(
     endpoint: str, runs_dir: Path, run_id: str, workdir: Path, *, sinks: bool, cpus: set[int] | None
 ) -> subprocess.Popen[bytes]:
     """A real agent, as ``outrider run`` starts it (``python -P -m agent``), optionally pinned."""
-    log_path = workdir / "agent.log"
-    command = [
-        sys.executable,
-        "-P",
-        "-m",
-        "agent",
-        "agent",
-        "--endpoint",
-        endpoint,
-        "--runs-dir",
-        str(runs_dir),
-        "--run-id",
-        run_id,
-        "--log-level",
-        "WARNING",
-    ]
+    options = ["--run-id", run_id]
     if sinks:
         config = workdir / "agent.yaml"
         config.write_text(AGENT_CONFIG)
-        command += ["--config", str(config)]
+        options += ["--config", str(config)]
     else:
-        command += ["--sinks", "none"]
-    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=str(workdir))
-    read_fd, write_fd = os.pipe()
-    command += ["--ready-fd", str(write_fd)]
+        options += ["--sinks", "none"]
 
     def pin() -> None:
         if cpus is not None:
             os.sched_setaffinity(0, cpus)
 
-    with open(log_path, "ab") as log:
-        agent = subprocess.Popen(
-            command,
-            pass_fds=(write_fd,),
-            stdout=log,
-            stderr=log,
-            cwd=workdir,
-            env=env,
-            preexec_fn=pin,
-        )
-    os.close(write_fd)
-    with os.fdopen(read_fd, "rb") as ready:
-        line = ready.readline()
-    if line.strip() != b"ready":
-        agent.kill()
-        raise RuntimeError(f"the agent did not start:\n{log_path.read_text()[-2000:]}")
-    return agent
+    return common_start_agent(
+        endpoint,
+        runs_dir,
+        workdir / "agent.log",
+        options=options,
+        cwd=workdir,
+        env=dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=str(workdir)),
+        preexec_fn=pin,
+    )
 
 
 def helper_cpu(me: Any, torch_threads: set[int]) -> dict[tuple[str, int], float]:

@@ -6,6 +6,7 @@ import os
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -156,20 +157,24 @@ def test_process_jobs_run_in_a_lower_priority_process_that_is_replaced_when_it_d
     assert jobs.close(10)
 
 
-def _sleep(seconds: float) -> None:
+def _start_then_sleep(started: str, seconds: float) -> None:
+    Path(started).touch()
     time.sleep(seconds)
 
 
 def test_a_process_job_cut_off_at_exit_is_said_to_be_stopped_not_failed(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
     """A job still running in its worker process when close() runs out of time: the process
     is killed, and the log says the exit timeout stopped it (not a BrokenProcessPool)."""
     jobs = StatsJobs(threads=1, processes=True)
     jobs.submit("warm", "whoami", _whoami, lambda _: None, (os.getpriority(os.PRIO_PROCESS, 0),))
     assert jobs.wait_idle(60)  # the worker process is up
-    jobs.submit("dashboard/run", "dashboard", _sleep, lambda _: None, (30.0,))
-    time.sleep(0.2)
+    started_file = tmp_path / "started"
+    jobs.submit(
+        "dashboard/run", "dashboard", _start_then_sleep, lambda _: None, (str(started_file), 30.0)
+    )
+    wait_for(started_file.exists, 30, "the job running in its worker process")
     with caplog.at_level("WARNING", logger="outrider.agent"):
         started = time.monotonic()
         assert jobs.close(0.5) is False
