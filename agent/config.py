@@ -82,7 +82,7 @@ sinks:
     enabled: true
     project: outrider
     mode: auto                # online with an API key, offline without
-    rows_per_second: 2        # most W&B history rows per second, steps between folded (0: all)
+    rows_per_second: 0.2      # most W&B history rows a second, steps between folded (0: all)
 """
 DEFAULT_YAML += "\n# Alert rules and where alerts go (docs/alerts.md).\n" + DEFAULT_ALERTS_YAML
 

@@ -7,7 +7,7 @@ out of the trainer's steps (docs/performance.md). Each round starts a fresh
 agent (as ``outrider run`` does) per configuration, lets it settle, then
 measures its CPU, and its children's (statistics workers, W&B's service),
 over two phases: idle (no trainer), and paced (a probe in this process logs
-five scalars ``--rate`` times a second, each flushed by the probe's sender as
+five scalars (``--scalars``) ``--rate`` times a second, each flushed by the probe's sender as
 one message, as a trainer's step does). Configurations alternate within each
 round. ``--compare DIR`` adds the same configurations run from another source
 tree (e.g. a ``git worktree`` of an older commit), side by side.
@@ -30,9 +30,14 @@ import bench_overhead
 from _common import agent_cpu, load_average, machine, print_table, short_ipc_endpoint
 
 
-def measure(pid: int, seconds: float, rate: float, step0: int) -> tuple[float, float, int]:
-    """Agent and children CPU in ms per second over ``seconds``; ``rate`` messages/s (0: idle)."""
+def measure(
+    pid: int, seconds: float, rate: float, step0: int, scalars: int
+) -> tuple[float, float, int]:
+    """Agent and children CPU in ms per second over ``seconds``; ``rate`` messages/s (0: idle)
+    of ``scalars`` values each."""
     import probe
+
+    extra = {f"layer/{i}": float(i) for i in range(max(0, scalars - 5))}
 
     own0, kids0 = agent_cpu(pid)
     started = time.perf_counter()
@@ -41,7 +46,8 @@ def measure(pid: int, seconds: float, rate: float, step0: int) -> tuple[float, f
         if rate:
             sent += 1
             probe.log(
-                {"loss": 1.0 / sent, "lr": 1e-3, "a": 1.0, "b": 2.0, "c": 3.0}, step=step0 + sent
+                {"loss": 1.0 / sent, "lr": 1e-3, "a": 1.0, "b": 2.0, "c": 3.0, **extra},
+                step=step0 + sent,
             )
             time.sleep(max(0.0, sent / rate - (time.perf_counter() - started)))
         else:
@@ -76,8 +82,8 @@ def one_agent(
         probe.flush()
         time.sleep(args.settle)
         figures = {
-            "idle": measure(agent.pid, args.seconds, 0.0, 0),
-            "paced": measure(agent.pid, args.seconds, args.rate, 1),
+            "idle": measure(agent.pid, args.seconds, 0.0, 0, args.scalars),
+            "paced": measure(agent.pid, args.seconds, args.rate, 1, args.scalars),
         }
         probe.finish()
     finally:
@@ -98,6 +104,13 @@ def main() -> None:
         type=float,
         default=10.0,
         help="messages per second in the paced phase (default 10: a 100 ms step)",
+    )
+    parser.add_argument(
+        "--scalars",
+        type=int,
+        default=5,
+        help="values per message (default 5; probe.watch's per-layer norms make a few "
+        "hundred on the steps it logs them)",
     )
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (default 2)")
     parser.add_argument(
@@ -129,7 +142,7 @@ def main() -> None:
     print(f"machine: {machine()}; load average {load_average():.2f}")
     print(
         f"{args.rounds} rounds x {len(configs)} agents; {args.seconds:.0f} s idle, then "
-        f"{args.seconds:.0f} s at {args.rate:g} messages/s"
+        f"{args.seconds:.0f} s at {args.rate:g} messages/s of {max(5, args.scalars)} values"
     )
     results: dict[str, list[dict[str, tuple[float, float, int]]]] = {c[0]: [] for c in configs}
     with tempfile.TemporaryDirectory(prefix="bai-") as tmp:
