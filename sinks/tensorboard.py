@@ -24,6 +24,7 @@ import itertools
 import json
 import logging
 import math
+import operator
 import re
 import struct
 import sys
@@ -59,6 +60,8 @@ logger = logging.getLogger("outrider.sinks.tensorboard")
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 #: "NaN"/"Infinity"/"-Infinity": how metrics.jsonl spells the floats JSON cannot
 NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+#: value types taken as they are (bool is not one: ``type(True) is bool``)
+NUMBER_TYPES = frozenset((float, int))
 #: a bigger image is skipped rather than copied into every event file reader's memory
 MAX_IMAGE_BYTES = 32 * 1024 * 1024
 #: events queued inside one writer before ``add_event`` waits (the sink's own thread only)
@@ -175,7 +178,9 @@ class TensorBoardSink(Sink):
         self._logs: dict[Path, _RankLog] = {}
         self._warned_at: dict[str, float] = {}
         self._closed = False
-        self._summaries: dict[str, Callable[[dict[str, Any], Path], list[Any]]] = {
+        # Each adds its entry's values to the event's summary (built in place: a value made
+        # on its own is copied on the way in, which took half of a scalars entry's time).
+        self._summaries: dict[str, Callable[[dict[str, Any], Path, Any], None]] = {
             "scalars": self._scalars,
             "histogram": self._histogram,
             "text": self._text,
@@ -255,30 +260,28 @@ class TensorBoardSink(Sink):
             summarize = self._summaries.get(kind) if isinstance(kind, str) else None
             if summarize is None:
                 continue  # hello, heartbeat, probe_stats, bye, tensor, and kinds to come
+            event = event_pb2.Event()
             try:
                 step = _step(entry.get("step"))
-                values = summarize(entry, run_dir)
+                summarize(entry, run_dir, event.summary)
             except BadEntry as exc:
                 self._skip(exc.reason, str(exc))
                 continue
             except Exception as exc:  # a shape no check foresaw; still only this entry's problem
                 self._skip(f"bad_{kind}", f"{type(exc).__name__}: {exc}")
                 continue
-            if not values:
+            if not event.summary.value:
                 continue
             log = self._log(batch.source.run, directory)
             if kind == "config":
-                text = values[0].tensor.string_val[0]
+                text = event.summary.value[0].tensor.string_val[0]
                 if text == log.config_text:
                     continue
             if step is None:
                 step = log.next_step
                 log.next_step += 1
-            event = event_pb2.Event(
-                wall_time=_wall_time(entry.get("t"), self.clock),
-                step=step,
-                summary=summary_pb2.Summary(value=values),
-            )
+            event.wall_time = _wall_time(entry.get("t"), self.clock)
+            event.step = step
             self._guarded(log, functools.partial(log.writer.add_event, event))
             touched[directory] = log
             if kind == "config":
@@ -328,19 +331,26 @@ class TensorBoardSink(Sink):
                 self.skip_reasons[reason],
             )
 
-    # -- one summary builder per kind: entry -> Summary.Value list, or BadEntry ----
-    def _scalars(self, entry: dict[str, Any], run_dir: Path) -> list[Any]:
+    # -- one summary builder per kind: entry -> values added to ``summary``, or BadEntry --
+    def _scalars(self, entry: dict[str, Any], run_dir: Path, summary: Any) -> None:
         metrics = _field(entry, "metrics", dict, "scalars")
-        values = []
+        add = summary.value.add
+        # The common case, checked in C: plain numbers under non-empty names.
+        if NUMBER_TYPES.issuperset(map(type, metrics.values())) and all(metrics):
+            try:
+                for tag, value in metrics.items():
+                    add(tag=tag, simple_value=value)
+                return
+            except (TypeError, ValueError, OverflowError):
+                del summary.value[:]  # a name that is not a string, an int beyond any float
         for tag, raw in metrics.items():
             value = _number(raw)
             if not isinstance(tag, str) or not tag or value is None:
                 self._skip("bad_scalar_value", f"metric {tag!r}: {raw!r} is not a number")
                 continue
-            values.append(summary_pb2.Summary.Value(tag=tag, simple_value=value))
-        return values
+            add(tag=tag, simple_value=value)
 
-    def _histogram(self, entry: dict[str, Any], run_dir: Path) -> list[Any]:
+    def _histogram(self, entry: dict[str, Any], run_dir: Path, summary: Any) -> None:
         tag = _name(entry, "histogram")
         edges = _numbers(entry, "edges", tag)
         counts = _numbers(entry, "counts", tag)
@@ -350,34 +360,41 @@ class TensorBoardSink(Sink):
                 f"histogram {tag!r}: {len(edges)} edges for {len(counts)} counts "
                 "(want one more edge than counts, and at least one count)",
             )
-        if not all(math.isfinite(e) for e in edges) or any(
-            b < a for a, b in itertools.pairwise(edges)
+        # Sorted with finite ends: finite throughout (a NaN fails the comparison).
+        if not (
+            math.isfinite(edges[0])
+            and math.isfinite(edges[-1])
+            and all(map(operator.le, edges, itertools.islice(edges, 1, None)))
         ):
             raise BadEntry("bad_histogram", f"histogram {tag!r}: edges must be finite and sorted")
-        if not all(c >= 0 for c in counts):  # NaN fails this too
+        if not all(map(operator.le, itertools.repeat(0.0), counts)):  # NaN fails this too
             raise BadEntry("bad_histogram", f"histogram {tag!r}: counts must be >= 0")
-        middles = [(a + b) / 2 for a, b in itertools.pairwise(edges)]
+
+        def from_buckets(power: int) -> float:  # only for a statistic the entry lacks
+            middles = [(a + b) / 2 for a, b in itertools.pairwise(edges)]
+            if power == 1:
+                return sum(c * m for c, m in zip(counts, middles, strict=True))
+            return sum(c * m * m for c, m in zip(counts, middles, strict=True))
+
         histogram = histogram_pb2.HistogramProto(
-            min=_stat(entry, "min", edges[0]),
-            max=_stat(entry, "max", edges[-1]),
-            num=_stat(entry, "count", sum(counts)),
-            sum=_stat(entry, "sum", sum(c * m for c, m in zip(counts, middles, strict=True))),
-            sum_squares=_stat(
-                entry, "sum_squares", sum(c * m * m for c, m in zip(counts, middles, strict=True))
-            ),
+            min=_stat(entry, "min", lambda: edges[0]),
+            max=_stat(entry, "max", lambda: edges[-1]),
+            num=_stat(entry, "count", lambda: sum(counts)),
+            sum=_stat(entry, "sum", lambda: from_buckets(1)),
+            sum_squares=_stat(entry, "sum_squares", lambda: from_buckets(2)),
             # TensorBoard's bucket i is (limit[i-1], limit[i]]: right edges only, `min` standing
             # in for the first left edge; its histogram and distribution dashboards draw that.
             bucket_limit=edges[1:],
             bucket=counts,
         )
-        return [summary_pb2.Summary.Value(tag=tag, histo=histogram)]
+        summary.value.add(tag=tag, histo=histogram)
 
-    def _text(self, entry: dict[str, Any], run_dir: Path) -> list[Any]:
+    def _text(self, entry: dict[str, Any], run_dir: Path, summary: Any) -> None:
         tag = _name(entry, "text")
         text = _field(entry, "text", str, "text")
-        return [self._markdown(tag, *self._truncate(text, code_block))]
+        self._markdown(summary, tag, *self._truncate(text, code_block))
 
-    def _image(self, entry: dict[str, Any], run_dir: Path) -> list[Any]:
+    def _image(self, entry: dict[str, Any], run_dir: Path, summary: Any) -> None:
         tag = _name(entry, "image")
         path = Path(_field(entry, "path", str, "image"))
         if not path.is_absolute():
@@ -393,9 +410,9 @@ class TensorBoardSink(Sink):
         image = summary_pb2.Summary.Image(
             height=height, width=width, colorspace=colorspace, encoded_image_string=data
         )
-        return [summary_pb2.Summary.Value(tag=tag, image=image)]
+        summary.value.add(tag=tag, image=image)
 
-    def _event(self, entry: dict[str, Any], run_dir: Path) -> list[Any]:
+    def _event(self, entry: dict[str, Any], run_dir: Path, summary: Any) -> None:
         tag = _name(entry, "event")
         attrs = entry.get("attrs", {})
         if not isinstance(attrs, dict):
@@ -403,21 +420,21 @@ class TensorBoardSink(Sink):
                 "bad_event", f"event {tag!r}: attrs is {type(attrs).__name__}, not a map"
             )
         body, note = self._truncate(_json(attrs), code_block, "json")
-        return [self._markdown(f"events/{tag}", body, note)]
+        self._markdown(summary, f"events/{tag}", body, note)
 
-    def _config(self, entry: dict[str, Any], run_dir: Path) -> list[Any]:
+    def _config(self, entry: dict[str, Any], run_dir: Path, summary: Any) -> None:
         params = _field(entry, "params", dict, "config")
-        return [self._markdown("config", *self._truncate(_json(params), code_block, "json"))]
+        self._markdown(summary, "config", *self._truncate(_json(params), code_block, "json"))
 
-    def _alert(self, entry: dict[str, Any], run_dir: Path) -> list[Any]:
+    def _alert(self, entry: dict[str, Any], run_dir: Path, summary: Any) -> None:
         tag = _name(entry, "alert")
         severity = _field(entry, "severity", str, "alert")
         message = _field(entry, "message", str, "alert")
         body, note = self._truncate(message, escape_markdown)
         headline = f"**{escape_markdown(severity.upper())}** {body}"
-        return [self._markdown(f"alerts/{tag}", headline, note)]
+        self._markdown(summary, f"alerts/{tag}", headline, note)
 
-    def _system(self, entry: dict[str, Any], run_dir: Path) -> list[Any]:
+    def _system(self, entry: dict[str, Any], run_dir: Path, summary: Any) -> None:
         """A host sample: one scalar per ``agent.system.flatten`` name (``system/...``).
 
         The agent's own entries (rank -1) go where its alerts go: the run's
@@ -426,10 +443,9 @@ class TensorBoardSink(Sink):
         """
         from agent.system import flatten  # the one definition of the names
 
-        return [
-            summary_pb2.Summary.Value(tag=tag, simple_value=value)
-            for tag, value in flatten(entry).items()
-        ]
+        add = summary.value.add
+        for tag, value in flatten(entry).items():
+            add(tag=tag, simple_value=value)
 
     def _truncate(self, text: str, render: Callable[..., str], *args: str) -> tuple[str, str]:
         """``render(text)``, cut to ``max_text_chars`` first; the note says what was cut."""
@@ -439,8 +455,8 @@ class TensorBoardSink(Sink):
         return render(text[:limit], *args), f"*(truncated: {limit} of {len(text)} characters)*"
 
     @staticmethod
-    def _markdown(tag: str, body: str, note: str = "") -> Any:
-        """A text-plugin summary: one UTF-8 string, rendered as Markdown by TensorBoard."""
+    def _markdown(summary: Any, tag: str, body: str, note: str = "") -> None:
+        """A text-plugin value: one UTF-8 string, rendered as Markdown by TensorBoard."""
         text = f"{body}\n\n{note}" if note else body
         metadata = summary_pb2.SummaryMetadata(
             plugin_data=summary_pb2.SummaryMetadata.PluginData(
@@ -453,7 +469,7 @@ class TensorBoardSink(Sink):
             tensor_shape=tensor_shape_pb2.TensorShapeProto(),  # a scalar: rendered as-is, no table
             string_val=[text.encode("utf-8", "replace")],
         )
-        return summary_pb2.Summary.Value(tag=tag, metadata=metadata, tensor=tensor)
+        summary.value.add(tag=tag, metadata=metadata, tensor=tensor)
 
 
 # -- pure helpers -------------------------------------------------------------------------
@@ -503,6 +519,8 @@ def _field(entry: dict[str, Any], key: str, kind: type, what: str) -> Any:
 
 def _numbers(entry: dict[str, Any], key: str, tag: str) -> list[float]:
     raw = _field(entry, key, list, "histogram")
+    if NUMBER_TYPES.issuperset(map(type, raw)):  # what the agent writes: checked in C
+        return raw  # type: ignore[no-any-return]
     numbers = [_number(x) for x in raw]
     if any(x is None for x in numbers):
         raise BadEntry("bad_histogram", f"histogram {tag!r}: {key} holds a non-number")
@@ -530,10 +548,10 @@ def _number(value: Any) -> float | None:
     return None
 
 
-def _stat(entry: dict[str, Any], key: str, default: float) -> float:
-    """A histogram statistic, or ``default`` (derived from the buckets) when absent."""
+def _stat(entry: dict[str, Any], key: str, default: Callable[[], float]) -> float:
+    """A histogram statistic, or ``default()`` (derived from the buckets) when absent."""
     if key not in entry:
-        return default
+        return default()
     value = _number(entry[key])
     if value is None:
         raise BadEntry("bad_histogram", f"histogram {key} is {entry[key]!r}, not a number")

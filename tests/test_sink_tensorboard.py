@@ -487,6 +487,9 @@ def test_bad_entries_are_skipped_and_counted_while_the_rest_is_written(
         entry("histogram", 0, name="h", edges=[0.0, 1.0, 2.0], counts=[1, 2, 3]),
         entry("histogram", 0, name="h", edges=[0.0, 1.0]),
         entry("histogram", 0, name="h", edges=[1.0, 0.0], counts=[1]),
+        entry("histogram", 0, name="h", edges=[0.0, math.nan, 2.0], counts=[1, 1]),
+        entry("histogram", 0, name="h", edges=[0.0, 1.0, 2.0], counts=[1.0, math.nan]),
+        entry("histogram", 0, name="h", edges=[0.0, "Infinity"], counts=[1]),
         entry("image", 0, name="img", path="missing.png"),
         entry("image", 0, name="img", path="notes.txt"),
         entry("image", 0, name="img"),
@@ -500,27 +503,42 @@ def test_bad_entries_are_skipped_and_counted_while_the_rest_is_written(
         entry("scalars", 1, metrics={"loss": 1.0, "bad": "abc", "worse": [1], "ok": 2.0}),
         entry("text", 2, name="t", text="fine"),
         entry("histogram", 3, name="h", edges=[0.0, 1.0], counts=[4]),
+        # plain numbers, the fast path, until a name or a value proves it wrong
+        entry("scalars", 4, metrics={"fine": 3, "": 1.0}),
+        entry("scalars", 5, metrics={"fine": 4.0, "huge": 10**400}),
+        entry("scalars", 6, metrics={"fine": 5.0, 7: 1.0}),
     ]
     try:
-        worker.submit(batch(run_dir, good[0], *bad[:7], good[1], *bad[7:], good[2]))
+        worker.submit(batch(run_dir, good[0], *bad[:7], good[1], *bad[7:], *good[2:]))
         accumulator = read_when(
             run_dir / "tensorboard",
-            lambda a: "h" in a.Tags()["histograms"] and "t" in a.Tags()["tensors"],
+            lambda a: (
+                "h" in a.Tags()["histograms"]
+                and "t" in a.Tags()["tensors"]
+                and len(a.Scalars("fine")) == 3
+                if "fine" in a.Tags()["scalars"]
+                else False
+            ),
         )
     finally:
         assert worker.close(10.0)
-    assert sink.skipped == len(bad) + 2  # and the two bad values inside the good scalars entry
+    assert sink.skipped == len(bad) + 5  # and the bad values inside the good scalars entries
     assert sink.skip_reasons == Counter(
         bad_scalars=2,
-        bad_histogram=3,
+        bad_histogram=6,
         bad_image=3,
         bad_text=2,
         bad_event=1,
         bad_alert=1,
         bad_step=1,
-        bad_scalar_value=2,
+        bad_scalar_value=5,
     )
-    assert sorted(accumulator.Tags()["scalars"]) == ["loss", "ok"]
+    assert sorted(accumulator.Tags()["scalars"]) == ["fine", "loss", "ok"]
+    assert [(e.step, e.value) for e in accumulator.Scalars("fine")] == [
+        (4, 3.0),
+        (5, 4.0),
+        (6, 5.0),
+    ]
     assert text_of(accumulator, "t") == ["```\nfine\n```"]
     assert [e.histogram_value.bucket[0] for e in accumulator.Histograms("h")] == [4.0]
     assert worker.stats.failures == 0 and worker.health == Health.CLOSED
