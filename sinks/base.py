@@ -12,7 +12,7 @@ from. A sink must treat entries as read-only: every sink sees the same ones.
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -22,6 +22,17 @@ from probe.protocol import ENVELOPE_KEYS
 #: arrival means the loop is alive. Heartbeats and probe counters come from the sender
 #: thread, so they keep coming from a hung loop and do not count.
 TRAINER_KINDS = frozenset({"scalars", "tensor", "text", "event", "config", "histogram"})
+
+_PLAIN_NUMBER_TYPES = frozenset((float, int))
+
+
+def plain_numbers(values: Iterable[Any]) -> bool:
+    """Whether every value is a float or an int (not a bool, not a non-finite spelling).
+
+    What the run store writes almost always is: a sink checks that in C and takes
+    the values as they are, and checks value by value only when it fails.
+    """
+    return _PLAIN_NUMBER_TYPES.issuperset(map(type, values))
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,7 @@ from tensorboard.summary.writer.event_file_writer import (  # type: ignore[impor
     EventFileWriter,
 )
 
-from sinks.base import Batch, Sink
+from sinks.base import Batch, Sink, plain_numbers
 from sinks.registry import SinkContext
 
 logger = logging.getLogger("outrider.sinks.tensorboard")
@@ -60,8 +60,6 @@ logger = logging.getLogger("outrider.sinks.tensorboard")
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 #: "NaN"/"Infinity"/"-Infinity": how metrics.jsonl spells the floats JSON cannot
 NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
-#: value types taken as they are (bool is not one: ``type(True) is bool``)
-NUMBER_TYPES = frozenset((float, int))
 #: a bigger image is skipped rather than copied into every event file reader's memory
 MAX_IMAGE_BYTES = 32 * 1024 * 1024
 #: events queued inside one writer before ``add_event`` waits (the sink's own thread only)
@@ -336,7 +334,7 @@ class TensorBoardSink(Sink):
         metrics = _field(entry, "metrics", dict, "scalars")
         add = summary.value.add
         # The common case, checked in C: plain numbers under non-empty names.
-        if NUMBER_TYPES.issuperset(map(type, metrics.values())) and all(metrics):
+        if plain_numbers(metrics.values()) and all(metrics):
             try:
                 for tag, value in metrics.items():
                     add(tag=tag, simple_value=value)
@@ -519,7 +517,7 @@ def _field(entry: dict[str, Any], key: str, kind: type, what: str) -> Any:
 
 def _numbers(entry: dict[str, Any], key: str, tag: str) -> list[float]:
     raw = _field(entry, key, list, "histogram")
-    if NUMBER_TYPES.issuperset(map(type, raw)):  # what the agent writes: checked in C
+    if plain_numbers(raw):
         return raw  # type: ignore[no-any-return]
     numbers = [_number(x) for x in raw]
     if any(x is None for x in numbers):

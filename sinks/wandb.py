@@ -20,6 +20,7 @@ import itertools
 import logging
 import math
 import netrc
+import operator
 import os
 import re
 import shlex
@@ -34,7 +35,7 @@ from urllib.parse import urlsplit
 import orjson
 import pydantic
 
-from sinks.base import Batch, Sink
+from sinks.base import Batch, Sink, plain_numbers
 from sinks.registry import SinkContext
 
 if TYPE_CHECKING:
@@ -174,10 +175,17 @@ def _histogram_parts(entry: Mapping[str, Any], max_bins: int) -> tuple[list[floa
         raise _Skip("counts and edges must be non-empty lists")
     if len(edges) != len(counts) + 1:
         raise _Skip(f"{len(edges)} edges for {len(counts)} counts (want counts + 1)")
-    numbers = [_number(v) for v in (*counts, *edges)]
-    if any(v is None or isinstance(v, bool) or not math.isfinite(v) for v in numbers):
+    # W&B takes no non-finite spelling here: anything but plain finite numbers is refused.
+    if not (
+        plain_numbers(counts)
+        and plain_numbers(edges)
+        and all(map(math.isfinite, counts))
+        and all(map(math.isfinite, edges))
+    ):
         raise _Skip("counts and edges must be finite numbers")
-    if any(c < 0 for c in counts) or any(b < a for a, b in itertools.pairwise(edges)):
+    if not all(map(operator.le, itertools.repeat(0), counts)) or not all(
+        map(operator.le, edges, itertools.islice(edges, 1, None))
+    ):
         raise _Skip("counts must be >= 0 and edges non-decreasing")
     return merge_bins(counts, edges, max_bins)
 
@@ -514,6 +522,10 @@ class WandbSink(Sink):
         metrics, step = entry.get("metrics"), _step(entry)
         if not isinstance(metrics, dict):
             raise _Skip("metrics is not a map")
+        if plain_numbers(metrics.values()) and all(isinstance(n, str) and n for n in metrics):
+            # A copy: the entry is every sink's, and the row gets the step key added.
+            state.add(step, {prefix + n: v for n, v in metrics.items()} if prefix else {**metrics})
+            return
         values: dict[str, Any] = {}
         for name, value in metrics.items():
             number = _number(value)

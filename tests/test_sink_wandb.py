@@ -237,6 +237,12 @@ def test_bad_entries_are_skipped_and_the_rest_kept(tmp_path: Path) -> None:
         entry("scalars", "seven", metrics={"a": 0}),
         entry("histogram", 1, name="h", counts=[1, 2], edges=[0, 1]),
         entry("histogram", 1, name="h", counts=["NaN"], edges=[0, 1]),
+        entry("histogram", 1, name="h", counts=[1, 1], edges=[0, math.nan, 2]),
+        entry("histogram", 1, name="h", counts=[1, -1], edges=[0, 1, 2]),
+        entry("histogram", 1, name="h", counts=[True], edges=[0, 1]),
+        entry("histogram", 1, name="h", counts=[1, 1], edges=[0, 2, 1]),
+        scalars(3, d=1.5, **{"": 2.0}),  # plain numbers, one empty name: d kept
+        entry("scalars", 4, metrics={"e": 1, 7: 2.0}),  # a name that is no string: e kept
         entry("text", 1, name="t"),
         entry("image", 1, name="i", path="missing.png"),
         entry("alert", 1, name="x", severity="fatal", message="m"),
@@ -246,11 +252,13 @@ def test_bad_entries_are_skipped_and_the_rest_kept(tmp_path: Path) -> None:
         scalars(2, a=2),
     ]
     sink, worker = run_sink(tmp_path, [Batch(source("run-c"), entries, str(run_dir))])
-    assert sink.skipped == 9
+    assert sink.skipped == 15
     assert worker.stats.failures == 0 and worker.stats.exported_entries == len(entries)
+    assert entries[0]["metrics"] == {"a": 1}  # entries are every sink's: never changed
     run = read_offline_run(run_dir)
     assert run.series("a") == [(1, 1), (2, 2)]
     assert run.series("c") == [(1, 2)]
+    assert run.series("d") == [(3, 1.5)] and run.series("e") == [(4, 1)]
     assert not [row for row in run.history if {"b", "h", "t", "i"} & row.keys()]
 
 
