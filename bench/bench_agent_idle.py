@@ -7,10 +7,11 @@ out of the trainer's steps (docs/performance.md). Each round starts a fresh
 agent (as ``outrider run`` does) per configuration, lets it settle, then
 measures its CPU, and its children's (statistics workers, W&B's service),
 over two phases: idle (no trainer), and paced (a probe in this process logs
-five scalars (``--scalars``) ``--rate`` times a second, each flushed by the probe's sender as
-one message, as a trainer's step does). Configurations alternate within each
-round. ``--compare DIR`` adds the same configurations run from another source
-tree (e.g. a ``git worktree`` of an older commit), side by side.
+five scalars, or ``--scalars``, ``--rate`` times a second, each flushed by the
+probe's sender as one message, as a trainer's step does). Configurations
+alternate within each round. ``--compare DIR`` adds the same configurations
+run from another source tree (e.g. a ``git worktree`` of an older commit),
+side by side.
 
 Figures are printed, never asserted: this machine is shared and noisy.
 """
