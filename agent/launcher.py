@@ -32,16 +32,11 @@ from probe.identity import new_run_id, new_stream_id
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
 
-def agent_command(
-    endpoint: str,
-    runs_dir: Path,
-    run_id: str,
-    meta: dict[str, Any],
-    ready_fd: int,
-    drain: float,
-    extra: list[str],
-) -> list[str]:
-    """``python -P``: the trainer's directory (with its own agent.py?) stays off sys.path."""
+def agent_argv(endpoint: str, runs_dir: Path, ready_fd: int, *options: str) -> list[str]:
+    """The command that starts an agent which says 'ready' on ``ready_fd`` once bound.
+
+    ``python -P``: the trainer's directory (with its own agent.py?) stays off sys.path.
+    """
     return [
         sys.executable,
         "-P",
@@ -52,18 +47,36 @@ def agent_command(
         endpoint,
         "--runs-dir",
         str(runs_dir),
+        "--ready-fd",
+        str(ready_fd),
+        *options,
+    ]
+
+
+def agent_command(
+    endpoint: str,
+    runs_dir: Path,
+    run_id: str,
+    meta: dict[str, Any],
+    ready_fd: int,
+    drain: float,
+    extra: list[str],
+) -> list[str]:
+    """``outrider run``'s agent: its run declared, and it exits with its parent."""
+    return agent_argv(
+        endpoint,
+        runs_dir,
+        ready_fd,
         "--run-id",
         run_id,
         "--meta",
         orjson.dumps(meta).decode(),
-        "--ready-fd",
-        str(ready_fd),
         "--drain-timeout",
         str(drain),
         "--parent-pid",
         str(os.getpid()),
         *extra,
-    ]
+    )
 
 
 def wait_ready(fd: int, timeout: float, agent: subprocess.Popen[bytes]) -> bool:

@@ -10,11 +10,12 @@ import contextlib
 import os
 import platform
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from agent.launcher import agent_argv
 
 
 def short_ipc_endpoint(base: Path, name: str = "agent.sock") -> str:
@@ -62,22 +63,7 @@ def start_agent(
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     read_fd, write_fd = os.pipe()
-    command = [
-        sys.executable,
-        "-P",
-        "-m",
-        "agent",
-        "agent",
-        "--endpoint",
-        endpoint,
-        "--runs-dir",
-        str(runs_dir),
-        "--ready-fd",
-        str(write_fd),
-        "--log-level",
-        "WARNING",
-        *options,
-    ]
+    command = agent_argv(endpoint, runs_dir, write_fd, "--log-level", "WARNING", *options)
     with open(log_path, "ab") as log:
         agent = subprocess.Popen(
             command,

@@ -13,6 +13,8 @@ from typing import Any
 
 import orjson
 
+from agent.launcher import agent_argv
+
 PYTHON = sys.executable
 REPO = Path(__file__).resolve().parent.parent
 
@@ -39,23 +41,15 @@ def start_agent(
     """A real agent process, returned once it has bound its endpoint (no sinks by default)."""
     read_fd, write_fd = os.pipe()
     agent = subprocess.Popen(
-        [
-            PYTHON,
-            "-P",
-            "-m",
-            "agent",
-            "agent",
-            "--endpoint",
+        agent_argv(
             endpoint,
-            "--runs-dir",
-            str(runs_dir),
+            runs_dir,
+            write_fd,
             *(["--sinks", sinks] if sinks is not None else []),
-            "--ready-fd",
-            str(write_fd),
             "--log-level",
             "WARNING",
             *extra,
-        ],
+        ),
         pass_fds=(write_fd,),
         stderr=subprocess.PIPE,
         # -P keeps the cwd off sys.path; tests' own sinks (tests.faulty_sinks) need the repo.
