@@ -525,6 +525,8 @@ def worker(args: argparse.Namespace) -> None:
     step_times: list[float] = []
     telemetry_times: list[float] = []  # training-thread time in telemetry code, per step
     loop_start = cpu_start = thread_start = loop_start_unix = agent_start = 0.0
+    faults_start = 0
+    thread_usage_start = resource.getrusage(resource.RUSAGE_THREAD)
     helpers_start: dict[tuple[str, int], float] = {}
     parts_start: dict[str, float] = {}
     last = time.perf_counter()
@@ -538,6 +540,8 @@ def worker(args: argparse.Namespace) -> None:
             helpers_start = helper_cpu(me, torch_threads)
             usage = resource.getrusage(resource.RUSAGE_SELF)
             cpu_start = usage.ru_utime + usage.ru_stime
+            faults_start = usage.ru_minflt + usage.ru_majflt
+            thread_usage_start = resource.getrusage(resource.RUSAGE_THREAD)
             thread_start = time.thread_time()
         telemetry.before_step(step)
         telemetry.hook_s = 0.0
@@ -574,6 +578,7 @@ def worker(args: argparse.Namespace) -> None:
     helpers_end = helper_cpu(me, torch_threads)
     helpers_loop_s = sum(cpu - helpers_start.get(key, 0.0) for key, cpu in helpers_end.items())
     thread_s = time.thread_time() - thread_start
+    thread_usage = resource.getrusage(resource.RUSAGE_THREAD)
     usage = resource.getrusage(resource.RUSAGE_SELF)
     cpu_s = usage.ru_utime + usage.ru_stime - cpu_start
     result: dict[str, Any] = {
@@ -584,6 +589,14 @@ def worker(args: argparse.Namespace) -> None:
         "helpers_loop_cpu_s": helpers_loop_s,  # telemetry threads and child processes
         "trainer_cpu_s": cpu_s,
         "other_threads_cpu_s": cpu_s - thread_s,
+        # Costs the trainer pays outside telemetry code: page faults (the allocator
+        # returning and re-faulting memory) and the training thread being switched out.
+        "process_faults": usage.ru_minflt + usage.ru_majflt - faults_start,
+        "thread_counts": {
+            key: getattr(thread_usage, f"ru_{key}") - getattr(thread_usage_start, f"ru_{key}")
+            for key in ("minflt", "majflt", "nvcsw", "nivcsw")
+        },
+        "thread_sys_s": thread_usage.ru_stime - thread_usage_start.ru_stime,
         "telemetry_times": telemetry_times,
         "step_times": step_times,
         "final_loss": float(loss.item()),
@@ -808,6 +821,43 @@ def report_agent_parts(variants: Sequence[str], runs: dict[str, list[Run]]) -> N
     print_table(["variant", *named, "other"], rows)
 
 
+def report_trainer_kernel(variants: Sequence[str], runs: dict[str, list[Run]]) -> None:
+    """What the trainer pays in the kernel, per timed step: costs no telemetry-code timer
+    sees (page faults inside torch's ops, the training thread switched out)."""
+
+    def per_step(vruns: Sequence[Run], value: Any) -> float:
+        return statistics.mean(value(r.result) / len(r.step_times) for r in vruns)
+
+    rows = []
+    for variant in variants:
+        vruns = [r for r in runs[variant] if "thread_counts" in r.result]
+        if not vruns:
+            continue
+        rows.append(
+            [
+                variant,
+                f"{per_step(vruns, lambda r: r['thread_counts']['minflt']):.0f}",
+                f"{per_step(vruns, lambda r: r['process_faults']):.0f}",
+                f"{1000 * per_step(vruns, lambda r: r['thread_sys_s']):.2f}",
+                f"{per_step(vruns, lambda r: r['thread_counts']['nvcsw']):.1f}",
+                f"{per_step(vruns, lambda r: r['thread_counts']['nivcsw']):.1f}",
+            ]
+        )
+    if rows:
+        print("\nTrainer in the kernel, per timed step (mean over repeats):")
+        print_table(
+            [
+                "variant",
+                "training thread page faults",
+                "process page faults",
+                "training thread system ms",
+                "voluntary switches",
+                "involuntary switches",
+            ],
+            rows,
+        )
+
+
 def report(variants: Sequence[str], runs: dict[str, list[Run]], args: argparse.Namespace) -> None:
     print()
     print(
@@ -918,6 +968,7 @@ def report(variants: Sequence[str], runs: dict[str, list[Run]], args: argparse.N
         "cache effects cost on top."
     )
     report_agent_parts(variants, runs)
+    report_trainer_kernel(variants, runs)
 
     print()
     detail: list[list[str]] = []
