@@ -8,7 +8,12 @@ thread. No agent is needed: without one the records are counted as dropped,
 which costs the training thread the same. Histograms and activations are off:
 they have their own steps (docs/watch.md).
 
-    python bench/bench_watch_hooks.py              # ~30 s
+    python bench/bench_watch_hooks.py                 # ~30 s
+    python bench/bench_watch_hooks.py --device cuda   # on a GPU: host time of the launches
+
+On CUDA the timed region is what the training thread spends issuing the work
+(nothing in it waits for the GPU); each step is synchronised after its timing,
+so steps do not pile up in the stream.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30, help="timed steps per round and side")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--layer-every", type=int, default=10)
+    p.add_argument("--device", default="cpu", help="torch device (default cpu; e.g. cuda)")
     args = p.parse_args()
 
     import torch
@@ -40,10 +46,12 @@ def main() -> None:
     endpoint = f"ipc://{tempfile.mkdtemp()}/nobody.sock"  # nothing listens: drops, counted
     os.environ.setdefault("OUTRIDER_RUN_ID", "bench-watch-hooks")
     probe.init(endpoint=endpoint)
-    model = demo.CharLM(128, 4, 128, 4)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    model = demo.CharLM(128, 4, 128, 4).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    x = torch.randint(0, 256, (16, 128))
-    y = torch.randint(0, 256, (16, 128))
+    x = torch.randint(0, 256, (16, 128), device=device)
+    y = torch.randint(0, 256, (16, 128), device=device)
 
     def median_step_ms(watched: bool) -> float:
         times = []
@@ -57,6 +65,8 @@ def main() -> None:
             if watched:
                 probe.log({"loss": loss.detach()}, step=step)
             times.append(time.perf_counter() - started)
+            if cuda:
+                torch.cuda.synchronize()  # after the timing: the next step starts idle
         return 1000 * statistics.median(times)
 
     base: list[float] = []
@@ -71,7 +81,7 @@ def main() -> None:
     hooks = [w - b for w, b in zip(watched, base, strict=True)]
     print(
         f"clip_grad_norm_ + optimizer.step(), median ms per step over {args.rounds} rounds "
-        f"x {args.steps} steps (1 torch thread):"
+        f"x {args.steps} steps (1 torch thread, {device}):"
     )
     print(f"  without probe.watch  {statistics.median(base):.3f}")
     print(f"  with probe.watch     {statistics.median(watched):.3f}")

@@ -585,6 +585,48 @@ def test_other_nvml_errors_are_counted_and_the_field_asked_again(
     assert sampler.sample()["gpus"][0]["temperature_c"] == 61.0
 
 
+def _nvml_driver() -> bool:
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return False
+    pynvml.nvmlShutdown()
+    return True
+
+
+@pytest.mark.skipif(not _nvml_driver(), reason="needs an NVIDIA driver")
+def test_real_nvml_reports_every_gpu_as_nvml_itself_does() -> None:
+    """With the machine's own driver: one entry per GPU, identity and memory as NVML reads
+    them directly, utilisation in range, rates from the second sample on, no errors."""
+    sampler = SystemSampler(lambda entry: None)
+    first = sampler.sample()
+    time.sleep(0.5)
+    second = sampler.sample()
+    pynvml.nvmlInit()
+    try:
+        count = pynvml.nvmlDeviceGetCount()
+        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
+        uuids = [pynvml.nvmlDeviceGetUUID(h) for h in handles]
+        totals = [pynvml.nvmlDeviceGetMemoryInfo(h).total for h in handles]
+    finally:
+        pynvml.nvmlShutdown()
+    for entry in (first, second):
+        assert [gpu["index"] for gpu in entry["gpus"]] == list(range(count))
+        assert [gpu["uuid"] for gpu in entry["gpus"]] == uuids
+        assert [gpu["memory_total_bytes"] for gpu in entry["gpus"]] == totals
+        for gpu in entry["gpus"]:
+            assert 0 <= gpu["util_percent"] <= 100
+            assert 0 <= gpu["memory_used_bytes"] <= gpu["memory_total_bytes"]
+            assert gpu["name"]
+    for gpu in second["gpus"]:
+        # PCIe rates: from counter deltas (second sample) or NVML's own sampled rate.
+        assert gpu.get("pcie_tx_bytes_per_s", 0) >= 0 and gpu.get("pcie_rx_bytes_per_s", 0) >= 0
+    flat = flatten(second)
+    assert flat["system/gpu0/memory_total_bytes"] == float(totals[0])
+    assert sampler.counters()["nvml_errors"] == 0
+    assert sampler.close(1.0)
+
+
 @pytest.mark.parametrize(
     "nvml",
     [
