@@ -48,6 +48,8 @@ def main() -> None:
     probe.init(endpoint=endpoint)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: this torch sees no CUDA device")
     model = demo.CharLM(128, 4, 128, 4).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x = torch.randint(0, 256, (16, 128), device=device)
