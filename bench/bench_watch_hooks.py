@@ -40,16 +40,16 @@ def main() -> None:
 
     import probe
 
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: this torch sees no CUDA device")
     torch.set_num_threads(1)
     demo = load_demo()
 
     endpoint = f"ipc://{tempfile.mkdtemp()}/nobody.sock"  # nothing listens: drops, counted
     os.environ.setdefault("OUTRIDER_RUN_ID", "bench-watch-hooks")
     probe.init(endpoint=endpoint)
-    device = torch.device(args.device)
-    cuda = device.type == "cuda"
-    if cuda and not torch.cuda.is_available():
-        raise SystemExit(f"--device {args.device}: this torch sees no CUDA device")
     model = demo.CharLM(128, 4, 128, 4).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x = torch.randint(0, 256, (16, 128), device=device)
