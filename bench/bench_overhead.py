@@ -64,7 +64,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -825,7 +825,7 @@ def report_trainer_kernel(variants: Sequence[str], runs: dict[str, list[Run]]) -
     """What the trainer pays in the kernel, per timed step: costs no telemetry-code timer
     sees (page faults inside torch's ops, the training thread switched out)."""
 
-    def per_step(vruns: Sequence[Run], value: Any) -> float:
+    def per_step(vruns: Sequence[Run], value: Callable[[dict[str, Any]], float]) -> float:
         return statistics.mean(value(r.result) / len(r.step_times) for r in vruns)
 
     rows = []
