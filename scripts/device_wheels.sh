@@ -9,12 +9,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYVER=${1:-3.12}
-# Not on that machine's image (docs/gpu.md lists how this was read).
+# Not on that machine's image (as its package list read on 2026-11-17).
 NAMES=(pyzmq orjson pydantic pydantic-core annotated-types typing-inspection typing-extensions
     google-crc32c openTSNE)
 PIP=(.venv/bin/python -m pip)
+rm -rf .whl  # one version of each: two would stop the install there
 mkdir -p .whl
-grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/exclude
 for name in "${NAMES[@]}"; do
     version=$("${PIP[@]}" show "$name" 2>/dev/null | sed -n 's/^Version: //p')
     if [ -z "$version" ]; then
