@@ -64,7 +64,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -470,6 +470,19 @@ TELEMETRY: dict[str, type[Telemetry]] = {
 }
 
 
+def kernel_counts(thread: Any, process: Any) -> dict[str, float]:
+    """Costs the trainer pays outside telemetry code, from ``getrusage`` of the training
+    thread and the process: page faults (the allocator returning and re-faulting memory),
+    system time, and the training thread being switched out."""
+    return {
+        "thread_faults": thread.ru_minflt + thread.ru_majflt,
+        "process_faults": process.ru_minflt + process.ru_majflt,
+        "thread_system_s": thread.ru_stime,
+        "thread_voluntary_switches": thread.ru_nvcsw,
+        "thread_involuntary_switches": thread.ru_nivcsw,
+    }
+
+
 def worker(args: argparse.Namespace) -> None:
     """Train ``warmup + steps`` steps, time the last ``steps``, write a JSON result."""
     if args.placement == "sep":
@@ -525,8 +538,7 @@ def worker(args: argparse.Namespace) -> None:
     step_times: list[float] = []
     telemetry_times: list[float] = []  # training-thread time in telemetry code, per step
     loop_start = cpu_start = thread_start = loop_start_unix = agent_start = 0.0
-    faults_start = 0
-    thread_usage_start = resource.getrusage(resource.RUSAGE_THREAD)
+    kernel_start: dict[str, float] = {}
     helpers_start: dict[tuple[str, int], float] = {}
     parts_start: dict[str, float] = {}
     last = time.perf_counter()
@@ -540,8 +552,7 @@ def worker(args: argparse.Namespace) -> None:
             helpers_start = helper_cpu(me, torch_threads)
             usage = resource.getrusage(resource.RUSAGE_SELF)
             cpu_start = usage.ru_utime + usage.ru_stime
-            faults_start = usage.ru_minflt + usage.ru_majflt
-            thread_usage_start = resource.getrusage(resource.RUSAGE_THREAD)
+            kernel_start = kernel_counts(resource.getrusage(resource.RUSAGE_THREAD), usage)
             thread_start = time.thread_time()
         telemetry.before_step(step)
         telemetry.hook_s = 0.0
@@ -578,8 +589,9 @@ def worker(args: argparse.Namespace) -> None:
     helpers_end = helper_cpu(me, torch_threads)
     helpers_loop_s = sum(cpu - helpers_start.get(key, 0.0) for key, cpu in helpers_end.items())
     thread_s = time.thread_time() - thread_start
-    thread_usage = resource.getrusage(resource.RUSAGE_THREAD)
+    kernel_thread = resource.getrusage(resource.RUSAGE_THREAD)
     usage = resource.getrusage(resource.RUSAGE_SELF)
+    kernel_end = kernel_counts(kernel_thread, usage)
     cpu_s = usage.ru_utime + usage.ru_stime - cpu_start
     result: dict[str, Any] = {
         "loop_s": loop_s,
@@ -589,14 +601,7 @@ def worker(args: argparse.Namespace) -> None:
         "helpers_loop_cpu_s": helpers_loop_s,  # telemetry threads and child processes
         "trainer_cpu_s": cpu_s,
         "other_threads_cpu_s": cpu_s - thread_s,
-        # Costs the trainer pays outside telemetry code: page faults (the allocator
-        # returning and re-faulting memory) and the training thread being switched out.
-        "process_faults": usage.ru_minflt + usage.ru_majflt - faults_start,
-        "thread_counts": {
-            key: getattr(thread_usage, f"ru_{key}") - getattr(thread_usage_start, f"ru_{key}")
-            for key in ("minflt", "majflt", "nvcsw", "nivcsw")
-        },
-        "thread_sys_s": thread_usage.ru_stime - thread_usage_start.ru_stime,
+        "kernel": {key: value - kernel_start[key] for key, value in kernel_end.items()},
         "telemetry_times": telemetry_times,
         "step_times": step_times,
         "final_loss": float(loss.item()),
@@ -821,41 +826,31 @@ def report_agent_parts(variants: Sequence[str], runs: dict[str, list[Run]]) -> N
     print_table(["variant", *named, "other"], rows)
 
 
+KERNEL_COLUMNS = (  # (header, key in kernel_counts, scale, format)
+    ("training thread page faults", "thread_faults", 1, ".0f"),
+    ("process page faults", "process_faults", 1, ".0f"),
+    ("training thread system ms", "thread_system_s", 1000, ".2f"),
+    ("voluntary switches", "thread_voluntary_switches", 1, ".1f"),
+    ("involuntary switches", "thread_involuntary_switches", 1, ".1f"),
+)
+
+
 def report_trainer_kernel(variants: Sequence[str], runs: dict[str, list[Run]]) -> None:
     """What the trainer pays in the kernel, per timed step: costs no telemetry-code timer
     sees (page faults inside torch's ops, the training thread switched out)."""
-
-    def per_step(vruns: Sequence[Run], value: Callable[[dict[str, Any]], float]) -> float:
-        return statistics.mean(value(r.result) / len(r.step_times) for r in vruns)
-
     rows = []
     for variant in variants:
-        vruns = [r for r in runs[variant] if "thread_counts" in r.result]
+        vruns = [r for r in runs[variant] if "kernel" in r.result]
         if not vruns:
             continue
-        rows.append(
-            [
-                variant,
-                f"{per_step(vruns, lambda r: r['thread_counts']['minflt']):.0f}",
-                f"{per_step(vruns, lambda r: r['process_faults']):.0f}",
-                f"{1000 * per_step(vruns, lambda r: r['thread_sys_s']):.2f}",
-                f"{per_step(vruns, lambda r: r['thread_counts']['nvcsw']):.1f}",
-                f"{per_step(vruns, lambda r: r['thread_counts']['nivcsw']):.1f}",
-            ]
-        )
+        cells = []
+        for _, key, scale, fmt in KERNEL_COLUMNS:
+            mean = statistics.mean(r.result["kernel"][key] / len(r.step_times) for r in vruns)
+            cells.append(f"{scale * mean:{fmt}}")
+        rows.append([variant, *cells])
     if rows:
         print("\nTrainer in the kernel, per timed step (mean over repeats):")
-        print_table(
-            [
-                "variant",
-                "training thread page faults",
-                "process page faults",
-                "training thread system ms",
-                "voluntary switches",
-                "involuntary switches",
-            ],
-            rows,
-        )
+        print_table(["variant", *(header for header, *_ in KERNEL_COLUMNS)], rows)
 
 
 def report(variants: Sequence[str], runs: dict[str, list[Run]], args: argparse.Namespace) -> None:
