@@ -87,7 +87,9 @@ def capture_tensor(tensor: Any) -> Captured:
         host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=True)
         host.copy_(tensor, non_blocking=True)
         event = torch.cuda.Event()  # type: ignore[no-untyped-call]  # torch leaves it untyped
-        event.record()
+        # Behind the copy: it runs on the tensor's device's stream, which need not be
+        # the current device's (a model on cuda:1 without torch.cuda.set_device(1)).
+        event.record(torch.cuda.current_stream(tensor.device))
         return Captured(host, event)
     return Captured(tensor.clone(), None)
 

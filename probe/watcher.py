@@ -63,7 +63,6 @@ class Watcher:
         self.tokens_per_step = tokens_per_step
         self.step = start_step
         self._names = {id(p): name for name, p in model.named_parameters()}
-        self._cuda = torch.cuda.is_available()  # ~20 us a call in a training loop: ask once
         self._last_step_end: float | None = None
         self._data_wait = 0.0
         self._clip_coefficients: dict[int, Any] = {}  # param id -> this step's clip factor
@@ -291,14 +290,17 @@ class Watcher:
         return self._torch.stack(norms).float()
 
     def _cuda_memory(self) -> dict[str, int]:
-        """Allocator counters: host-side bookkeeping, no device sync."""
-        torch = self._torch
-        if not self._cuda or not torch.cuda.is_initialized():
+        """Allocator counters of the device the model trains on (its first parameter's):
+        host-side bookkeeping, no device sync."""
+        first = next((p for group in self.optimizer.param_groups for p in group["params"]), None)
+        if first is None or not first.is_cuda:
             return {}
+        cuda = self._torch.cuda
+        device = first.device
         return {
-            "cuda_memory_allocated_bytes": torch.cuda.memory_allocated(),
-            "cuda_memory_reserved_bytes": torch.cuda.memory_reserved(),
-            "cuda_memory_peak_bytes": torch.cuda.max_memory_allocated(),
+            "cuda_memory_allocated_bytes": cuda.memory_allocated(device),
+            "cuda_memory_reserved_bytes": cuda.memory_reserved(device),
+            "cuda_memory_peak_bytes": cuda.max_memory_allocated(device),
         }
 
     # -- activations ----------------------------------------------------------------------

@@ -233,3 +233,59 @@ def test_an_evaluation_reads_nothing_on_the_training_thread(
         line for line in lines(runs_dir / "eval-no-read") if "val/loss" in line.get("metrics", {})
     ]
     assert line["step"] == 7 and line["metrics"]["val/perplexity"] > 1.0
+
+
+# -- the CUDA capture, where a GPU exists ---------------------------------------------------
+
+# About 0.1 s of GPU time at 2 GHz: the stream is still busy when the capture returns.
+BUSY_CYCLES = 200_000_000
+
+
+def captured_after_a_busy_stream(device: torch.device) -> tuple[Any, float]:
+    """A tensor captured on ``device`` while its stream is still busy, and its value."""
+    from probe import values
+
+    previous_mode = torch.cuda.get_sync_debug_mode()
+    with torch.cuda.device(device):
+        torch.cuda._sleep(BUSY_CYCLES)  # queued first: the fill and the copy wait behind it
+    tensor = torch.full((4096,), 7.0, device=device)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        captured = values.capture_tensor(tensor)
+    finally:
+        torch.cuda.set_sync_debug_mode(previous_mode)
+    return captured, 7.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cuda_capture_is_read_only_after_its_copy_lands() -> None:
+    """No sync at capture; the sender's wait (the event) orders the read behind the copy."""
+    captured, value = captured_after_a_busy_stream(torch.device("cuda", 0))
+    assert captured.host.is_pinned()
+    assert torch.equal(captured.wait(), torch.full((4096,), value))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_a_cuda_capture_on_a_device_other_than_the_current_waits_for_it(
+    agent: Any, endpoint: str, runs_dir: Path
+) -> None:
+    """A model on cuda:1 with cuda:0 current: the event is on cuda:1's stream, and the
+    memory counters are cuda:1's."""
+    torch.cuda.set_device(0)
+    captured, value = captured_after_a_busy_stream(torch.device("cuda", 1))
+    assert torch.equal(captured.wait(), torch.full((4096,), value))
+
+    probe.init(endpoint, run_id="cuda1")
+    model = nn.Linear(64, 64).to("cuda:1")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    probe.watch(model, opt)
+    model(torch.randn(8, 64, device="cuda:1")).square().mean().backward()
+    opt.step()
+    allocated = torch.cuda.memory_allocated(1)  # the hook read it with the norms still alive
+    assert torch.cuda.memory_allocated(0) == 0  # what reading the current device would give
+    probe.finish()
+    assert stop_agent(agent) == 0
+    [metrics] = [
+        line["metrics"] for line in lines(runs_dir / "cuda1") if "grad_norm" in line["metrics"]
+    ]
+    assert metrics["cuda_memory_allocated_bytes"] >= allocated > 0
