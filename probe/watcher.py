@@ -291,16 +291,20 @@ class Watcher:
 
     def _cuda_memory(self) -> dict[str, int]:
         """Allocator counters of the device the model trains on (its first parameter's):
-        host-side bookkeeping, no device sync."""
+        host-side bookkeeping, no device sync. One read of the allocator's stats, not
+        ``memory_allocated()`` and friends, each of which flattens and sorts all of them."""
         first = next((p for group in self.optimizer.param_groups for p in group["params"]), None)
         if first is None or not first.is_cuda:
             return {}
-        cuda = self._torch.cuda
-        device = first.device
-        return {
-            "cuda_memory_allocated_bytes": cuda.memory_allocated(device),
-            "cuda_memory_reserved_bytes": cuda.memory_reserved(device),
-            "cuda_memory_peak_bytes": cuda.max_memory_allocated(device),
+        stats = self._torch.cuda.memory_stats_as_nested_dict(first.device)
+        if not stats:
+            return {}  # CUDA not initialised yet
+        allocated = stats.get("allocated_bytes", {}).get("all", {})
+        reserved = stats.get("reserved_bytes", {}).get("all", {})
+        return {  # the keys torch.cuda.memory_allocated / _reserved / max_memory_allocated read
+            "cuda_memory_allocated_bytes": allocated.get("current", 0),
+            "cuda_memory_reserved_bytes": reserved.get("current", 0),
+            "cuda_memory_peak_bytes": allocated.get("peak", 0),
         }
 
     # -- activations ----------------------------------------------------------------------

@@ -907,6 +907,8 @@ def test_cuda_values_arrive_without_a_sync_on_the_training_thread(
     for step, total in enumerate(expected):
         got = steps[step]
         assert close(got["grad_norm"], total, rel=1e-4), step
-        assert got["cuda_memory_allocated_bytes"] > 0
+        allocated = got["cuda_memory_allocated_bytes"]
+        assert 0 < allocated <= got["cuda_memory_peak_bytes"] <= torch.cuda.max_memory_allocated()
+        assert allocated <= got["cuda_memory_reserved_bytes"] <= torch.cuda.max_memory_reserved()
         assert {"act/0/mean", "act/1/zero_fraction", "param_norm/layer/0.weight"} <= set(got)
     assert (2, "grads/2.weight") in histograms(stored)
