@@ -1,0 +1,237 @@
+"""Agent memory over a long run: its RSS, sampled while a trainer logs at a fast pace.
+
+Why: the agent lives as long as the run, which may be days, and design.md's
+budget is a flat RSS of at most 300 MB. A slow leak takes hours to show at a
+real step rate, so this script compresses a long run: a small model trains
+in this process under ``probe.watch`` (scalars and gradient norms every step,
+per-layer norms every 10 steps, histograms and activation statistics every
+50), with ``probe.features`` of a hidden state every 100 steps, a text sample
+every 200 and an event every 1,000, paced at ``--rate`` steps per second
+(default 100: ten times a 100 ms step) for ``--minutes``. The agent is a real
+``outrider agent`` process with the default sinks (run store, TensorBoard,
+Prometheus, offline W&B) and its statistics on.
+
+Printed: the RSS over time of the agent, its statistics workers, W&B's
+service and this trainer; each one's growth over the second half of the run
+(a least-squares slope, in MB per 100,000 steps); the run's files on disk
+per 1,000 steps; and the trainer stream's accounting (nothing may be lost).
+
+    python bench/bench_agent_memory.py                  # 20 minutes: 120,000 steps
+    python bench/bench_agent_memory.py --minutes 3      # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_overhead
+from _common import machine, print_table, short_ipc_endpoint
+
+PARTS = ("agent", "statistics workers", "W&B service", "trainer")
+MB = 1024 * 1024
+
+
+class RssTrace:
+    """RSS of each part, sampled every ``every`` seconds on a thread of this process."""
+
+    def __init__(self, agent_pid: int, every: float) -> None:
+        import psutil
+
+        self.agent = psutil.Process(agent_pid)
+        self.trainer = psutil.Process()
+        self.every = every
+        self.step = 0  # the trainer's step, set by the training loop
+        self.samples: list[tuple[float, int, dict[str, float]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-trace", daemon=True)
+        self._started = time.perf_counter()
+
+    def start(self) -> None:
+        self._started = time.perf_counter()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def sample(self) -> dict[str, float]:
+        import psutil
+
+        rss = dict.fromkeys(PARTS, 0.0)
+        with contextlib.suppress(psutil.Error):
+            rss["agent"] = self.agent.memory_info().rss / MB
+            for child in self.agent.children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    command = " ".join(child.cmdline())
+                    part = "statistics workers" if "multiprocessing" in command else "W&B service"
+                    rss[part] += child.memory_info().rss / MB
+        rss["trainer"] = self.trainer.memory_info().rss / MB
+        return rss
+
+    def _run(self) -> None:
+        while True:
+            self.samples.append((time.perf_counter() - self._started, self.step, self.sample()))
+            if self._stop.wait(self.every):
+                return
+
+
+def train(args: argparse.Namespace, trace: RssTrace) -> int:
+    """The compressed run: ``args.minutes`` of steps at ``args.rate`` steps/s. Returns steps."""
+    import torch
+    from torch import nn
+
+    import probe
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(1)
+    model = nn.Sequential(
+        nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10)
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    probe.watch(model, opt, hist_every=50, activations_every=50, batch_size=64)
+    hidden: list[torch.Tensor] = []
+    model[3].register_forward_hook(lambda module, inputs, output: hidden.append(output))
+    words = ["loss", "token", "gradient", "layer", "sample", "the", "of", "and", "model"]
+    step = 0
+    started = time.perf_counter()
+    deadline = started + 60 * args.minutes
+    while time.perf_counter() < deadline:
+        x = torch.randn(64, 64)
+        y = torch.randint(10, (64,))
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        probe.log({"loss": loss}, step=step)
+        probe.features("hidden", hidden.pop(), step=step, every=100)
+        if step % 200 == 0:
+            probe.text(
+                "samples/generation", " ".join(words[(step + i) % 9] for i in range(40)), step
+            )
+        if step % 1000 == 0:
+            probe.event("checkpoint_saved", step=step, path=f"ckpt/{step}.pt")
+        step += 1
+        trace.step = step
+        time.sleep(max(0.0, started + step / args.rate - time.perf_counter()))
+    return step
+
+
+def slope_per_100k_steps(points: list[tuple[int, float]]) -> float:
+    """Least-squares MB per 100,000 steps."""
+    n = len(points)
+    if n < 2:
+        return float("nan")
+    mean_x = sum(x for x, _ in points) / n
+    mean_y = sum(y for _, y in points) / n
+    sxx = sum((x - mean_x) ** 2 for x, _ in points)
+    if not sxx:
+        return float("nan")
+    sxy = sum((x - mean_x) * (y - mean_y) for x, y in points)
+    return 1e5 * sxy / sxx
+
+
+def directory_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / MB
+
+
+def report(trace: RssTrace, steps: int, seconds: float, run_dir: Path) -> None:
+    samples = trace.samples
+    print(
+        f"\n{steps:,} steps in {seconds:.0f} s ({steps / seconds:.0f} steps/s); at 10 steps/s "
+        f"that is {steps / 10 / 3600:.1f} h of training"
+    )
+    rows = []
+    marks = sorted({round(i * (len(samples) - 1) / 10) for i in range(11)})
+    for index in marks:
+        elapsed, step, rss = samples[index]
+        total = sum(rss[part] for part in PARTS if part != "trainer")
+        rows.append(
+            [f"{elapsed / 60:5.1f}", f"{step:,}", *(f"{rss[p]:.0f}" for p in PARTS), f"{total:.0f}"]
+        )
+    print("\nRSS in MB (agent total = agent + statistics workers + W&B service)")
+    print_table(["minute", "step", *PARTS, "agent total"], rows)
+
+    second_half = [s for s in samples if s[0] >= samples[-1][0] / 2]
+    rows = []
+    for part in (*PARTS, "agent total"):
+
+        def value(rss: dict[str, float], part: str = part) -> float:
+            if part == "agent total":
+                return sum(rss[p] for p in PARTS if p != "trainer")
+            return rss[part]
+
+        peak = max(value(rss) for _, _, rss in samples)
+        start = value(second_half[0][2])
+        slope = slope_per_100k_steps([(step, value(rss)) for _, step, rss in second_half])
+        rows.append([part, f"{peak:.0f}", f"{start:.0f}", f"{slope:+.1f}"])
+    print("\nGrowth over the second half of the run (least squares)")
+    print_table(["part", "peak MB", "at half-time MB", "MB per 100k steps"], rows)
+
+    rows = []
+    for label, path in (
+        ("run store (metrics.jsonl, tensors.bin, run.json)", None),
+        ("tensorboard/", run_dir / "tensorboard"),
+        ("wandb/", run_dir / "wandb"),
+    ):
+        if path is None:
+            size = sum(f.stat().st_size for f in run_dir.iterdir() if f.is_file()) / MB
+        else:
+            size = directory_mb(path) if path.exists() else 0.0
+        rows.append([label, f"{size:.1f}", f"{1000 * size / max(steps, 1):.2f}"])
+    print("\nOn disk")
+    print_table(["files", "MB", "MB per 1k steps"], rows)
+    print(f"\ntrainer stream accounting: {bench_overhead.stream_accounting(run_dir)}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--minutes", type=float, default=20.0, help="run length (default 20)")
+    parser.add_argument("--rate", type=float, default=100.0, help="steps per second (default 100)")
+    parser.add_argument(
+        "--sample-seconds", type=float, default=5.0, help="RSS sampling period (default 5)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if args.minutes <= 0 or args.rate <= 0 or args.sample_seconds <= 0:
+        parser.error("--minutes, --rate and --sample-seconds must be > 0")
+    print(f"machine: {machine()}")
+    print(f"{args.minutes:g} minutes at {args.rate:g} steps/s, default sinks, statistics on")
+    import probe
+
+    with tempfile.TemporaryDirectory(prefix="bam-", dir="/tmp") as tmp_name:
+        tmp = Path(tmp_name)
+        workdir = tmp / "work"
+        workdir.mkdir()
+        endpoint = short_ipc_endpoint(tmp)
+        agent = bench_overhead.start_agent(
+            endpoint, workdir / "runs", "memory", workdir, sinks=True, cpus=None
+        )
+        try:
+            probe.init(endpoint=endpoint, run_id="memory")
+            trace = RssTrace(agent.pid, args.sample_seconds)
+            trace.start()
+            started = time.perf_counter()
+            try:
+                steps = train(args, trace)
+                seconds = time.perf_counter() - started
+                print(f"probe counters: {probe.stats()}")
+                probe.finish()
+            finally:
+                trace.stop()
+        finally:
+            bench_overhead.stop_agent(agent)
+        report(trace, steps, seconds, workdir / "runs" / "memory")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("WANDB_SILENT", "true")
+    main()
