@@ -8,8 +8,10 @@ aten operators that need a tensor's value on the host, and the ``Tensor``
 methods that read memory without dispatching are wrapped for the training
 thread. The probe's sender thread reads values by design and is not watched.
 
-The CUDA test in test_watch.py checks the same property with
-``torch.cuda.set_sync_debug_mode("error")`` where a GPU exists.
+Where a GPU exists, the CUDA tests at the end of this file and in
+test_watch.py check the same property with
+``torch.cuda.set_sync_debug_mode("error")``, and that a capture's values are
+read only once its asynchronous copy has landed.
 """
 
 from __future__ import annotations
@@ -54,7 +56,6 @@ MASK_INDEX_OPS = {aten.index.Tensor, aten.index_put.default, aten.index_put_.def
 
 # Tensor methods that read memory without an aten operator on CPU.
 HOST_READ_METHODS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__")
-
 
 PROBE_DIR = str(Path(probe.__file__).parent) + os.sep
 
