@@ -25,18 +25,32 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_overhead
-from _common import machine, print_table, short_ipc_endpoint
+from _common import machine, print_table, short_ipc_endpoint, stop_agent
+from _common import start_agent as common_start_agent
 
 PARTS = ("agent", "statistics workers", "W&B service", "trainer")
+AGENT_PARTS = PARTS[:3]
+TOTAL = "agent total RSS"
+PSS = "agent total PSS"
 MB = 1024 * 1024
+
+
+def _part(agent: Any, process: Any) -> str:
+    """Which part of the agent a process of its tree is."""
+    if process.pid == agent.pid:
+        return "agent"
+    command = " ".join(process.cmdline())
+    return "statistics workers" if "multiprocessing" in command else "W&B service"
 
 
 class RssTrace:
@@ -63,17 +77,19 @@ class RssTrace:
         self._thread.join()
 
     def sample(self) -> dict[str, float]:
+        """RSS of each part, and the agent's total PSS (its processes share library pages,
+        which each one's RSS counts again), in MB."""
         import psutil
 
-        rss = dict.fromkeys(PARTS, 0.0)
+        rss = dict.fromkeys((*PARTS, TOTAL, PSS), 0.0)
         with contextlib.suppress(psutil.Error):
-            rss["agent"] = self.agent.memory_info().rss / MB
-            for child in self.agent.children(recursive=True):
+            for process in (self.agent, *self.agent.children(recursive=True)):
                 with contextlib.suppress(psutil.Error):
-                    command = " ".join(child.cmdline())
-                    part = "statistics workers" if "multiprocessing" in command else "W&B service"
-                    rss[part] += child.memory_info().rss / MB
+                    memory = process.memory_full_info()
+                    rss[_part(self.agent, process)] += memory.rss / MB
+                    rss[PSS] += memory.pss / MB
         rss["trainer"] = self.trainer.memory_info().rss / MB
+        rss[TOTAL] = sum(rss[part] for part in AGENT_PARTS)
         return rss
 
     def _run(self) -> None:
@@ -108,7 +124,7 @@ def train(args: argparse.Namespace, trace: RssTrace) -> int:
         y = torch.randint(10, (64,))
         opt.zero_grad()
         loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         probe.log({"loss": loss}, step=step)
@@ -153,25 +169,25 @@ def report(trace: RssTrace, steps: int, seconds: float, run_dir: Path) -> None:
     marks = sorted({round(i * (len(samples) - 1) / 10) for i in range(11)})
     for index in marks:
         elapsed, step, rss = samples[index]
-        total = sum(rss[part] for part in PARTS if part != "trainer")
         rows.append(
-            [f"{elapsed / 60:5.1f}", f"{step:,}", *(f"{rss[p]:.0f}" for p in PARTS), f"{total:.0f}"]
+            [
+                f"{elapsed / 60:5.1f}",
+                f"{step:,}",
+                *(f"{rss[part]:.0f}" for part in (*PARTS, TOTAL, PSS)),
+            ]
         )
-    print("\nRSS in MB (agent total = agent + statistics workers + W&B service)")
-    print_table(["minute", "step", *PARTS, "agent total"], rows)
+    print(
+        f"\nMB over the run ({TOTAL} = agent + statistics workers + W&B service; "
+        "PSS counts shared pages once)"
+    )
+    print_table(["minute", "step", *PARTS, TOTAL, PSS], rows)
 
     second_half = [s for s in samples if s[0] >= samples[-1][0] / 2]
     rows = []
-    for part in (*PARTS, "agent total"):
-
-        def value(rss: dict[str, float], part: str = part) -> float:
-            if part == "agent total":
-                return sum(rss[p] for p in PARTS if p != "trainer")
-            return rss[part]
-
-        peak = max(value(rss) for _, _, rss in samples)
-        start = value(second_half[0][2])
-        slope = slope_per_100k_steps([(step, value(rss)) for _, step, rss in second_half])
+    for part in (*PARTS, TOTAL, PSS):
+        peak = max(rss[part] for _, _, rss in samples)
+        start = second_half[0][2][part]
+        slope = slope_per_100k_steps([(step, rss[part]) for _, step, rss in second_half])
         rows.append([part, f"{peak:.0f}", f"{start:.0f}", f"{slope:+.1f}"])
     print("\nGrowth over the second half of the run (least squares)")
     print_table(["part", "peak MB", "at half-time MB", "MB per 100k steps"], rows)
@@ -192,6 +208,22 @@ def report(trace: RssTrace, steps: int, seconds: float, run_dir: Path) -> None:
     print(f"\ntrainer stream accounting: {bench_overhead.stream_accounting(run_dir)}")
 
 
+def start(endpoint: str, workdir: Path, config: Path | None) -> subprocess.Popen[bytes]:
+    """The agent: the default sinks (as bench_overhead's), or ``config`` as it is."""
+    if config is None:
+        return bench_overhead.start_agent(
+            endpoint, workdir / "runs", "memory", workdir, sinks=True, cpus=None
+        )
+    return common_start_agent(
+        endpoint,
+        workdir / "runs",
+        workdir / "agent.log",
+        options=["--run-id", "memory", "--config", str(config.resolve())],
+        cwd=workdir,
+        env=dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=str(workdir)),
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=20.0, help="run length (default 20)")
@@ -199,12 +231,19 @@ def main() -> None:
     parser.add_argument(
         "--sample-seconds", type=float, default=5.0, help="RSS sampling period (default 5)"
     )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="an agent config file to run instead of the default sinks (e.g. stats off)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.minutes <= 0 or args.rate <= 0 or args.sample_seconds <= 0:
         parser.error("--minutes, --rate and --sample-seconds must be > 0")
     print(f"machine: {machine()}")
-    print(f"{args.minutes:g} minutes at {args.rate:g} steps/s, default sinks, statistics on")
+    setup = f"config {args.config}" if args.config else "default sinks, statistics on"
+    print(f"{args.minutes:g} minutes at {args.rate:g} steps/s, {setup}")
     import probe
 
     with tempfile.TemporaryDirectory(prefix="bam-", dir="/tmp") as tmp_name:
@@ -212,9 +251,7 @@ def main() -> None:
         workdir = tmp / "work"
         workdir.mkdir()
         endpoint = short_ipc_endpoint(tmp)
-        agent = bench_overhead.start_agent(
-            endpoint, workdir / "runs", "memory", workdir, sinks=True, cpus=None
-        )
+        agent = start(endpoint, workdir, args.config)
         try:
             probe.init(endpoint=endpoint, run_id="memory")
             trace = RssTrace(agent.pid, args.sample_seconds)
@@ -228,7 +265,7 @@ def main() -> None:
             finally:
                 trace.stop()
         finally:
-            bench_overhead.stop_agent(agent)
+            stop_agent(agent)
         report(trace, steps, seconds, workdir / "runs" / "memory")
 
 

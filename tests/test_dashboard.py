@@ -122,3 +122,30 @@ def test_matplotlib_imported_lazily_and_never_pyplot(tmp_path: Path) -> None:
     )
     root = Path(__file__).resolve().parent.parent
     subprocess.run([sys.executable, "-P", "-c", code], cwd=root, check=True, timeout=120)
+
+
+def test_image_jobs_free_their_figures_at_once(tmp_path: Path) -> None:
+    """A Figure is a web of cycles and a worker process runs a full collection rarely:
+    the dashboard and map jobs free theirs themselves, or its RSS climbs all run long."""
+    import gc
+
+    from matplotlib.figure import Figure
+
+    from agent.analysis import dashboard_job, map_job
+    from agent.maps import FeatureMap
+    from agent.store import TENSORS
+
+    rows = np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32)
+    (tmp_path / TENSORS).write_bytes(rows.tobytes())
+    line = {"name": "h", "dtype": "float32", "shape": [64, 8], "offset": 0, "nbytes": rows.nbytes}
+    gc.collect()
+    gc.disable()  # as if Python's own schedule had no full collection due
+    try:
+        dashboard_job(small_history(), tmp_path / "dashboard.png", "run abc")
+        map_job(FeatureMap(max_points=64), line, tmp_path, 5, "pca", tmp_path / "map.png", "h")
+        left = [o for o in gc.get_objects() if isinstance(o, Figure)]
+    finally:
+        gc.enable()
+    assert left == []
+    assert png_size(tmp_path / "dashboard.png") == (1200, 700)
+    assert (tmp_path / "map.png").stat().st_size > 0
