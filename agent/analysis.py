@@ -147,7 +147,7 @@ def _free_figures() -> None:
 
     A Figure is a web of reference cycles, so only the cycle collector frees
     it, and in a worker whose objects are mostly long-lived modules Python runs
-    a full collection rarely: the worker's RSS climbed by about 13 MB a
+    a full collection rarely: the worker's RSS climbed by 8-13 MB a
     dashboard, for the whole run (bench/bench_agent_memory.py). One collection
     costs ~70 ms of the worker's CPU, once per image.
     """
