@@ -149,7 +149,8 @@ def _free_figures() -> None:
     it, and in a worker whose objects are mostly long-lived modules Python runs
     a full collection rarely: the worker's RSS climbed by 8-13 MB a
     dashboard, for the whole run (bench/bench_agent_memory.py). One collection
-    costs ~70 ms of the worker's CPU, once per image.
+    costs ~70 ms of the worker's CPU, once per image (with ``stats.processes:
+    false`` the jobs run on an agent thread, and it holds the agent's GIL as long).
     """
     gc.collect()
 
