@@ -143,7 +143,7 @@ def test_image_jobs_free_their_figures_at_once(tmp_path: Path) -> None:
     try:
         dashboard_job(small_history(), tmp_path / "dashboard.png", "run abc")
         map_job(FeatureMap(max_points=64), line, tmp_path, 5, "pca", tmp_path / "map.png", "h")
-        left = [o for o in gc.get_objects() if isinstance(o, Figure)]
+        left = [o for o in gc.get_objects() if type(o) is Figure]
     finally:
         gc.enable()
     assert left == []
