@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -36,7 +35,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_overhead
 from _common import machine, print_table, short_ipc_endpoint, stop_agent
-from _common import start_agent as common_start_agent
+
+from agent.alert_rules import least_squares_slope
 
 PARTS = ("agent", "statistics workers", "W&B service", "trainer")
 AGENT_PARTS = PARTS[:3]
@@ -142,17 +142,9 @@ def train(args: argparse.Namespace, trace: RssTrace) -> int:
 
 
 def slope_per_100k_steps(points: list[tuple[int, float]]) -> float:
-    """Least-squares MB per 100,000 steps."""
-    n = len(points)
-    if n < 2:
-        return float("nan")
-    mean_x = sum(x for x, _ in points) / n
-    mean_y = sum(y for _, y in points) / n
-    sxx = sum((x - mean_x) ** 2 for x, _ in points)
-    if not sxx:
-        return float("nan")
-    sxy = sum((x - mean_x) * (y - mean_y) for x, y in points)
-    return 1e5 * sxy / sxx
+    """Least-squares MB per 100,000 steps (the alert rules' fit)."""
+    slope = least_squares_slope([x for x, _ in points], [y for _, y in points])
+    return float("nan") if slope is None else 1e5 * slope
 
 
 def directory_mb(path: Path) -> float:
@@ -208,22 +200,6 @@ def report(trace: RssTrace, steps: int, seconds: float, run_dir: Path) -> None:
     print(f"\ntrainer stream accounting: {bench_overhead.stream_accounting(run_dir)}")
 
 
-def start(endpoint: str, workdir: Path, config: Path | None) -> subprocess.Popen[bytes]:
-    """The agent: the default sinks (as bench_overhead's), or ``config`` as it is."""
-    if config is None:
-        return bench_overhead.start_agent(
-            endpoint, workdir / "runs", "memory", workdir, sinks=True, cpus=None
-        )
-    return common_start_agent(
-        endpoint,
-        workdir / "runs",
-        workdir / "agent.log",
-        options=["--run-id", "memory", "--config", str(config.resolve())],
-        cwd=workdir,
-        env=dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=str(workdir)),
-    )
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=20.0, help="run length (default 20)")
@@ -251,7 +227,15 @@ def main() -> None:
         workdir = tmp / "work"
         workdir.mkdir()
         endpoint = short_ipc_endpoint(tmp)
-        agent = start(endpoint, workdir, args.config)
+        agent = bench_overhead.start_agent(
+            endpoint,
+            workdir / "runs",
+            "memory",
+            workdir,
+            sinks=True,
+            cpus=None,
+            config_text=args.config.read_text() if args.config else bench_overhead.AGENT_CONFIG,
+        )
         try:
             probe.init(endpoint=endpoint, run_id="memory")
             trace = RssTrace(agent.pid, args.sample_seconds)

@@ -632,13 +632,21 @@ class Run:
 
 
 def start_agent(
-    endpoint: str, runs_dir: Path, run_id: str, workdir: Path, *, sinks: bool, cpus: set[int] | None
+    endpoint: str,
+    runs_dir: Path,
+    run_id: str,
+    workdir: Path,
+    *,
+    sinks: bool,
+    cpus: set[int] | None,
+    config_text: str = AGENT_CONFIG,
 ) -> subprocess.Popen[bytes]:
-    """A real agent, as ``outrider run`` starts it (``python -P -m agent``), optionally pinned."""
+    """A real agent, as ``outrider run`` starts it (``python -P -m agent``), optionally pinned;
+    with ``sinks``, configured by ``config_text`` (default: the default sinks, W&B offline)."""
     options = ["--run-id", run_id]
     if sinks:
         config = workdir / "agent.yaml"
-        config.write_text(AGENT_CONFIG)
+        config.write_text(config_text)
         options += ["--config", str(config)]
     else:
         options += ["--sinks", "none"]
