@@ -16,7 +16,7 @@ from typing import Any, Literal
 import pydantic
 import yaml
 
-from agent.alerts import DEFAULT_ALERTS_YAML, AlertsConfig
+from agent.alerts.engine import DEFAULT_ALERTS_YAML, AlertsConfig
 from sinks import registry
 
 DEFAULT_SINKS = ("tensorboard", "prometheus", "wandb")

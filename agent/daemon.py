@@ -22,13 +22,13 @@ from typing import Any
 
 import zmq
 
-from agent import runinfo
-from agent.analysis import Analysis, Derived
+from agent.analysis.engine import Analysis, Derived
 from agent.config import AgentConfig
-from agent.counters import AgentCounters, RateLimitedLog
-from agent.decode import Rejected, decode
 from agent.fanout import Fanout
-from agent.store import RunStore
+from agent.ingest.counters import AgentCounters, RateLimitedLog
+from agent.ingest.decode import Rejected, decode
+from agent.store import runinfo
+from agent.store.run_store import RunStore
 from agent.threadnames import ThreadNamer
 from probe import protocol
 from sinks.base import Batch, Source

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from agent.launcher import agent_argv
+from agent.cli.launcher import agent_argv
 
 
 def short_ipc_endpoint(base: Path, name: str = "agent.sock") -> str:

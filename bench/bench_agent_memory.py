@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_overhead
 from _common import machine, print_table, short_ipc_endpoint, stop_agent
 
-from agent.alert_rules import least_squares_slope
+from agent.alerts.rules import least_squares_slope
 
 PARTS = ("agent", "statistics workers", "W&B service", "trainer")
 AGENT_PARTS = PARTS[:3]

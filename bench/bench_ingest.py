@@ -56,7 +56,7 @@ from _common import (
 )
 
 from agent.daemon import Agent
-from agent.decode import decode
+from agent.ingest.decode import decode
 from probe import protocol
 
 BUDGET_VALUES_PER_S = 1_000_000

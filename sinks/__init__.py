@@ -1,1 +1,1 @@
-"""Where the agent sends what it receives (the JSONL run store lives in agent/store.py)."""
+"""Where the agent sends what it receives; the JSONL run store (agent/store/) comes first."""

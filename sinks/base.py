@@ -5,23 +5,19 @@ Deliberately small, after OpenTelemetry's exporters: ``export`` a batch,
 counting and health live once, in ``sinks/worker.py``, not in each sink.
 
 What a sink receives is exactly what the run store writes: each entry is a
-``metrics.jsonl`` line (see docs/protocol.md), grouped by the stream it came
-from. A sink must treat entries as read-only: every sink sees the same ones.
+``metrics.jsonl`` line (``sinks/schema.py``, docs/protocol.md), grouped by the
+stream it came from. A sink must treat entries as read-only: every sink sees the same ones.
 """
 
 from __future__ import annotations
 
 import abc
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from probe.protocol import ENVELOPE_KEYS
+from sinks.schema import TRAINER_KINDS, Batch, Source
 
-#: entry kinds the training code made (a ``histogram`` is a stored ``tensor``): their
-#: arrival means the loop is alive. Heartbeats and probe counters come from the sender
-#: thread, so they keep coming from a hung loop and do not count.
-TRAINER_KINDS = frozenset({"scalars", "tensor", "text", "event", "config", "histogram"})
+__all__ = ["TRAINER_KINDS", "Batch", "Sink", "Source", "plain_numbers"]
 
 _PLAIN_NUMBER_TYPES = frozenset((float, int))
 
@@ -33,33 +29,6 @@ def plain_numbers(values: Iterable[Any]) -> bool:
     the values as they are, and checks value by value only when it fails.
     """
     return _PLAIN_NUMBER_TYPES.issuperset(map(type, values))
-
-
-@dataclass(frozen=True)
-class Source:
-    """The stream a batch came from (the wire envelope)."""
-
-    run: str
-    stream: str
-    rank: int
-    local_rank: int
-    world_size: int
-    host: str
-    pid: int
-
-    @classmethod
-    def from_envelope(cls, envelope: dict[str, Any]) -> Source:
-        """The wire envelope's identity fields (probe.protocol.ENVELOPE_KEYS)."""
-        return cls(**{key: envelope[key] for key in ENVELOPE_KEYS})
-
-
-@dataclass(frozen=True)
-class Batch:
-    """Entries from one stream, in arrival order; ``run_dir`` is the run's store directory."""
-
-    source: Source
-    entries: Sequence[dict[str, Any]]
-    run_dir: str
 
 
 class Sink(abc.ABC):

@@ -2,7 +2,7 @@
 
 Training scalars become gauges ``<prefix>_<name>`` labelled by ``run``,
 ``rank`` and ``host`` only (never the step: labels must stay bounded). A
-host's samples (``system`` entries, agent/system.py) become ``<prefix>_host_*``
+host's samples (``system`` entries, agent/system/sampler.py) become ``<prefix>_host_*``
 gauges labelled ``host`` and ``<prefix>_process_*`` gauges labelled ``host`` and
 ``pid``; their GPUs are exported under the DCGM exporter's names, units and
 labels, so dashboards built for it (Grafana 12239) work unchanged.

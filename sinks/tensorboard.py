@@ -51,6 +51,7 @@ from tensorboard.summary.writer.event_file_writer import (  # type: ignore[impor
     EventFileWriter,
 )
 
+from sinks import schema
 from sinks.base import Batch, Sink, plain_numbers
 from sinks.registry import SinkContext
 
@@ -58,8 +59,6 @@ logger = logging.getLogger("outrider.sinks.tensorboard")
 
 #: run ids name directories; anything else is refused (the agent checks the same pattern)
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-#: "NaN"/"Infinity"/"-Infinity": how metrics.jsonl spells the floats JSON cannot
-NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 #: a bigger image is skipped rather than copied into every event file reader's memory
 MAX_IMAGE_BYTES = 32 * 1024 * 1024
 #: events queued inside one writer before ``add_event`` waits (the sink's own thread only)
@@ -433,16 +432,14 @@ class TensorBoardSink(Sink):
         self._markdown(summary, f"alerts/{tag}", headline, note)
 
     def _system(self, entry: dict[str, Any], run_dir: Path, summary: Any) -> None:
-        """A host sample: one scalar per ``agent.system.flatten`` name (``system/...``).
+        """A host sample: one scalar per ``sinks.schema.flatten`` name (``system/...``).
 
         The agent's own entries (rank -1) go where its alerts go: the run's
         directory, so TensorBoard shows a ``system`` section beside the
         training scalars (see docs/system.md).
         """
-        from agent.system import flatten  # the one definition of the names
-
         add = summary.value.add
-        for tag, value in flatten(entry).items():
+        for tag, value in schema.flatten(entry).items():
             add(tag=tag, simple_value=value)
 
     def _truncate(self, text: str, render: Callable[..., str], *args: str) -> tuple[str, str]:
@@ -542,7 +539,7 @@ def _number(value: Any) -> float | None:
         except OverflowError:  # an int beyond any float
             return None
     if isinstance(value, str):
-        return NON_FINITE.get(value)
+        return schema.decode_number(value)
     return None
 
 

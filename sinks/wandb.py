@@ -35,6 +35,7 @@ from urllib.parse import urlsplit
 import orjson
 import pydantic
 
+from sinks import schema
 from sinks.base import Batch, Sink, plain_numbers
 from sinks.registry import SinkContext
 
@@ -49,7 +50,6 @@ TEXT_ROWS = 200  # rows kept per text table (the newest)
 TABLE_INTERVAL = 10.0  # seconds between re-logs of a changing table (each one is a new file)
 MAX_HISTOGRAM_BINS = 512  # wandb.Histogram's own limit
 ALERT_TITLE_CHARS = 63  # run.alert wants a title under 64 characters
-NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 # W&B has no level above ERROR: the agent's critical alerts go out as ERROR.
 ALERT_LEVELS = {"info": "INFO", "warning": "WARN", "error": "ERROR", "critical": "ERROR"}
 RUN_ID_CHARS = re.compile(r"[^A-Za-z0-9_-]")
@@ -136,7 +136,7 @@ def _number(value: Any) -> float | int | None:
     if isinstance(value, int | float):
         return value
     if isinstance(value, str):
-        return NON_FINITE.get(value)
+        return schema.decode_number(value)
     return None
 
 

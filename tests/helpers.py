@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from agent.launcher import agent_argv
+from agent.cli.launcher import agent_argv
 
 PYTHON = sys.executable
 REPO = Path(__file__).resolve().parent.parent

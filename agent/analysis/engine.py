@@ -1,0 +1,607 @@
+"""The agent's brain: statistics, summaries, system samples and alerts, off the receive thread.
+
+The receive loop hands over each burst's stored entries (a deque append) and
+takes back what the analysis made: derived scalars, summaries, images,
+system samples and fired alerts, which it stores and fans out like any other
+record. Everything here runs on one analysis thread plus the statistics
+workers (``agent/analysis/workers.py``), below the agent's own priority; the inbox is
+bounded, so a flood of input costs statistics (counted), never the run store.
+"""
+
+from __future__ import annotations
+
+import collections
+import gc
+import logging
+import math
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from agent.analysis.workers import StatsJobs
+from agent.config import AgentConfig
+from agent.store.run_store import TENSORS
+from sinks import schema
+from sinks.schema import TRAINER_KINDS, Batch
+
+logger = logging.getLogger("outrider.agent")
+
+INBOX_LIMIT = 50_000  # entries waiting for the analysis thread (~50 MB); older batches dropped
+#: the analysis thread wakes once a tick, not on every stored burst: each wake-up costs CPU
+#: that, on a machine the trainer keeps busy, comes out of its steps. It works through its
+#: inbox then, right after the system sample (which wakes it), so both share one wake-up.
+TICK_SECONDS = 1.0
+#: a wake-up this far into a tick (the system sample's) does the tick's work early
+EARLY_TICK = 0.5
+#: with a system sampler its sample sets the pace; the thread's own timer waits this many
+#: ticks, a fallback that never fires just before a sample
+FALLBACK_TICKS = 1.5
+#: ... and the inbox is worked through at once when this many entries wait (a flood: keep
+#: up, within the GIL share)
+WAKE_ENTRIES = 5_000
+SLICE_SECONDS = 0.005  # analysis work between two pauses (about the interpreter's switch interval)
+
+
+@dataclass(frozen=True)
+class Derived:
+    """Something the analysis made, for the receive loop to store and send on.
+
+    ``run`` None: no particular run (stored in every open one, sent to sinks
+    once). ``to_store`` / ``to_sinks`` follow an alert's destinations.
+    """
+
+    run: str | None
+    entry: dict[str, Any]
+    to_store: bool = True
+    to_sinks: bool = True
+
+
+@dataclass(frozen=True)
+class _FeatureBatch:
+    run: str
+    rank: int
+    name: str
+    step: int | None
+    run_dir: Path
+    line: Mapping[str, Any]
+
+
+def _floats(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Stored scalars hold NaN/Infinity as strings: numbers again for the statistics."""
+    values: dict[str, float] = {}
+    for name, value in metrics.items():
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                continue
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            values[name] = float(value)
+    return values
+
+
+def read_features(line: Mapping[str, Any], run_dir: Path) -> Any:
+    """A features batch's rows, read back from the run's tensors.bin (float32, 2-d)."""
+    import numpy as np
+
+    shape = line.get("shape")
+    if line.get("dtype") != "float32" or not isinstance(shape, list) or len(shape) != 2:
+        raise ValueError(f"features {line.get('name')!r}: want 2-d float32, got {shape}")
+    with open(run_dir / TENSORS, "rb") as tensors:
+        tensors.seek(int(line["offset"]))
+        data = tensors.read(int(line["nbytes"]))
+    if len(data) != 4 * shape[0] * shape[1]:
+        raise ValueError(f"features {line.get('name')!r}: {len(data)} bytes for shape {shape}")
+    return np.frombuffer(data, dtype=np.float32).reshape(shape)
+
+
+# -- jobs: module-level functions, so that they can run in a worker process -----------------
+def representation_job(line: Mapping[str, Any], run_dir: Path) -> dict[str, float]:
+    from agent.analysis.representation import representation_stats
+
+    return representation_stats(read_features(line, run_dir))
+
+
+def pair_job(
+    student: Mapping[str, Any], student_dir: Path, teacher: Mapping[str, Any], teacher_dir: Path
+) -> dict[str, float]:
+    from agent.analysis.representation import paired_stats
+
+    return paired_stats(read_features(student, student_dir), read_features(teacher, teacher_dir))
+
+
+def map_job(
+    feature_map: Any,
+    line: Mapping[str, Any],
+    run_dir: Path,
+    step: int,
+    method: Literal["tsne", "pca"],
+    path: Path,
+    title: str,
+) -> tuple[Any, Path]:
+    """The next map of a stream; returns the updated FeatureMap with the PNG's path."""
+    from agent.analysis.maps import render_map
+
+    points = feature_map.update(read_features(line, run_dir), step, method)
+    try:
+        return feature_map, render_map(points, path, title)
+    finally:
+        _free_figures()
+
+
+def dashboard_job(history: Mapping[str, tuple[Any, Any]], path: Path, title: str) -> Path:
+    from agent.analysis.dashboard import render_dashboard
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return render_dashboard(history, path, title)
+    finally:
+        _free_figures()
+
+
+def _free_figures() -> None:
+    """A full garbage collection after each image, which frees its matplotlib Figure.
+
+    A Figure is a web of reference cycles, so only the cycle collector frees
+    it, and in a worker whose objects are mostly long-lived modules Python runs
+    a full collection rarely: the worker's RSS climbed by 8-13 MB a
+    dashboard, for the whole run (bench/bench_agent_memory.py). One collection
+    costs ~70 ms of the worker's CPU, once per image (with ``stats.processes:
+    false`` the jobs run on an agent thread, and it holds the agent's GIL as long).
+    """
+    gc.collect()
+
+
+#: what a t-SNE map costs a worker (openTSNE, one thread; measured 1.9 s for 1,000 x 128 on
+#: the 2-core test machine): under ``stats.cpu_share`` the first map waits as if one had run
+TSNE_CPU_SECONDS_PER_1000_POINTS = 2.0
+
+
+class Analysis:
+    """Owns the analysis thread, the statistics workers, the system sampler and the alerts."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        host: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        on_output: Callable[[], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.on_output = on_output  # called on this thread when ``take`` has something
+        self.host = host or socket.gethostname()
+        self.clock = clock
+        self.wall_clock = wall_clock
+        from agent.alerts import engine as alert_engine
+        from agent.analysis.summaries import Summaries
+        from agent.system.sampler import SystemSampler
+
+        settings = config.stats
+        self.summaries = Summaries(window_steps=settings.window_steps)
+        self.jobs = StatsJobs(
+            threads=settings.threads,
+            nice=settings.nice,
+            idle=settings.idle,
+            processes=settings.processes,
+            cpu_share=settings.cpu_share,
+        )
+        self.alerts = (
+            alert_engine.AlertEngine.from_config(config.alerts, clock=clock)
+            if config.alerts.enabled
+            else None
+        )
+        self._inbox: collections.deque[tuple[str, Any]] = collections.deque()
+        self._outbox: collections.deque[Derived] = collections.deque()
+        self._results: collections.deque[tuple[str, Any]] = collections.deque()
+        self._wake = threading.Event()
+        self.inbox_dropped = 0
+        self._inbox_entries = 0  # entries of the batches in the inbox
+        self._inbox_lock = threading.Lock()
+        self._published: dict[str, Any] = {}
+        self._pids: dict[int, tuple[str, int]] = {}  # local trainer pid -> (run, rank)
+        self._open_runs: dict[str, Path] = {}
+        self._feature_counts: dict[tuple[str, int, str], int] = {}
+        self._maps: dict[tuple[str, int, str], Any] = {}
+        self._unpaired: dict[tuple[str, str], _FeatureBatch] = {}
+        self._last_dashboard: dict[str, float] = {}
+        self._last_step: dict[str, int] = {}
+        self.sampler = (
+            SystemSampler(
+                interval=config.system.interval,
+                pids=self._local_pids,
+                emit=self._on_system,
+                host=self.host,
+            )
+            if config.system.enabled
+            else None
+        )
+        self._thread = threading.Thread(target=self._run, name="outrider-analysis", daemon=True)
+
+    # -- the receive loop's side ---------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+        if self.config.stats.enabled:
+            self.jobs.warm_up(self._job_modules())
+        if self.sampler is not None:
+            self.sampler.start()
+
+    def wait_warm(self, timeout: float) -> bool:
+        """Wait until the statistics workers have started, at most ``timeout``."""
+        return self.jobs.wait_warm(timeout)
+
+    def _job_modules(self) -> tuple[str, ...]:
+        """What the workers import as the agent starts: the job functions' module (unpickling
+        a job imports it) and numpy, for the first features batch.
+
+        matplotlib and openTSNE (about a second of CPU more) are left to the first
+        dashboard and the first t-SNE map, minutes into the run (dashboard_seconds,
+        cpu_share): imported here they competed with the trainer's own start-up and
+        spilled into its first steps.
+        """
+        return (__name__, "agent.analysis.representation")  # the jobs' own module, then numpy
+
+    def submit(self, batches: Iterable[Batch]) -> None:
+        """Hand over stored entries (called after the store has written them)."""
+        with self._inbox_lock:
+            for batch in batches:
+                self._inbox_entries += len(batch.entries)
+                self._inbox.append(("batch", batch))
+            if self._inbox_entries > INBOX_LIMIT:
+                kept: list[tuple[str, Any]] = []
+                while self._inbox_entries > INBOX_LIMIT and self._inbox:
+                    what, item = self._inbox.popleft()
+                    if what == "batch":
+                        self._inbox_entries -= len(item.entries)
+                        self.inbox_dropped += 1
+                    else:
+                        kept.append((what, item))  # system samples and sink alerts stay
+                self._inbox.extendleft(reversed(kept))
+            flood = self._inbox_entries >= WAKE_ENTRIES
+        if flood:
+            self._wake.set()
+
+    def sink_alert(self, run: str | None, alert: Mapping[str, Any]) -> None:
+        """A sink's own alert (sink_failed, series cap): through the rules' cooldowns."""
+        self._inbox.append(("sink_alert", (run, dict(alert))))
+        self._wake.set()
+
+    def take(self) -> list[Derived]:
+        taken = []
+        while self._outbox:
+            taken.append(self._outbox.popleft())
+        return taken
+
+    def stats(self) -> dict[str, Any]:
+        """Job costs, active alerts and fired counts, for /metrics (safe from any thread)."""
+        published = dict(self._published)
+        published["stat_jobs"] = self.jobs.figures()
+        published["analysis_dropped"] = self.inbox_dropped
+        return published
+
+    def close(self, timeout: float) -> None:
+        """Finish what is queued (final windows, dashboards) within ``timeout``."""
+        deadline = self.clock() + timeout
+        if self.sampler is not None:
+            self.sampler.close(min(2.0, timeout))
+        self._inbox.append(("close", None))
+        self._wake.set()
+        self._thread.join(max(0.0, deadline - self.clock()))
+        self.jobs.close(max(0.0, deadline - self.clock()))
+        self._process_results()
+        self._publish_alerts()
+        if self.alerts is not None:
+            self.alerts.close(max(0.0, min(5.0, deadline - self.clock())))
+            self._published = {**self._published, "alert_engine": self.alerts.stats()}
+
+    # -- the analysis thread ---------------------------------------------------------------
+    def _run(self) -> None:
+        last_tick = self.clock()
+        period = TICK_SECONDS * (FALLBACK_TICKS if self.sampler is not None else 1.0)
+        closing = False
+        while not closing:
+            self._wake.wait(max(0.0, last_tick + period - self.clock()))
+            self._wake.clear()
+            while self._inbox and not closing:
+                closing = self._work_a_slice()
+            self._process_results()
+            now = self.clock()
+            if now - last_tick >= EARLY_TICK * TICK_SECONDS or closing:
+                last_tick = now
+                self._tick(now)
+            if self._outbox and self.on_output is not None:
+                self.on_output()
+
+    def _work_a_slice(self) -> bool:
+        """Up to SLICE_SECONDS of inbox work, then a pause that keeps this thread's share of
+        the interpreter (the GIL) under ``stats.gil_share``: the receive loop, not the
+        statistics, decides how fast the agent ingests. True once the close item is seen."""
+        started = time.perf_counter()
+        deadline = started + SLICE_SECONDS
+        closing = False
+        while self._inbox and not closing and time.perf_counter() < deadline:
+            with self._inbox_lock:
+                what, item = self._inbox.popleft()
+                if what == "batch":
+                    self._inbox_entries -= len(item.entries)
+            try:
+                if what == "close":
+                    closing = True
+                    self._finish_runs()
+                else:
+                    self._handle(what, item)
+            except Exception as exc:  # a bug in a statistic must not end the analysis
+                logger.warning("outrider agent: analysis failed on %s: %r", what, exc)
+        busy = time.perf_counter() - started
+        share = self.config.stats.gil_share
+        if self._inbox and not closing and share < 1.0:
+            time.sleep(busy * (1.0 - share) / share)
+        return closing
+
+    def _handle(self, what: str, item: Any) -> None:
+        if what == "batch":
+            self._batch(item)
+        elif what == "system":
+            self._system(item)
+        elif what == "sink_alert":
+            run, alert = item
+            if self.alerts is None:
+                self._outbox.append(Derived(run, {"kind": "alert", **alert}))
+                return
+            name = alert.get("name", "sink_failed")
+            event = "series_cap" if name == "prometheus_series_cap" else str(name)
+            attrs = {**(alert.get("attrs") or {}), "message": alert.get("message", "")}
+            for run_id in [run] if run else list(self._open_runs) or [""]:
+                self.alerts.observe_event(run_id, -1, event, attrs)
+
+    def _batch(self, batch: Batch) -> None:
+        source = batch.source
+        run, rank = source.run, source.rank
+        run_dir = Path(batch.run_dir)
+        if run not in self._open_runs:
+            self._open_runs[run] = run_dir
+            # The first dashboard comes one interval in, when there is a curve to draw;
+            # drawing one at the start would cost the trainer CPU for an empty picture.
+            self._last_dashboard.setdefault(run, self.clock())
+        engine = self.alerts
+        statistics = self.config.stats.enabled
+        trainer_record = False
+        for entry in batch.entries:
+            kind = entry.get("kind")
+            if kind in TRAINER_KINDS:
+                trainer_record = True
+            if kind == "scalars":
+                step = entry.get("step")
+                if isinstance(step, int) and step > self._last_step.get(run, -1):
+                    self._last_step[run] = step
+                metrics = _floats(entry.get("metrics") or {})
+                if statistics:
+                    self.summaries.observe(run, rank, entry.get("step"), entry["t"], metrics)
+                if engine is not None:
+                    engine.observe(run, rank, entry.get("step"), entry["t"], metrics)
+            elif kind == "tensor" and entry.get("as") == "features" and statistics:
+                self._features(
+                    _FeatureBatch(run, rank, str(entry["name"]), entry.get("step"), run_dir, entry)
+                )
+            elif kind == "event":
+                self.summaries.observe_event(run, rank, entry.get("step"), str(entry.get("name")))
+            elif kind == "hello":
+                if source.host == self.host and source.pid > 0:
+                    self._pids[source.pid] = (run, rank)
+                if engine is not None:
+                    engine.observe_event(run, rank, "hello", {"pid": source.pid})
+            elif kind == "probe_stats" and engine is not None:
+                engine.observe_event(run, rank, "probe_stats", {"dropped": entry.get("dropped")})
+            elif kind == "bye":
+                self._pids.pop(source.pid, None)
+                if engine is not None:
+                    engine.observe_event(run, rank, "bye", {})
+            elif kind == "run_end":
+                if engine is not None:
+                    engine.observe_event(
+                        run, rank, "run_end", {"exit_status": entry.get("exit_status")}
+                    )
+                self._end_run(run)
+        if trainer_record and engine is not None:
+            engine.observe_event(run, rank, "record", {})
+
+    # -- representation statistics and maps -------------------------------------------------
+    def _features(self, batch: _FeatureBatch) -> None:
+        stream = (batch.run, batch.rank, batch.name)
+        self.jobs.submit(
+            stream,
+            "representation",
+            representation_job,
+            lambda result: self._result("features", batch, result),
+            (batch.line, batch.run_dir),
+        )
+        self._pair(batch)
+        count = self._feature_counts[stream] = self._feature_counts.get(stream, 0) + 1
+        method = self.config.stats.feature_map
+        if method != "off" and (count - 1) % self.config.stats.map_every == 0:
+            self._map(batch, method)
+
+    def _pair(self, batch: _FeatureBatch) -> None:
+        """Student/teacher streams: the line naming a pair meets its partner's at the same step."""
+        partner = batch.line.get("pair")
+        key = (batch.run, str(partner) if partner else batch.name)
+        waiting = self._unpaired.get(key)
+        if waiting is not None and waiting.step == batch.step and waiting.name != batch.name:
+            del self._unpaired[key]
+            student, teacher = (waiting, batch) if partner else (batch, waiting)
+            self.jobs.submit(
+                (teacher.run, teacher.rank, teacher.name, "pair"),
+                "pair_cosine",
+                pair_job,
+                lambda result: self._result("features", teacher, result),
+                (student.line, student.run_dir, teacher.line, teacher.run_dir),
+            )
+            return
+        if len(self._unpaired) > 256:
+            self._unpaired.clear()  # partners that never came; keep the table bounded
+        self._unpaired[(batch.run, batch.name) if partner else key] = batch
+
+    def _map(self, batch: _FeatureBatch, method: Literal["tsne", "pca"]) -> None:
+        """A map job carries the stream's FeatureMap out and back (its state: the last map)."""
+        from agent.analysis.maps import FeatureMap
+
+        key = (batch.run, batch.rank, batch.name)
+        directory = batch.run_dir / "images" / f"features-{batch.name}-{method}".replace("/", "_")
+        step = -1 if batch.step is None else batch.step
+
+        def done(result: tuple[Any, Path]) -> None:
+            self._maps[key] = result[0]  # one job per key at a time: no race
+            self._result("map", batch, (method, result[1]))
+
+        def submit_with_current_map() -> tuple[Any, ...]:
+            feature_map = self._maps.get(key) or FeatureMap(max_points=self.config.stats.map_points)
+            title = f"{batch.name} ({method}), step {batch.step}"
+            path = directory / f"{step:08d}.png"
+            return (feature_map, batch.line, batch.run_dir, step, method, path, title)
+
+        points = self.config.stats.map_points
+        hint = TSNE_CPU_SECONDS_PER_1000_POINTS * points / 1000 if method == "tsne" else 0.0
+        self.jobs.submit(
+            (*key, "map"), method, map_job, done, submit_with_current_map(), cost_hint=hint
+        )
+
+    def _result(self, what: str, batch: _FeatureBatch, result: Any) -> None:
+        """Called on a worker: the analysis thread turns results into entries."""
+        self._results.append((what, (batch, result)))  # taken at the next wake-up (a tick at most)
+
+    def _process_results(self) -> None:
+        while self._results:
+            what, (batch, result) = self._results.popleft()
+            if what == "features":
+                metrics = {f"features/{batch.name}/{key}": value for key, value in result.items()}
+                self._derive(batch.run, batch.rank, batch.step, metrics)
+            elif what == "map":
+                method, path = result
+                self._image(
+                    batch.run, batch.rank, batch.step, f"features/{batch.name}/{method}", path
+                )
+            elif what == "dashboard":
+                step, path = result
+                self._image(batch, 0, step, "dashboard", path)
+
+    def _derive(self, run: str, rank: int, step: int | None, metrics: dict[str, float]) -> None:
+        """Derived scalars: to the store and sinks, and fed back to summaries and alerts."""
+        clean = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+        t = self.wall_clock()
+        self.summaries.observe(run, rank, step, t, clean)
+        if self.alerts is not None:
+            self.alerts.observe(run, rank, step, t, clean)
+        stored = {k: schema.encode_number(v) for k, v in clean.items()}
+        entry = {"kind": "scalars", "step": step, "rank": rank, "t": t, "metrics": stored}
+        self._outbox.append(Derived(run, entry))
+
+    def _image(self, run: str, rank: int, step: int | None, name: str, path: Path) -> None:
+        entry = {
+            "kind": "image",
+            "step": step,
+            "rank": rank,
+            "t": self.wall_clock(),
+            "name": name,
+            "path": str(path),
+        }
+        self._outbox.append(Derived(run, entry))
+
+    # -- system samples ------------------------------------------------------------------------
+    def _local_pids(self) -> list[int]:
+        return list(self._pids)
+
+    def _on_system(self, entry: dict[str, Any]) -> None:
+        """Called on the sampler's thread: the analysis wakes for it (and does its tick)."""
+        self._inbox.append(("system", entry))
+        self._wake.set()
+
+    def _system(self, entry: dict[str, Any]) -> None:
+        """Stored in, and sent for, every running run; between runs nothing is recorded."""
+        for run in self._open_runs:
+            self._outbox.append(Derived(run, entry))
+        gone = entry.get("gone") or []
+        metrics = schema.flatten(entry)
+        if self.config.stats.enabled:
+            for run in list(self._open_runs):
+                self.summaries.observe(run, -1, None, entry.get("t", self.wall_clock()), metrics)
+        if self.alerts is None:
+            return
+        for run in list(self._open_runs):
+            self.alerts.observe(run, -1, None, entry.get("t", self.wall_clock()), metrics)
+        for pid in gone:
+            owner = self._pids.pop(pid, None)
+            if owner is not None:
+                self.alerts.observe_event(owner[0], owner[1], "process_gone", {"pid": pid})
+
+    # -- periodic work ------------------------------------------------------------------------
+    def _tick(self, now: float) -> None:
+        self._take_summaries()
+        if self.alerts is not None:
+            self.alerts.tick()
+            self._publish_alerts()
+        every = self.config.stats.dashboard_seconds
+        if every > 0 and self.config.stats.enabled:
+            for run in list(self._open_runs):
+                if now - self._last_dashboard.get(run, -math.inf) >= every:
+                    self._dashboard(run, now)
+
+    def _take_summaries(self) -> None:
+        for entry in self.summaries.take():
+            run = entry.pop("run")
+            self._outbox.append(Derived(run, entry))
+
+    def _dashboard(self, run: str, now: float) -> None:
+        history = {
+            name: (x.copy(), y.copy()) for name, (x, y) in self.summaries.history(run).items()
+        }
+        if not history:
+            return
+        self._last_dashboard[run] = now
+        step = self._last_step.get(run)
+        path = self._open_runs[run] / "images" / "dashboard" / f"{step or 0:08d}.png"
+        self.jobs.submit(
+            (run, "dashboard"),
+            "dashboard",
+            dashboard_job,
+            lambda written: self._results.append(("dashboard", (run, (step, written)))),
+            (history, path, f"outrider run {run}"),
+        )
+
+    def _end_run(self, run: str) -> None:
+        """The trainer finished: last windows, a final dashboard, no more periodic work."""
+        self.summaries.close_run(run)
+        self._take_summaries()
+        if run in self._open_runs:
+            if self.config.stats.dashboard_seconds > 0 and self.config.stats.enabled:
+                self._dashboard(run, self.clock())
+            del self._open_runs[run]
+
+    def _finish_runs(self) -> None:
+        for run in list(self._open_runs):
+            self._end_run(run)
+
+    def _publish_alerts(self) -> None:
+        engine = self.alerts
+        if engine is None:
+            return
+        for alert in engine.take_fired():
+            destinations = alert.get("destinations") or []
+            run = alert.pop("run", None) or None
+            self._outbox.append(
+                Derived(
+                    run, alert, to_store="store" in destinations, to_sinks="sinks" in destinations
+                )
+            )
+        self._published = {
+            "alert_engine": engine.stats(),  # state size, refusals, webhook deliveries
+            "alerts_active": engine.active(),
+            "alerts_fired": [
+                {"name": name, "severity": severity, "count": count}
+                for (name, severity), count in engine.counts().items()
+            ],
+        }

@@ -1,0 +1,126 @@
+"""Per-stream sequence accounting: proof that nothing was lost silently.
+
+Every record a probe produces takes the next sequence number of its stream,
+dropped or not. For each stream the agent knows what it received, what the
+probe says it dropped (by reason), and the gaps in the numbers. Once the
+stream has said bye, ``received + dropped + lost == produced`` exactly, where
+``lost`` is what vanished between the probe and the agent (an agent killed
+with records in its socket, an exit linger that ran out).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from probe import protocol
+
+if TYPE_CHECKING:
+    from agent.ingest.decode import Record
+
+
+@dataclass
+class StreamLedger:
+    stream: str
+    rank: int
+    local_rank: int
+    world_size: int
+    host: str
+    pid: int
+    received: int = 0
+    max_seq: int = -1
+    produced: int = 0  # lower bound until bye, exact after it
+    dropped: dict[str, int] = field(default_factory=dict)
+    invalid_values: int = 0
+    internal_errors: int = 0
+    said_bye: bool = False
+    last_t: float = 0.0
+    last_step: int | None = None
+
+    @classmethod
+    def from_envelope(cls, envelope: dict[str, Any]) -> StreamLedger:
+        """A ledger for the stream the envelope names (every identity field but the run)."""
+        return cls(**{key: envelope[key] for key in protocol.ENVELOPE_KEYS if key != "run"})
+
+    def observe(
+        self, kind: str, seq: int, t: float, step: int | None, body: dict[str, Any]
+    ) -> None:
+        """Account for one received record."""
+        self.received += 1
+        if seq > self.max_seq:
+            self.max_seq = seq
+        if t > self.last_t:
+            self.last_t = t
+        if step is not None and (self.last_step is None or step > self.last_step):
+            self.last_step = step
+        if kind == protocol.PROBE_STATS or kind == protocol.BYE:
+            self._take_counters(body, final=kind == protocol.BYE)
+
+    def observe_batch(self, records: Sequence[Record]) -> None:
+        """Account for the records of one message (cheaper than one call each)."""
+        self.received += len(records)
+        top = max(record.seq for record in records)
+        if top > self.max_seq:
+            self.max_seq = top
+        last = records[-1]
+        if last.t > self.last_t:
+            self.last_t = last.t
+        steps = [record.step for record in records if record.step is not None]
+        if steps:
+            top_step = max(steps)
+            if self.last_step is None or top_step > self.last_step:
+                self.last_step = top_step
+        for record in records:
+            if record.kind == protocol.PROBE_STATS or record.kind == protocol.BYE:
+                self._take_counters(record.body, final=record.kind == protocol.BYE)
+
+    def _take_counters(self, body: dict[str, Any], *, final: bool) -> None:
+        dropped = body.get("dropped", {})
+        # Counters only grow; an older report arriving late must not shrink them.
+        for reason, count in dropped.items():
+            if count > self.dropped.get(reason, 0):
+                self.dropped[reason] = count
+        self.invalid_values = max(self.invalid_values, int(body.get("invalid_values", 0)))
+        self.internal_errors = max(self.internal_errors, int(body.get("internal_errors", 0)))
+        if final:
+            self.said_bye = True
+            self.produced = max(self.produced, int(body.get("produced", 0)))
+
+    @property
+    def dropped_total(self) -> int:
+        return sum(self.dropped.values())
+
+    @property
+    def sent(self) -> int:
+        """Records the stream produced, as far as we can tell."""
+        return max(self.produced, self.max_seq + 1)
+
+    @property
+    def gaps(self) -> int:
+        """Sequence numbers never received (dropped, lost, or still in flight)."""
+        return self.sent - self.received
+
+    @property
+    def lost(self) -> int:
+        """Gaps the probe did not account for; final once the stream said bye."""
+        return max(0, self.gaps - self.dropped_total)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "stream": self.stream,
+            "rank": self.rank,
+            "local_rank": self.local_rank,
+            "world_size": self.world_size,
+            "host": self.host,
+            "pid": self.pid,
+            "sent": self.sent,
+            "received": self.received,
+            "dropped": dict(self.dropped),
+            "gaps": self.gaps,
+            "lost": self.lost,
+            "complete": self.said_bye,
+            "invalid_values": self.invalid_values,
+            "internal_errors": self.internal_errors,
+            "last_step": self.last_step,
+        }

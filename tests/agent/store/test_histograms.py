@@ -1,0 +1,115 @@
+"""Histogram batches: probe.watch's samples shipped as one record, binned one by one.
+
+The probe concatenates a step's samples (``probe.values.concat_samples``); the
+agent splits them by ``lengths`` (``agent.store.histograms.from_batch``) and stores a
+line per histogram. Checked against ``np.histogram`` and a resumed run store.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from agent.ingest.decode import Record
+from agent.store import histograms
+from agent.store.run_store import RunStore
+from probe import protocol, values
+from tests.helpers_cli import envelope
+
+
+def batch_body(parts: list[np.ndarray]) -> dict[str, Any]:
+    return {
+        "name": "histograms",
+        "as": "histograms",
+        "dtype": "float32",
+        "shape": [sum(p.size for p in parts)],
+        "names": [f"h{i}" for i in range(len(parts))],
+        "lengths": [p.size for p in parts],
+    }
+
+
+def test_each_histogram_of_a_batch_is_np_histogram_of_its_sample() -> None:
+    """Every kind of sample: plain, constant, empty, with NaN, all inf."""
+    rng = np.random.default_rng(0)
+    parts = [
+        rng.normal(size=n).astype(np.float32) * scale
+        for n, scale in [(1000, 1.0), (7, 1e-3), (8192, 50.0)]
+    ]
+    parts += [
+        np.full(5, 2.5, np.float32),
+        np.array([], np.float32),
+        np.array([1.0, np.nan, 3.0, np.nan], np.float32),
+        np.full(3, np.inf, np.float32),
+    ]
+    data = np.concatenate(parts).tobytes()
+    found = histograms.from_batch(batch_body(parts), data, 16)
+    assert [h["name"] for h in found] == [f"h{i}" for i in range(len(parts))]
+    for part, got in zip(parts, found, strict=True):
+        finite = part.astype(np.float64)[np.isfinite(part)]
+        alone = histograms.from_tensor(
+            {"name": got["name"], "dtype": "float32"}, part.tobytes(), 16
+        )
+        assert got == alone, got["name"]
+        assert got["count"] == finite.size and got["non_finite"] == part.size - finite.size
+        if finite.size:
+            counts, edges = np.histogram(finite, bins=16)
+            assert got["counts"] == counts.tolist() and got["edges"] == edges.tolist()
+            assert (got["min"], got["max"]) == (finite.min(), finite.max())
+            assert got["sum"] == pytest.approx(finite.sum())
+        else:
+            assert sum(got["counts"]) == 0 and got["min"] == got["max"] == 0.0
+
+
+def test_a_batch_record_is_a_line_per_histogram_and_counted_once_on_resume(
+    tmp_path: Path,
+) -> None:
+    """The store writes each histogram as its own line; a restarted agent resuming the run
+    counts the record once (received 2: the batch and one scalars record)."""
+    parts = [np.arange(4, dtype=np.float32), np.ones(3, np.float32)]
+    body = {**batch_body(parts), "data": np.concatenate(parts).tobytes()}
+    env = envelope("resume", "s0")
+    store = RunStore(tmp_path, "resume")
+    lines = store.add(
+        env,
+        [
+            Record(protocol.TENSOR, 0, time.time(), 5, body),
+            Record(protocol.SCALARS, 1, time.time(), 5, {"loss": 1.0}),
+        ],
+    )
+    store.close()
+    assert [(line["kind"], line.get("name")) for line in lines] == [
+        ("histogram", "h0"),
+        ("histogram", "h1"),
+        ("scalars", None),
+    ]
+    assert all(line["seq"] == 0 and line["step"] == 5 for line in lines[:2])
+    assert lines[0]["count"] == 4 and lines[1]["max"] == 1.0
+    resumed = RunStore(tmp_path, "resume")
+    assert resumed.streams["s0"].received == 2
+    resumed.close()
+
+
+def test_samples_are_grouped_within_the_batch_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At most HISTOGRAM_BATCH_NAMES histograms and HISTOGRAM_BATCH_VALUES values a batch
+    (one sample alone may fill one), in order, as float32 copies."""
+    monkeypatch.setattr(values, "HISTOGRAM_BATCH_NAMES", 3)
+    monkeypatch.setattr(values, "HISTOGRAM_BATCH_VALUES", 10)
+    samples = [torch.arange(n, dtype=torch.float64) for n in (2, 2, 2, 2, 12, 3)]
+    samples[1] = samples[1].to(torch.bfloat16)
+    names = [f"s{i}" for i in range(len(samples))]
+    batches = values.concat_samples(names, samples)
+    assert [(b[0], b[1]) for b in batches] == [
+        (["s0", "s1", "s2"], [2, 2, 2]),
+        (["s3"], [2]),
+        (["s4"], [12]),
+        (["s5"], [3]),
+    ]
+    assert all(vector.dtype == torch.float32 for _, _, vector in batches)
+    first = batches[0][2]
+    samples[0].add_(100)  # the trainer changes its tensor: the batch is a copy
+    assert first.tolist() == [0, 1, 0, 1, 0, 1]
