@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
-from agent.ingest.counters import RateLimitedLog
+from agent.logs import RateLimitedLog
 
 logger = logging.getLogger("outrider.agent")
 
