@@ -25,8 +25,9 @@ import zmq
 from agent.analysis.engine import Analysis, Derived
 from agent.config import AgentConfig
 from agent.fanout import Fanout
-from agent.ingest.counters import AgentCounters, RateLimitedLog
+from agent.ingest.counters import AgentCounters
 from agent.ingest.decode import Rejected, decode
+from agent.logs import RateLimitedLog
 from agent.store import runinfo
 from agent.store.run_store import RunStore
 from agent.threadnames import ThreadNamer
