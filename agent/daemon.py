@@ -1,45 +1,40 @@
-"""The agent process: receive, validate, account, store; shut down cleanly.
+"""The agent process: wires the rooms together and runs the receive loop.
 
-One thread runs the receive loop. Messages are drained in bursts, each
-burst ends with one write per run, so ingest stays cheap per record while
-the store is at most one burst behind the socket.
+One thread receives (agent.ingest), stores (agent.store) and fans out to the
+sinks (agent.fanout); the analysis (agent.analysis) runs on its own thread
+and hands back what it made, which this loop stores and sends like any
+record. This module owns the loop's pace (bursts, a once-a-second beat), the
+signals, the orphan check and the bounded shutdown.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
 import socket
-import stat
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-import zmq
-
 from agent.analysis.engine import Analysis, Derived
 from agent.config import AgentConfig
 from agent.fanout import Fanout
 from agent.ingest.counters import AgentCounters
 from agent.ingest.decode import Rejected, decode
+from agent.ingest.receiver import Receiver
 from agent.logs import RateLimitedLog
-from agent.store import runinfo
-from agent.store.run_store import RunStore
+from agent.store.registry import MAX_OPEN_RUNS, OpenRuns
 from agent.threadnames import ThreadNamer
 from probe import protocol
+from sinks import schema
 from sinks.base import Batch, Source
 from sinks.registry import SinkContext
 
 logger = logging.getLogger("outrider.agent")
 
-MAX_OPEN_RUNS = 64
-BURST = 1000  # messages per receive burst before the store is flushed...
-BURST_SECONDS = 0.02  # ...or this much time: the store stays close behind the socket
 #: the receive loop's beat: run.json rewrites of a changing run, sink alerts, the parent
 #: check and the sinks' exports (kicked together), once a second
 BEAT_SECONDS = 1.0
@@ -70,38 +65,6 @@ def yield_cpu_to_the_trainer(nice: int, blas_threads: int) -> None:
     import threadpoolctl
 
     threadpoolctl.threadpool_limits(limits=blas_threads)
-
-
-def private_ipc_dir() -> Path:
-    """A fresh directory only this user can enter, for the IPC socket."""
-    return Path(tempfile.mkdtemp(prefix="outrider-"))  # mkdtemp creates it 0700
-
-
-def default_endpoint() -> str:
-    """``ipc://`` in a per-user 0700 directory (checked, never trusted blindly)."""
-    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
-    directory = Path(base) / f"outrider-{os.getuid()}"
-    directory.mkdir(mode=0o700, exist_ok=True)
-    info = directory.stat()
-    if info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) & 0o077:
-        raise PermissionError(
-            f"{directory} must be owned by you with mode 0700 (it holds the agent's socket); "
-            "fix or remove it, or pass --endpoint"
-        )
-    return f"ipc://{directory / 'agent.sock'}"
-
-
-def _socket_is_live(path: Path) -> bool:
-    """Whether a process accepts connections on the unix socket at ``path``."""
-    probe_socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe_socket.settimeout(1.0)
-        probe_socket.connect(str(path))
-        return True
-    except OSError:
-        return False
-    finally:
-        probe_socket.close()
 
 
 class Agent:
@@ -140,25 +103,13 @@ class Agent:
         self._host = socket.gethostname()
         self.counters = AgentCounters()
         self.complaints = RateLimitedLog(clock=clock)
-        self.runs: dict[str, RunStore] = {}
+        self.runs = OpenRuns(
+            runs_dir, declared_run=run_id, meta=meta, histogram_bins=self.config.histogram_bins
+        )
         self._stop_requested = False
         self._closing = False
         self._signals = 0
-        self._context = zmq.Context()
-        self._socket = self._context.socket(zmq.PULL)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.setsockopt(zmq.RCVHWM, 1000)
-        # Beyond twice our own limit ZeroMQ cuts the sender off before buffering it.
-        self._socket.setsockopt(zmq.MAXMSGSIZE, 2 * protocol.MAX_MESSAGE_BYTES)
-        self._bind()
-        # Other threads (the analysis, signals) wake the receive loop through this pipe,
-        # so it can sleep until its next beat instead of polling.
-        self._wake_read, self._wake_write = os.pipe()
-        os.set_blocking(self._wake_read, False)
-        os.set_blocking(self._wake_write, False)
-        self._poller = zmq.Poller()
-        self._poller.register(self._socket, zmq.POLLIN)
-        self._poller.register(self._wake_read, zmq.POLLIN)
+        self.receiver = Receiver(endpoint, clock)
         self._previous_wakeup_fd: int | None = None  # while serve() has the signals
         if fanout is None:
             # No config: the run store alone (what tests and embedders want by default).
@@ -174,38 +125,6 @@ class Agent:
         )
         self._burst: list[Batch] = []
         self._name_threads = ThreadNamer()
-
-    def _bind(self) -> None:
-        if self.endpoint.startswith("ipc://"):
-            path = Path(self.endpoint.removeprefix("ipc://"))
-            if path.exists():
-                if _socket_is_live(path):
-                    raise OSError(f"another agent is already listening at {self.endpoint}")
-                path.unlink()  # a stale socket from a dead agent
-        self._socket.bind(self.endpoint)
-        if self.endpoint.startswith("ipc://"):
-            os.chmod(self.endpoint.removeprefix("ipc://"), 0o600)
-
-    # -- run store -------------------------------------------------------------
-    def _store_for(self, run_id: str) -> RunStore | None:
-        store = self.runs.get(run_id)
-        if store is not None:
-            return store
-        if len(self.runs) >= MAX_OPEN_RUNS:
-            return None
-        meta = dict(self.meta) if run_id == self.run_id else None
-        store = RunStore(self.runs_dir, run_id, meta, self.config.histogram_bins)
-        # git, NVML and friends can take a while: never on the receive thread.
-        cwd = self.meta.get("cwd") if meta is not None else None
-        store.collect_info_later(lambda: runinfo.collect(cwd))
-        self.runs[run_id] = store
-        store.write_info()
-        return store
-
-    def open_declared_run(self) -> None:
-        """With --run-id, the run directory and run.json exist before the trainer starts."""
-        if self.run_id is not None:
-            self._store_for(self.run_id)
 
     # -- receiving ---------------------------------------------------------------
     def ingest(self, raw: bytes) -> None:
@@ -229,7 +148,7 @@ class Agent:
         if not batch.records:
             return
         run_id = batch.envelope["run"]
-        store = self._store_for(run_id)
+        store = self.runs.open(run_id)
         if store is None:
             counters.reject(counters.rejected_messages, "too_many_runs")
             self.complaints.warning(
@@ -240,7 +159,7 @@ class Agent:
             )
             return
         if batch.records[0].kind == protocol.HELLO and "cwd" in batch.records[0].body:
-            self._learn_cwd(store, batch.records[0].body)
+            self.runs.learn_cwd(store, batch.records[0].body)
         entries = store.add(batch.envelope, batch.records)
         counters.records += len(batch.records)
         if self.fanout.workers or self.analysis is not None:
@@ -249,44 +168,25 @@ class Agent:
             if self.analysis is not None:
                 self._burst.append(stored)
 
-    def _learn_cwd(self, store: RunStore, hello: dict[str, Any]) -> None:
-        """A run the agent was not told about gets git info from its trainer's directory."""
-        if "git" not in store.info and isinstance(hello["cwd"], str):
-            store.info["git"] = None  # asked once per run, even outside a repository
-            store.collect_info_later(lambda: {"git": runinfo.git_info(hello["cwd"])})
-
     def wake(self) -> None:
         """Wake the receive loop from another thread (safe from any thread)."""
-        # Full: a wake-up is already pending. Closed: the agent is gone.
-        with contextlib.suppress(OSError):
-            os.write(self._wake_write, b"\0")
+        self.receiver.wake()
 
     def receive_burst(self, timeout_ms: int) -> int:
-        """Wait up to ``timeout_ms`` for input or a wake-up, then drain up to BURST messages."""
-        ready = dict(self._poller.poll(timeout_ms))
-        if self._wake_read in ready:
-            with contextlib.suppress(BlockingIOError):
-                os.read(self._wake_read, 4096)
-        if self._socket not in ready:
+        """Wait up to ``timeout_ms`` for input or a wake-up, then drain one burst."""
+        if not self.receiver.wait(timeout_ms):
             return 0
         count = 0
-        recv = self._socket.recv
-        deadline = self.clock() + BURST_SECONDS
-        while count < BURST and (count % 64 or self.clock() < deadline):
-            try:
-                raw = recv(zmq.NOBLOCK, copy=True)
-            except zmq.Again:
-                break
+        for raw in self.receiver.burst():
             count += 1
             try:
                 self.ingest(raw)
-            except Exception as exc:  # a bug of ours must not end the agent (rule 4)
+            except Exception as exc:  # a bug of ours must not end the agent
                 self.counters.reject(self.counters.rejected_messages, "internal_error")
                 self.complaints.warning(
                     "internal_error", "outrider agent: internal error on a message: %r", exc
                 )
-        for store in self.runs.values():
-            store.flush()
+        self.runs.flush()
         if self._burst and self.analysis is not None:
             # After the flush: statistics read features back from tensors.bin.
             self.analysis.submit(self._burst)
@@ -306,7 +206,7 @@ class Agent:
     def serve(self, ready: Callable[[], None] | None = None) -> int:
         """Run until a signal; returns the process exit status."""
         self.runs_dir.mkdir(parents=True, exist_ok=True)
-        self.open_declared_run()
+        self.runs.open_declared()
         previous = self._install_signals()
         if self.analysis is not None:
             self.analysis.start()
@@ -333,14 +233,14 @@ class Agent:
                 signal.signal(signum, handler)
             previous_fd, self._previous_wakeup_fd = self._previous_wakeup_fd, None
             signal.set_wakeup_fd(-1 if previous_fd is None else previous_fd)
-            self._close_wake_pipe()
+            self.receiver.close_wake_pipe()
         return 0
 
     def _beat(self, now: float) -> None:
         """Once a second, in one burst with the analysis's output: a core woken from idle
         is slow for its first milliseconds, so periodic work is done together."""
         self._route_alerts()
-        self._write_dirty_info()
+        self.runs.write_changed_info()
         self._check_parent(now)
         self.fanout.kick()
         self._name_threads()  # after the kick: a sink's first export starts its library's
@@ -367,11 +267,11 @@ class Agent:
 
     def _store_and_send(self, item: Derived) -> None:
         if not item.run:  # no particular run (a sink failing on a system sample)
-            targets = list(self.runs.values()) if item.to_store else []
+            targets = list(self.runs) if item.to_store else []
         else:
             store = self.runs.get(item.run)
             targets = [store] if store is not None else []
-        is_alert = item.entry.get("kind") == "alert"
+        is_alert = item.entry.get("kind") == schema.ALERT
         for store in targets:
             if is_alert:
                 entry = store.add_alert(item.entry) if item.to_store else dict(item.entry)
@@ -380,7 +280,9 @@ class Agent:
             store.flush()
             if item.to_sinks:
                 rank = entry.get("rank", -1)
-                source = Source(store.run_id, "agent", rank, -1, 0, self._host, os.getpid())
+                source = Source(
+                    store.run_id, schema.AGENT_STREAM, rank, -1, 0, self._host, os.getpid()
+                )
                 self.fanout.submit(Batch(source, [entry], str(store.dir)))
 
     def stats(self) -> dict[str, Any]:
@@ -415,7 +317,7 @@ class Agent:
                 self.orphan_idle,
             )
         if self._orphaned and (
-            self._all_streams_done() or now - self._last_receive > self.orphan_idle
+            self.runs.all_streams_said_bye() or now - self._last_receive > self.orphan_idle
         ):
             self._stop_requested = True
 
@@ -427,23 +329,11 @@ class Agent:
             if self.receive_burst(50):
                 quiet_since = self.clock()
                 continue
-            if self._all_streams_done() or self.clock() - quiet_since > 0.3:
+            if self.runs.all_streams_said_bye() or self.clock() - quiet_since > 0.3:
                 break
 
-    def _all_streams_done(self) -> bool:
-        return all(
-            ledger.said_bye for store in self.runs.values() for ledger in store.streams.values()
-        )
-
-    def _write_dirty_info(self) -> None:
-        for store in self.runs.values():
-            store.merge_collected()
-            if store.dirty:
-                store.write_info()
-
     def close(self) -> None:
-        for store in self.runs.values():
-            store.flush()
+        self.runs.flush()
         if self.analysis is not None:
             # Final windows, dashboards and alerts go to the sinks before those close.
             self._route_alerts()
@@ -456,33 +346,21 @@ class Agent:
         agent_stats["sinks"] = self.fanout.snapshot()
         if self.analysis is not None:
             agent_stats.update(self.analysis.stats())
-        for store in self.runs.values():
+        for store in self.runs:
             store.close(agent_stats)
-        self._socket.close(linger=0)
-        self._context.term()
-        if self.endpoint.startswith("ipc://"):
-            Path(self.endpoint.removeprefix("ipc://")).unlink(missing_ok=True)
+        self.receiver.close_socket()
         if self._previous_wakeup_fd is None:  # serve() closes it once signals are restored
-            self._close_wake_pipe()
-
-    def _close_wake_pipe(self) -> None:
-        if self._wake_read < 0:
-            return
-        self._poller.unregister(self._wake_read)
-        os.close(self._wake_read)
-        os.close(self._wake_write)
-        self._wake_read = self._wake_write = -1  # a late wake() writes to no fd, not a reused one
+            self.receiver.close_wake_pipe()
 
     # -- signals -----------------------------------------------------------------
-    def request_stop(self) -> None:
-        self._stop_requested = True
-
     def _install_signals(self) -> dict[int, Any]:
         previous: dict[int, Any] = {}
         for signum in (signal.SIGTERM, signal.SIGINT):
             previous[signum] = signal.signal(signum, self._on_signal)
         # A signal wakes the receive loop's poll at once (it may sleep up to a beat).
-        self._previous_wakeup_fd = signal.set_wakeup_fd(self._wake_write, warn_on_full_buffer=False)
+        self._previous_wakeup_fd = signal.set_wakeup_fd(
+            self.receiver.wake_fd, warn_on_full_buffer=False
+        )
         return previous
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
@@ -492,6 +370,5 @@ class Agent:
             self._stop_requested = True
             return
         logger.warning("outrider agent: second signal, exiting now")
-        for store in self.runs.values():
-            store.flush()
+        self.runs.flush()
         os._exit(1)

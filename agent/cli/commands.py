@@ -202,7 +202,8 @@ def agent(
     A first signal drains, stores and exits 0; a second exits at once.
     Trainers reach it by setting OUTRIDER_ENDPOINT to the endpoint printed.
     """
-    from agent.daemon import Agent, default_endpoint, yield_cpu_to_the_trainer
+    from agent.daemon import Agent, yield_cpu_to_the_trainer
+    from agent.ingest.endpoint import default_endpoint
 
     logging.basicConfig(level=log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if endpoint and tcp:

@@ -25,7 +25,7 @@ import msgpack
 import orjson
 import zmq
 
-from agent.daemon import private_ipc_dir
+from agent.ingest.endpoint import private_ipc_dir
 from probe import protocol
 from probe.identity import new_run_id, new_stream_id
 

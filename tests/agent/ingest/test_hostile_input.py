@@ -390,7 +390,7 @@ def test_message_over_zmq_cutoff_does_not_reach_or_stop_the_agent(agent: AgentPr
 
 def test_too_many_runs_are_rejected_and_counted(agent: AgentProcess) -> None:
     """Past the open-run cap new run ids are rejected as too_many_runs; open runs keep storing."""
-    from agent.daemon import MAX_OPEN_RUNS
+    from agent.store.registry import MAX_OPEN_RUNS
 
     good = GoodStream(GOOD_RUN)
     extra = MAX_OPEN_RUNS + 5  # GOOD_RUN is open too, so 6 of these are over the cap
