@@ -253,6 +253,7 @@ class Agent:
                 self.analysis.sink_alert(run_id, alert)
                 continue
             logger.warning("outrider agent: alert %s: %s", alert.get("name"), alert.get("message"))
+            alert.pop("event", None)  # what the alert rules would take it as
             self._store_and_send(Derived(run_id, alert))
 
     def _route_derived(self) -> int:

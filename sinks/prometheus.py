@@ -589,7 +589,9 @@ class PrometheusSink(Sink):
             "max_series, or log fewer distinct metric names."
         )
         logger.warning("outrider %s", message)
-        self._alerts.append({"name": ALERT_NAME, "severity": "warning", "message": message})
+        self._alerts.append(
+            {"name": ALERT_NAME, "event": "series_cap", "severity": "warning", "message": message}
+        )
 
     def _end(self, owner: _Owner, now: float) -> None:
         """A finished rank: it is no longer 'stalled'; its other series retire later."""

@@ -11,22 +11,36 @@ bounded, so a flood of input costs statistics (counted), never the run store.
 from __future__ import annotations
 
 import collections
-import gc
 import logging
 import math
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+from agent.analysis import tasks
+from agent.analysis.features import FeatureStreams
+from agent.analysis.messages import (
+    Close,
+    DashboardDrawn,
+    Derived,
+    FeatureBatch,
+    FeatureMapDrawn,
+    FeatureStatistics,
+    InboxItem,
+    JobResult,
+    SinkAlert,
+    SystemSample,
+)
 from agent.analysis.workers import StatsJobs
 from agent.config import AgentConfig
-from agent.store.run_store import TENSORS
+from probe import protocol
 from sinks import schema
 from sinks.schema import TRAINER_KINDS, Batch
+
+__all__ = ["Analysis", "Derived"]
 
 logger = logging.getLogger("outrider.agent")
 
@@ -46,30 +60,6 @@ WAKE_ENTRIES = 5_000
 SLICE_SECONDS = 0.005  # analysis work between two pauses (about the interpreter's switch interval)
 
 
-@dataclass(frozen=True)
-class Derived:
-    """Something the analysis made, for the receive loop to store and send on.
-
-    ``run`` None: no particular run (stored in every open one, sent to sinks
-    once). ``to_store`` / ``to_sinks`` follow an alert's destinations.
-    """
-
-    run: str | None
-    entry: dict[str, Any]
-    to_store: bool = True
-    to_sinks: bool = True
-
-
-@dataclass(frozen=True)
-class _FeatureBatch:
-    run: str
-    rank: int
-    name: str
-    step: int | None
-    run_dir: Path
-    line: Mapping[str, Any]
-
-
 def _floats(metrics: Mapping[str, Any]) -> dict[str, float]:
     """Stored scalars hold NaN/Infinity as strings: numbers again for the statistics."""
     values: dict[str, float] = {}
@@ -82,83 +72,6 @@ def _floats(metrics: Mapping[str, Any]) -> dict[str, float]:
         if isinstance(value, int | float) and not isinstance(value, bool):
             values[name] = float(value)
     return values
-
-
-def read_features(line: Mapping[str, Any], run_dir: Path) -> Any:
-    """A features batch's rows, read back from the run's tensors.bin (float32, 2-d)."""
-    import numpy as np
-
-    shape = line.get("shape")
-    if line.get("dtype") != "float32" or not isinstance(shape, list) or len(shape) != 2:
-        raise ValueError(f"features {line.get('name')!r}: want 2-d float32, got {shape}")
-    with open(run_dir / TENSORS, "rb") as tensors:
-        tensors.seek(int(line["offset"]))
-        data = tensors.read(int(line["nbytes"]))
-    if len(data) != 4 * shape[0] * shape[1]:
-        raise ValueError(f"features {line.get('name')!r}: {len(data)} bytes for shape {shape}")
-    return np.frombuffer(data, dtype=np.float32).reshape(shape)
-
-
-# -- jobs: module-level functions, so that they can run in a worker process -----------------
-def representation_job(line: Mapping[str, Any], run_dir: Path) -> dict[str, float]:
-    from agent.analysis.representation import representation_stats
-
-    return representation_stats(read_features(line, run_dir))
-
-
-def pair_job(
-    student: Mapping[str, Any], student_dir: Path, teacher: Mapping[str, Any], teacher_dir: Path
-) -> dict[str, float]:
-    from agent.analysis.representation import paired_stats
-
-    return paired_stats(read_features(student, student_dir), read_features(teacher, teacher_dir))
-
-
-def map_job(
-    feature_map: Any,
-    line: Mapping[str, Any],
-    run_dir: Path,
-    step: int,
-    method: Literal["tsne", "pca"],
-    path: Path,
-    title: str,
-) -> tuple[Any, Path]:
-    """The next map of a stream; returns the updated FeatureMap with the PNG's path."""
-    from agent.analysis.maps import render_map
-
-    points = feature_map.update(read_features(line, run_dir), step, method)
-    try:
-        return feature_map, render_map(points, path, title)
-    finally:
-        _free_figures()
-
-
-def dashboard_job(history: Mapping[str, tuple[Any, Any]], path: Path, title: str) -> Path:
-    from agent.analysis.dashboard import render_dashboard
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        return render_dashboard(history, path, title)
-    finally:
-        _free_figures()
-
-
-def _free_figures() -> None:
-    """A full garbage collection after each image, which frees its matplotlib Figure.
-
-    A Figure is a web of reference cycles, so only the cycle collector frees
-    it, and in a worker whose objects are mostly long-lived modules Python runs
-    a full collection rarely: the worker's RSS climbed by 8-13 MB a
-    dashboard, for the whole run (bench/bench_agent_memory.py). One collection
-    costs ~70 ms of the worker's CPU, once per image (with ``stats.processes:
-    false`` the jobs run on an agent thread, and it holds the agent's GIL as long).
-    """
-    gc.collect()
-
-
-#: what a t-SNE map costs a worker (openTSNE, one thread; measured 1.9 s for 1,000 x 128 on
-#: the 2-core test machine): under ``stats.cpu_share`` the first map waits as if one had run
-TSNE_CPU_SECONDS_PER_1000_POINTS = 2.0
 
 
 class Analysis:
@@ -196,9 +109,9 @@ class Analysis:
             if config.alerts.enabled
             else None
         )
-        self._inbox: collections.deque[tuple[str, Any]] = collections.deque()
+        self._inbox: collections.deque[InboxItem] = collections.deque()
         self._outbox: collections.deque[Derived] = collections.deque()
-        self._results: collections.deque[tuple[str, Any]] = collections.deque()
+        self._results: collections.deque[JobResult] = collections.deque()
         self._wake = threading.Event()
         self.inbox_dropped = 0
         self._inbox_entries = 0  # entries of the batches in the inbox
@@ -206,9 +119,8 @@ class Analysis:
         self._published: dict[str, Any] = {}
         self._pids: dict[int, tuple[str, int]] = {}  # local trainer pid -> (run, rank)
         self._open_runs: dict[str, Path] = {}
-        self._feature_counts: dict[tuple[str, int, str], int] = {}
-        self._maps: dict[tuple[str, int, str], Any] = {}
-        self._unpaired: dict[tuple[str, str], _FeatureBatch] = {}
+        # results arrive on worker threads; taken at the next wake-up (a tick at most)
+        self.features = FeatureStreams(settings, self.jobs, self._results.append)
         self._last_dashboard: dict[str, float] = {}
         self._last_step: dict[str, int] = {}
         self.sampler = (
@@ -244,23 +156,23 @@ class Analysis:
         cpu_share): imported here they competed with the trainer's own start-up and
         spilled into its first steps.
         """
-        return (__name__, "agent.analysis.representation")  # the jobs' own module, then numpy
+        return (tasks.__name__, "agent.analysis.representation")  # the jobs, then numpy
 
     def submit(self, batches: Iterable[Batch]) -> None:
         """Hand over stored entries (called after the store has written them)."""
         with self._inbox_lock:
             for batch in batches:
                 self._inbox_entries += len(batch.entries)
-                self._inbox.append(("batch", batch))
+                self._inbox.append(batch)
             if self._inbox_entries > INBOX_LIMIT:
-                kept: list[tuple[str, Any]] = []
+                kept: list[InboxItem] = []
                 while self._inbox_entries > INBOX_LIMIT and self._inbox:
-                    what, item = self._inbox.popleft()
-                    if what == "batch":
+                    item = self._inbox.popleft()
+                    if isinstance(item, Batch):
                         self._inbox_entries -= len(item.entries)
                         self.inbox_dropped += 1
                     else:
-                        kept.append((what, item))  # system samples and sink alerts stay
+                        kept.append(item)  # system samples and sink alerts stay
                 self._inbox.extendleft(reversed(kept))
             flood = self._inbox_entries >= WAKE_ENTRIES
         if flood:
@@ -268,7 +180,7 @@ class Analysis:
 
     def sink_alert(self, run: str | None, alert: Mapping[str, Any]) -> None:
         """A sink's own alert (sink_failed, series cap): through the rules' cooldowns."""
-        self._inbox.append(("sink_alert", (run, dict(alert))))
+        self._inbox.append(SinkAlert(run, dict(alert)))
         self._wake.set()
 
     def take(self) -> list[Derived]:
@@ -289,7 +201,7 @@ class Analysis:
         deadline = self.clock() + timeout
         if self.sampler is not None:
             self.sampler.close(min(2.0, timeout))
-        self._inbox.append(("close", None))
+        self._inbox.append(Close())
         self._wake.set()
         self._thread.join(max(0.0, deadline - self.clock()))
         self.jobs.close(max(0.0, deadline - self.clock()))
@@ -326,16 +238,17 @@ class Analysis:
         closing = False
         while self._inbox and not closing and time.perf_counter() < deadline:
             with self._inbox_lock:
-                what, item = self._inbox.popleft()
-                if what == "batch":
+                item = self._inbox.popleft()
+                if isinstance(item, Batch):
                     self._inbox_entries -= len(item.entries)
             try:
-                if what == "close":
+                if isinstance(item, Close):
                     closing = True
                     self._finish_runs()
                 else:
-                    self._handle(what, item)
+                    self._handle(item)
             except Exception as exc:  # a bug in a statistic must not end the analysis
+                what = type(item).__name__
                 logger.warning("outrider agent: analysis failed on %s: %r", what, exc)
         busy = time.perf_counter() - started
         share = self.config.stats.gil_share
@@ -343,21 +256,24 @@ class Analysis:
             time.sleep(busy * (1.0 - share) / share)
         return closing
 
-    def _handle(self, what: str, item: Any) -> None:
-        if what == "batch":
+    def _handle(self, item: Batch | SystemSample | SinkAlert) -> None:
+        if isinstance(item, Batch):
             self._batch(item)
-        elif what == "system":
-            self._system(item)
-        elif what == "sink_alert":
-            run, alert = item
-            if self.alerts is None:
-                self._outbox.append(Derived(run, {"kind": "alert", **alert}))
-                return
-            name = alert.get("name", "sink_failed")
-            event = "series_cap" if name == "prometheus_series_cap" else str(name)
-            attrs = {**(alert.get("attrs") or {}), "message": alert.get("message", "")}
-            for run_id in [run] if run else list(self._open_runs) or [""]:
-                self.alerts.observe_event(run_id, -1, event, attrs)
+        elif isinstance(item, SystemSample):
+            self._system(item.entry)
+        else:
+            self._sink_alert(item)
+
+    def _sink_alert(self, item: SinkAlert) -> None:
+        """Into the rules as an event named by the alert (``event``, else its ``name``)."""
+        alert = dict(item.alert)
+        event = str(alert.pop("event", None) or alert.get("name", "sink_failed"))
+        if self.alerts is None:
+            self._outbox.append(Derived(item.run, {"kind": schema.ALERT, **alert}))
+            return
+        attrs = {**(alert.get("attrs") or {}), "message": alert.get("message", "")}
+        for run_id in [item.run] if item.run else list(self._open_runs) or [""]:
+            self.alerts.observe_event(run_id, -1, event, attrs)
 
     def _batch(self, batch: Batch) -> None:
         source = batch.source
@@ -375,7 +291,7 @@ class Analysis:
             kind = entry.get("kind")
             if kind in TRAINER_KINDS:
                 trainer_record = True
-            if kind == "scalars":
+            if kind == protocol.SCALARS:
                 step = entry.get("step")
                 if isinstance(step, int) and step > self._last_step.get(run, -1):
                     self._last_step[run] = step
@@ -384,24 +300,24 @@ class Analysis:
                     self.summaries.observe(run, rank, entry.get("step"), entry["t"], metrics)
                 if engine is not None:
                     engine.observe(run, rank, entry.get("step"), entry["t"], metrics)
-            elif kind == "tensor" and entry.get("as") == "features" and statistics:
-                self._features(
-                    _FeatureBatch(run, rank, str(entry["name"]), entry.get("step"), run_dir, entry)
+            elif kind == protocol.TENSOR and entry.get("as") == "features" and statistics:
+                self.features.submit(
+                    FeatureBatch(run, rank, str(entry["name"]), entry.get("step"), run_dir, entry)
                 )
-            elif kind == "event":
+            elif kind == protocol.EVENT:
                 self.summaries.observe_event(run, rank, entry.get("step"), str(entry.get("name")))
-            elif kind == "hello":
+            elif kind == protocol.HELLO:
                 if source.host == self.host and source.pid > 0:
                     self._pids[source.pid] = (run, rank)
                 if engine is not None:
                     engine.observe_event(run, rank, "hello", {"pid": source.pid})
-            elif kind == "probe_stats" and engine is not None:
+            elif kind == protocol.PROBE_STATS and engine is not None:
                 engine.observe_event(run, rank, "probe_stats", {"dropped": entry.get("dropped")})
-            elif kind == "bye":
+            elif kind == protocol.BYE:
                 self._pids.pop(source.pid, None)
                 if engine is not None:
                     engine.observe_event(run, rank, "bye", {})
-            elif kind == "run_end":
+            elif kind == protocol.RUN_END:
                 if engine is not None:
                     engine.observe_event(
                         run, rank, "run_end", {"exit_status": entry.get("exit_status")}
@@ -410,84 +326,19 @@ class Analysis:
         if trainer_record and engine is not None:
             engine.observe_event(run, rank, "record", {})
 
-    # -- representation statistics and maps -------------------------------------------------
-    def _features(self, batch: _FeatureBatch) -> None:
-        stream = (batch.run, batch.rank, batch.name)
-        self.jobs.submit(
-            stream,
-            "representation",
-            representation_job,
-            lambda result: self._result("features", batch, result),
-            (batch.line, batch.run_dir),
-        )
-        self._pair(batch)
-        count = self._feature_counts[stream] = self._feature_counts.get(stream, 0) + 1
-        method = self.config.stats.feature_map
-        if method != "off" and (count - 1) % self.config.stats.map_every == 0:
-            self._map(batch, method)
-
-    def _pair(self, batch: _FeatureBatch) -> None:
-        """Student/teacher streams: the line naming a pair meets its partner's at the same step."""
-        partner = batch.line.get("pair")
-        key = (batch.run, str(partner) if partner else batch.name)
-        waiting = self._unpaired.get(key)
-        if waiting is not None and waiting.step == batch.step and waiting.name != batch.name:
-            del self._unpaired[key]
-            student, teacher = (waiting, batch) if partner else (batch, waiting)
-            self.jobs.submit(
-                (teacher.run, teacher.rank, teacher.name, "pair"),
-                "pair_cosine",
-                pair_job,
-                lambda result: self._result("features", teacher, result),
-                (student.line, student.run_dir, teacher.line, teacher.run_dir),
-            )
-            return
-        if len(self._unpaired) > 256:
-            self._unpaired.clear()  # partners that never came; keep the table bounded
-        self._unpaired[(batch.run, batch.name) if partner else key] = batch
-
-    def _map(self, batch: _FeatureBatch, method: Literal["tsne", "pca"]) -> None:
-        """A map job carries the stream's FeatureMap out and back (its state: the last map)."""
-        from agent.analysis.maps import FeatureMap
-
-        key = (batch.run, batch.rank, batch.name)
-        directory = batch.run_dir / "images" / f"features-{batch.name}-{method}".replace("/", "_")
-        step = -1 if batch.step is None else batch.step
-
-        def done(result: tuple[Any, Path]) -> None:
-            self._maps[key] = result[0]  # one job per key at a time: no race
-            self._result("map", batch, (method, result[1]))
-
-        def submit_with_current_map() -> tuple[Any, ...]:
-            feature_map = self._maps.get(key) or FeatureMap(max_points=self.config.stats.map_points)
-            title = f"{batch.name} ({method}), step {batch.step}"
-            path = directory / f"{step:08d}.png"
-            return (feature_map, batch.line, batch.run_dir, step, method, path, title)
-
-        points = self.config.stats.map_points
-        hint = TSNE_CPU_SECONDS_PER_1000_POINTS * points / 1000 if method == "tsne" else 0.0
-        self.jobs.submit(
-            (*key, "map"), method, map_job, done, submit_with_current_map(), cost_hint=hint
-        )
-
-    def _result(self, what: str, batch: _FeatureBatch, result: Any) -> None:
-        """Called on a worker: the analysis thread turns results into entries."""
-        self._results.append((what, (batch, result)))  # taken at the next wake-up (a tick at most)
-
     def _process_results(self) -> None:
         while self._results:
-            what, (batch, result) = self._results.popleft()
-            if what == "features":
-                metrics = {f"features/{batch.name}/{key}": value for key, value in result.items()}
-                self._derive(batch.run, batch.rank, batch.step, metrics)
-            elif what == "map":
-                method, path = result
-                self._image(
-                    batch.run, batch.rank, batch.step, f"features/{batch.name}/{method}", path
-                )
-            elif what == "dashboard":
-                step, path = result
-                self._image(batch, 0, step, "dashboard", path)
+            result = self._results.popleft()
+            if isinstance(result, FeatureStatistics):
+                name = result.batch.name
+                metrics = {f"features/{name}/{key}": value for key, value in result.metrics.items()}
+                self._derive(result.batch.run, result.batch.rank, result.batch.step, metrics)
+            elif isinstance(result, FeatureMapDrawn):
+                batch = result.batch
+                name = f"features/{batch.name}/{result.method}"
+                self._image(batch.run, batch.rank, batch.step, name, result.path)
+            else:
+                self._image(result.run, 0, result.step, "dashboard", result.path)
 
     def _derive(self, run: str, rank: int, step: int | None, metrics: dict[str, float]) -> None:
         """Derived scalars: to the store and sinks, and fed back to summaries and alerts."""
@@ -497,12 +348,12 @@ class Analysis:
         if self.alerts is not None:
             self.alerts.observe(run, rank, step, t, clean)
         stored = {k: schema.encode_number(v) for k, v in clean.items()}
-        entry = {"kind": "scalars", "step": step, "rank": rank, "t": t, "metrics": stored}
+        entry = {"kind": protocol.SCALARS, "step": step, "rank": rank, "t": t, "metrics": stored}
         self._outbox.append(Derived(run, entry))
 
     def _image(self, run: str, rank: int, step: int | None, name: str, path: Path) -> None:
         entry = {
-            "kind": "image",
+            "kind": schema.IMAGE,
             "step": step,
             "rank": rank,
             "t": self.wall_clock(),
@@ -517,7 +368,7 @@ class Analysis:
 
     def _on_system(self, entry: dict[str, Any]) -> None:
         """Called on the sampler's thread: the analysis wakes for it (and does its tick)."""
-        self._inbox.append(("system", entry))
+        self._inbox.append(SystemSample(entry))
         self._wake.set()
 
     def _system(self, entry: dict[str, Any]) -> None:
@@ -567,8 +418,8 @@ class Analysis:
         self.jobs.submit(
             (run, "dashboard"),
             "dashboard",
-            dashboard_job,
-            lambda written: self._results.append(("dashboard", (run, (step, written)))),
+            tasks.dashboard_job,
+            lambda written: self._results.append(DashboardDrawn(run, step, written)),
             (history, path, f"outrider run {run}"),
         )
 

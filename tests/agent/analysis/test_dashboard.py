@@ -132,8 +132,8 @@ def test_image_jobs_free_their_figures_at_once(tmp_path: Path) -> None:
 
     from matplotlib.figure import Figure
 
-    from agent.analysis.engine import dashboard_job, map_job
     from agent.analysis.maps import FeatureMap
+    from agent.analysis.tasks import dashboard_job, map_job
     from agent.store.run_store import TENSORS
 
     rows = np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32)

@@ -1,0 +1,99 @@
+"""What crosses the analysis thread's boundaries, typed.
+
+In: stored batches (``sinks.schema.Batch``) from the receive loop, host
+samples from the system sampler, sink alerts, and the close request. Out:
+``Derived`` entries for the receive loop to store and send on. Back from the
+statistics workers: the results of their jobs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from sinks.schema import Batch
+
+MapMethod = Literal["tsne", "pca"]
+
+
+@dataclass(frozen=True)
+class SystemSample:
+    """One host sample (a ``system`` entry), from the sampler's thread."""
+
+    entry: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SinkAlert:
+    """A sink's own alarm (a failing sink, a series cap), for the rules' cooldowns.
+
+    ``run`` None: no particular run (every open run gets it).
+    """
+
+    run: str | None
+    alert: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Close:
+    """Finish every run (last windows, final dashboards), then stop."""
+
+
+InboxItem = Batch | SystemSample | SinkAlert | Close
+
+
+@dataclass(frozen=True)
+class Derived:
+    """Something the analysis made, for the receive loop to store and send on.
+
+    ``run`` None: no particular run (stored in every open one, sent to sinks
+    once). ``to_store`` / ``to_sinks`` follow an alert's destinations.
+    """
+
+    run: str | None
+    entry: dict[str, Any]
+    to_store: bool = True
+    to_sinks: bool = True
+
+
+@dataclass(frozen=True)
+class FeatureBatch:
+    """One stored ``probe.features`` batch: its stream, step and where its rows are."""
+
+    run: str
+    rank: int
+    name: str
+    step: int | None
+    run_dir: Path
+    line: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class FeatureStatistics:
+    """Rank/collapse statistics of a batch, or the cosine of a student/teacher pair."""
+
+    batch: FeatureBatch
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
+class FeatureMapDrawn:
+    """A t-SNE/PCA map of a batch, written to ``path``."""
+
+    batch: FeatureBatch
+    method: MapMethod
+    path: Path
+
+
+@dataclass(frozen=True)
+class DashboardDrawn:
+    """A run's training dashboard at ``step``, written to ``path``."""
+
+    run: str
+    step: int | None
+    path: Path
+
+
+JobResult = FeatureStatistics | FeatureMapDrawn | DashboardDrawn
