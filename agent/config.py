@@ -16,11 +16,10 @@ from typing import Any, Literal
 import pydantic
 import yaml
 
-from agent.alerts.engine import DEFAULT_ALERTS_YAML, AlertsConfig
+from agent.alerts.config import DEFAULT_ALERTS_YAML, AlertsConfig
 from sinks import registry
 
 DEFAULT_SINKS = ("tensorboard", "prometheus", "wandb")
-AGENT_SINK_KEYS = ("enabled", "class", "queue_size", "retries")
 
 DEFAULT_YAML = """\
 # outrider agent configuration (outrider agent --config FILE, outrider run --config FILE).

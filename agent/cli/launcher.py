@@ -27,7 +27,7 @@ import zmq
 
 from agent.ingest.endpoint import private_ipc_dir
 from probe import protocol
-from probe.identity import new_run_id, new_stream_id
+from probe.identity import Identity, new_run_id, new_stream_id
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
@@ -104,22 +104,18 @@ def send_run_end(endpoint: str, run_id: str, exit_status: int) -> None:
         sock = context.socket(zmq.PUSH)
         sock.setsockopt(zmq.LINGER, 2000)
         sock.connect(endpoint)
-        envelope = {
-            "run": run_id,
-            "stream": f"launcher-{new_stream_id()}",
-            "rank": -1,
-            "local_rank": -1,
-            "world_size": 0,
-            "host": os.uname().nodename,
-            "pid": os.getpid(),
-        }
+        launcher = Identity(
+            run=run_id, rank=-1, local_rank=-1, world_size=0, stream=f"launcher-{new_stream_id()}"
+        )
         body = {"exit_status": exit_status, "end_time": time.time()}
         bye = {"produced": 2, "dropped": {}}
         records = [
             [protocol.RUN_END, 0, time.time(), None, body],
             [protocol.BYE, 1, time.time(), None, bye],
         ]
-        sock.send(msgpack.packb([protocol.VERSION, envelope, records], use_bin_type=True))
+        sock.send(
+            msgpack.packb([protocol.VERSION, launcher.envelope(), records], use_bin_type=True)
+        )
         sock.close()
     finally:
         context.term()

@@ -1,4 +1,4 @@
-"""The agent survives any input (design rule 4), tested against a real agent process.
+"""The agent survives any input, tested against a real agent process.
 
 Every test throws bytes at ``outrider agent`` from a raw ZeroMQ PUSH socket,
 with good messages before and after each bad one, then checks that the agent
