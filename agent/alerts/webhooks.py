@@ -1,7 +1,7 @@
 """Webhook delivery for fired alerts, on a daemon thread per destination.
 
 The alert engine runs on the agent's analysis thread, which must never wait on
-the network (hard rule 5). ``WebhookSender.submit`` serialises the alert and
+the network. ``WebhookSender.submit`` serialises the alert and
 appends it to a bounded queue (the oldest payload is dropped and counted when
 it is full); a daemon thread posts it with ``urllib.request``. A slow, failing
 or unreachable endpoint costs only that thread's time, failures are counted
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import collections
 import json
-import logging
 import math
 import threading
 import time
@@ -23,9 +22,8 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
+from agent.logs import RateLimitedLog
 from sinks import schema
-
-logger = logging.getLogger("outrider.alerts")
 
 WebhookFormat = Literal["json", "slack"]
 USER_AGENT = "outrider-alerts/0.1"
@@ -111,8 +109,7 @@ class WebhookSender:
             "User-Agent": USER_AGENT,
             **dict(headers or {}),
         }
-        self.log_interval = log_interval
-        self.clock = clock
+        self._complaints = RateLimitedLog(log_interval, clock=clock)
         self._queue: collections.deque[bytes] = collections.deque()
         self._queue_size = queue_size
         self._cond = threading.Condition()
@@ -121,8 +118,6 @@ class WebhookSender:
         self._close_deadline = math.inf
         self._in_flight = 0
         self._counts = {"sent": 0, "failed": 0, "dropped_queue_full": 0, "dropped_closed": 0}
-        self._last_log: float | None = None
-        self._unlogged = 0
 
     # -- the caller's side ----------------------------------------------------------------
     def submit(self, alert: Mapping[str, Any]) -> bool:
@@ -227,17 +222,11 @@ class WebhookSender:
             return f"{type(exc).__name__}: {exc}"
 
     def _complain(self, error: str) -> None:
-        now = self.clock()
-        if self._last_log is not None and now - self._last_log < self.log_interval:
-            self._unlogged += 1
-            return
-        suppressed = f" ({self._unlogged} more failures not logged)" if self._unlogged else ""
-        self._last_log, self._unlogged = now, 0
-        logger.warning(
-            "outrider alerts: webhook %r (%s) failed: %s; %d failed so far%s",
+        self._complaints.warning(
+            "webhook",
+            "outrider alerts: webhook %r (%s) failed: %s; %d failed so far",
             self.name,
             describe_url(self.url),
             error,
             self._counts["failed"],
-            suppressed,
         )

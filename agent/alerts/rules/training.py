@@ -1,0 +1,506 @@
+"""Rules on how training goes: plateau, overfitting, collapse, trend and input_bound.
+
+Each watches particular metrics of a run (losses, feature statistics, memory,
+data-loader wait and GPU utilisation) and knows what they mean; the built-ins
+``loss_plateau``, ``overfitting``, ``representation_collapse``,
+``memory_leak`` and ``input_bound`` are their instances.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import pydantic
+
+from agent.alerts.rules.base import (
+    TABLE_LIMIT,
+    Context,
+    MetricRule,
+    MetricRuleSpec,
+    Rule,
+    Sustain,
+    exact_name,
+    finite_number,
+    least_squares_slope,
+)
+from agent.alerts.rules.patterns import MetricPattern
+
+
+class PlateauSpec(MetricRuleSpec):
+    type: Literal["plateau"]
+    metric: str
+    fallback_metric: str | None = None
+    mode: Literal["min", "max"] = "min"
+    patience: int = pydantic.Field(default=10, ge=0)
+    threshold: float = pydantic.Field(default=1e-4, ge=0)
+    threshold_mode: Literal["rel", "abs"] = "rel"
+    cooldown_evaluations: int = pydantic.Field(default=0, ge=0)
+    window: int = pydantic.Field(default=1, ge=1)
+    fallback_window: int = pydantic.Field(default=100, ge=1)
+
+    default_message: ClassVar[str] = (
+        "{name}: {metric} has not improved on {best:.4g} for {bad_evaluations} evaluations "
+        "(run {run}, rank {rank}, step {step})"
+    )
+    extra_fields: ClassVar[Mapping[str, object]] = {
+        "best": 1.0,
+        "bad_evaluations": 1,
+        "patience": 1,
+        "evaluations": 1,
+    }
+
+    @pydantic.field_validator("metric", "fallback_metric")
+    @classmethod
+    def _exact_names(cls, value: str | None) -> str | None:
+        return exact_name(value)
+
+
+@dataclass
+class _PlateauState:
+    source: str = ""
+    best: float = math.inf
+    bad: int = 0
+    cooldown: int = 0
+    evaluations: int = 0
+    total: float = 0.0
+    count: int = 0
+
+    def restart(self, source: str, best: float) -> None:
+        self.source, self.best, self.bad, self.cooldown = source, best, 0, 0
+        self.evaluations, self.total, self.count = 0, 0.0, 0
+
+
+class PlateauRule(Rule[PlateauSpec]):
+    """torch.optim.lr_scheduler.ReduceLROnPlateau's bookkeeping; fires where it would cut the LR.
+
+    Each evaluation is the mean of ``window`` samples (``fallback_window`` for the
+    fallback metric, which is used only while the run has not logged ``metric``).
+    """
+
+    def __init__(self, name: str, spec: PlateauSpec, destinations: Sequence[str]) -> None:
+        super().__init__(name, spec, destinations)
+        self._primary_runs: collections.OrderedDict[str, None] = collections.OrderedDict()
+
+    def wants(self, metric: str) -> bool:
+        return metric == self.spec.metric or metric == self.spec.fallback_metric
+
+    def _better(self, current: float, best: float) -> bool:
+        spec = self.spec
+        if spec.mode == "min":
+            if spec.threshold_mode == "rel":
+                return current < best * (1.0 - spec.threshold)
+            return current < best - spec.threshold
+        if spec.threshold_mode == "rel":
+            return current > best * (1.0 + spec.threshold)
+        return current > best + spec.threshold
+
+    def on_sample(
+        self,
+        ctx: Context,
+        run: str,
+        rank: int,
+        step: int | None,
+        t: float,
+        metric: str,
+        value: float,
+    ) -> None:
+        if not math.isfinite(value):
+            return
+        spec = self.spec
+        primary = metric == spec.metric
+        if primary:
+            self._primary_runs[run] = None
+            self._primary_runs.move_to_end(run)
+            while len(self._primary_runs) > TABLE_LIMIT:
+                self._primary_runs.popitem(last=False)
+        elif run in self._primary_runs:
+            return
+        state = ctx.state(self, run, rank, "", _PlateauState)
+        if state is None:
+            return
+        if state.source != metric:  # a fresh start: train and val losses are not comparable
+            state.restart(metric, math.inf if spec.mode == "min" else -math.inf)
+        state.total += value
+        state.count += 1
+        if state.count < (spec.window if primary else spec.fallback_window):
+            return
+        current = state.total / state.count
+        state.total, state.count = 0.0, 0
+        state.evaluations += 1
+        if self._better(current, state.best):
+            state.best, state.bad = current, 0
+        else:
+            state.bad += 1
+        if state.cooldown > 0:
+            state.cooldown -= 1
+            state.bad = 0
+        if state.bad > spec.patience:
+            extra = {
+                "best": state.best,
+                "bad_evaluations": state.bad,
+                "patience": spec.patience,
+                "evaluations": state.evaluations,
+            }
+            state.cooldown, state.bad = spec.cooldown_evaluations, 0
+            ctx.report(self, run, rank, metric, step, True, current, state.best, extra)
+
+    def forget(self, run: str, rank: int | None) -> None:
+        if rank is None:
+            self._primary_runs.pop(run, None)
+
+
+class OverfittingSpec(MetricRuleSpec):
+    type: Literal["overfitting"]
+    metric: str
+    train_metric: str = "loss"
+    evaluations: int = pydantic.Field(default=5, ge=3)
+    min_rise: float = pydantic.Field(default=0.01, ge=0)
+
+    default_message: ClassVar[str] = (
+        "{name}: {metric} rose {rise:.1%} over the last {evaluations} evaluations while "
+        "{train_metric} fell (run {run}, rank {rank}, step {step})"
+    )
+    extra_fields: ClassVar[Mapping[str, object]] = {
+        "rise": 0.1,
+        "val_slope": 1.0,
+        "train_slope": -1.0,
+        "train_metric": "loss",
+        "evaluations": 5,
+    }
+
+    @pydantic.field_validator("metric", "train_metric")
+    @classmethod
+    def _exact_names(cls, value: str) -> str:
+        exact_name(value)
+        return value
+
+
+@dataclass
+class _OverfitState:
+    train_total: float = 0.0
+    train_count: int = 0
+    last_train: float | None = None
+    evaluations: int = 0
+    points: collections.deque[tuple[float, float, float]] = field(default_factory=collections.deque)
+
+
+class OverfittingRule(Rule[OverfittingSpec]):
+    """Least-squares trends of the last val values and of the mean train loss between them."""
+
+    oneshot = False
+
+    def wants(self, metric: str) -> bool:
+        return metric == self.spec.metric or metric == self.spec.train_metric
+
+    def on_sample(
+        self,
+        ctx: Context,
+        run: str,
+        rank: int,
+        step: int | None,
+        t: float,
+        metric: str,
+        value: float,
+    ) -> None:
+        if not math.isfinite(value):
+            return
+        spec = self.spec
+        state = ctx.state(self, run, rank, "", _OverfitState)
+        if state is None:
+            return
+        if metric == spec.train_metric and metric != spec.metric:
+            state.train_total += value
+            state.train_count += 1
+            return
+        if state.train_count:
+            state.last_train = state.train_total / state.train_count
+            state.train_total, state.train_count = 0.0, 0
+        if state.last_train is None:
+            return
+        state.evaluations += 1
+        x = float(step) if step is not None else float(state.evaluations)
+        if state.points and x <= state.points[-1][0]:
+            state.points.clear()  # steps went back: a restart, a new curve
+        state.points.append((x, value, state.last_train))
+        while len(state.points) > spec.evaluations:
+            state.points.popleft()
+        if len(state.points) < spec.evaluations:
+            return
+        xs = [p[0] for p in state.points]
+        val_slope = least_squares_slope(xs, [p[1] for p in state.points])
+        train_slope = least_squares_slope(xs, [p[2] for p in state.points])
+        if val_slope is None or train_slope is None:
+            return
+        mean_val = sum(p[1] for p in state.points) / len(state.points)
+        rise = val_slope * (xs[-1] - xs[0]) / abs(mean_val) if mean_val else math.inf * val_slope
+        holding = val_slope > 0 and rise >= spec.min_rise and train_slope < 0
+        extra = {
+            "rise": rise,
+            "val_slope": val_slope,
+            "train_slope": train_slope,
+            "train_metric": spec.train_metric,
+            "evaluations": spec.evaluations,
+        }
+        ctx.report(self, run, rank, metric, step, holding, value, spec.min_rise, extra)
+
+
+class CollapseSpec(MetricRuleSpec):
+    type: Literal["collapse"]
+    effective_rank_below: float | None = 2.0
+    collapse_ratio_below: float | None = 0.1
+    for_steps: int = pydantic.Field(default=1, ge=1)
+
+    default_message: ClassVar[str] = (
+        "{name}: {metric}={value:.3g} is below {threshold:.3g} "
+        "(run {run}, rank {rank}, step {step})"
+    )
+
+
+class CollapseRule(MetricRule[CollapseSpec]):
+    """``*/effective_rank`` or ``*/collapse_ratio`` of a feature stream below its floor."""
+
+    oneshot = False
+
+    def on_sample(
+        self,
+        ctx: Context,
+        run: str,
+        rank: int,
+        step: int | None,
+        t: float,
+        metric: str,
+        value: float,
+    ) -> None:
+        spec = self.spec
+        leaf = metric.rpartition("/")[2]
+        floor = (
+            spec.effective_rank_below
+            if leaf == "effective_rank"
+            else spec.collapse_ratio_below
+            if leaf == "collapse_ratio"
+            else None
+        )
+        if floor is None:
+            return
+        sustain = ctx.state(self, run, rank, metric, Sustain)
+        if sustain is None:
+            return
+        holding = sustain.update(value < floor, step, t, spec.for_steps, 0.0)
+        ctx.report(self, run, rank, metric, step, holding, value, floor)
+
+
+class TrendSpec(MetricRuleSpec):
+    type: Literal["trend"]
+    slope_above: float = pydantic.Field(default=0.0, ge=0)
+    min_growth_fraction: float = pydantic.Field(default=0.05, ge=0)
+    window_seconds: float = pydantic.Field(default=900.0, gt=0)
+    warmup_seconds: float = pydantic.Field(default=300.0, ge=0)
+    buckets: int = pydantic.Field(default=60, ge=4, le=1000)
+
+    default_message: ClassVar[str] = (
+        "{name}: {metric} grew {growth:.1%} ({slope:.4g} per second) over the last "
+        "{window_seconds:.0f} s, now {value:.4g} (run {run}, rank {rank})"
+    )
+    extra_fields: ClassVar[Mapping[str, object]] = {
+        "slope": 1.0,
+        "growth": 0.1,
+        "window_seconds": 1.0,
+        "start": 1.0,
+    }
+
+
+@dataclass
+class _TrendState:
+    first_t: float | None = None
+    bucket_start: float | None = None
+    sum_t: float = 0.0
+    sum_v: float = 0.0
+    count: int = 0
+    points: collections.deque[tuple[float, float]] = field(default_factory=collections.deque)
+
+
+class TrendRule(MetricRule[TrendSpec]):
+    """Sustained growth: least-squares slopes over a window of bucketed sample means.
+
+    Samples are averaged into ``buckets`` buckets per ``window_seconds`` (memory
+    stays bounded whatever the sample rate). The condition holds when the slope
+    over the whole window and over each of its halves exceeds ``slope_above``
+    and the fitted growth over the window is at least ``min_growth_fraction`` of
+    the fitted starting value: a one-off jump (a cache filling) rises in one
+    half only and does not count.
+    """
+
+    oneshot = False
+
+    def on_sample(
+        self,
+        ctx: Context,
+        run: str,
+        rank: int,
+        step: int | None,
+        t: float,
+        metric: str,
+        value: float,
+    ) -> None:
+        if not math.isfinite(value):
+            return
+        spec = self.spec
+        state = ctx.state(self, run, rank, metric, _TrendState)
+        if state is None:
+            return
+        if state.first_t is None:
+            state.first_t = t
+        elapsed = t - state.first_t  # relative times keep the least-squares sums well conditioned
+        if elapsed < spec.warmup_seconds:
+            return
+        width = spec.window_seconds / spec.buckets
+        if state.bucket_start is None:
+            state.bucket_start = elapsed
+        elif elapsed - state.bucket_start >= width and state.count:
+            state.points.append((state.sum_t / state.count, state.sum_v / state.count))
+            state.bucket_start, state.sum_t, state.sum_v, state.count = elapsed, 0.0, 0.0, 0
+            while state.points and state.points[0][0] < elapsed - spec.window_seconds:
+                state.points.popleft()
+            self._evaluate(ctx, run, rank, step, metric, value, state)
+        state.sum_t += elapsed
+        state.sum_v += value
+        state.count += 1
+
+    def _evaluate(
+        self,
+        ctx: Context,
+        run: str,
+        rank: int,
+        step: int | None,
+        metric: str,
+        value: float,
+        state: _TrendState,
+    ) -> None:
+        spec = self.spec
+        points = list(state.points)
+        if len(points) < 4 or points[-1][0] - points[0][0] < 0.9 * spec.window_seconds - (
+            spec.window_seconds / spec.buckets
+        ):
+            return
+        xs = [p[0] for p in points]
+        ys = [p[1] for p in points]
+        half = len(points) // 2
+        slopes = [
+            least_squares_slope(xs, ys),
+            least_squares_slope(xs[:half], ys[:half]),
+            least_squares_slope(xs[half:], ys[half:]),
+        ]
+        slope = slopes[0]
+        if slope is None or any(s is None or s <= spec.slope_above for s in slopes):
+            ctx.report(self, run, rank, metric, step, False)
+            return
+        mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+        start = mean_y + slope * (xs[0] - mean_x)
+        growth = slope * (xs[-1] - xs[0]) / start if start > 0 else math.inf
+        holding = growth >= spec.min_growth_fraction
+        extra = {
+            "slope": slope,
+            "growth": growth,
+            "window_seconds": spec.window_seconds,
+            "start": start,
+        }
+        ctx.report(self, run, rank, metric, step, holding, value, spec.slope_above, extra)
+
+
+class InputBoundSpec(MetricRuleSpec):
+    type: Literal["input_bound"]
+    metric: str
+    step_time_metric: str = "step_time_seconds"
+    util_metric: str = "system/gpu*/util_percent"
+    util_below: float = 50.0
+    wait_fraction_above: float = pydantic.Field(default=0.3, ge=0, le=1)
+    smoothing: float = pydantic.Field(default=0.1, gt=0, le=1)
+    for_seconds: float = pydantic.Field(default=120.0, ge=0)
+
+    default_message: ClassVar[str] = (
+        "{name}: rank {worst_rank} waits for data {wait_fraction:.0%} of each step while "
+        "GPU utilisation is at most {util:.0f}% (run {run})"
+    )
+    extra_fields: ClassVar[Mapping[str, object]] = {
+        "wait_fraction": 0.5,
+        "util": 10.0,
+        "worst_rank": 0,
+    }
+
+    @pydantic.field_validator("metric", "step_time_metric")
+    @classmethod
+    def _exact_names(cls, value: str) -> str:
+        exact_name(value)
+        return value
+
+
+@dataclass
+class _InputState:
+    waits: dict[int, float] = field(default_factory=dict)  # rank -> smoothed wait fraction
+    utils: dict[str, float] = field(default_factory=dict)  # gpu metric -> latest util
+    sustain: Sustain = field(default_factory=Sustain)
+
+
+class InputBoundRule(Rule[InputBoundSpec]):
+    """GPUs idle while a rank waits on its data loader, per run (rank -1)."""
+
+    oneshot = False
+    record_level = True
+
+    def __init__(self, name: str, spec: InputBoundSpec, destinations: Sequence[str]) -> None:
+        super().__init__(name, spec, destinations)
+        self.util_match = MetricPattern([spec.util_metric])
+
+    def wants(self, metric: str) -> bool:
+        spec = self.spec
+        return metric in (spec.metric, spec.step_time_metric) or self.util_match(metric)
+
+    def on_sample(
+        self,
+        ctx: Context,
+        run: str,
+        rank: int,
+        step: int | None,
+        t: float,
+        metric: str,
+        value: float,
+    ) -> None:
+        if not self.util_match(metric) or not math.isfinite(value):
+            return
+        state = ctx.state(self, run, -1, "", _InputState)
+        if state is not None and (metric in state.utils or len(state.utils) < 1024):
+            state.utils[metric] = value
+
+    def on_record(
+        self,
+        ctx: Context,
+        run: str,
+        rank: int,
+        step: int | None,
+        t: float,
+        metrics: Mapping[str, Any],
+    ) -> None:
+        spec = self.spec
+        state = ctx.state(self, run, -1, "", _InputState)
+        if state is None:
+            return
+        step_time = finite_number(metrics.get(spec.step_time_metric))
+        if step_time is None or step_time <= 0:
+            return  # evaluated on trainer steps; GPU samples only update the utilisation
+        wait = finite_number(metrics.get(spec.metric, 0.0))
+        if wait is not None and wait >= 0 and (rank in state.waits or len(state.waits) < 4096):
+            fraction = min(wait / step_time, 1.0)
+            old = state.waits.get(rank)
+            state.waits[rank] = fraction if old is None else old + spec.smoothing * (fraction - old)
+        if not state.waits or not state.utils:
+            return
+        worst_rank, fraction = max(state.waits.items(), key=lambda item: item[1])
+        util = max(state.utils.values())
+        crossed = util < spec.util_below and fraction > spec.wait_fraction_above
+        holding = state.sustain.update(crossed, None, t, 1, spec.for_seconds)
+        extra = {"wait_fraction": fraction, "util": util, "worst_rank": worst_rank}
+        ctx.report(self, run, -1, "", step, holding, fraction, spec.wait_fraction_above, extra)
