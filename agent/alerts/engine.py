@@ -25,15 +25,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from agent.alerts.config import (
-    BUILTIN_DESTINATIONS,
-    BUILTIN_RULES,
-    DEFAULT_ALERTS_YAML,
-    AlertsConfig,
-    RuleConfig,
-    WebhookDestination,
-)
-from agent.alerts.rules import RECORD, RULE_TYPES, RankInfo, Rule, Severity
+from agent.alerts.config import BUILTIN_RULES, DEFAULT_ALERTS_YAML, AlertsConfig
+from agent.alerts.rules import RECORD, RULE_TYPES, RankInfo, Rule
 from agent.alerts.rules.base import drop_run, integer
 from agent.alerts.webhooks import WebhookSender
 from agent.logs import RateLimitedLog
@@ -470,13 +463,10 @@ class AlertEngine:
         )
 
 
+# The `alerts:` section and its built-in defaults (agent/alerts/config.py) come with the engine.
 __all__ = [
-    "BUILTIN_DESTINATIONS",
     "BUILTIN_RULES",
     "DEFAULT_ALERTS_YAML",
     "AlertEngine",
     "AlertsConfig",
-    "RuleConfig",
-    "Severity",
-    "WebhookDestination",
 ]

@@ -1,12 +1,12 @@
 """Webhook delivery for fired alerts, on a daemon thread per destination.
 
 The alert engine runs on the agent's analysis thread, which must never wait on
-the network. ``WebhookSender.submit`` serialises the alert and
-appends it to a bounded queue (the oldest payload is dropped and counted when
-it is full); a daemon thread posts it with ``urllib.request``. A slow, failing
-or unreachable endpoint costs only that thread's time, failures are counted
-and logged at most once per ``log_interval`` seconds, and ``close(timeout)``
-returns within its timeout whatever the endpoint does.
+the network. ``WebhookSender.submit`` serialises the alert and appends it to a
+bounded queue (the oldest payload is dropped and counted when it is full); a
+daemon thread posts it with ``urllib.request``. A slow, failing or unreachable
+endpoint costs only that thread's time, failures are counted and logged at most
+once per ``log_interval`` seconds, and ``close(timeout)`` returns within its
+timeout whatever the endpoint does.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Final, Generic, Literal, Protocol, Self, TypeVar
+from typing import Annotated, Any, ClassVar, Final, Generic, Literal, Protocol, Self, TypeVar
 
 import pydantic
 
@@ -40,11 +40,14 @@ def metric_names(metric: str | list[str]) -> list[str]:
     return [metric] if isinstance(metric, str) else list(metric)
 
 
-def exact_name(value: str | None) -> str | None:
-    """``value`` unless it is blank or a glob: fields that name one metric."""
-    if value is not None and (not value.strip() or is_glob(value)):
+def _exact_name(value: str) -> str:
+    if not value.strip() or is_glob(value):
         raise ValueError(f"{value!r}: need one exact metric name here, not a glob")
     return value
+
+
+#: a spec field that names one metric: not blank, not a glob
+ExactMetricName = Annotated[str, pydantic.AfterValidator(_exact_name)]
 
 
 def finite_number(value: Any) -> float | None:

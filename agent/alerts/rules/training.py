@@ -19,11 +19,11 @@ import pydantic
 from agent.alerts.rules.base import (
     TABLE_LIMIT,
     Context,
+    ExactMetricName,
     MetricRule,
     MetricRuleSpec,
     Rule,
     Sustain,
-    exact_name,
     finite_number,
     least_squares_slope,
 )
@@ -32,8 +32,8 @@ from agent.alerts.rules.patterns import MetricPattern
 
 class PlateauSpec(MetricRuleSpec):
     type: Literal["plateau"]
-    metric: str
-    fallback_metric: str | None = None
+    metric: ExactMetricName
+    fallback_metric: ExactMetricName | None = None
     mode: Literal["min", "max"] = "min"
     patience: int = pydantic.Field(default=10, ge=0)
     threshold: float = pydantic.Field(default=1e-4, ge=0)
@@ -52,11 +52,6 @@ class PlateauSpec(MetricRuleSpec):
         "patience": 1,
         "evaluations": 1,
     }
-
-    @pydantic.field_validator("metric", "fallback_metric")
-    @classmethod
-    def _exact_names(cls, value: str | None) -> str | None:
-        return exact_name(value)
 
 
 @dataclass
@@ -155,8 +150,8 @@ class PlateauRule(Rule[PlateauSpec]):
 
 class OverfittingSpec(MetricRuleSpec):
     type: Literal["overfitting"]
-    metric: str
-    train_metric: str = "loss"
+    metric: ExactMetricName
+    train_metric: ExactMetricName = "loss"
     evaluations: int = pydantic.Field(default=5, ge=3)
     min_rise: float = pydantic.Field(default=0.01, ge=0)
 
@@ -171,12 +166,6 @@ class OverfittingSpec(MetricRuleSpec):
         "train_metric": "loss",
         "evaluations": 5,
     }
-
-    @pydantic.field_validator("metric", "train_metric")
-    @classmethod
-    def _exact_names(cls, value: str) -> str:
-        exact_name(value)
-        return value
 
 
 @dataclass
@@ -413,8 +402,8 @@ class TrendRule(MetricRule[TrendSpec]):
 
 class InputBoundSpec(MetricRuleSpec):
     type: Literal["input_bound"]
-    metric: str
-    step_time_metric: str = "step_time_seconds"
+    metric: ExactMetricName
+    step_time_metric: ExactMetricName = "step_time_seconds"
     util_metric: str = "system/gpu*/util_percent"
     util_below: float = 50.0
     wait_fraction_above: float = pydantic.Field(default=0.3, ge=0, le=1)
@@ -430,12 +419,6 @@ class InputBoundSpec(MetricRuleSpec):
         "util": 10.0,
         "worst_rank": 0,
     }
-
-    @pydantic.field_validator("metric", "step_time_metric")
-    @classmethod
-    def _exact_names(cls, value: str) -> str:
-        exact_name(value)
-        return value
 
 
 @dataclass

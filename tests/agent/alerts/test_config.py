@@ -400,3 +400,19 @@ def test_new_rule_needs_type_and_metric() -> None:
         AlertsConfig.model_validate({"rules": {"hot": {"type": "threshold", "above": 1}}})
     with pytest.raises(pydantic.ValidationError, match="above"):
         AlertsConfig.model_validate({"rules": {"hot": {"type": "threshold", "metric": "x"}}})
+
+
+@pytest.mark.parametrize(
+    ("rule", "field"),
+    [
+        ("loss_plateau", "metric"),
+        ("loss_plateau", "fallback_metric"),
+        ("overfitting", "train_metric"),
+        ("input_bound", "step_time_metric"),
+    ],
+)
+def test_single_metric_fields_refuse_globs(rule: str, field: str) -> None:
+    """Fields that name one metric reject a glob or a blank name, naming the field."""
+    for bad in ("val/*", " "):
+        with pytest.raises(pydantic.ValidationError, match=f"{field}(.|\n)*exact metric name"):
+            AlertsConfig.model_validate({"rules": {rule: {field: bad}}})
