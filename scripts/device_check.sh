@@ -25,7 +25,7 @@ torch.version.cuda, torch.cuda.is_available(), pynvml.__file__)'
 } 2>&1 | tee "$OUT/machine.txt"
 # -rs: a skip says why; a CUDA test that skips on a GPU machine is a failure of this check.
 "$PY" -m pytest -q -rs -p no:cacheprovider tests/probe/test_watch.py tests/probe/test_no_host_sync.py \
-    tests/agent/system/test_sampler.py -k "cuda or nvml" 2>&1 | tee "$OUT/tests.log" || status=1
+    tests/agent/system/test_nvml.py -k "cuda or nvml" 2>&1 | tee "$OUT/tests.log" || status=1
 if grep -q -e "needs a CUDA device" -e "needs an NVIDIA driver" "$OUT/tests.log"; then
     echo "device_check: a GPU test skipped on this machine" | tee -a "$OUT/tests.log"
     status=1

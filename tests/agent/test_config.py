@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from agent import config
-from tests.helpers_cli import OUTRIDER, clean_env
+from tests.helpers import OUTRIDER, clean_env
 
 
 def test_documented_default_is_the_default() -> None:

@@ -15,8 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.helpers import PYTHON, REPO, lines, run_info
-from tests.helpers_cli import OUTRIDER, clean_env
+from tests.helpers import OUTRIDER, PYTHON, REPO, clean_env, lines, run_info
 from tests.prometheus_server import dashboard_exprs, free_port, poll, promtool, start_prometheus
 from tests.wandb_reader import read_offline_run
 

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from sinks.base import Batch, Source
+from sinks.health import Health
 from sinks.memory import MemorySink
-from sinks.worker import Health, SinkWorker
+from sinks.worker import SinkWorker
 from tests.faulty_sinks import HangingSink, RaisingSink
 from tests.helpers import (
     lines,
@@ -80,7 +81,7 @@ def test_hanging_sink_fills_its_own_queue_only() -> None:
     started = time.monotonic()
     assert not stuck.close(0.3), "a hanging sink cannot close cleanly"
     assert time.monotonic() - started < 2.0
-    assert stuck.snapshot()["dropped"]["shutdown"] > 0
+    assert stuck.snapshot().dropped["shutdown"] > 0
     assert fine.close(2.0) and healthy.closed
     hanging.release.set()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import socket
 import threading
@@ -14,10 +15,24 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from sinks import registry
 from sinks.base import Batch, Source
+from sinks.health import (
+    ActiveAlert,
+    AgentHealth,
+    AnalysisHealth,
+    FiredAlert,
+    Health,
+    JobCost,
+    SinkHealth,
+    StreamHealth,
+)
 from sinks.prometheus import ALERT_COOLDOWN_SECONDS, GPU_METRICS, PrometheusSink
 from sinks.registry import SinkContext
 from sinks.worker import SinkWorker
@@ -75,60 +90,39 @@ def gpu(index: int, **overrides: Any) -> dict[str, Any]:
     return sample
 
 
-def agent_stats(**overrides: Any) -> dict[str, Any]:
-    stats: dict[str, Any] = {
-        "messages": 120,
-        "records": 4000,
-        "bytes": 65536,
-        "rejected_messages": {"malformed": 2},
-        "rejected_records": {"bad_record": 3},
-        "sinks": {
-            "prometheus": {
-                "health": "ok",
-                "queue_depth": 0,
-                "exported_entries": 4000,
-                "failures": 0,
-                "retries": 0,
-                "dropped": {},
-            },
-            "wandb": {
-                "health": "retrying",
-                "queue_depth": 7,
-                "exported_entries": 100,
-                "failures": 4,
-                "retries": 3,
-                "dropped": {"queue_full": 12},
-            },
+def stream(rank: int, received: int, lost: int = 0, **dropped: int) -> StreamHealth:
+    return StreamHealth(f"s{rank}", rank, "node-a", received + lost, received, dropped, lost, False)
+
+
+def agent_stats(**overrides: Any) -> AgentHealth:
+    """A full snapshot: every family of the agent's health has samples."""
+    stats = AgentHealth(
+        messages=120,
+        records=4000,
+        bytes=65536,
+        rejected_messages={"malformed": 2},
+        rejected_records={"bad_record": 3},
+        sinks={
+            "prometheus": SinkHealth(Health.OK, 0, 4000, 0, 0, {}, None, 40, {"series": 9}),
+            "wandb": SinkHealth(Health.RETRYING, 7, 100, 4, 3, {"queue_full": 12}, "timeout"),
         },
-        "runs": {
-            "run-1": {
-                "streams": [
-                    {"rank": 0, "host": "node-a", "received": 2000, "dropped": {}, "lost": 0},
-                    {
-                        "rank": 1,
-                        "host": "node-a",
-                        "received": 1500,
-                        "dropped": {"queue_full": 5},
-                        "lost": 1,
-                    },
-                    # rank 1 restarted: a second stream, summed into the same series
-                    {
-                        "rank": 1,
-                        "host": "node-a",
-                        "received": 500,
-                        "dropped": {"queue_full": 2, "no_agent": 1},
-                        "lost": 0,
-                    },
-                ]
-            }
+        runs={
+            "run-1": [
+                stream(0, 2000),
+                stream(1, 1500, lost=1, queue_full=5),
+                # rank 1 restarted: a second stream, summed into the same series
+                stream(1, 500, queue_full=2, no_agent=1),
+            ]
         },
-        "stat_jobs": {"effective_rank": {"count": 4, "seconds_sum": 0.5}},
-        "alerts_active": [{"name": "loss_spike", "severity": "warning", "run": "run-1"}],
-        "alerts_fired": [{"name": "loss_spike", "severity": "warning", "count": 3}],
-        "analysis_dropped": 2,
-    }
-    stats.update(overrides)
-    return stats
+        analysis=AnalysisHealth(
+            stat_jobs={"effective_rank": JobCost(4, 0.5, 0.2, 0.1, 0.4, 0, 0)},
+            dropped_batches=2,
+            alert_engine={"suppressed": 0, "state_keys": 1, "webhooks": {}},
+            alerts_active=[ActiveAlert("loss_spike", "warning", "run-1")],
+            alerts_fired=[FiredAlert("loss_spike", "warning", 3)],
+        ),
+    )
+    return dataclasses.replace(stats, **overrides)
 
 
 def scrape_text(sink: PrometheusSink) -> str:
@@ -333,8 +327,8 @@ def test_agent_health_is_read_at_scrape_time(make_sink: Any) -> None:
     assert value(series, "outrider_alerts_total", alert="loss_spike", severity="warning") == 3
     assert value(series, "outrider_analysis_dropped_batches_total") == 2
 
-    current["stats"] = agent_stats(messages=121)
-    del current["stats"]["stat_jobs"]
+    analysis = dataclasses.replace(current["stats"].analysis, stat_jobs={})
+    current["stats"] = agent_stats(messages=121, analysis=analysis)
     series = scrape(sink)
     assert value(series, "outrider_agent_messages_received_total") == 121
     assert "outrider_stat_job_duration_seconds_count" not in names(series)
@@ -343,7 +337,7 @@ def test_agent_health_is_read_at_scrape_time(make_sink: Any) -> None:
 def test_missing_or_failing_agent_stats_leave_the_scrape_working(make_sink: Any) -> None:
     """agent_stats None, returning None, or raising: training metrics are still served."""
 
-    def broken() -> dict[str, Any]:
+    def broken() -> AgentHealth:
         raise RuntimeError("stats exploded")
 
     for stats in (None, lambda: None, broken):
@@ -383,6 +377,61 @@ def test_names_are_sanitized_and_collisions_move_under_user(make_sink: Any) -> N
     assert value(series, "outrider_user_series", **RANK) == 8
     assert value(series, "outrider_user_agent_messages_received_total", **RANK) == 9
     assert value(series, "outrider_9lives", **RANK) == 10
+
+
+def scrape_openmetrics(sink: PrometheusSink) -> str:
+    """What a Prometheus server gets: the OpenMetrics exposition (it asks for it first)."""
+    request = urllib.request.Request(sink.url, headers={"Accept": OPENMETRICS})
+    with urllib.request.urlopen(request, timeout=5) as reply:
+        assert reply.headers["Content-Type"].startswith("application/openmetrics-text")
+        return str(reply.read().decode())
+
+
+def host_sample() -> dict[str, Any]:
+    """A system entry with a value for every host and trainer-process field."""
+    processes = [
+        {"pid": 4242, "cpu_percent": 150.0, "rss_bytes": 2**30, "threads": 9, "children": 2}
+    ]
+    host = {
+        "cpu_percent": 50.0, "cpu_count": 8, "load1": 1.5, "memory_used_bytes": 2**33,
+        "memory_total_bytes": 2**34, "memory_available_bytes": 2**33, "swap_used_bytes": 0,
+        "disk_read_bytes_per_s": 1.0, "disk_write_bytes_per_s": 2.0,
+        "net_recv_bytes_per_s": 3.0, "net_sent_bytes_per_s": 4.0,
+    }  # fmt: skip
+    return {"kind": "system", "t": 1.7e9, **host, "processes": processes, "gpus": [gpu(0)]}
+
+
+def test_no_scalar_name_clashes_with_a_family_of_the_sinks_own(make_sink: Any) -> None:
+    """Scalars named like each outrider family of a full scrape (``alerts``, ...) keep the
+    OpenMetrics exposition parseable (no "Clashing name"): they go under <prefix>_user_."""
+    full = make_sink(stats=agent_stats)
+    full.export([batch(source(0), scalars(1, {"loss": 1.0}), host_sample())])
+    own = {
+        family.name.removeprefix("outrider_"): family.type
+        for family in openmetrics_families(scrape_openmetrics(full))
+        if family.name.startswith("outrider_") and family.name != "outrider_loss"
+    }
+    assert {"alerts", "analysis_dropped_batches", "alerts_active", "host_cpus"} <= set(own)
+    taken = {
+        f"{name}{suffix}"
+        for name, kind in own.items()
+        for suffix in {"counter": ("", "_total"), "summary": ("", "_count", "_sum")}.get(
+            kind, ("",)
+        )
+    }
+    sink = make_sink(stats=agent_stats)
+    sink.export([batch(source(0), scalars(1, dict.fromkeys(taken, 7.0)), host_sample())])
+    text = scrape_openmetrics(sink)
+    families = {family.name: family for family in openmetrics_families(text)}  # raises on a clash
+    for name in taken:
+        [sample] = families[f"outrider_user_{name}"].samples
+        assert sample.value == 7.0 and sample.labels == RANK, name
+    # promtool reads the classic text format: it parses, and lints only the names users chose
+    # (a gauge ending in _total) and DCGM's camelCase labels.
+    checked = promtool("check", "metrics", stdin=scrape_text(sink))
+    for line in (checked.stdout + checked.stderr).splitlines():
+        assert line.startswith(("outrider_user_", "DCGM_FI_")), line
+    assert value(scrape(sink), "outrider_series_refused_total", reason="name_conflict") == 0
 
 
 def test_two_names_sanitizing_alike_do_not_overwrite_each_other(make_sink: Any) -> None:

@@ -26,10 +26,12 @@ from tensorboard.plugins.text import text_plugin
 from tensorboard.util import tensor_util
 
 from agent.store import histograms
-from sinks import registry
+from probe import protocol
+from sinks import registry, schema
 from sinks.base import Batch, Source
+from sinks.health import Health
 from sinks.tensorboard import TensorBoardSink
-from sinks.worker import Health, SinkWorker
+from sinks.worker import SinkWorker
 from tests.helpers import PYTHON, REPO, wait_for
 
 EVERYTHING = dict.fromkeys(event_accumulator.DEFAULT_SIZE_GUIDANCE, 0)  # 0: keep every event
@@ -207,6 +209,40 @@ def test_scalars_through_a_worker_keep_steps_wall_times_and_non_finite_values(
     assert [e.value for e in accumulator.Scalars("lr")] == [f32(0.1), math.inf, -math.inf]
     assert [(e.step, e.value) for e in accumulator.Scalars("tokens")] == [(0, 3.0)]
     assert worker.stats.failures == 0 and worker.sink.skipped == 0  # type: ignore[attr-defined]
+
+
+#: a derived statistic's non-finite values, as earlier agents stored them (Python's ``str``)
+#: and as the run store spells them now
+PYTHON_SPELLING = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+CANONICAL_SPELLING = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def derived(run_dir: Path, step: int, metrics: dict[str, Any]) -> Batch:
+    """Derived statistics as the agent stores and sends them: its own stream, rank 0's values."""
+    agent = Source("run-1", schema.AGENT_STREAM, 0, -1, 0, "host", 1)
+    stored = entry(protocol.SCALARS, step, t=1000.0 + step, metrics=metrics)
+    return Batch(agent, [{**stored, "stream": schema.AGENT_STREAM, "seq": -1}], str(run_dir))
+
+
+@pytest.mark.parametrize("spelling", [PYTHON_SPELLING, CANONICAL_SPELLING], ids=["python", "json"])
+def test_non_finite_derived_statistics_reach_tensorboard_in_either_spelling(
+    make_sink: Callable[..., TensorBoardSink], run_dir: Path, spelling: dict[str, float]
+) -> None:
+    """A derived statistic stored as "nan"/"inf"/"-inf" or "NaN"/"Infinity"/"-Infinity" is
+    written as that float, not skipped."""
+    tags = {f"features/h/stat_{i}": text for i, text in enumerate(spelling)}
+    worker = SinkWorker(make_sink(), flush_interval=0.1)
+    try:
+        worker.submit(derived(run_dir, 10, {"features/h/rank": 3.0, **tags}))
+        accumulator = read_when(run_dir / "tensorboard", has_scalars("features/h/rank", *tags))
+    finally:
+        assert worker.close(10.0)
+    for tag, text in tags.items():
+        [event] = accumulator.Scalars(tag)
+        expected = spelling[text]
+        assert event.step == 10
+        assert math.isnan(event.value) if math.isnan(expected) else event.value == expected
+    assert worker.sink.skipped == 0  # type: ignore[attr-defined]
 
 
 def test_entries_without_a_step_take_consecutive_steps_per_run(

@@ -257,8 +257,7 @@ def test_the_demo_misbehaving_on_purpose_raises_its_alert(tmp_path: Path) -> Non
     """`train_charlm.py --misbehave nan` under `outrider run`: a critical nonfinite alert."""
     import subprocess
 
-    from tests.helpers import REPO
-    from tests.helpers_cli import OUTRIDER, PYTHON, clean_env
+    from tests.helpers import OUTRIDER, PYTHON, REPO, clean_env
 
     runs = tmp_path / "runs"
     demo = [

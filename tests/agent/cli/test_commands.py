@@ -24,7 +24,7 @@ import pytest
 import zmq
 
 from agent.threadnames import os_name
-from tests.helpers_cli import (
+from tests.helpers import (
     OUTRIDER,
     PYTHON,
     AgentProcess,
@@ -32,8 +32,8 @@ from tests.helpers_cli import (
     Pusher,
     clean_env,
     line_count,
+    lines,
     outrider,
-    read_lines,
     run_info,
     trainer_dir,
     trainer_streams,
@@ -179,10 +179,10 @@ def test_run_stores_run_with_metadata_from_dir_with_own_agent_py(tmp_path: Path)
     [stream] = trainer_streams(info)
     assert stream["complete"] and stream["lost"] == 0 and stream["dropped"] == {}
     assert stream["received"] == stream["sent"]
-    lines = read_lines(runs / "basic")
-    losses = [line["metrics"]["loss"] for line in lines if line["kind"] == "scalars"]
+    stored = lines(runs / "basic")
+    losses = [line["metrics"]["loss"] for line in stored if line["kind"] == "scalars"]
     assert losses == [3.0, 1.0, 2.0]
-    assert [line["name"] for line in lines if line["kind"] == "event"] == ["done"]
+    assert [line["name"] for line in stored if line["kind"] == "event"] == ["done"]
 
 
 def test_exit_status_is_propagated_and_recorded(tmp_path: Path) -> None:
@@ -197,7 +197,7 @@ def test_exit_status_is_propagated_and_recorded(tmp_path: Path) -> None:
     assert (info["status"], info["exit_status"]) == ("failed", 3)
     assert info["git"]["commit"] == commit
     assert info["git"]["dirty"] is False
-    assert len([line for line in read_lines(runs / "three") if line["kind"] == "scalars"]) == 2
+    assert len([line for line in lines(runs / "three") if line["kind"] == "scalars"]) == 2
 
 
 def test_command_killed_by_sigkill_exits_137(tmp_path: Path) -> None:
@@ -245,7 +245,7 @@ def test_sigterm_to_outrider_run_is_forwarded_to_the_command(tmp_path: Path) -> 
     assert process.returncode == 0, stderr
     info = run_info(runs / "term")
     assert (info["status"], info["exit_status"]) == ("finished", 0)
-    events = [line for line in read_lines(runs / "term") if line["kind"] == "event"]
+    events = [line for line in lines(runs / "term") if line["kind"] == "event"]
     assert [(e["name"], e["attrs"]["signal"]) for e in events] == [("sigterm", signal.SIGTERM)]
     [stream] = trainer_streams(info)
     assert stream["complete"] and stream["lost"] == 0
@@ -441,7 +441,7 @@ def test_agent_sigterm_drains_and_exits_0(tmp_path: Path) -> None:
     elapsed = time.monotonic() - started
     assert status == 0, agent.stderr()
     assert elapsed < 5.0
-    assert len(read_lines(agent.run_dir("drain"))) == good.sent == 2000
+    assert len(lines(agent.run_dir("drain"))) == good.sent == 2000
     info = run_info(agent.run_dir("drain"))
     assert info["agent"]["records"] == 2000
     assert info["status"] == "incomplete"  # the stream never said bye
@@ -507,7 +507,7 @@ def test_agent_second_signal_forces_exit(tmp_path: Path) -> None:
     assert "second signal" in agent.stderr()
     stored = (agent.run_dir("flood") / "metrics.jsonl").read_bytes()
     assert stored.endswith(b"\n")
-    assert len(read_lines(agent.run_dir("flood"))) == stored.count(b"\n")
+    assert len(lines(agent.run_dir("flood"))) == stored.count(b"\n")
 
 
 # -- the probe stays light -----------------------------------------------------------
@@ -565,9 +565,9 @@ def test_torchrun_two_ranks_store_two_complete_streams(tmp_path: Path) -> None:
         assert stream["lost"] == 0 and stream["dropped"] == {}
         assert stream["received"] == stream["sent"]
     assert info["lost"] == 0
-    lines = read_lines(runs / "ddp")
+    stored = lines(runs / "ddp")
     for rank in (0, 1):
-        rank_lines = [x for x in lines if x["kind"] == "scalars" and x["rank"] == rank]
+        rank_lines = [x for x in stored if x["kind"] == "scalars" and x["rank"] == rank]
         assert [x["step"] for x in rank_lines] == list(range(100))
         assert all(x["metrics"]["rank"] == float(rank) for x in rank_lines)
 
@@ -600,7 +600,7 @@ def test_agent_outlives_a_killed_launcher_until_the_trainer_is_done(tmp_path: Pa
     # The run's metrics.jsonl exists as soon as the agent opens the declared run: wait for
     # a record of the trainer itself, or the launcher may die before it starts the trainer.
     wait_for(
-        lambda: any(line["kind"] == "scalars" for line in read_lines(runs / "orphan")),
+        lambda: any(line["kind"] == "scalars" for line in lines(runs / "orphan")),
         30,
         "the trainer's first records",
     )
@@ -608,5 +608,5 @@ def test_agent_outlives_a_killed_launcher_until_the_trainer_is_done(tmp_path: Pa
     launcher.wait()
     agent = psutil.Process(agent_pid)
     agent.wait(timeout=30)  # exits once the trainer said bye, not 60 s idle later
-    stored = read_lines(runs / "orphan")
+    stored = lines(runs / "orphan")
     assert sum(line["kind"] == "scalars" for line in stored) == 150

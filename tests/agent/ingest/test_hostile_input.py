@@ -21,13 +21,13 @@ import msgpack
 import pytest
 
 from probe import protocol
-from tests.helpers_cli import (
+from tests.helpers import (
     AgentProcess,
     GoodStream,
     Pusher,
     envelope,
+    lines,
     pack,
-    read_lines,
     run_info,
     scalars,
 )
@@ -289,9 +289,9 @@ def test_bad_input_is_rejected_counted_and_good_input_keeps_flowing(
     assert agent.alive, agent.stderr()
     assert agent.stop() == 0, agent.stderr()
 
-    lines = read_lines(run_dir)
-    assert len(lines) == expected
-    good_lines = [line for line in lines if line["stream"] == "good"]
+    stored = lines(run_dir)
+    assert len(stored) == expected
+    good_lines = [line for line in stored if line["stream"] == "good"]
     assert [line["seq"] for line in good_lines] == list(range(good.sent))
     assert all(line["metrics"]["loss"] == float(line["seq"]) for line in good_lines)
 
@@ -336,13 +336,13 @@ def test_nan_and_inf_metrics_are_stored_as_strings(agent: AgentProcess) -> None:
         agent.wait_lines(GOOD_RUN, 2, 20)
     assert agent.alive
     assert agent.stop() == 0, agent.stderr()
-    lines = read_lines(agent.run_dir(GOOD_RUN))
-    assert [line["metrics"] for line in lines] == [
+    stored = lines(agent.run_dir(GOOD_RUN))
+    assert [line["metrics"] for line in stored] == [
         {"nan": "NaN", "inf": "Infinity", "ninf": "-Infinity", "ok": 1.5, "int": 7},
         {"ok": 2.5},
     ]
-    assert math.isnan(float(lines[0]["metrics"]["nan"]))
-    assert float(lines[0]["metrics"]["ninf"]) == -math.inf
+    assert math.isnan(float(stored[0]["metrics"]["nan"]))
+    assert float(stored[0]["metrics"]["ninf"]) == -math.inf
     info = run_info(agent.run_dir(GOOD_RUN))
     assert info["agent"]["rejected_records"] == {}
     assert info["agent"]["records"] == 2
@@ -359,9 +359,9 @@ def test_many_distinct_metric_names_are_all_stored(agent: AgentProcess) -> None:
             push.send(pack(env, [scalars(r, r, names)]))
         agent.wait_lines(GOOD_RUN, records, 30)
     assert agent.stop() == 0, agent.stderr()
-    lines = read_lines(agent.run_dir(GOOD_RUN))
-    names = {name for line in lines for name in line["metrics"]}
-    assert len(lines) == records
+    stored = lines(agent.run_dir(GOOD_RUN))
+    names = {name for line in stored for name in line["metrics"]}
+    assert len(stored) == records
     assert len(names) == records * per_record
     info = run_info(agent.run_dir(GOOD_RUN))
     assert info["agent"]["rejected_records"] == {}
@@ -382,7 +382,7 @@ def test_message_over_zmq_cutoff_does_not_reach_or_stop_the_agent(agent: AgentPr
         attacker.send(good.message(5))
         agent.wait_lines(GOOD_RUN, good.sent, 20)
     assert agent.stop() == 0, agent.stderr()
-    assert len(read_lines(agent.run_dir(GOOD_RUN))) == good.sent
+    assert len(lines(agent.run_dir(GOOD_RUN))) == good.sent
     counters = run_info(agent.run_dir(GOOD_RUN))["agent"]
     assert counters["messages"] == 3  # the huge one never got past ZeroMQ
     assert counters["rejected_messages"] == {}
@@ -401,7 +401,7 @@ def test_too_many_runs_are_rejected_and_counted(agent: AgentProcess) -> None:
         push.send(good.message(1))
         agent.wait_lines(GOOD_RUN, 2, 30)
     assert agent.stop() == 0, agent.stderr()
-    assert len(read_lines(agent.run_dir(GOOD_RUN))) == 2
+    assert len(lines(agent.run_dir(GOOD_RUN))) == 2
     counters = run_info(agent.run_dir(GOOD_RUN))["agent"]
     assert counters["rejected_messages"] == {"too_many_runs": extra - (MAX_OPEN_RUNS - 1)}
     assert len(list(agent.runs_dir.iterdir())) == MAX_OPEN_RUNS
@@ -445,6 +445,6 @@ def test_agent_survives_garbage_from_many_sockets_at_once(agent: AgentProcess) -
     assert agent.alive
     agent.signal(signal.SIGTERM)
     assert agent.process.wait(15) == 0
-    assert len(read_lines(agent.run_dir(GOOD_RUN))) == good.sent
+    assert len(lines(agent.run_dir(GOOD_RUN))) == good.sent
     counters = run_info(agent.run_dir(GOOD_RUN))["agent"]
     assert counters["rejected_messages"] == {"malformed": 200}

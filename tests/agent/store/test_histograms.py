@@ -19,7 +19,7 @@ from agent.ingest.decode import Record
 from agent.store import histograms
 from agent.store.run_store import RunStore
 from probe import protocol, values
-from tests.helpers_cli import envelope
+from tests.helpers import envelope
 
 
 def batch_body(parts: list[np.ndarray]) -> dict[str, Any]:
