@@ -17,9 +17,15 @@ logger = logging.getLogger("outrider.agent")
 class RateLimitedLog:
     """At most one line per key per ``interval`` seconds, counting the rest."""
 
-    def __init__(self, interval: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        interval: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+        log: logging.Logger = logger,
+    ) -> None:
         self.interval = interval
         self.clock = clock
+        self.log = log
         self._last: dict[str, float] = {}
         self._suppressed: dict[str, int] = {}
 
@@ -34,5 +40,5 @@ class RateLimitedLog:
         suppressed = self._suppressed.pop(key, 0)
         if suppressed:
             message += f" ({suppressed} similar suppressed)"
-        logger.warning(message, *args)
+        self.log.warning(message, *args)
         return True

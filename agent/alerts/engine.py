@@ -121,7 +121,7 @@ class AlertEngine:
             "rule_errors": 0,
         }
         self._last_prune = clock()
-        self._complaints = RateLimitedLog(RULE_ERROR_LOG_SECONDS, clock=clock)
+        self._complaints = RateLimitedLog(RULE_ERROR_LOG_SECONDS, clock, logger)
         self._lock = threading.Lock()  # what other threads read: fired, counts, active
 
     @classmethod

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import math
 import threading
 import time
@@ -109,7 +110,7 @@ class WebhookSender:
             "User-Agent": USER_AGENT,
             **dict(headers or {}),
         }
-        self._complaints = RateLimitedLog(log_interval, clock=clock)
+        self._complaints = RateLimitedLog(log_interval, clock, logging.getLogger("outrider.alerts"))
         self._queue: collections.deque[bytes] = collections.deque()
         self._queue_size = queue_size
         self._cond = threading.Condition()

@@ -11,6 +11,8 @@ import logging
 import time
 from collections.abc import Callable
 
+from agent.logs import RateLimitedLog
+
 logger = logging.getLogger("outrider.agent.system")
 
 #: the same kind of failure is logged at most this often; every one is counted
@@ -27,18 +29,11 @@ class SamplerErrors:
         interval: float = ERROR_LOG_INTERVAL_SECONDS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.interval = interval
-        self.clock = clock
         self.counts = dict.fromkeys(ERROR_KINDS, 0)
-        self._logged_at: dict[str, float] = {}
+        self._log = RateLimitedLog(interval, clock, logger)
 
     def count(self, kind: str, message: str, *args: object) -> None:
         """Count one failure of ``kind``; log it unless that kind logged recently."""
         self.counts[kind] += 1
-        now = self.clock()
-        last = self._logged_at.get(kind)
-        if last is None or now - last >= self.interval:
-            self._logged_at[kind] = now
-            logger.warning(
-                "outrider system sampler: " + message + " (%d so far)", *args, self.counts[kind]
-            )
+        text = "outrider system sampler: " + message + " (%d so far)"
+        self._log.warning(kind, text, *args, self.counts[kind])

@@ -37,5 +37,9 @@ def test_each_kind_logs_once_per_interval_with_its_running_total(
             logging.WARNING,
             "outrider system sampler: emit raised ValueError('full') (1 so far)",
         ),
-        (LOGGER, logging.WARNING, "outrider system sampler: GPU 1: GPU is lost (5 so far)"),
+        (
+            LOGGER,
+            logging.WARNING,
+            "outrider system sampler: GPU 1: GPU is lost (5 so far) (3 similar suppressed)",
+        ),
     ]
