@@ -22,6 +22,7 @@ from typing import Any
 from agent.analysis.engine import Analysis, Derived
 from agent.config import AgentConfig
 from agent.fanout import Fanout
+from agent.health import agent_health
 from agent.ingest.counters import AgentCounters
 from agent.ingest.decode import Rejected, decode
 from agent.ingest.receiver import Receiver
@@ -31,6 +32,7 @@ from agent.threadnames import ThreadNamer
 from probe import protocol
 from sinks import schema
 from sinks.base import Batch, Source
+from sinks.health import AgentHealth
 from sinks.registry import SinkContext
 
 logger = logging.getLogger("outrider.agent")
@@ -286,24 +288,15 @@ class Agent:
                 )
                 self.fanout.submit(Batch(source, [entry], str(store.dir)))
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> AgentHealth:
         """The agent's health, as the Prometheus sink exposes it (safe from other threads)."""
         for _ in range(3):
             try:
-                stats = self.counters.as_dict()
-                stats["sinks"] = self.fanout.snapshot()
-                if self.analysis is not None:
-                    stats.update(self.analysis.stats())
-                stats["runs"] = {
-                    run_id: {
-                        "streams": [ledger.summary() for ledger in list(store.streams.values())]
-                    }
-                    for run_id, store in list(self.runs.items())
-                }
-                return stats
+                analysis = self.analysis.stats() if self.analysis is not None else None
+                return agent_health(self.counters, self.fanout, analysis, self.runs.items())
             except RuntimeError:  # a dict changed size under us; read again
                 continue
-        return self.counters.as_dict()
+        return agent_health(self.counters)
 
     def _check_parent(self, now: float) -> None:
         """A launcher that died without stopping us: finish once the trainers are done."""
@@ -343,10 +336,8 @@ class Agent:
         self._closing = True
         self.fanout.close(self.sink_close_timeout)
         self._route_alerts()
-        agent_stats = self.counters.as_dict()
-        agent_stats["sinks"] = self.fanout.snapshot()
-        if self.analysis is not None:
-            agent_stats.update(self.analysis.stats())
+        analysis = self.analysis.stats() if self.analysis is not None else None
+        agent_stats = agent_health(self.counters, self.fanout, analysis).as_dict()
         for store in self.runs:
             store.close(agent_stats)
         self.receiver.close_socket()

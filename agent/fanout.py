@@ -14,8 +14,9 @@ from collections.abc import Callable
 from typing import Any
 
 from agent.config import AgentConfig
-from sinks import registry
+from sinks import registry, schema
 from sinks.base import Batch, Sink
+from sinks.health import SinkHealth
 from sinks.worker import SinkWorker
 
 logger = logging.getLogger("outrider.agent")
@@ -77,7 +78,7 @@ class Fanout:
             return
         self._last_failure_alert[sink] = now
         alert = {
-            "kind": "alert",
+            "kind": schema.ALERT,
             "name": "sink_failed",
             "severity": "error",
             "message": f"sink {sink} is failing: {type(error).__name__}: {error}",
@@ -88,12 +89,9 @@ class Fanout:
     def take_alerts(self) -> list[tuple[str | None, dict[str, Any]]]:
         """Alerts raised since the last call: (run id or None for every run, alert entry)."""
         for worker in self.workers:
-            take = getattr(worker.sink, "take_alerts", None)
-            if take is None:
-                continue
             try:
-                for alert in take():
-                    self._alerts.append((alert.get("run"), {"kind": "alert", **alert}))
+                for alert in worker.sink.take_alerts():
+                    self._alerts.append((alert.get("run"), {"kind": schema.ALERT, **alert}))
             except Exception as exc:
                 logger.warning("outrider agent: sink %s take_alerts failed: %r", worker.name, exc)
         taken = []
@@ -101,18 +99,11 @@ class Fanout:
             taken.append(self._alerts.popleft())
         return taken
 
-    def snapshot(self) -> dict[str, dict[str, Any]]:
+    def snapshot(self) -> dict[str, SinkHealth]:
+        """Each configured sink's health by name, those that could not be built included."""
         sinks = {worker.name: worker.snapshot() for worker in self.workers}
         for name, reason in self.broken.items():
-            sinks[name] = {
-                "health": "failing",
-                "queue_depth": 0,
-                "exported_entries": 0,
-                "failures": 1,
-                "retries": 0,
-                "dropped": {},
-                "last_error": reason,
-            }
+            sinks[name] = SinkHealth.unbuilt(reason)
         return sinks
 
     def close(self, timeout: float) -> None:

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Iterable, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NotRequired, TypedDict
 
 from sinks.schema import TRAINER_KINDS, Batch, Source
 
-__all__ = ["TRAINER_KINDS", "Batch", "Sink", "Source", "plain_numbers"]
+__all__ = ["TRAINER_KINDS", "Batch", "Sink", "SinkAlert", "Source", "plain_numbers"]
 
 _PLAIN_NUMBER_TYPES = frozenset((float, int))
 
@@ -31,11 +31,33 @@ def plain_numbers(values: Iterable[Any]) -> bool:
     return _PLAIN_NUMBER_TYPES.issuperset(map(type, values))
 
 
+class SinkAlert(TypedDict):
+    """An alert a sink raises about itself (a series cap reached, say)."""
+
+    name: str
+    severity: str  # info, warning, error or critical
+    message: str
+    event: NotRequired[str]  # the alert-rule event it feeds; absent: its name
+    run: NotRequired[str]  # the run it concerns; absent: every open run
+    attrs: NotRequired[dict[str, Any]]
+
+
 class Sink(abc.ABC):
-    """A destination for accepted records. Methods run on the sink's own worker thread."""
+    """A destination for accepted records.
+
+    ``prepare``, ``export``, ``flush`` and ``close`` run on the sink's own
+    worker thread, one at a time; ``counters`` and ``take_alerts`` run on the
+    agent's threads while an export may be under way, so they must be cheap
+    and safe to call concurrently with it.
+    """
 
     #: the name used in the agent's config file (``sinks: {name: {...}}``)
     name: ClassVar[str]
+
+    #: seconds one call may legitimately take before the worker reports the sink
+    #: ``stalled``; the worker's own limit (30 s) applies when it is longer. A sink
+    #: whose limit depends on its options sets it per instance.
+    stall_after: float = 0.0
 
     @abc.abstractmethod
     def export(self, batches: Sequence[Batch]) -> None:
@@ -53,11 +75,22 @@ class Sink(abc.ABC):
         """
 
     def flush(self, timeout: float) -> None:  # noqa: B027 - optional hook, no-op by default
-        """Make what was exported visible (write files, push buffers) within ``timeout``."""
+        """Make what was exported visible (write files, push buffers) within ``timeout``.
+
+        Called about once per flush interval, and once more before ``close``.
+        """
 
     def close(self, timeout: float) -> None:  # noqa: B027 - optional hook, no-op by default
-        """Release resources; called once, after the last export."""
+        """Release resources; called once, after the last export and flush."""
 
     def counters(self) -> dict[str, int]:
         """The sink's own counters (e.g. entries it skipped), shown with its health."""
         return {}
+
+    def take_alerts(self) -> list[SinkAlert]:
+        """Alerts the sink raised since the last call (each handed over once).
+
+        Called on the agent's receive loop once a second; the agent stores
+        each as an ``alert`` entry and routes it like its own alerts.
+        """
+        return []

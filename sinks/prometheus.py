@@ -36,7 +36,10 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from sinks.base import TRAINER_KINDS, Batch, Sink
+from probe import protocol
+from sinks import schema
+from sinks.base import TRAINER_KINDS, Batch, Sink, SinkAlert
+from sinks.health import AgentHealth, Health, SinkHealth, StreamHealth
 from sinks.registry import SinkContext
 
 logger = logging.getLogger("outrider.sinks.prometheus")
@@ -45,12 +48,10 @@ ALERT_NAME = "prometheus_series_cap"
 ALERT_COOLDOWN_SECONDS = 300.0
 HOUSEKEEPING_INTERVAL_SECONDS = 1.0
 
-TRAINING_LABELS = ("run", "rank", "host")
-GPU_LABELS = ("gpu", "UUID", "device", "modelName", "Hostname")  # the DCGM exporter's
+Labels = tuple[str, ...]
 
-SYSTEM = "system"
-BYE = "bye"
-RUN_END = "run_end"
+TRAINING_LABELS: Labels = ("run", "rank", "host")
+GPU_LABELS = ("gpu", "UUID", "device", "modelName", "Hostname")  # the DCGM exporter's
 
 REFUSE_CAP = "series_cap"
 REFUSE_CONFLICT = "name_conflict"
@@ -107,80 +108,12 @@ GPU_METRICS: tuple[tuple[str, str, float, str], ...] = (
     ),
 )
 
-HOST_LABELS = ("host",)
-PROCESS_LABELS = ("host", "pid")
-
-#: system entry field -> (metric name after ``<prefix>_``, factor to the base unit, HELP)
-HOST_METRICS: tuple[tuple[str, str, float, str], ...] = (
-    (
-        "cpu_percent",
-        "host_cpu_utilization_ratio",
-        0.01,
-        "Share of the host's CPU time spent busy over the last sample interval (0-1).",
-    ),
-    ("cpu_count", "host_cpus", 1.0, "Logical CPUs of the host."),
-    ("load1", "host_load1", 1.0, "Host load average over 1 minute."),
-    ("memory_used_bytes", "host_memory_used_bytes", 1.0, "Host memory in use (bytes)."),
-    ("memory_total_bytes", "host_memory_total_bytes", 1.0, "Host memory in total (bytes)."),
-    (
-        "memory_available_bytes",
-        "host_memory_available_bytes",
-        1.0,
-        "Host memory available to new allocations without swapping (bytes).",
-    ),
-    ("swap_used_bytes", "host_swap_used_bytes", 1.0, "Host swap in use (bytes)."),
-    (
-        "disk_read_bytes_per_s",
-        "host_disk_read_bytes_per_second",
-        1.0,
-        "Bytes read from the host's disks per second over the last sample interval.",
-    ),
-    (
-        "disk_write_bytes_per_s",
-        "host_disk_written_bytes_per_second",
-        1.0,
-        "Bytes written to the host's disks per second over the last sample interval.",
-    ),
-    (
-        "net_recv_bytes_per_s",
-        "host_network_receive_bytes_per_second",
-        1.0,
-        "Bytes received per second on the host's network interfaces but loopback.",
-    ),
-    (
-        "net_sent_bytes_per_s",
-        "host_network_transmit_bytes_per_second",
-        1.0,
-        "Bytes sent per second on the host's network interfaces but loopback.",
-    ),
-)
-
-#: trainer-process field -> (metric name after ``<prefix>_``, factor to the base unit, HELP)
-PROCESS_METRICS: tuple[tuple[str, str, float, str], ...] = (
-    (
-        "cpu_percent",
-        "process_cpu_cores",
-        0.01,
-        "CPU cores a trainer process and its children kept busy over the last sample "
-        "interval (1 = one core).",
-    ),
-    (
-        "rss_bytes",
-        "process_resident_memory_bytes",
-        1.0,
-        "Resident memory of a trainer process plus its children (bytes; pages they share "
-        "are counted in each).",
-    ),
-    ("threads", "process_threads", 1.0, "Threads of a trainer process and its children."),
-    ("children", "process_children", 1.0, "Live descendant processes of a trainer process."),
-)
-
-HEALTH_STATES = ("ok", "retrying", "failing", "stalled", "closed")
+HOST_LABELS: Labels = ("host",)
+PROCESS_LABELS: Labels = ("host", "pid")
 
 _INVALID_CHARS = re.compile(r"[^a-zA-Z0-9_]")
+#: what a family's samples may add to its name (a counter's ``_total``, a summary's ``_sum``, ...)
 _SUFFIXES = ("", "_total", "_created", "_count", "_sum", "_bucket", "_info")
-
-Labels = tuple[str, ...]
 
 
 def sanitize(name: str) -> str:
@@ -188,36 +121,253 @@ def sanitize(name: str) -> str:
     return _INVALID_CHARS.sub("_", name)
 
 
+# -- the sink's own metric families ---------------------------------------------------------------
+#: every family declared below, in order: their names are the ones user metrics may not take
+OWN_METRICS: list[OwnMetric] = []
+
+
+@dataclass(frozen=True)
+class OwnMetric:
+    """A family the sink exposes itself, named ``<prefix>_<name>``.
+
+    Declaring one reserves its name (with every sample suffix): a user metric
+    of the same name goes under ``<prefix>_user_``, so no scrape can hold two
+    families of one name.
+    """
+
+    name: str
+    help: str
+    labels: Labels = ()
+
+    def __post_init__(self) -> None:
+        OWN_METRICS.append(self)
+
+    def full_name(self, prefix: str) -> str:
+        return f"{prefix}_{self.name}"
+
+    def _labels(self, value: float | None) -> Labels | None:
+        return None if value is not None else self.labels
+
+
+class OwnGauge(OwnMetric):
+    def family(self, prefix: str, value: float | None = None) -> GaugeMetricFamily:
+        """The family to add samples to; with ``value``, its one unlabelled sample."""
+        return GaugeMetricFamily(
+            self.full_name(prefix), self.help, value=value, labels=self._labels(value)
+        )
+
+
+class OwnCounter(OwnMetric):
+    def family(self, prefix: str, value: float | None = None) -> CounterMetricFamily:
+        """The family to add samples to; with ``value``, its one unlabelled sample."""
+        return CounterMetricFamily(
+            self.full_name(prefix), self.help, value=value, labels=self._labels(value)
+        )
+
+
+class OwnSummary(OwnMetric):
+    def family(self, prefix: str) -> SummaryMetricFamily:
+        return SummaryMetricFamily(self.full_name(prefix), self.help, labels=self.labels)
+
+
 def own_metric_names(prefix: str) -> frozenset[str]:
     """Every name the sink exposes itself (with sample suffixes): user metrics may not take one."""
-    bases = [
-        "step",
-        "last_record_timestamp_seconds",
-        "nonfinite_values",
-        "series",
-        "series_limit",
-        "series_refused",
-        "agent_messages_received",
-        "agent_records_received",
-        "agent_received_bytes",
-        "agent_messages_rejected",
-        "agent_records_rejected",
-        "probe_records_received",
-        "probe_records_dropped",
-        "probe_records_lost",
-        "sink_exported_entries",
-        "sink_failures",
-        "sink_retries",
-        "sink_dropped_entries",
-        "sink_queue_depth",
-        "sink_up",
-        "sink_health",
-        "stat_job_duration_seconds",
-        "alerts_active",
-        *(name for _, name, _, _ in HOST_METRICS),
-        *(name for _, name, _, _ in PROCESS_METRICS),
-    ]
-    return frozenset(f"{prefix}_{base}{suffix}" for base in bases for suffix in _SUFFIXES)
+    return frozenset(
+        f"{metric.full_name(prefix)}{suffix}" for metric in OWN_METRICS for suffix in _SUFFIXES
+    )
+
+
+# training
+STEP = OwnGauge("step", "Last training step seen.", TRAINING_LABELS)
+LAST_RECORD = OwnGauge(
+    "last_record_timestamp_seconds",
+    "Wall time (Unix seconds, trainer clock) of the latest record the training code made; "
+    "heartbeats do not count.",
+    TRAINING_LABELS,
+)
+NONFINITE = OwnCounter(
+    "nonfinite_values", "Scalar values that were NaN or infinite.", TRAINING_LABELS
+)
+
+# the series cap
+SERIES = OwnGauge("series", "Series this sink exports now.")
+SERIES_LIMIT = OwnGauge("series_limit", "Most series this sink exports (its max_series option).")
+SERIES_REFUSED = OwnCounter(
+    "series_refused",
+    "Values not exported: a new series past max_series (series_cap), or a metric name another "
+    "metric already took (name_conflict).",
+    ("reason",),
+)
+
+# the agent's health (AgentHealth)
+MESSAGES_RECEIVED = OwnCounter(
+    "agent_messages_received", "Messages the agent received from probes, rejected ones included."
+)
+RECORDS_RECEIVED = OwnCounter("agent_records_received", "Records the agent accepted and stored.")
+BYTES_RECEIVED = OwnCounter("agent_received_bytes", "Bytes of messages the agent received.")
+MESSAGES_REJECTED = OwnCounter(
+    "agent_messages_rejected", "Messages the agent rejected whole, by reason.", ("reason",)
+)
+RECORDS_REJECTED = OwnCounter(
+    "agent_records_rejected", "Records the agent rejected, by reason.", ("reason",)
+)
+PROBE_RECEIVED = OwnCounter(
+    "probe_records_received", "Records the agent received from a rank.", TRAINING_LABELS
+)
+PROBE_DROPPED = OwnCounter(
+    "probe_records_dropped",
+    "Records a rank's probe dropped (as it reports them), by reason.",
+    (*TRAINING_LABELS, "reason"),
+)
+PROBE_LOST = OwnGauge(
+    "probe_records_lost",
+    "Records of a rank neither received nor reported dropped; may include records in flight "
+    "until the rank says bye.",
+    TRAINING_LABELS,
+)
+SINK_EXPORTED = OwnCounter("sink_exported_entries", "Entries a sink exported.", ("sink",))
+SINK_FAILURES = OwnCounter("sink_failures", "Failed export or flush calls of a sink.", ("sink",))
+SINK_RETRIES = OwnCounter("sink_retries", "Export retries of a sink.", ("sink",))
+SINK_DROPPED = OwnCounter(
+    "sink_dropped_entries", "Entries a sink dropped, by reason.", ("sink", "reason")
+)
+SINK_QUEUE_DEPTH = OwnGauge("sink_queue_depth", "Batches waiting in a sink's queue.", ("sink",))
+SINK_UP = OwnGauge("sink_up", "1 when a sink's health is ok, else 0.", ("sink",))
+SINK_HEALTH = OwnGauge(
+    "sink_health",
+    "A sink's health: 1 for its current state, 0 for the others.",
+    ("sink", "state"),
+)
+STAT_JOB_DURATION = OwnSummary(
+    "stat_job_duration_seconds", "Time the agent's statistics jobs took, by job.", ("job",)
+)
+ALERTS_FIRED = OwnCounter(
+    "alerts",
+    "Alerts the agent's alert engine fired (after cooldowns), by alert and severity.",
+    ("alert", "severity"),
+)
+ANALYSIS_DROPPED = OwnCounter(
+    "analysis_dropped_batches",
+    "Batches the agent's statistics could not keep up with (the run store has them).",
+)
+ALERTS_ACTIVE = OwnGauge(
+    "alerts_active",
+    "Alerts the agent's alert engine holds active, by alert, severity and run.",
+    ("alert", "severity", "run"),
+)
+
+#: system entry field -> (gauge, factor to the base unit)
+HOST_METRICS: tuple[tuple[str, OwnGauge, float], ...] = (
+    (
+        "cpu_percent",
+        OwnGauge(
+            "host_cpu_utilization_ratio",
+            "Share of the host's CPU time spent busy over the last sample interval (0-1).",
+            HOST_LABELS,
+        ),
+        0.01,
+    ),
+    ("cpu_count", OwnGauge("host_cpus", "Logical CPUs of the host.", HOST_LABELS), 1.0),
+    ("load1", OwnGauge("host_load1", "Host load average over 1 minute.", HOST_LABELS), 1.0),
+    (
+        "memory_used_bytes",
+        OwnGauge("host_memory_used_bytes", "Host memory in use (bytes).", HOST_LABELS),
+        1.0,
+    ),
+    (
+        "memory_total_bytes",
+        OwnGauge("host_memory_total_bytes", "Host memory in total (bytes).", HOST_LABELS),
+        1.0,
+    ),
+    (
+        "memory_available_bytes",
+        OwnGauge(
+            "host_memory_available_bytes",
+            "Host memory available to new allocations without swapping (bytes).",
+            HOST_LABELS,
+        ),
+        1.0,
+    ),
+    (
+        "swap_used_bytes",
+        OwnGauge("host_swap_used_bytes", "Host swap in use (bytes).", HOST_LABELS),
+        1.0,
+    ),
+    (
+        "disk_read_bytes_per_s",
+        OwnGauge(
+            "host_disk_read_bytes_per_second",
+            "Bytes read from the host's disks per second over the last sample interval.",
+            HOST_LABELS,
+        ),
+        1.0,
+    ),
+    (
+        "disk_write_bytes_per_s",
+        OwnGauge(
+            "host_disk_written_bytes_per_second",
+            "Bytes written to the host's disks per second over the last sample interval.",
+            HOST_LABELS,
+        ),
+        1.0,
+    ),
+    (
+        "net_recv_bytes_per_s",
+        OwnGauge(
+            "host_network_receive_bytes_per_second",
+            "Bytes received per second on the host's network interfaces but loopback.",
+            HOST_LABELS,
+        ),
+        1.0,
+    ),
+    (
+        "net_sent_bytes_per_s",
+        OwnGauge(
+            "host_network_transmit_bytes_per_second",
+            "Bytes sent per second on the host's network interfaces but loopback.",
+            HOST_LABELS,
+        ),
+        1.0,
+    ),
+)
+
+#: trainer-process field -> (gauge, factor to the base unit)
+PROCESS_METRICS: tuple[tuple[str, OwnGauge, float], ...] = (
+    (
+        "cpu_percent",
+        OwnGauge(
+            "process_cpu_cores",
+            "CPU cores a trainer process and its children kept busy over the last sample "
+            "interval (1 = one core).",
+            PROCESS_LABELS,
+        ),
+        0.01,
+    ),
+    (
+        "rss_bytes",
+        OwnGauge(
+            "process_resident_memory_bytes",
+            "Resident memory of a trainer process plus its children (bytes; pages they share "
+            "are counted in each).",
+            PROCESS_LABELS,
+        ),
+        1.0,
+    ),
+    (
+        "threads",
+        OwnGauge(
+            "process_threads", "Threads of a trainer process and its children.", PROCESS_LABELS
+        ),
+        1.0,
+    ),
+    (
+        "children",
+        OwnGauge(
+            "process_children", "Live descendant processes of a trainer process.", PROCESS_LABELS
+        ),
+        1.0,
+    ),
+)
 
 
 @dataclass
@@ -303,31 +453,20 @@ class PrometheusSink(Sink):
         self._reserved = own_metric_names(self.prefix)
         self._owners: dict[Labels, _Owner] = {}
         self._gpu_owners: dict[str, _Owner] = {}
-        self._alerts: list[dict[str, str]] = []
+        self._alerts: list[SinkAlert] = []
         self._last_cap_alert: float | None = None
         self._last_housekeeping = clock()
         self._warned_conflicts: set[str] = set()
-        p = self.prefix
-        self._step = self._family(f"{p}_step", "Last training step seen.", TRAINING_LABELS)
-        self._last_record = self._family(
-            f"{p}_last_record_timestamp_seconds",
-            "Wall time (Unix seconds, trainer clock) of the latest record the training code "
-            "made; heartbeats do not count.",
-            TRAINING_LABELS,
-        )
-        self._nonfinite = self._family(
-            f"{p}_nonfinite_values",
-            "Scalar values that were NaN or infinite.",
-            TRAINING_LABELS,
-            counter=True,
-        )
+        self._step = self._own_family(STEP)
+        self._last_record = self._own_family(LAST_RECORD)
+        self._nonfinite = self._own_family(NONFINITE)
         for _, dcgm_name, _, help_text in GPU_METRICS:
             self._family(dcgm_name, help_text, GPU_LABELS)
 
         self.registry = CollectorRegistry()
         self.registry.register(_SinkCollector(self))
         stats = context.agent_stats if context is not None else None
-        self.registry.register(AgentStatsCollector(p, stats))
+        self.registry.register(AgentStatsCollector(self.prefix, stats))
         try:
             self._server, self._thread = start_http_server(
                 self.options.port, addr=self.options.host, registry=self.registry
@@ -375,7 +514,7 @@ class PrometheusSink(Sink):
             "refused_name_conflict": self.refused[REFUSE_CONFLICT],
         }
 
-    def take_alerts(self) -> list[dict[str, str]]:
+    def take_alerts(self) -> list[SinkAlert]:
         """Alerts raised since the last call (at most one per cooldown), for the alert engine."""
         with self._lock:
             alerts, self._alerts = self._alerts, []
@@ -396,15 +535,15 @@ class PrometheusSink(Sink):
                 if owner is None:
                     owner = self._owner(labels, now)
                 self._trainer_record(entry, kind, owner, source.stream, now)
-            elif kind == SYSTEM:
+            elif kind == schema.SYSTEM:
                 self._system(entry, source.host, now)
-            elif kind == BYE:
+            elif kind == protocol.BYE:
                 finished = self._owners.get(labels)
                 if finished is not None:
                     finished.streams.discard(entry.get("stream", source.stream))
                     if not finished.streams:
                         self._end(finished, now)
-            elif kind == RUN_END:
+            elif kind == protocol.RUN_END:
                 for run_owner in list(self._owners.values()):
                     if run_owner.labels[0] == source.run:
                         self._end(run_owner, now)
@@ -424,7 +563,7 @@ class PrometheusSink(Sink):
         step = entry.get("step")
         if isinstance(step, int):
             self._set(self._step, labels, float(step), owner)
-        if kind != "scalars":
+        if kind != protocol.SCALARS:
             return
         metrics = entry.get("metrics")
         if not isinstance(metrics, Mapping):
@@ -461,13 +600,11 @@ class PrometheusSink(Sink):
         if owner is None:
             owner = self._gpu_owners[hostname] = _Owner((hostname,), now)
         owner.last_seen = now
-        p = self.prefix
         host_labels: Labels = (hostname,)
-        for key, base, factor, help_text in HOST_METRICS:
+        for key, metric, factor in HOST_METRICS:
             value = entry.get(key)
             if isinstance(value, int | float) and not isinstance(value, bool):
-                family = self._own_family(f"{p}_{base}", help_text, HOST_LABELS)
-                self._set(family, host_labels, value * factor, owner)
+                self._set(self._own_family(metric), host_labels, value * factor, owner)
         processes = entry.get("processes")
         if isinstance(processes, list):
             live: set[Labels] = set()
@@ -477,12 +614,11 @@ class PrometheusSink(Sink):
                     continue
                 labels: Labels = (hostname, str(pid))
                 live.add(labels)
-                for key, base, factor, help_text in PROCESS_METRICS:
+                for key, metric, factor in PROCESS_METRICS:
                     value = process.get(key)
                     if isinstance(value, int | float) and not isinstance(value, bool):
-                        family = self._own_family(f"{p}_{base}", help_text, PROCESS_LABELS)
-                        self._set(family, labels, value * factor, owner)
-            process_names = {f"{p}_{base}" for _, base, _, _ in PROCESS_METRICS}
+                        self._set(self._own_family(metric), labels, value * factor, owner)
+            process_names = {metric.full_name(self.prefix) for _, metric, _ in PROCESS_METRICS}
             for name, labels in [
                 key for key in owner.series if key[0] in process_names and key[1] not in live
             ]:
@@ -503,16 +639,21 @@ class PrometheusSink(Sink):
                 str(gpu.get("name", "")),
                 hostname,
             )
-            for key, metric, factor, _ in GPU_METRICS:
+            for key, dcgm_name, factor, _ in GPU_METRICS:
                 value = gpu.get(key)
                 if isinstance(value, int | float) and not isinstance(value, bool):
-                    self._set(self._families[metric], labels, value * factor, owner)
+                    self._set(self._families[dcgm_name], labels, value * factor, owner)
 
-    def _own_family(self, name: str, help_text: str, labelnames: Labels) -> _Family:
+    def _own_family(self, metric: OwnGauge | OwnCounter) -> _Family:
         """One of the sink's own families, made on first use (user metrics cannot take it)."""
-        family = self._families.get(name)
+        family = self._families.get(metric.full_name(self.prefix))
         if family is None:
-            family = self._family(name, help_text, labelnames)
+            family = self._family(
+                metric.full_name(self.prefix),
+                metric.help,
+                metric.labels,
+                counter=isinstance(metric, OwnCounter),
+            )
         return family
 
     # -- series bookkeeping (under the lock) -------------------------------------------
@@ -652,27 +793,18 @@ class _SinkCollector(Collector):
                 metric.add_metric(labels, value)
             yield metric
         p = self.sink.prefix
-        yield GaugeMetricFamily(f"{p}_series", "Series this sink exports now.", value=count)
-        yield GaugeMetricFamily(
-            f"{p}_series_limit",
-            "Most series this sink exports (its max_series option).",
-            value=self.sink.max_series,
-        )
-        refused_metric = CounterMetricFamily(
-            f"{p}_series_refused",
-            "Values not exported: a new series past max_series (series_cap), or a metric "
-            "name another metric already took (name_conflict).",
-            labels=("reason",),
-        )
+        yield SERIES.family(p, count)
+        yield SERIES_LIMIT.family(p, self.sink.max_series)
+        refused_metric = SERIES_REFUSED.family(p)
         for reason, n in sorted(refused.items()):
             refused_metric.add_metric((reason,), n)
         yield refused_metric
 
 
 class AgentStatsCollector(Collector):
-    """The agent's health counters (``context.agent_stats()``), read at scrape time."""
+    """The agent's health (``context.agent_stats()``), read at scrape time."""
 
-    def __init__(self, prefix: str, stats: Callable[[], Mapping[str, Any] | None] | None) -> None:
+    def __init__(self, prefix: str, stats: Callable[[], AgentHealth | None] | None) -> None:
         self.prefix = prefix
         self.stats = stats
         self._last_error_log = -math.inf
@@ -681,10 +813,10 @@ class AgentStatsCollector(Collector):
         if self.stats is None:
             return iter(())
         try:
-            stats = self.stats()
-            if stats is None:
+            health = self.stats()
+            if health is None:
                 return iter(())
-            return iter(list(self._metrics(stats)))
+            return iter(list(self._metrics(health)))
         except Exception as exc:  # a scrape must not fail because of the agent's stats
             now = time.monotonic()
             if now - self._last_error_log >= 60:
@@ -692,118 +824,56 @@ class AgentStatsCollector(Collector):
                 logger.warning("outrider prometheus sink: cannot read agent stats: %r", exc)
             return iter(())
 
-    def _metrics(self, stats: Mapping[str, Any]) -> Iterable[Metric]:
+    def _metrics(self, health: AgentHealth) -> Iterable[Metric]:
         p = self.prefix
-        yield CounterMetricFamily(
-            f"{p}_agent_messages_received",
-            "Messages the agent received from probes, rejected ones included.",
-            value=stats.get("messages", 0),
-        )
-        yield CounterMetricFamily(
-            f"{p}_agent_records_received",
-            "Records the agent accepted and stored.",
-            value=stats.get("records", 0),
-        )
-        yield CounterMetricFamily(
-            f"{p}_agent_received_bytes",
-            "Bytes of messages the agent received.",
-            value=stats.get("bytes", 0),
-        )
-        yield _by_reason(
-            f"{p}_agent_messages_rejected",
-            "Messages the agent rejected whole, by reason.",
-            stats.get("rejected_messages", {}),
-        )
-        yield _by_reason(
-            f"{p}_agent_records_rejected",
-            "Records the agent rejected, by reason.",
-            stats.get("rejected_records", {}),
-        )
-        yield from self._streams(stats.get("runs") or {})
-        yield from self._sinks(stats.get("sinks") or {})
-        jobs = stats.get("stat_jobs")
-        if jobs:
-            summary = SummaryMetricFamily(
-                f"{p}_stat_job_duration_seconds",
-                "Time the agent's statistics jobs took, by job.",
-                labels=("job",),
-            )
-            for job, figures in sorted(jobs.items()):
-                summary.add_metric(
-                    (str(job),),
-                    count_value=figures.get("count", 0),
-                    sum_value=figures.get("seconds_sum", 0.0),
-                )
+        yield MESSAGES_RECEIVED.family(p, health.messages)
+        yield RECORDS_RECEIVED.family(p, health.records)
+        yield BYTES_RECEIVED.family(p, health.bytes)
+        yield _by_reason(MESSAGES_REJECTED.family(p), health.rejected_messages)
+        yield _by_reason(RECORDS_REJECTED.family(p), health.rejected_records)
+        yield from self._streams(health.runs or {})
+        yield from self._sinks(health.sinks)
+        analysis = health.analysis
+        if analysis is None:
+            return
+        if analysis.stat_jobs:
+            summary = STAT_JOB_DURATION.family(p)
+            for job, cost in sorted(analysis.stat_jobs.items()):
+                summary.add_metric((job,), count_value=cost.count, sum_value=cost.seconds_sum)
             yield summary
-        fired = stats.get("alerts_fired")
-        if fired is not None:
-            total = CounterMetricFamily(
-                f"{p}_alerts",
-                "Alerts the agent's alert engine fired (after cooldowns), by alert and severity.",
-                labels=("alert", "severity"),
-            )
-            for alert in fired:
-                total.add_metric(
-                    (str(alert.get("name", "")), str(alert.get("severity", ""))),
-                    alert.get("count", 0),
-                )
-            yield total
-        dropped = stats.get("analysis_dropped")
-        if dropped is not None:
-            yield CounterMetricFamily(
-                f"{p}_analysis_dropped_batches",
-                "Batches the agent's statistics could not keep up with (the run store has them).",
-                value=dropped,
-            )
-        alerts = stats.get("alerts_active")
-        if alerts is not None:
-            active = GaugeMetricFamily(
-                f"{p}_alerts_active",
-                "Alerts the agent's alert engine holds active, by alert, severity and run.",
-                labels=("alert", "severity", "run"),
-            )
+        if analysis.alerts_fired is not None:
+            fired = ALERTS_FIRED.family(p)
+            for alert in analysis.alerts_fired:
+                fired.add_metric((alert.name, alert.severity), alert.count)
+            yield fired
+        yield ANALYSIS_DROPPED.family(p, analysis.dropped_batches)
+        if analysis.alerts_active is not None:
+            active = ALERTS_ACTIVE.family(p)
             counts: dict[Labels, int] = {}
-            for alert in alerts:
-                key: Labels = (
-                    str(alert.get("name", "")),
-                    str(alert.get("severity", "")),
-                    str(alert.get("run") or ""),
-                )
+            for held in analysis.alerts_active:
+                key: Labels = (held.name, held.severity, held.run or "")
                 counts[key] = counts.get(key, 0) + 1
             for key, n in sorted(counts.items()):
                 active.add_metric(key, n)
             yield active
 
-    def _streams(self, runs: Mapping[str, Any]) -> Iterable[Metric]:
+    def _streams(self, runs: Mapping[str, Sequence[StreamHealth]]) -> Iterable[Metric]:
         """Per-stream ledgers summed per (run, rank, host): a restarted rank has two streams."""
         p = self.prefix
         received: dict[Labels, int] = {}
         lost: dict[Labels, int] = {}
         dropped: dict[Labels, int] = {}
-        for run, info in runs.items():
-            for stream in info.get("streams", ()):
-                key: Labels = (str(run), str(stream.get("rank", "")), str(stream.get("host", "")))
-                received[key] = received.get(key, 0) + stream.get("received", 0)
-                lost[key] = lost.get(key, 0) + stream.get("lost", 0)
-                for reason, n in (stream.get("dropped") or {}).items():
-                    reason_key: Labels = (*key, str(reason))
+        for run, streams in runs.items():
+            for stream in streams:
+                key: Labels = (run, str(stream.rank), stream.host)
+                received[key] = received.get(key, 0) + stream.received
+                lost[key] = lost.get(key, 0) + stream.lost
+                for reason, n in stream.dropped.items():
+                    reason_key: Labels = (*key, reason)
                     dropped[reason_key] = dropped.get(reason_key, 0) + n
-        received_metric = CounterMetricFamily(
-            f"{p}_probe_records_received",
-            "Records the agent received from a rank.",
-            labels=TRAINING_LABELS,
-        )
-        dropped_metric = CounterMetricFamily(
-            f"{p}_probe_records_dropped",
-            "Records a rank's probe dropped (as it reports them), by reason.",
-            labels=(*TRAINING_LABELS, "reason"),
-        )
-        lost_metric = GaugeMetricFamily(
-            f"{p}_probe_records_lost",
-            "Records of a rank neither received nor reported dropped; may include records "
-            "in flight until the rank says bye.",
-            labels=TRAINING_LABELS,
-        )
+        received_metric = PROBE_RECEIVED.family(p)
+        dropped_metric = PROBE_DROPPED.family(p)
+        lost_metric = PROBE_LOST.family(p)
         for key, n in sorted(received.items()):
             received_metric.add_metric(key, n)
             lost_metric.add_metric(key, lost[key])
@@ -811,50 +881,30 @@ class AgentStatsCollector(Collector):
             dropped_metric.add_metric(reason_key, n)
         return received_metric, dropped_metric, lost_metric
 
-    def _sinks(self, sinks: Mapping[str, Any]) -> Iterable[Metric]:
+    def _sinks(self, sinks: Mapping[str, SinkHealth]) -> Iterable[Metric]:
         p = self.prefix
-        exported = CounterMetricFamily(
-            f"{p}_sink_exported_entries", "Entries a sink exported.", labels=("sink",)
-        )
-        failures = CounterMetricFamily(
-            f"{p}_sink_failures", "Failed export or flush calls of a sink.", labels=("sink",)
-        )
-        retries = CounterMetricFamily(
-            f"{p}_sink_retries", "Export retries of a sink.", labels=("sink",)
-        )
-        dropped = CounterMetricFamily(
-            f"{p}_sink_dropped_entries",
-            "Entries a sink dropped, by reason.",
-            labels=("sink", "reason"),
-        )
-        depth = GaugeMetricFamily(
-            f"{p}_sink_queue_depth", "Batches waiting in a sink's queue.", labels=("sink",)
-        )
-        up = GaugeMetricFamily(
-            f"{p}_sink_up", "1 when a sink's health is ok, else 0.", labels=("sink",)
-        )
-        health = GaugeMetricFamily(
-            f"{p}_sink_health",
-            "A sink's health: 1 for its current state, 0 for the others.",
-            labels=("sink", "state"),
-        )
-        for name, info in sorted(sinks.items()):
-            sink = (str(name),)
-            state = str(info.get("health", ""))
-            exported.add_metric(sink, info.get("exported_entries", 0))
-            failures.add_metric(sink, info.get("failures", 0))
-            retries.add_metric(sink, info.get("retries", 0))
-            depth.add_metric(sink, info.get("queue_depth", 0))
-            up.add_metric(sink, 1 if state == "ok" else 0)
-            for known in HEALTH_STATES:
-                health.add_metric((*sink, known), 1 if state == known else 0)
-            for reason, n in sorted((info.get("dropped") or {}).items()):
-                dropped.add_metric((*sink, str(reason)), n)
+        exported = SINK_EXPORTED.family(p)
+        failures = SINK_FAILURES.family(p)
+        retries = SINK_RETRIES.family(p)
+        dropped = SINK_DROPPED.family(p)
+        depth = SINK_QUEUE_DEPTH.family(p)
+        up = SINK_UP.family(p)
+        health = SINK_HEALTH.family(p)
+        for name, sink_health in sorted(sinks.items()):
+            sink = (name,)
+            exported.add_metric(sink, sink_health.exported_entries)
+            failures.add_metric(sink, sink_health.failures)
+            retries.add_metric(sink, sink_health.retries)
+            depth.add_metric(sink, sink_health.queue_depth)
+            up.add_metric(sink, 1 if sink_health.up else 0)
+            for state in Health:
+                health.add_metric((*sink, str(state)), 1 if sink_health.health is state else 0)
+            for reason, n in sorted(sink_health.dropped.items()):
+                dropped.add_metric((*sink, reason), n)
         return exported, failures, retries, dropped, depth, up, health
 
 
-def _by_reason(name: str, help_text: str, counts: Mapping[str, int]) -> CounterMetricFamily:
-    metric = CounterMetricFamily(name, help_text, labels=("reason",))
+def _by_reason(metric: CounterMetricFamily, counts: Mapping[str, int]) -> CounterMetricFamily:
     for reason, n in sorted(counts.items()):
-        metric.add_metric((str(reason),), n)
+        metric.add_metric((reason,), n)
     return metric

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -15,6 +16,7 @@ from typing import Any, Protocol
 import pydantic
 
 from sinks.base import Sink
+from sinks.health import AgentHealth
 
 BUILTIN = {
     "tensorboard": "sinks.tensorboard:TensorBoardSink",
@@ -45,7 +47,8 @@ class SinkContext:
     """What the agent offers a sink when it is built."""
 
     runs_dir: Path
-    agent_stats: Any = None  # callable returning the agent's health counters
+    #: the agent's health now; safe to call from any thread (the Prometheus sink's scrapes)
+    agent_stats: Callable[[], AgentHealth | None] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 

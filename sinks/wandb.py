@@ -322,6 +322,8 @@ class WandbSink(Sink):
             raise ImportError("the wandb sink needs the wandb package: pip install wandb")
         self.options = options or self.Options()
         self.context = context
+        # Creating or finishing a W&B run may legitimately take this long.
+        self.stall_after = max(self.options.init_timeout, self.options.finish_timeout) + 30.0
         self.runs: dict[str, _Run] = {}  # open W&B runs by outrider run id
         self.ended: set[str] = set()  # finished by run_end; later data is dropped
         self.failed: dict[str, str] = {}  # outrider run id -> why wandb.init failed
@@ -332,11 +334,6 @@ class WandbSink(Sink):
         self._warned: set[str] = set()
 
     # -- the Sink contract -------------------------------------------------------------------
-    @property
-    def stall_after(self) -> float:
-        """Creating or finishing a W&B run may legitimately take this long."""
-        return max(self.options.init_timeout, self.options.finish_timeout) + 30.0
-
     def counters(self) -> dict[str, int]:
         """Skipped entries, undelivered entries by reason, abandoned runs."""
         counts = {f"dropped_{reason}": n for reason, n in self.dropped.items()}

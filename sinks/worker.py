@@ -10,7 +10,6 @@ the queue fills, drops are counted, health says ``stalled``.
 from __future__ import annotations
 
 import collections
-import enum
 import logging
 import threading
 import time
@@ -19,20 +18,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sinks.base import Batch, Sink
+from sinks.health import Health, SinkHealth
 
 logger = logging.getLogger("outrider.sinks")
 
 #: once the agent beats, a worker's own timer waits this many export intervals: it fires
 #: only if the beat stops, never just before one (two wake-ups for one export)
 FALLBACK_BEATS = 2
-
-
-class Health(enum.StrEnum):
-    OK = "ok"
-    RETRYING = "retrying"  # the last export failed; retrying with backoff
-    FAILING = "failing"  # retries ran out; batches are being dropped
-    STALLED = "stalled"  # an export or flush has not returned for too long
-    CLOSED = "closed"  # closed after working normally
 
 
 @dataclass
@@ -85,7 +77,7 @@ class SinkWorker:
         self.export_interval = min(export_interval, flush_interval)
         self._beaten = False
         # A sink may know better how long one call can legitimately take (W&B's init).
-        self.stall_after = max(stall_after, float(getattr(sink, "stall_after", 0.0)))
+        self.stall_after = max(stall_after, sink.stall_after)
         self._close_budget = 5.0
         self.on_failure = on_failure
         self.clock = clock
@@ -130,29 +122,27 @@ class SinkWorker:
             return Health.STALLED
         return self._state
 
-    def depth(self) -> int:
-        return len(self.queue)
-
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> SinkHealth:
+        """The sink's health now (safe from any thread)."""
         sink_counters = self._sink_counters()  # outside the lock: a sink may block
         with self._lock:
-            return {
-                "health": str(self.health),
-                "queue_depth": len(self.queue),
-                "exported_batches": self.stats.exported_batches,
-                "exported_entries": self.stats.exported_entries,
-                "failures": self.stats.failures,
-                "retries": self.stats.retries,
-                "dropped": dict(self.stats.dropped),
-                "last_error": self.stats.last_error,
-                "sink": sink_counters,
-            }
+            return SinkHealth(
+                health=self.health,
+                queue_depth=len(self.queue),
+                exported_batches=self.stats.exported_batches,
+                exported_entries=self.stats.exported_entries,
+                failures=self.stats.failures,
+                retries=self.stats.retries,
+                dropped=dict(self.stats.dropped),
+                last_error=self.stats.last_error,
+                counters=sink_counters,
+            )
 
     def _sink_counters(self) -> dict[str, int]:
         try:
             return dict(self.sink.counters())
-        except Exception as exc:  # a sink's bookkeeping must not break the agent's
-            return {"counters_error": 1} if exc else {}
+        except Exception:  # a sink's bookkeeping must not break the agent's
+            return {"counters_error": 1}
 
     def begin_close(self, timeout: float = 5.0) -> None:
         """Ask the worker to finish up without waiting (closing many sinks in parallel)."""

@@ -327,8 +327,11 @@ def test_agent_health_is_read_at_scrape_time(make_sink: Any) -> None:
     assert value(series, "outrider_alerts_total", alert="loss_spike", severity="warning") == 3
     assert value(series, "outrider_analysis_dropped_batches_total") == 2
 
-    analysis = dataclasses.replace(current["stats"].analysis, stat_jobs={})
-    current["stats"] = agent_stats(messages=121, analysis=analysis)
+    analysis = current["stats"].analysis
+    assert analysis is not None
+    current["stats"] = agent_stats(
+        messages=121, analysis=dataclasses.replace(analysis, stat_jobs={})
+    )
     series = scrape(sink)
     assert value(series, "outrider_agent_messages_received_total") == 121
     assert "outrider_stat_job_duration_seconds_count" not in names(series)

@@ -24,7 +24,7 @@ from typing import Any
 import PIL.Image
 import pytest
 
-from sinks import registry
+from sinks import registry, schema
 from sinks.base import Batch, Source
 from sinks.registry import SinkContext
 from sinks.wandb import ALERTS_KEY, WandbSink, merge_bins, resolve_mode, wandb_run_id
@@ -258,6 +258,30 @@ def test_bad_entries_are_skipped_and_the_rest_kept(tmp_path: Path) -> None:
     assert run.series("c") == [(1, 2)]
     assert run.series("d") == [(3, 1.5)] and run.series("e") == [(4, 1)]
     assert not [row for row in run.history if {"b", "h", "t", "i"} & row.keys()]
+
+
+def test_non_finite_derived_statistics_reach_wandb_in_either_spelling(tmp_path: Path) -> None:
+    """Derived statistics stored as "nan"/"inf"/"-inf" (earlier agents) or "NaN"/"Infinity"/
+    "-Infinity" (the run store now) are logged as those floats, none skipped."""
+    run_dir = tmp_path / "run-d"
+    spellings = {
+        10: {"nan": math.nan, "inf": math.inf, "-inf": -math.inf},
+        11: {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf},
+    }
+    agent = Source("run-d", schema.AGENT_STREAM, 0, -1, 0, "node-a", 1234)
+    stored = [
+        entry("scalars", step, metrics={f"features/h/stat_{i}": s for i, s in enumerate(spelling)})
+        for step, spelling in spellings.items()
+    ]
+    sink, _ = run_sink(tmp_path, [Batch(agent, stored, str(run_dir))])
+    assert sink.skipped == 0
+    run = read_offline_run(run_dir)
+    for i in range(3):
+        logged = run.series(f"features/h/stat_{i}")
+        assert [step for step, _ in logged] == [10, 11]
+        for step, value in logged:
+            expected = list(spellings[step].values())[i]
+            assert math.isnan(value) if math.isnan(expected) else value == expected
 
 
 def test_rows_per_second_folds_steps_into_fewer_rows_and_keeps_every_metric(

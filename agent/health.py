@@ -1,0 +1,88 @@
+"""The agent's health snapshot, built in one place from what each room counts.
+
+The receive loop's counters, the sinks' workers, the analysis's figures and
+the run stores' stream ledgers each keep their own numbers; this module reads
+them into one ``sinks.health.AgentHealth``, the form both ``/metrics`` and
+run.json are made from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from agent.fanout import Fanout
+from agent.ingest.counters import AgentCounters
+from agent.store.run_store import RunStore
+from sinks.health import (
+    ActiveAlert,
+    AgentHealth,
+    AnalysisHealth,
+    FiredAlert,
+    JobCost,
+    StreamHealth,
+)
+
+_JOB_COST_FIELDS = tuple(field.name for field in dataclasses.fields(JobCost))
+
+
+def agent_health(
+    counters: AgentCounters,
+    fanout: Fanout | None = None,
+    analysis: Mapping[str, Any] | None = None,
+    runs: Iterable[tuple[str, RunStore]] | None = None,
+) -> AgentHealth:
+    """The agent's health now.
+
+    ``analysis`` is ``Analysis.stats()`` (None: no analysis); ``runs`` are
+    the open runs whose streams the snapshot shows (None: left out, as in
+    run.json, which records its streams itself).
+    """
+    return AgentHealth(
+        messages=counters.messages,
+        records=counters.records,
+        bytes=counters.bytes,
+        rejected_messages=dict(counters.rejected_messages),
+        rejected_records=dict(counters.rejected_records),
+        sinks=fanout.snapshot() if fanout is not None else {},
+        analysis=_analysis(analysis) if analysis is not None else None,
+        runs=None if runs is None else {run_id: _streams(store) for run_id, store in runs},
+    )
+
+
+def _streams(store: RunStore) -> tuple[StreamHealth, ...]:
+    return tuple(
+        StreamHealth(
+            stream=ledger.stream,
+            rank=ledger.rank,
+            host=ledger.host,
+            sent=ledger.sent,
+            received=ledger.received,
+            dropped=dict(ledger.dropped),
+            lost=ledger.lost,
+            complete=ledger.said_bye,
+        )
+        for ledger in list(store.streams.values())
+    )
+
+
+def _analysis(stats: Mapping[str, Any]) -> AnalysisHealth:
+    """``Analysis.stats()``'s dict as typed fields; the alert ones only once reported."""
+    engine = stats.get("alert_engine")
+    active = stats.get("alerts_active")
+    fired = stats.get("alerts_fired")
+    return AnalysisHealth(
+        stat_jobs={
+            job: JobCost(**{name: figures[name] for name in _JOB_COST_FIELDS})
+            for job, figures in stats["stat_jobs"].items()
+        },
+        dropped_batches=stats["analysis_dropped"],
+        alert_engine=dict(engine) if engine is not None else None,
+        alerts_active=None
+        if active is None
+        else tuple(ActiveAlert(a["name"], a["severity"], a["run"]) for a in active),
+        alerts_fired=None
+        if fired is None
+        else tuple(FiredAlert(a["name"], a["severity"], a["count"]) for a in fired),
+    )
