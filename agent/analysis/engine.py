@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from agent.alerts.rules import PROCESS_GONE, RECORD
 from agent.analysis import tasks
 from agent.analysis.features import FeatureStreams
 from agent.analysis.messages import (
@@ -310,21 +311,23 @@ class Analysis:
                 if source.host == self.host and source.pid > 0:
                     self._pids[source.pid] = (run, rank)
                 if engine is not None:
-                    engine.observe_event(run, rank, "hello", {"pid": source.pid})
+                    engine.observe_event(run, rank, protocol.HELLO, {"pid": source.pid})
             elif kind == protocol.PROBE_STATS and engine is not None:
-                engine.observe_event(run, rank, "probe_stats", {"dropped": entry.get("dropped")})
+                engine.observe_event(
+                    run, rank, protocol.PROBE_STATS, {"dropped": entry.get("dropped")}
+                )
             elif kind == protocol.BYE:
                 self._pids.pop(source.pid, None)
                 if engine is not None:
-                    engine.observe_event(run, rank, "bye", {})
+                    engine.observe_event(run, rank, protocol.BYE, {})
             elif kind == protocol.RUN_END:
                 if engine is not None:
                     engine.observe_event(
-                        run, rank, "run_end", {"exit_status": entry.get("exit_status")}
+                        run, rank, protocol.RUN_END, {"exit_status": entry.get("exit_status")}
                     )
                 self._end_run(run)
         if trainer_record and engine is not None:
-            engine.observe_event(run, rank, "record", {})
+            engine.observe_event(run, rank, RECORD, {})
 
     def _process_results(self) -> None:
         while self._results:
@@ -387,7 +390,7 @@ class Analysis:
         for pid in gone:
             owner = self._pids.pop(pid, None)
             if owner is not None:
-                self.alerts.observe_event(owner[0], owner[1], "process_gone", {"pid": pid})
+                self.alerts.observe_event(owner[0], owner[1], PROCESS_GONE, {"pid": pid})
 
     # -- periodic work ------------------------------------------------------------------------
     def _tick(self, now: float) -> None:

@@ -72,6 +72,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from probe import protocol
+from sinks import schema
+
 EPOCH_EVENTS = frozenset({"epoch_end", "epoch"})
 
 #: Plain names of the series that history keeps, besides the patterns below.
@@ -595,7 +598,7 @@ class Summaries:
         if derived:
             self._emit(
                 {
-                    "kind": "scalars",
+                    "kind": protocol.SCALARS,
                     "run": run,
                     "rank": rank,
                     "step": step,
@@ -636,7 +639,7 @@ class Summaries:
     ) -> Entry:
         last_step = None if scope.first_step is None else scope.last_step
         return {
-            "kind": "summary",
+            "kind": schema.SUMMARY,
             "scope": kind,
             "index": index,
             "run": run,

@@ -105,7 +105,7 @@ class RunStore:
                 if (
                     not isinstance(entry, dict)
                     or not {"stream", "kind", "seq", "t"} <= entry.keys()
-                    or entry["stream"] == "agent"  # the agent's own entries (alerts)
+                    or entry["stream"] == schema.AGENT_STREAM  # the agent's own entries
                 ):
                     continue
                 record = (entry["stream"], entry["seq"])
@@ -157,11 +157,11 @@ class RunStore:
                 "seq": record.seq,
             }
             if kind == protocol.TENSOR and body.get("as") == "histogram":
-                line["kind"] = "histogram"
+                line["kind"] = schema.HISTOGRAM
                 line.update(histograms.from_tensor(body, body["data"], self.histogram_bins))
             elif kind == protocol.TENSOR and body.get("as") == "histograms":
                 # One record, one line per histogram (same seq: a resumed agent counts it once).
-                line["kind"] = "histogram"
+                line["kind"] = schema.HISTOGRAM
                 batch = histograms.from_batch(body, body["data"], self.histogram_bins)
                 entries.extend({**line, **fields} for fields in batch)
                 continue
@@ -187,7 +187,14 @@ class RunStore:
 
     def add_local(self, line: dict[str, Any]) -> dict[str, Any]:
         """An entry the agent itself makes (an alert, a sink failure): stored like the rest."""
-        line = {"step": None, "rank": -1, "t": time.time(), "stream": "agent", "seq": -1, **line}
+        line = {
+            "step": None,
+            "rank": -1,
+            "t": time.time(),
+            "stream": schema.AGENT_STREAM,
+            "seq": -1,
+            **line,
+        }
         self._pending.append(orjson.dumps(line))
         self.dirty = True
         return line

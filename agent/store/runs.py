@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 
 from agent.store.run_store import METRICS, RUN_JSON
+from probe import protocol
 from sinks import schema
 
 
@@ -145,23 +146,25 @@ def summarise(run_dir: Path, keep_texts: int = 3, keep_alerts: int = 10) -> RunS
                 summary.corrupt_lines += 1
                 continue
             kind = entry.get("kind", "?")
-            kinds = summary.agent_kinds if entry.get("stream") == "agent" else summary.kinds
+            kinds = (
+                summary.agent_kinds if entry.get("stream") == schema.AGENT_STREAM else summary.kinds
+            )
             kinds[kind] = kinds.get(kind, 0) + 1
-            if kind == "alert":
+            if kind == schema.ALERT:
                 summary.alerts.append(
                     {key: entry.get(key) for key in ("name", "severity", "message", "step", "t")}
                 )
                 del summary.alerts[:-keep_alerts]
-            elif kind == "image" and entry.get("name") == "dashboard":
+            elif kind == schema.IMAGE and entry.get("name") == "dashboard":
                 summary.dashboard = entry.get("path")
-            elif kind == "scalars":
+            elif kind == protocol.SCALARS:
                 step = entry.get("step")
                 for name, value in entry.get("metrics", {}).items():
                     metric = summary.metrics.get(name)
                     if metric is None:
                         metric = summary.metrics[name] = MetricSummary()
                     metric.add(float(value), step)
-            elif kind == "text":
+            elif kind == protocol.TEXT:
                 summary.texts.append(
                     {
                         "name": entry.get("name"),
