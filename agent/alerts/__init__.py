@@ -1,0 +1,1 @@
+"""Alerts: rules over each run's metrics and events, cooldowns, destinations, webhooks."""

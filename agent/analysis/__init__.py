@@ -1,0 +1,1 @@
+"""The analysis: summaries, representation statistics, maps and dashboards, off the receive thread."""

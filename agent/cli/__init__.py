@@ -1,0 +1,1 @@
+"""The ``outrider`` command line and the ``outrider run`` launcher."""

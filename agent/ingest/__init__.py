@@ -1,0 +1,1 @@
+"""Ingest: the socket, decoding with hard limits, rejection counters, sequence accounting."""
