@@ -1,1 +1,1 @@
-"""The analysis: summaries, representation statistics, maps and dashboards, off the receive thread."""
+"""The analysis: summaries, representation statistics, maps, dashboards, off the receive thread."""
