@@ -51,6 +51,7 @@ from tensorboard.summary.writer.event_file_writer import (  # type: ignore[impor
     EventFileWriter,
 )
 
+from probe import protocol
 from sinks import schema
 from sinks.base import Batch, Sink, plain_numbers
 from sinks.registry import SinkContext
@@ -178,14 +179,14 @@ class TensorBoardSink(Sink):
         # Each adds its entry's values to the event's summary (built in place: a value made
         # on its own is copied on the way in, which took half of a scalars entry's time).
         self._summaries: dict[str, Callable[[dict[str, Any], Path, Any], None]] = {
-            "scalars": self._scalars,
-            "histogram": self._histogram,
-            "text": self._text,
-            "image": self._image,
-            "event": self._event,
-            "config": self._config,
-            "alert": self._alert,
-            "system": self._system,
+            protocol.SCALARS: self._scalars,
+            schema.HISTOGRAM: self._histogram,
+            protocol.TEXT: self._text,
+            schema.IMAGE: self._image,
+            protocol.EVENT: self._event,
+            protocol.CONFIG: self._config,
+            schema.ALERT: self._alert,
+            schema.SYSTEM: self._system,
         }
 
     # -- the Sink contract ------------------------------------------------------
@@ -245,13 +246,15 @@ class TensorBoardSink(Sink):
             return
         directory = self.directory(batch)
         if directory is None:  # per_rank: rank0 leaves this rank out; `outrider run` has rank -1
-            if any(isinstance(e, dict) and e.get("kind") == "run_end" for e in batch.entries):
+            if any(
+                isinstance(e, dict) and e.get("kind") == protocol.RUN_END for e in batch.entries
+            ):
                 self._close_run(batch.source.run)
             return
         run_dir = Path(batch.run_dir)
         for entry in batch.entries:
             kind = entry.get("kind") if isinstance(entry, dict) else None
-            if kind == "run_end":
+            if kind == protocol.RUN_END:
                 self._close_run(batch.source.run)
                 continue
             summarize = self._summaries.get(kind) if isinstance(kind, str) else None
@@ -270,7 +273,7 @@ class TensorBoardSink(Sink):
             if not event.summary.value:
                 continue
             log = self._log(batch.source.run, directory)
-            if kind == "config":
+            if kind == protocol.CONFIG:
                 text = event.summary.value[0].tensor.string_val[0]
                 if text == log.config_text:
                     continue
@@ -281,7 +284,7 @@ class TensorBoardSink(Sink):
             event.step = step
             self._guarded(log, functools.partial(log.writer.add_event, event))
             touched[directory] = log
-            if kind == "config":
+            if kind == protocol.CONFIG:
                 log.config_text = text
 
     def _log(self, run: str, directory: Path) -> _RankLog:
@@ -330,7 +333,7 @@ class TensorBoardSink(Sink):
 
     # -- one summary builder per kind: entry -> values added to ``summary``, or BadEntry --
     def _scalars(self, entry: dict[str, Any], run_dir: Path, summary: Any) -> None:
-        metrics = _field(entry, "metrics", dict, "scalars")
+        metrics = _field(entry, "metrics", dict, protocol.SCALARS)
         add = summary.value.add
         # The common case, checked in C: plain numbers under non-empty names.
         if plain_numbers(metrics.values()) and all(metrics):
@@ -348,7 +351,7 @@ class TensorBoardSink(Sink):
             add(tag=tag, simple_value=value)
 
     def _histogram(self, entry: dict[str, Any], run_dir: Path, summary: Any) -> None:
-        tag = _name(entry, "histogram")
+        tag = _name(entry, schema.HISTOGRAM)
         edges = _numbers(entry, "edges", tag)
         counts = _numbers(entry, "counts", tag)
         if not counts or len(edges) != len(counts) + 1:
@@ -387,13 +390,13 @@ class TensorBoardSink(Sink):
         summary.value.add(tag=tag, histo=histogram)
 
     def _text(self, entry: dict[str, Any], run_dir: Path, summary: Any) -> None:
-        tag = _name(entry, "text")
-        text = _field(entry, "text", str, "text")
+        tag = _name(entry, protocol.TEXT)
+        text = _field(entry, "text", str, protocol.TEXT)
         self._markdown(summary, tag, *self._truncate(text, code_block))
 
     def _image(self, entry: dict[str, Any], run_dir: Path, summary: Any) -> None:
-        tag = _name(entry, "image")
-        path = Path(_field(entry, "path", str, "image"))
+        tag = _name(entry, schema.IMAGE)
+        path = Path(_field(entry, "path", str, schema.IMAGE))
         if not path.is_absolute():
             path = run_dir / path
         try:
@@ -410,7 +413,7 @@ class TensorBoardSink(Sink):
         summary.value.add(tag=tag, image=image)
 
     def _event(self, entry: dict[str, Any], run_dir: Path, summary: Any) -> None:
-        tag = _name(entry, "event")
+        tag = _name(entry, protocol.EVENT)
         attrs = entry.get("attrs", {})
         if not isinstance(attrs, dict):
             raise BadEntry(
@@ -420,13 +423,13 @@ class TensorBoardSink(Sink):
         self._markdown(summary, f"events/{tag}", body, note)
 
     def _config(self, entry: dict[str, Any], run_dir: Path, summary: Any) -> None:
-        params = _field(entry, "params", dict, "config")
+        params = _field(entry, "params", dict, protocol.CONFIG)
         self._markdown(summary, "config", *self._truncate(_json(params), code_block, "json"))
 
     def _alert(self, entry: dict[str, Any], run_dir: Path, summary: Any) -> None:
-        tag = _name(entry, "alert")
-        severity = _field(entry, "severity", str, "alert")
-        message = _field(entry, "message", str, "alert")
+        tag = _name(entry, schema.ALERT)
+        severity = _field(entry, "severity", str, schema.ALERT)
+        message = _field(entry, "message", str, schema.ALERT)
         body, note = self._truncate(message, escape_markdown)
         headline = f"**{escape_markdown(severity.upper())}** {body}"
         self._markdown(summary, f"alerts/{tag}", headline, note)
@@ -513,7 +516,7 @@ def _field(entry: dict[str, Any], key: str, kind: type, what: str) -> Any:
 
 
 def _numbers(entry: dict[str, Any], key: str, tag: str) -> list[float]:
-    raw = _field(entry, key, list, "histogram")
+    raw = _field(entry, key, list, schema.HISTOGRAM)
     if plain_numbers(raw):
         return raw  # type: ignore[no-any-return]
     numbers = [_number(x) for x in raw]

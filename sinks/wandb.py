@@ -26,7 +26,7 @@ import re
 import shlex
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -35,6 +35,7 @@ from urllib.parse import urlsplit
 import orjson
 import pydantic
 
+from probe import protocol
 from sinks import schema
 from sinks.base import Batch, Sink, plain_numbers
 from sinks.registry import SinkContext
@@ -62,8 +63,8 @@ MODES: dict[str, Mode] = {
     "dryrun": "offline",
     "disabled": "disabled",
 }
-# Entry kinds that become W&B data; every other kind (heartbeat, probe_stats, tensor, ...) is not.
-KINDS = frozenset({"scalars", "histogram", "text", "image", "config", "hello", "alert", "run_end"})
+#: kinds a rank that is not logged (``ranks: 0``) still hands over: they concern the whole run
+WHOLE_RUN_KINDS = frozenset({protocol.RUN_END, schema.ALERT})
 
 
 class _Skip(ValueError):
@@ -252,6 +253,10 @@ class _Run:
         return table
 
 
+#: turns one entry of a run into W&B data: (run, batch, entry, name prefix of its rank)
+_Handler = Callable[[_Run, Batch, Mapping[str, Any], str], None]
+
+
 class WandbSink(Sink):
     """Logs each outrider run to its own W&B run (offline without credentials)."""
 
@@ -332,6 +337,17 @@ class WandbSink(Sink):
         self.abandoned = 0  # runs whose finish outlasted finish_timeout
         self._mode: Mode | None = None
         self._warned: set[str] = set()
+        # The kinds that become W&B data, each with what it becomes; every other kind is not.
+        self._handlers: dict[str, _Handler] = {
+            protocol.SCALARS: self._scalars,
+            schema.HISTOGRAM: self._histogram,
+            protocol.TEXT: self._text,
+            schema.IMAGE: self._image,
+            protocol.CONFIG: self._config,
+            protocol.HELLO: self._hello,
+            schema.ALERT: self._alert,
+            protocol.RUN_END: self._run_end,
+        }
 
     # -- the Sink contract -------------------------------------------------------------------
     def counters(self) -> dict[str, int]:
@@ -364,7 +380,7 @@ class WandbSink(Sink):
             run_id = batch.source.run
             if run_id in self.ended or run_id in self.failed:
                 reason = "after_run_end" if run_id in self.ended else "init_failed"
-                wanted = sum(1 for e in batch.entries if e.get("kind") in KINDS)
+                wanted = sum(1 for e in batch.entries if e.get("kind") in self._handlers)
                 self._drop(reason, wanted)
                 continue
             for entry in batch.entries:
@@ -491,20 +507,21 @@ class WandbSink(Sink):
     # -- entries -----------------------------------------------------------------------------
     def _entry(self, batch: Batch, entry: Mapping[str, Any]) -> None:
         kind = entry.get("kind")
-        if kind not in KINDS:
+        handle = self._handlers.get(kind) if isinstance(kind, str) else None
+        if handle is None:
             return  # heartbeats, probe counters, raw tensors, ...: not W&B data
         rank = entry.get("rank", batch.source.rank)
         if not isinstance(rank, int):
             rank = batch.source.rank
         prefix = self._prefix(rank)
-        if prefix is None and kind not in ("run_end", "alert"):
+        if prefix is None and kind not in WHOLE_RUN_KINDS:
             return
         state = self._run_for(batch)
         if state is None:
             self._drop("init_failed", 1)
             return
         try:
-            getattr(self, f"_{kind}")(state, batch, entry, prefix or "")
+            handle(state, batch, entry, prefix or "")
         except Exception as exc:  # bad input must not cost the rest of the batch
             self.skipped += 1
             self._warn_once(f"{kind}:{type(exc).__name__}", f"skipped a {kind} entry: {exc}")
