@@ -15,9 +15,9 @@ import abc
 from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar, NotRequired, TypedDict
 
-from sinks.schema import TRAINER_KINDS, Batch, Source
+from sinks.schema import Batch, Source
 
-__all__ = ["TRAINER_KINDS", "Batch", "Sink", "SinkAlert", "Source", "plain_numbers"]
+__all__ = ["Batch", "Sink", "SinkAlert", "Source", "plain_numbers"]
 
 _PLAIN_NUMBER_TYPES = frozenset((float, int))
 

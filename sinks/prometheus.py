@@ -6,7 +6,10 @@ host's samples (``system`` entries, agent/system/sampler.py) become ``<prefix>_h
 gauges labelled ``host`` and ``<prefix>_process_*`` gauges labelled ``host`` and
 ``pid``; their GPUs are exported under the DCGM exporter's names, units and
 labels, so dashboards built for it (Grafana 12239) work unchanged.
-The agent's own counters are read at scrape time through ``context.agent_stats``.
+The agent's health (``sinks.health.AgentHealth``) is read at scrape time through
+``context.agent_stats``. Every family the sink exposes itself is declared once,
+below, as an ``OwnMetric``; a user metric that would take one of their names
+goes under ``<prefix>_user_``.
 
 The number of series is capped (``max_series``): past the cap new series are
 refused and counted, existing ones keep updating, and an alert is raised at
@@ -38,7 +41,7 @@ from prometheus_client.registry import Collector
 
 from probe import protocol
 from sinks import schema
-from sinks.base import TRAINER_KINDS, Batch, Sink, SinkAlert
+from sinks.base import Batch, Sink, SinkAlert
 from sinks.health import AgentHealth, Health, SinkHealth, StreamHealth
 from sinks.registry import SinkContext
 
@@ -531,7 +534,7 @@ class PrometheusSink(Sink):
         owner: _Owner | None = None
         for entry in batch.entries:
             kind = entry.get("kind")
-            if kind in TRAINER_KINDS:
+            if kind in schema.TRAINER_KINDS:
                 if owner is None:
                     owner = self._owner(labels, now)
                 self._trainer_record(entry, kind, owner, source.stream, now)
