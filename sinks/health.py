@@ -9,6 +9,7 @@ their order are part of that file's format. Imports nothing of ``agent``.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -76,16 +77,7 @@ class StreamHealth:
     complete: bool  # the stream said bye
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "stream": self.stream,
-            "rank": self.rank,
-            "host": self.host,
-            "sent": self.sent,
-            "received": self.received,
-            "dropped": dict(self.dropped),
-            "lost": self.lost,
-            "complete": self.complete,
-        }
+        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)
@@ -101,15 +93,7 @@ class JobCost:
     failed: int
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "count": self.count,
-            "seconds_sum": self.seconds_sum,
-            "seconds_max": self.seconds_max,
-            "last_seconds": self.last_seconds,
-            "cpu_seconds_sum": self.cpu_seconds_sum,
-            "superseded": self.superseded,
-            "failed": self.failed,
-        }
+        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)
@@ -121,7 +105,7 @@ class ActiveAlert:
     run: str | None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "severity": self.severity, "run": self.run}
+        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)
@@ -133,7 +117,7 @@ class FiredAlert:
     count: int
 
     def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "severity": self.severity, "count": self.count}
+        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)
