@@ -8,29 +8,22 @@ run.json are made from.
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable
 
 from agent.fanout import Fanout
 from agent.ingest.counters import AgentCounters
 from agent.store.run_store import RunStore
 from sinks.health import (
-    ActiveAlert,
     AgentHealth,
     AnalysisHealth,
-    FiredAlert,
-    JobCost,
     StreamHealth,
 )
-
-_JOB_COST_FIELDS = tuple(field.name for field in dataclasses.fields(JobCost))
 
 
 def agent_health(
     counters: AgentCounters,
     fanout: Fanout | None = None,
-    analysis: Mapping[str, Any] | None = None,
+    analysis: AnalysisHealth | None = None,
     runs: Iterable[tuple[str, RunStore]] | None = None,
 ) -> AgentHealth:
     """The agent's health now.
@@ -46,7 +39,7 @@ def agent_health(
         rejected_messages=dict(counters.rejected_messages),
         rejected_records=dict(counters.rejected_records),
         sinks=fanout.snapshot() if fanout is not None else {},
-        analysis=_analysis(analysis) if analysis is not None else None,
+        analysis=analysis,
         runs=None if runs is None else {run_id: _streams(store) for run_id, store in runs},
     )
 
@@ -64,25 +57,4 @@ def _streams(store: RunStore) -> tuple[StreamHealth, ...]:
             complete=ledger.said_bye,
         )
         for ledger in list(store.streams.values())
-    )
-
-
-def _analysis(stats: Mapping[str, Any]) -> AnalysisHealth:
-    """``Analysis.stats()``'s dict as typed fields; the alert ones only once reported."""
-    engine = stats.get("alert_engine")
-    active = stats.get("alerts_active")
-    fired = stats.get("alerts_fired")
-    return AnalysisHealth(
-        stat_jobs={
-            job: JobCost(**{name: figures[name] for name in _JOB_COST_FIELDS})
-            for job, figures in stats["stat_jobs"].items()
-        },
-        dropped_batches=stats["analysis_dropped"],
-        alert_engine=dict(engine) if engine is not None else None,
-        alerts_active=None
-        if active is None
-        else tuple(ActiveAlert(a["name"], a["severity"], a["run"]) for a in active),
-        alerts_fired=None
-        if fired is None
-        else tuple(FiredAlert(a["name"], a["severity"], a["count"]) for a in fired),
     )

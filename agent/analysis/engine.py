@@ -39,6 +39,7 @@ from agent.analysis.workers import StatsJobs
 from agent.config import AgentConfig
 from probe import protocol
 from sinks import schema
+from sinks.health import ActiveAlert, AnalysisHealth, FiredAlert
 from sinks.schema import TRAINER_KINDS, Batch
 
 __all__ = ["Analysis", "Derived"]
@@ -117,7 +118,10 @@ class Analysis:
         self.inbox_dropped = 0
         self._inbox_entries = 0  # entries of the batches in the inbox
         self._inbox_lock = threading.Lock()
-        self._published: dict[str, Any] = {}
+        # the alert engine's figures, as last published (None until it first reports)
+        self._alert_engine: dict[str, Any] | None = None
+        self._alerts_active: tuple[ActiveAlert, ...] | None = None
+        self._alerts_fired: tuple[FiredAlert, ...] | None = None
         self._pids: dict[int, tuple[str, int]] = {}  # local trainer pid -> (run, rank)
         self._open_runs: dict[str, Path] = {}
         # results arrive on worker threads; taken at the next wake-up (a tick at most)
@@ -190,12 +194,15 @@ class Analysis:
             taken.append(self._outbox.popleft())
         return taken
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> AnalysisHealth:
         """Job costs, active alerts and fired counts, for /metrics (safe from any thread)."""
-        published = dict(self._published)
-        published["stat_jobs"] = self.jobs.figures()
-        published["analysis_dropped"] = self.inbox_dropped
-        return published
+        return AnalysisHealth(
+            stat_jobs=self.jobs.figures(),
+            dropped_batches=self.inbox_dropped,
+            alert_engine=self._alert_engine,
+            alerts_active=self._alerts_active,
+            alerts_fired=self._alerts_fired,
+        )
 
     def close(self, timeout: float) -> None:
         """Finish what is queued (final windows, dashboards) within ``timeout``."""
@@ -210,7 +217,7 @@ class Analysis:
         self._publish_alerts()
         if self.alerts is not None:
             self.alerts.close(max(0.0, min(5.0, deadline - self.clock())))
-            self._published = {**self._published, "alert_engine": self.alerts.stats()}
+            self._alert_engine = self.alerts.stats()
 
     # -- the analysis thread ---------------------------------------------------------------
     def _run(self) -> None:
@@ -451,11 +458,10 @@ class Analysis:
                     run, alert, to_store="store" in destinations, to_sinks="sinks" in destinations
                 )
             )
-        self._published = {
-            "alert_engine": engine.stats(),  # state size, refusals, webhook deliveries
-            "alerts_active": engine.active(),
-            "alerts_fired": [
-                {"name": name, "severity": severity, "count": count}
-                for (name, severity), count in engine.counts().items()
-            ],
-        }
+        self._alert_engine = engine.stats()  # state size, refusals, webhook deliveries
+        self._alerts_active = tuple(
+            ActiveAlert(alert["name"], alert["severity"], alert["run"]) for alert in engine.active()
+        )
+        self._alerts_fired = tuple(
+            FiredAlert(name, severity, count) for (name, severity), count in engine.counts().items()
+        )

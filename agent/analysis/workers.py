@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
+import dataclasses
 import importlib
 import logging
 import multiprocessing
@@ -27,6 +28,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from agent.logs import RateLimitedLog
+from sinks.health import JobCost
 
 logger = logging.getLogger("outrider.agent")
 
@@ -43,16 +45,9 @@ class JobFigures:
     superseded: int = 0
     failed: int = 0
 
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "count": self.count,
-            "seconds_sum": self.seconds_sum,
-            "seconds_max": self.seconds_max,
-            "last_seconds": self.last_seconds,
-            "cpu_seconds_sum": self.cpu_seconds_sum,
-            "superseded": self.superseded,
-            "failed": self.failed,
-        }
+    def cost(self) -> JobCost:
+        """A frozen copy, for the agent's health snapshot."""
+        return JobCost(**dataclasses.asdict(self))
 
 
 @dataclass
@@ -216,10 +211,10 @@ class StatsJobs:
                 self._wake.wait(min(left, 0.05))
             return True
 
-    def figures(self) -> dict[str, dict[str, Any]]:
+    def figures(self) -> dict[str, JobCost]:
         """Per job name: count, seconds_sum/max/last, superseded, failed (thread-safe copy)."""
         with self._wake:
-            return {name: figures.as_dict() for name, figures in self._figures.items()}
+            return {name: figures.cost() for name, figures in self._figures.items()}
 
     def _next_key(self) -> tuple[Any, float | None]:
         """The oldest pending key not being worked on (one job per key at a time) whose kind

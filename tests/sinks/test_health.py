@@ -9,14 +9,21 @@ from typing import Any
 import orjson
 import pytest
 
-from agent.analysis.workers import JobFigures
 from agent.fanout import Fanout
 from agent.health import agent_health
 from agent.ingest.accounting import StreamLedger
 from agent.ingest.counters import AgentCounters
 from agent.store.run_store import RunStore
 from sinks.base import Batch, Source
-from sinks.health import AgentHealth, Health, SinkHealth
+from sinks.health import (
+    ActiveAlert,
+    AgentHealth,
+    AnalysisHealth,
+    FiredAlert,
+    Health,
+    JobCost,
+    SinkHealth,
+)
 from sinks.memory import MemorySink
 from tests.faulty_sinks import RaisingSink
 
@@ -26,23 +33,40 @@ ACTIVE = [{"name": "loss_spike", "severity": "warning", "run": "run-1"}]
 FIRED = [{"name": "loss_spike", "severity": "warning", "count": 3}]
 
 
-def job_figures() -> dict[str, dict[str, Any]]:
-    figures = JobFigures(count=4, seconds_sum=0.5, seconds_max=0.25, last_seconds=0.125)
-    return {"effective_rank": figures.as_dict()}
+COST = JobCost(count=4, seconds_sum=0.5, seconds_max=0.25, last_seconds=0.125,
+               cpu_seconds_sum=0.0, superseded=0, failed=0)  # fmt: skip
+STORED_COST = {
+    "count": 4, "seconds_sum": 0.5, "seconds_max": 0.25, "last_seconds": 0.125,
+    "cpu_seconds_sum": 0.0, "superseded": 0, "failed": 0,
+}  # fmt: skip
 
-
-#: what Analysis.stats() returns: before the alert engine first reports, after it does, and
-#: after a close when it never had (only its own figures)
+#: Analysis.stats() before the alert engine first reports, after it does, and after a close
+#: when it never had (only its own figures); each with run.json's ``agent`` keys for it
 ANALYSIS_STATS = {
-    "before_alerts": {"stat_jobs": job_figures(), "analysis_dropped": 0},
-    "alerts": {
-        "alert_engine": ENGINE,
-        "alerts_active": ACTIVE,
-        "alerts_fired": FIRED,
-        "stat_jobs": job_figures(),
-        "analysis_dropped": 7,
-    },
-    "closed_quiet": {"alert_engine": ENGINE, "stat_jobs": {}, "analysis_dropped": 0},
+    "before_alerts": (
+        AnalysisHealth({"effective_rank": COST}, 0),
+        {"stat_jobs": {"effective_rank": STORED_COST}, "analysis_dropped": 0},
+    ),
+    "alerts": (
+        AnalysisHealth(
+            {"effective_rank": COST},
+            7,
+            ENGINE,
+            (ActiveAlert("loss_spike", "warning", "run-1"),),
+            (FiredAlert("loss_spike", "warning", 3),),
+        ),
+        {
+            "alert_engine": ENGINE,
+            "alerts_active": ACTIVE,
+            "alerts_fired": FIRED,
+            "stat_jobs": {"effective_rank": STORED_COST},
+            "analysis_dropped": 7,
+        },
+    ),
+    "closed_quiet": (
+        AnalysisHealth({}, 0, ENGINE),
+        {"alert_engine": ENGINE, "stat_jobs": {}, "analysis_dropped": 0},
+    ),
 }
 
 
@@ -103,18 +127,18 @@ STORED_SINKS = {
 
 @pytest.mark.parametrize("analysis", [None, *ANALYSIS_STATS], ids=str)
 def test_run_json_keeps_its_shape_byte_for_byte(fanout: Fanout, analysis: str | None) -> None:
-    """as_dict() is the counters, then the sinks, then Analysis.stats() as it came: the
-    bytes run.json gets are those the untyped dicts made."""
-    stats = ANALYSIS_STATS[analysis] if analysis is not None else None
+    """as_dict() is the counters, then the sinks, then the analysis's figures: the bytes
+    run.json gets are those the untyped dicts made, key for key and in order."""
+    stats, stored = ANALYSIS_STATS[analysis] if analysis is not None else (None, {})
     health = agent_health(counters(), fanout, stats)
-    expected = {**counters().as_dict(), "sinks": STORED_SINKS, **(stats or {})}
+    expected = {**counters().as_dict(), "sinks": STORED_SINKS, **stored}
     option = orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS
     assert orjson.dumps(health.as_dict(), option=option) == orjson.dumps(expected, option=option)
 
 
 def test_the_snapshot_is_typed_for_its_readers(fanout: Fanout) -> None:
     """Sinks read fields, not keys: health as the enum, alerts and job costs as records."""
-    health = agent_health(counters(), fanout, ANALYSIS_STATS["alerts"])
+    health = agent_health(counters(), fanout, ANALYSIS_STATS["alerts"][0])
     assert health.rejected_messages == {"malformed": 2}
     assert health.sinks["memory"].health is Health.CLOSED and not health.sinks["memory"].up
     assert health.sinks["wandb"] == SinkHealth.unbuilt(STORED_SINKS["wandb"]["last_error"])

@@ -40,8 +40,8 @@ def test_newest_pending_job_per_key_wins_and_the_rest_are_counted() -> None:
     assert jobs.wait_idle(5)
     assert ran == [3, 10]
     figures = jobs.figures()["effective_rank"]
-    assert figures["count"] == 2
-    assert figures["superseded"] == 2
+    assert figures.count == 2
+    assert figures.superseded == 2
     jobs.close(1)
 
 
@@ -57,8 +57,8 @@ def test_a_failing_job_is_counted_and_the_worker_keeps_going() -> None:
     jobs.submit("b", "tsne", lambda: "ok", results.append)
     assert jobs.wait_idle(5)
     assert results == ["ok"]
-    assert jobs.figures()["tsne"]["failed"] == 1
-    assert jobs.figures()["tsne"]["count"] == 2
+    assert jobs.figures()["tsne"].failed == 1
+    assert jobs.figures()["tsne"].count == 2
     jobs.close(1)
 
 
@@ -77,9 +77,9 @@ def test_durations_come_from_the_injected_clock() -> None:
     jobs.submit("b", "pca", lambda: None, lambda _: None)
     assert jobs.wait_idle(5)
     figures = jobs.figures()["pca"]
-    assert figures["seconds_sum"] == pytest.approx(3.0)
-    assert figures["seconds_max"] == pytest.approx(2.5)
-    assert figures["last_seconds"] == pytest.approx(0.5)
+    assert figures.seconds_sum == pytest.approx(3.0)
+    assert figures.seconds_max == pytest.approx(2.5)
+    assert figures.last_seconds == pytest.approx(0.5)
     jobs.close(1)
 
 
@@ -150,7 +150,7 @@ def test_process_jobs_run_in_a_lower_priority_process_that_is_replaced_when_it_d
     assert raised == 3 and policy == os.SCHED_IDLE
     jobs.submit("b", "crash", _crash, seen.append)
     assert jobs.wait_idle(60)
-    assert jobs.figures()["crash"]["failed"] == 1
+    assert jobs.figures()["crash"].failed == 1
     jobs.submit("c", "whoami", _whoami, seen.append, (base,))
     assert jobs.wait_idle(60)
     assert len(seen) == 2 and seen[1][0] not in (pid, os.getpid())
@@ -205,8 +205,8 @@ def test_cpu_share_spaces_a_kind_of_job_by_what_it_cost_and_holds_no_other_kind(
     assert starts["second"] - starts["first"] >= 0.1 / 0.2 - 0.01
     assert starts["rank"] < starts["second"]  # the other kind was not held behind the rest
     figures = jobs.figures()["tsne"]
-    assert figures["count"] == 2
-    assert figures["cpu_seconds_sum"] >= 0.2
+    assert figures.count == 2
+    assert figures.cpu_seconds_sum >= 0.2
     # At close the trainer is done: the last job of a resting kind (held until 0.5 s after
     # the second began) runs at once.
     jobs.submit("map/a", "tsne", _burn, lambda t: starts.setdefault("last", t), (0.0,))
