@@ -1,4 +1,5 @@
-"""Shared helpers for the benchmark scripts: a real agent process, percentiles, tables.
+"""Shared helpers for the benchmark scripts: a real agent process, the demo model,
+percentiles, tables.
 
 Benchmarks print figures; they never pass or fail on a number, because the
 machines they run on are shared and noisy (see docs/performance.md).
@@ -7,6 +8,8 @@ machines they run on are shared and noisy (see docs/performance.md).
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import json
 import os
 import platform
 import subprocess
@@ -14,8 +17,26 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 from agent.cli.launcher import agent_argv
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_PATH = ROOT / "examples" / "train_charlm.py"
+
+#: the agent's default sinks, W&B offline and Prometheus on a free port, as a config file
+DEFAULT_SINKS_CONFIG = """\
+sinks:
+  tensorboard:
+    enabled: true
+  prometheus:
+    enabled: true
+    port: 0
+  wandb:
+    enabled: true
+    mode: offline
+"""
 
 
 def short_ipc_endpoint(base: Path, name: str = "agent.sock") -> str:
@@ -83,6 +104,44 @@ def start_agent(
     return agent
 
 
+def start_run_agent(
+    endpoint: str,
+    runs_dir: Path,
+    run_id: str,
+    workdir: Path,
+    *,
+    sinks: bool,
+    cpus: set[int] | None,
+    config_text: str = DEFAULT_SINKS_CONFIG,
+) -> subprocess.Popen[bytes]:
+    """An agent for one run, optionally pinned to ``cpus``: the run store only, or with
+    ``sinks`` configured by ``config_text`` (default: the default sinks, W&B offline).
+
+    Its log, config file and W&B's files go to ``workdir``, so nothing outlives the bench.
+    """
+    options = ["--run-id", run_id]
+    if sinks:
+        config = workdir / "agent.yaml"
+        config.write_text(config_text)
+        options += ["--config", str(config)]
+    else:
+        options += ["--sinks", "none"]
+
+    def pin() -> None:
+        if cpus is not None:
+            os.sched_setaffinity(0, cpus)
+
+    return start_agent(
+        endpoint,
+        runs_dir,
+        workdir / "agent.log",
+        options=options,
+        cwd=workdir,
+        env=dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=str(workdir)),
+        preexec_fn=pin,
+    )
+
+
 def stop_agent(agent: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
     """SIGTERM: the agent drains its socket, writes run.json and exits."""
     if agent.poll() is None:
@@ -92,6 +151,27 @@ def stop_agent(agent: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
         except subprocess.TimeoutExpired:
             agent.kill()
             agent.wait()
+
+
+def stream_accounting(run_dir: Path) -> dict[str, Any]:
+    """The trainer stream's accounting from run.json (sent, received, dropped, lost): every
+    bench that drives a trainer reports it, since a figure bought by losing records is void."""
+    info = json.loads((run_dir / "run.json").read_text())
+    for stream in info.get("streams", []):
+        if stream.get("rank", -1) >= 0:
+            return {key: stream.get(key) for key in ("sent", "received", "dropped", "lost")}
+    return {}
+
+
+def load_demo() -> ModuleType:
+    """Import examples/train_charlm.py by path (examples/ is not a package): the benches
+    train the model users run, with its data, batches and learning-rate schedule."""
+    spec = importlib.util.spec_from_file_location("train_charlm", DEMO_PATH)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {DEMO_PATH}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def percentile(ordered: Sequence[float], q: float) -> float:

@@ -21,14 +21,19 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_overhead
-from _common import agent_cpu, load_average, machine, print_table, short_ipc_endpoint
+from _common import (
+    agent_cpu,
+    load_average,
+    machine,
+    print_table,
+    short_ipc_endpoint,
+    start_run_agent,
+    stop_agent,
+)
 
 
 def measure(
@@ -69,9 +74,7 @@ def one_agent(
     if tree is not None:
         os.environ["PYTHONPATH"] = str(tree)  # the agent imports from the other tree
     try:
-        agent = bench_overhead.start_agent(
-            endpoint, workdir / "runs", "idle", workdir, sinks=sinks, cpus=None
-        )
+        agent = start_run_agent(endpoint, workdir / "runs", "idle", workdir, sinks=sinks, cpus=None)
     finally:
         if saved is None:
             os.environ.pop("PYTHONPATH", None)
@@ -88,7 +91,7 @@ def one_agent(
         }
         probe.finish()
     finally:
-        bench_overhead.stop_agent(agent)
+        stop_agent(agent)
     print(
         f"  {label:28s} idle {figures['idle'][0]:6.1f} + {figures['idle'][1]:5.1f} ms/s   "
         f"paced {figures['paced'][0]:6.1f} + {figures['paced'][1]:5.1f} ms/s",

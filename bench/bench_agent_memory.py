@@ -1,7 +1,7 @@
 """Agent memory over a long run: its RSS, sampled while a trainer logs at a fast pace.
 
-Why: the agent lives as long as the run, which may be days, and design.md's
-budget is a flat RSS of at most 300 MB. A slow leak takes hours to show at a
+Why: the agent lives as long as the run, which may be days, and its budget
+is a flat RSS of at most 300 MB (docs/performance.md). A slow leak takes hours to show at a
 real step rate, so this script compresses a long run: a small model trains
 in this process under ``probe.watch`` (scalars and gradient norms every step,
 per-layer norms every 10 steps, histograms and activation statistics every
@@ -25,16 +25,21 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_overhead
-from _common import machine, print_table, short_ipc_endpoint, stop_agent
+from _common import (
+    DEFAULT_SINKS_CONFIG,
+    machine,
+    print_table,
+    short_ipc_endpoint,
+    start_run_agent,
+    stop_agent,
+    stream_accounting,
+)
 
 from agent.alerts.rules import least_squares_slope
 
@@ -197,7 +202,7 @@ def report(trace: RssTrace, steps: int, seconds: float, run_dir: Path) -> None:
         rows.append([label, f"{size:.1f}", f"{1000 * size / max(steps, 1):.2f}"])
     print("\nOn disk")
     print_table(["files", "MB", "MB per 1k steps"], rows)
-    print(f"\ntrainer stream accounting: {bench_overhead.stream_accounting(run_dir)}")
+    print(f"\ntrainer stream accounting: {stream_accounting(run_dir)}")
 
 
 def main() -> None:
@@ -227,14 +232,14 @@ def main() -> None:
         workdir = tmp / "work"
         workdir.mkdir()
         endpoint = short_ipc_endpoint(tmp)
-        agent = bench_overhead.start_agent(
+        agent = start_run_agent(
             endpoint,
             workdir / "runs",
             "memory",
             workdir,
             sinks=True,
             cpus=None,
-            config_text=args.config.read_text() if args.config else bench_overhead.AGENT_CONFIG,
+            config_text=args.config.read_text() if args.config else DEFAULT_SINKS_CONFIG,
         )
         try:
             probe.init(endpoint=endpoint, run_id="memory")

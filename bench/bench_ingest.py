@@ -62,8 +62,7 @@ from probe import protocol
 BUDGET_VALUES_PER_S = 1_000_000
 BUDGET_LATENCY_P99_MS = 50.0
 BATCH = 512  # records per message: the probe's default max_batch
-NAMES = SCALAR_NAMES
-VALUES_PER_RECORD = len(NAMES)
+VALUES_PER_RECORD = len(SCALAR_NAMES)
 
 
 def build_messages(run_id: str, stream: str, records: int, first_step: int = 0) -> list[bytes]:
@@ -87,7 +86,7 @@ def build_messages(run_id: str, stream: str, records: int, first_step: int = 0) 
         batch = []
         for seq in range(start, min(start + BATCH, records)):
             step = first_step + seq
-            body = {name: (step * 0.000123 + k) / 3.0 for k, name in enumerate(NAMES)}
+            body = {name: (step * 0.000123 + k) / 3.0 for k, name in enumerate(SCALAR_NAMES)}
             batch.append([protocol.SCALARS, seq, now + seq * 1e-4, step, body])
         messages.append(packer.pack([protocol.VERSION, envelope, batch]))
     return messages
@@ -286,7 +285,7 @@ def trainer_process(endpoint: str, rate: float, seconds: float, ready: Any, go: 
         delay = start + i / rate - time.perf_counter()
         if delay > 0:
             time.sleep(delay)
-        probe.log({name: (i * 0.001 + k) / 3.0 for k, name in enumerate(NAMES)}, step=i)
+        probe.log({name: (i * 0.001 + k) / 3.0 for k, name in enumerate(SCALAR_NAMES)}, step=i)
     probe.finish(10)
 
 

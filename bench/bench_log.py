@@ -46,7 +46,6 @@ from _common import (
 import probe
 
 RUN_ID = "bench-log"
-NAMES = SCALAR_NAMES
 
 # A PULL socket in its own process that receives and discards: the far end of "bare zmq".
 DRAIN_CODE = """
@@ -63,7 +62,7 @@ while True:
 def metrics_for(i: int) -> dict[str, float]:
     """A fresh dict of 10 float scalars per step, as a trainer would build it (not timed)."""
     x = float(i)
-    return {name: x * 0.001 + k for k, name in enumerate(NAMES)}
+    return {name: x * 0.001 + k for k, name in enumerate(SCALAR_NAMES)}
 
 
 @dataclass

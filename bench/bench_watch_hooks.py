@@ -36,7 +36,7 @@ def main() -> None:
 
     import torch
     import torch.nn.functional as F
-    from bench_overhead import load_demo
+    from _common import load_demo
 
     import probe
 
