@@ -574,9 +574,8 @@ class PrometheusSink(Sink):
         nonfinite = 0
         families = self._families
         for raw, value in metrics.items():
-            try:
-                number = float(value)
-            except (TypeError, ValueError):
+            number = schema.decode_number(value)
+            if number is None:
                 continue
             if not math.isfinite(number):
                 nonfinite += 1
