@@ -2,8 +2,8 @@
 
 Why: the agent must keep up with every rank of a node (budget >= 1,000,000
 scalar values/s into the run store) and stay close behind the trainer
-(budget: probe -> run store p99 <= 50 ms at nominal load); see design.md,
-performance budget. Three measurements, interleaved where they repeat:
+(budget: probe -> run store p99 <= 50 ms at nominal load); see
+docs/performance.md. Three measurements, interleaved where they repeat:
 
 * end-to-end: 1 and 2 sender processes push pre-built messages (512
   ``scalars`` records of 10 metrics each, packed exactly as the probe packs
@@ -428,7 +428,7 @@ def report(
     print()
     print_table(["path", "records/s", "min-max", "values/s", "x budget"], table)
     print(
-        f"budget (design.md): >= {BUDGET_VALUES_PER_S:,} scalar values/s into the run store; "
+        f"budget: >= {BUDGET_VALUES_PER_S:,} scalar values/s into the run store; "
         "decode() = msgpack + validation, ingest() adds accounting, JSON and the write"
     )
 
