@@ -135,21 +135,21 @@ class Agent:
         counters.messages += 1
         counters.bytes += len(raw)
         try:
-            batch = decode(raw)
+            message = decode(raw)
         except Rejected as rejected:
             counters.reject(counters.rejected_messages, rejected.reason)
             self.complaints.warning(
                 rejected.reason, "outrider agent: rejected a message (%s)", rejected
             )
             return
-        for reason, detail in batch.rejected:
+        for reason, detail in message.rejected:
             counters.reject(counters.rejected_records, reason)
             self.complaints.warning(
                 f"record:{reason}", "outrider agent: rejected a record (%s: %s)", reason, detail
             )
-        if not batch.records:
+        if not message.records:
             return
-        run_id = batch.envelope["run"]
+        run_id = message.envelope["run"]
         store = self.runs.open(run_id)
         if store is None:
             counters.reject(counters.rejected_messages, "too_many_runs")
@@ -160,12 +160,12 @@ class Agent:
                 run_id,
             )
             return
-        if batch.records[0].kind == protocol.HELLO and "cwd" in batch.records[0].body:
-            self.runs.learn_cwd(store, batch.records[0].body)
-        entries = store.add(batch.envelope, batch.records)
-        counters.records += len(batch.records)
+        if message.records[0].kind == protocol.HELLO and "cwd" in message.records[0].body:
+            self.runs.learn_cwd(store, message.records[0].body)
+        entries = store.add(message.envelope, message.records)
+        counters.records += len(message.records)
         if self.fanout.workers or self.analysis is not None:
-            stored = Batch(Source.from_envelope(batch.envelope), entries, str(store.dir))
+            stored = Batch(Source.from_envelope(message.envelope), entries, str(store.dir))
             self.fanout.submit(stored)
             if self.analysis is not None:
                 self._burst.append(stored)

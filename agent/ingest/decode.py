@@ -42,13 +42,16 @@ class Record:
 
 
 @dataclass
-class Batch:
+class Message:
+    """One wire message after validation: its stream's envelope, the good records, and why
+    each bad one was refused."""
+
     envelope: dict[str, Any]
     records: list[Record]
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (reason, detail) per record
 
 
-def decode(raw: bytes) -> Batch:
+def decode(raw: bytes) -> Message:
     """Decode and validate one message; raises Rejected for a message-level fault."""
     if len(raw) > protocol.MAX_MESSAGE_BYTES:
         raise Rejected("oversized", f"{len(raw)} bytes > {protocol.MAX_MESSAGE_BYTES}")
@@ -75,8 +78,8 @@ def decode(raw: bytes) -> Batch:
     if type(records) is not list or len(records) > protocol.MAX_RECORDS_PER_MESSAGE:
         raise Rejected("malformed", "records is not a bounded array")
     # Only the known keys go on: the envelope is written to the store as the stream's source.
-    batch = Batch({key: envelope[key] for key in protocol.ENVELOPE_KEYS}, [])
-    good = batch.records
+    decoded = Message({key: envelope[key] for key in protocol.ENVELOPE_KEYS}, [])
+    good = decoded.records
     known = _KNOWN_NAMES
     for raw_record in records:
         # The hot path, inline: a well-formed scalars record with metric names seen before.
@@ -99,8 +102,8 @@ def decode(raw: bytes) -> Batch:
         try:
             good.append(_check_record(raw_record))
         except Rejected as rejected:
-            batch.rejected.append((rejected.reason, rejected.detail))
-    return batch
+            decoded.rejected.append((rejected.reason, rejected.detail))
+    return decoded
 
 
 def _check_envelope(envelope: Any) -> None:
