@@ -1,15 +1,16 @@
 """Agent memory over a long run: its RSS, sampled while a trainer logs at a fast pace.
 
 Why: the agent lives as long as the run, which may be days, and its budget
-is a flat RSS of at most 300 MB (docs/performance.md). A slow leak takes hours to show at a
-real step rate, so this script compresses a long run: a small model trains
-in this process under ``probe.watch`` (scalars and gradient norms every step,
-per-layer norms every 10 steps, histograms and activation statistics every
-50), with ``probe.features`` of a hidden state every 100 steps, a text sample
-every 200 and an event every 1,000, paced at ``--rate`` steps per second
-(default 100: ten times a 100 ms step) for ``--minutes``. The agent is a real
-``outrider agent`` process with the default sinks (run store, TensorBoard,
-Prometheus, offline W&B) and its statistics on.
+is a flat RSS of at most 300 MB for the whole tree (docs/performance.md). A
+slow leak takes hours to show at a real step rate, so this script compresses
+a long run: a small model trains in this process under ``probe.watch``
+(scalars and gradient norms every step, per-layer norms every 10 steps,
+histograms and activation statistics every 50), with ``probe.features`` of a
+hidden state every 100 steps, a text sample every 200 and an event every
+1,000, paced at ``--rate`` steps per second (default 100: ten times a 100 ms
+step) for ``--minutes``. The agent is a real ``outrider agent`` process with
+the default sinks (run store, TensorBoard, Prometheus, offline W&B) and its
+statistics on.
 
 Printed: the RSS over time of the agent, its statistics workers, W&B's
 service and this trainer; each one's growth over the second half of the run
