@@ -55,8 +55,8 @@ def yield_cpu_to_the_trainer(nice: int, blas_threads: int) -> None:
     call in a statistic would otherwise start one BLAS thread per core, each
     competing with torch. The Go runtime keeps one scheduler per core and lets
     idle ones spin looking for work; W&B's service writes a few rows a second,
-    and with one it used ~15% less CPU here (docs/performance.md). A
-    GOMAXPROCS the user set is kept.
+    and with one scheduler it uses less CPU (about 15% less on a 2-core
+    machine). A GOMAXPROCS the user set is kept.
     """
     os.environ.setdefault("GOMAXPROCS", "1")
     if nice > 0:
