@@ -7,9 +7,10 @@ gauges labelled ``host`` and ``<prefix>_process_*`` gauges labelled ``host`` and
 ``pid``; their GPUs are exported under the DCGM exporter's names, units and
 labels, so dashboards built for it (Grafana 12239) work unchanged.
 The agent's health (``sinks.health.AgentHealth``) is read at scrape time through
-``context.agent_stats``. Every family the sink exposes itself is declared once,
-below, as an ``OwnMetric``; a user metric that would take one of their names
-goes under ``<prefix>_user_``.
+``context.agent_stats`` (``sinks/prometheus_health.py``). Every family the sink
+exposes itself is declared once, as an ``OwnMetric`` in
+``sinks/prometheus_families.py``; a user metric that would take one of their
+names goes under ``<prefix>_user_``.
 
 The number of series is capped (``max_series``): past the cap new series are
 refused and counted, existing ones keep updating, and an alert is raised at
@@ -22,10 +23,9 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,14 +35,31 @@ from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     Metric,
-    SummaryMetricFamily,
 )
 from prometheus_client.registry import Collector
 
 from probe import protocol
 from sinks import schema
 from sinks.base import Batch, Sink, SinkAlert
-from sinks.health import AgentHealth, Health, SinkHealth, StreamHealth
+from sinks.prometheus_families import (
+    GPU_LABELS,
+    GPU_METRICS,
+    HOST_METRICS,
+    LAST_RECORD,
+    NONFINITE,
+    PROCESS_METRICS,
+    SERIES,
+    SERIES_LIMIT,
+    SERIES_REFUSED,
+    STEP,
+    TRAINING_LABELS,
+    Labels,
+    OwnCounter,
+    OwnGauge,
+    own_metric_names,
+    sanitize,
+)
+from sinks.prometheus_health import AgentStatsCollector
 from sinks.registry import SinkContext
 
 logger = logging.getLogger("outrider.sinks.prometheus")
@@ -51,326 +68,8 @@ ALERT_NAME = "prometheus_series_cap"
 ALERT_COOLDOWN_SECONDS = 300.0
 HOUSEKEEPING_INTERVAL_SECONDS = 1.0
 
-Labels = tuple[str, ...]
-
-TRAINING_LABELS: Labels = ("run", "rank", "host")
-GPU_LABELS = ("gpu", "UUID", "device", "modelName", "Hostname")  # the DCGM exporter's
-
 REFUSE_CAP = "series_cap"
 REFUSE_CONFLICT = "name_conflict"
-
-MIB = float(1 << 20)
-KIB = 1024.0
-
-#: system entry field -> (DCGM exporter metric, factor to the DCGM unit, HELP)
-GPU_METRICS: tuple[tuple[str, str, float, str], ...] = (
-    ("util_percent", "DCGM_FI_DEV_GPU_UTIL", 1.0, "GPU utilization (in %)."),
-    (
-        "util_percent",
-        "DCGM_FI_PROF_GR_ENGINE_ACTIVE",
-        0.01,
-        "Ratio of time the graphics engine is active (outrider: NVML utilization / 100).",
-    ),
-    ("memory_used_bytes", "DCGM_FI_DEV_FB_USED", 1 / MIB, "Framebuffer memory used (in MiB)."),
-    ("memory_free_bytes", "DCGM_FI_DEV_FB_FREE", 1 / MIB, "Framebuffer memory free (in MiB)."),
-    ("temperature_c", "DCGM_FI_DEV_GPU_TEMP", 1.0, "GPU temperature (in C)."),
-    ("power_watts", "DCGM_FI_DEV_POWER_USAGE", 1.0, "Power draw (in W)."),
-    ("sm_clock_mhz", "DCGM_FI_DEV_SM_CLOCK", 1.0, "SM clock frequency (in MHz)."),
-    (
-        "pcie_tx_bytes_per_s",
-        "DCGM_FI_DEV_PCIE_TX_THROUGHPUT",
-        1 / KIB,
-        "PCIe TX throughput (in KB/s, as NVML samples it).",
-    ),
-    (
-        "pcie_rx_bytes_per_s",
-        "DCGM_FI_DEV_PCIE_RX_THROUGHPUT",
-        1 / KIB,
-        "PCIe RX throughput (in KB/s, as NVML samples it).",
-    ),
-    ("xid_errors", "DCGM_FI_DEV_XID_ERRORS", 1.0, "Value of the last XID error encountered."),
-    ("memory_util_percent", "DCGM_FI_DEV_MEM_COPY_UTIL", 1.0, "Memory utilization (in %)."),
-    ("mem_clock_mhz", "DCGM_FI_DEV_MEM_CLOCK", 1.0, "Memory clock frequency (in MHz)."),
-    (
-        "energy_joules",
-        "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION",
-        1000.0,
-        "Total energy consumption since the driver was loaded (in mJ).",
-    ),
-    (
-        "ecc_sbe_volatile_total",
-        "DCGM_FI_DEV_ECC_SBE_VOL_TOTAL",
-        1.0,
-        "Total number of single-bit volatile ECC errors.",
-    ),
-    (
-        "ecc_dbe_volatile_total",
-        "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL",
-        1.0,
-        "Total number of double-bit volatile ECC errors.",
-    ),
-)
-
-HOST_LABELS: Labels = ("host",)
-PROCESS_LABELS: Labels = ("host", "pid")
-
-_INVALID_CHARS = re.compile(r"[^a-zA-Z0-9_]")
-#: what a family's samples may add to its name (a counter's ``_total``, a summary's ``_sum``, ...)
-_SUFFIXES = ("", "_total", "_created", "_count", "_sum", "_bucket", "_info")
-
-
-def sanitize(name: str) -> str:
-    """A user metric name as a Prometheus name fragment: every invalid character becomes ``_``."""
-    return _INVALID_CHARS.sub("_", name)
-
-
-# -- the sink's own metric families ---------------------------------------------------------------
-#: every family declared below, in order: their names are the ones user metrics may not take
-OWN_METRICS: list[OwnMetric] = []
-
-
-@dataclass(frozen=True)
-class OwnMetric:
-    """A family the sink exposes itself, named ``<prefix>_<name>``.
-
-    Declaring one reserves its name (with every sample suffix): a user metric
-    of the same name goes under ``<prefix>_user_``, so no scrape can hold two
-    families of one name.
-    """
-
-    name: str
-    help: str
-    labels: Labels = ()
-
-    def __post_init__(self) -> None:
-        OWN_METRICS.append(self)
-
-    def full_name(self, prefix: str) -> str:
-        return f"{prefix}_{self.name}"
-
-    def _labels(self, value: float | None) -> Labels | None:
-        return None if value is not None else self.labels
-
-
-class OwnGauge(OwnMetric):
-    def family(self, prefix: str, value: float | None = None) -> GaugeMetricFamily:
-        """The family to add samples to; with ``value``, its one unlabelled sample."""
-        return GaugeMetricFamily(
-            self.full_name(prefix), self.help, value=value, labels=self._labels(value)
-        )
-
-
-class OwnCounter(OwnMetric):
-    def family(self, prefix: str, value: float | None = None) -> CounterMetricFamily:
-        """The family to add samples to; with ``value``, its one unlabelled sample."""
-        return CounterMetricFamily(
-            self.full_name(prefix), self.help, value=value, labels=self._labels(value)
-        )
-
-
-class OwnSummary(OwnMetric):
-    def family(self, prefix: str) -> SummaryMetricFamily:
-        return SummaryMetricFamily(self.full_name(prefix), self.help, labels=self.labels)
-
-
-def own_metric_names(prefix: str) -> frozenset[str]:
-    """Every name the sink exposes itself (with sample suffixes): user metrics may not take one."""
-    return frozenset(
-        f"{metric.full_name(prefix)}{suffix}" for metric in OWN_METRICS for suffix in _SUFFIXES
-    )
-
-
-# training
-STEP = OwnGauge("step", "Last training step seen.", TRAINING_LABELS)
-LAST_RECORD = OwnGauge(
-    "last_record_timestamp_seconds",
-    "Wall time (Unix seconds, trainer clock) of the latest record the training code made; "
-    "heartbeats do not count.",
-    TRAINING_LABELS,
-)
-NONFINITE = OwnCounter(
-    "nonfinite_values", "Scalar values that were NaN or infinite.", TRAINING_LABELS
-)
-
-# the series cap
-SERIES = OwnGauge("series", "Series this sink exports now.")
-SERIES_LIMIT = OwnGauge("series_limit", "Most series this sink exports (its max_series option).")
-SERIES_REFUSED = OwnCounter(
-    "series_refused",
-    "Values not exported: a new series past max_series (series_cap), or a metric name another "
-    "metric already took (name_conflict).",
-    ("reason",),
-)
-
-# the agent's health (AgentHealth)
-MESSAGES_RECEIVED = OwnCounter(
-    "agent_messages_received", "Messages the agent received from probes, rejected ones included."
-)
-RECORDS_RECEIVED = OwnCounter("agent_records_received", "Records the agent accepted and stored.")
-BYTES_RECEIVED = OwnCounter("agent_received_bytes", "Bytes of messages the agent received.")
-MESSAGES_REJECTED = OwnCounter(
-    "agent_messages_rejected", "Messages the agent rejected whole, by reason.", ("reason",)
-)
-RECORDS_REJECTED = OwnCounter(
-    "agent_records_rejected", "Records the agent rejected, by reason.", ("reason",)
-)
-PROBE_RECEIVED = OwnCounter(
-    "probe_records_received", "Records the agent received from a rank.", TRAINING_LABELS
-)
-PROBE_DROPPED = OwnCounter(
-    "probe_records_dropped",
-    "Records a rank's probe dropped (as it reports them), by reason.",
-    (*TRAINING_LABELS, "reason"),
-)
-PROBE_LOST = OwnGauge(
-    "probe_records_lost",
-    "Records of a rank neither received nor reported dropped; may include records in flight "
-    "until the rank says bye.",
-    TRAINING_LABELS,
-)
-SINK_EXPORTED = OwnCounter("sink_exported_entries", "Entries a sink exported.", ("sink",))
-SINK_FAILURES = OwnCounter("sink_failures", "Failed export or flush calls of a sink.", ("sink",))
-SINK_RETRIES = OwnCounter("sink_retries", "Export retries of a sink.", ("sink",))
-SINK_DROPPED = OwnCounter(
-    "sink_dropped_entries", "Entries a sink dropped, by reason.", ("sink", "reason")
-)
-SINK_QUEUE_DEPTH = OwnGauge("sink_queue_depth", "Batches waiting in a sink's queue.", ("sink",))
-SINK_UP = OwnGauge("sink_up", "1 when a sink's health is ok, else 0.", ("sink",))
-SINK_HEALTH = OwnGauge(
-    "sink_health",
-    "A sink's health: 1 for its current state, 0 for the others.",
-    ("sink", "state"),
-)
-STAT_JOB_DURATION = OwnSummary(
-    "stat_job_duration_seconds", "Time the agent's statistics jobs took, by job.", ("job",)
-)
-ALERTS_FIRED = OwnCounter(
-    "alerts",
-    "Alerts the agent's alert engine fired (after cooldowns), by alert and severity.",
-    ("alert", "severity"),
-)
-ANALYSIS_DROPPED = OwnCounter(
-    "analysis_dropped_batches",
-    "Batches the agent's statistics could not keep up with (the run store has them).",
-)
-ALERTS_ACTIVE = OwnGauge(
-    "alerts_active",
-    "Alerts the agent's alert engine holds active, by alert, severity and run.",
-    ("alert", "severity", "run"),
-)
-
-#: system entry field -> (gauge, factor to the base unit)
-HOST_METRICS: tuple[tuple[str, OwnGauge, float], ...] = (
-    (
-        "cpu_percent",
-        OwnGauge(
-            "host_cpu_utilization_ratio",
-            "Share of the host's CPU time spent busy over the last sample interval (0-1).",
-            HOST_LABELS,
-        ),
-        0.01,
-    ),
-    ("cpu_count", OwnGauge("host_cpus", "Logical CPUs of the host.", HOST_LABELS), 1.0),
-    ("load1", OwnGauge("host_load1", "Host load average over 1 minute.", HOST_LABELS), 1.0),
-    (
-        "memory_used_bytes",
-        OwnGauge("host_memory_used_bytes", "Host memory in use (bytes).", HOST_LABELS),
-        1.0,
-    ),
-    (
-        "memory_total_bytes",
-        OwnGauge("host_memory_total_bytes", "Host memory in total (bytes).", HOST_LABELS),
-        1.0,
-    ),
-    (
-        "memory_available_bytes",
-        OwnGauge(
-            "host_memory_available_bytes",
-            "Host memory available to new allocations without swapping (bytes).",
-            HOST_LABELS,
-        ),
-        1.0,
-    ),
-    (
-        "swap_used_bytes",
-        OwnGauge("host_swap_used_bytes", "Host swap in use (bytes).", HOST_LABELS),
-        1.0,
-    ),
-    (
-        "disk_read_bytes_per_s",
-        OwnGauge(
-            "host_disk_read_bytes_per_second",
-            "Bytes read from the host's disks per second over the last sample interval.",
-            HOST_LABELS,
-        ),
-        1.0,
-    ),
-    (
-        "disk_write_bytes_per_s",
-        OwnGauge(
-            "host_disk_written_bytes_per_second",
-            "Bytes written to the host's disks per second over the last sample interval.",
-            HOST_LABELS,
-        ),
-        1.0,
-    ),
-    (
-        "net_recv_bytes_per_s",
-        OwnGauge(
-            "host_network_receive_bytes_per_second",
-            "Bytes received per second on the host's network interfaces but loopback.",
-            HOST_LABELS,
-        ),
-        1.0,
-    ),
-    (
-        "net_sent_bytes_per_s",
-        OwnGauge(
-            "host_network_transmit_bytes_per_second",
-            "Bytes sent per second on the host's network interfaces but loopback.",
-            HOST_LABELS,
-        ),
-        1.0,
-    ),
-)
-
-#: trainer-process field -> (gauge, factor to the base unit)
-PROCESS_METRICS: tuple[tuple[str, OwnGauge, float], ...] = (
-    (
-        "cpu_percent",
-        OwnGauge(
-            "process_cpu_cores",
-            "CPU cores a trainer process and its children kept busy over the last sample "
-            "interval (1 = one core).",
-            PROCESS_LABELS,
-        ),
-        0.01,
-    ),
-    (
-        "rss_bytes",
-        OwnGauge(
-            "process_resident_memory_bytes",
-            "Resident memory of a trainer process plus its children (bytes; pages they share "
-            "are counted in each).",
-            PROCESS_LABELS,
-        ),
-        1.0,
-    ),
-    (
-        "threads",
-        OwnGauge(
-            "process_threads", "Threads of a trainer process and its children.", PROCESS_LABELS
-        ),
-        1.0,
-    ),
-    (
-        "children",
-        OwnGauge(
-            "process_children", "Live descendant processes of a trainer process.", PROCESS_LABELS
-        ),
-        1.0,
-    ),
-)
 
 
 @dataclass
@@ -801,112 +500,3 @@ class _SinkCollector(Collector):
         for reason, n in sorted(refused.items()):
             refused_metric.add_metric((reason,), n)
         yield refused_metric
-
-
-class AgentStatsCollector(Collector):
-    """The agent's health (``context.agent_stats()``), read at scrape time."""
-
-    def __init__(self, prefix: str, stats: Callable[[], AgentHealth | None] | None) -> None:
-        self.prefix = prefix
-        self.stats = stats
-        self._last_error_log = -math.inf
-
-    def collect(self) -> Iterator[Metric]:
-        if self.stats is None:
-            return iter(())
-        try:
-            health = self.stats()
-            if health is None:
-                return iter(())
-            return iter(list(self._metrics(health)))
-        except Exception as exc:  # a scrape must not fail because of the agent's stats
-            now = time.monotonic()
-            if now - self._last_error_log >= 60:
-                self._last_error_log = now
-                logger.warning("outrider prometheus sink: cannot read agent stats: %r", exc)
-            return iter(())
-
-    def _metrics(self, health: AgentHealth) -> Iterable[Metric]:
-        p = self.prefix
-        yield MESSAGES_RECEIVED.family(p, health.messages)
-        yield RECORDS_RECEIVED.family(p, health.records)
-        yield BYTES_RECEIVED.family(p, health.bytes)
-        yield _by_reason(MESSAGES_REJECTED.family(p), health.rejected_messages)
-        yield _by_reason(RECORDS_REJECTED.family(p), health.rejected_records)
-        yield from self._streams(health.runs or {})
-        yield from self._sinks(health.sinks)
-        analysis = health.analysis
-        if analysis is None:
-            return
-        if analysis.stat_jobs:
-            summary = STAT_JOB_DURATION.family(p)
-            for job, cost in sorted(analysis.stat_jobs.items()):
-                summary.add_metric((job,), count_value=cost.count, sum_value=cost.seconds_sum)
-            yield summary
-        if analysis.alerts_fired is not None:
-            fired = ALERTS_FIRED.family(p)
-            for alert in analysis.alerts_fired:
-                fired.add_metric((alert.name, alert.severity), alert.count)
-            yield fired
-        yield ANALYSIS_DROPPED.family(p, analysis.dropped_batches)
-        if analysis.alerts_active is not None:
-            active = ALERTS_ACTIVE.family(p)
-            counts: dict[Labels, int] = {}
-            for held in analysis.alerts_active:
-                key: Labels = (held.name, held.severity, held.run or "")
-                counts[key] = counts.get(key, 0) + 1
-            for key, n in sorted(counts.items()):
-                active.add_metric(key, n)
-            yield active
-
-    def _streams(self, runs: Mapping[str, Sequence[StreamHealth]]) -> Iterable[Metric]:
-        """Per-stream ledgers summed per (run, rank, host): a restarted rank has two streams."""
-        p = self.prefix
-        received: dict[Labels, int] = {}
-        lost: dict[Labels, int] = {}
-        dropped: dict[Labels, int] = {}
-        for run, streams in runs.items():
-            for stream in streams:
-                key: Labels = (run, str(stream.rank), stream.host)
-                received[key] = received.get(key, 0) + stream.received
-                lost[key] = lost.get(key, 0) + stream.lost
-                for reason, n in stream.dropped.items():
-                    reason_key: Labels = (*key, reason)
-                    dropped[reason_key] = dropped.get(reason_key, 0) + n
-        received_metric = PROBE_RECEIVED.family(p)
-        dropped_metric = PROBE_DROPPED.family(p)
-        lost_metric = PROBE_LOST.family(p)
-        for key, n in sorted(received.items()):
-            received_metric.add_metric(key, n)
-            lost_metric.add_metric(key, lost[key])
-        for reason_key, n in sorted(dropped.items()):
-            dropped_metric.add_metric(reason_key, n)
-        return received_metric, dropped_metric, lost_metric
-
-    def _sinks(self, sinks: Mapping[str, SinkHealth]) -> Iterable[Metric]:
-        p = self.prefix
-        exported = SINK_EXPORTED.family(p)
-        failures = SINK_FAILURES.family(p)
-        retries = SINK_RETRIES.family(p)
-        dropped = SINK_DROPPED.family(p)
-        depth = SINK_QUEUE_DEPTH.family(p)
-        up = SINK_UP.family(p)
-        health = SINK_HEALTH.family(p)
-        for name, sink_health in sorted(sinks.items()):
-            sink = (name,)
-            exported.add_metric(sink, sink_health.exported_entries)
-            failures.add_metric(sink, sink_health.failures)
-            retries.add_metric(sink, sink_health.retries)
-            depth.add_metric(sink, sink_health.queue_depth)
-            up.add_metric(sink, 1 if sink_health.up else 0)
-            for state in Health:
-                health.add_metric((*sink, str(state)), 1 if sink_health.health is state else 0)
-            for reason, n in sorted(sink_health.dropped.items()):
-                dropped.add_metric((*sink, reason), n)
-        return exported, failures, retries, dropped, depth, up, health
-
-
-def _by_reason(metric: CounterMetricFamily, counts: Mapping[str, int]) -> CounterMetricFamily:
-    for reason, n in sorted(counts.items()):
-        metric.add_metric((reason,), n)
-    return metric

@@ -15,7 +15,7 @@ import orjson
 import pytest
 import yaml
 
-from sinks.prometheus import GPU_METRICS, own_metric_names
+from sinks.prometheus_families import GPU_METRICS, own_metric_names
 from tests.prometheus_server import ALERT_RULES, DASHBOARD, REPO, dashboard_exprs, promtool
 
 DEPLOY = REPO / "deploy"

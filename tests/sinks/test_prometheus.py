@@ -33,7 +33,8 @@ from sinks.health import (
     SinkHealth,
     StreamHealth,
 )
-from sinks.prometheus import ALERT_COOLDOWN_SECONDS, GPU_METRICS, PrometheusSink
+from sinks.prometheus import ALERT_COOLDOWN_SECONDS, PrometheusSink
+from sinks.prometheus_families import GPU_METRICS
 from sinks.registry import SinkContext
 from sinks.worker import SinkWorker
 from tests.prometheus_server import (
