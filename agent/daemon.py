@@ -92,10 +92,7 @@ class Agent:
         self.sink_close_timeout = (
             self.config.sink_close_timeout if sink_close_timeout is None else sink_close_timeout
         )
-        self.endpoint = endpoint
         self.runs_dir = runs_dir
-        self.run_id = run_id
-        self.meta = meta or {}
         self.drain_timeout = drain_timeout
         self.parent_pid = parent_pid
         self.orphan_idle = orphan_idle
@@ -250,13 +247,13 @@ class Agent:
     def _route_alerts(self) -> None:
         """Alerts from sinks (a failing sink, a series cap): through the alert rules' cooldowns
         and destinations when the analysis runs, else stored and sent to every sink."""
-        for run_id, alert in self.fanout.take_alerts():
+        for alert in self.fanout.take_alerts():
             if self.analysis is not None and not self._closing:
-                self.analysis.sink_alert(run_id, alert)
+                self.analysis.sink_alert(alert)
                 continue
-            logger.warning("outrider agent: alert %s: %s", alert.get("name"), alert.get("message"))
-            alert.pop("event", None)  # what the alert rules would take it as
-            self._store_and_send(Derived(run_id, alert))
+            entry = alert.entry
+            logger.warning("outrider agent: alert %s: %s", entry.get("name"), entry.get("message"))
+            self._store_and_send(Derived(alert.run, entry))
 
     def _route_derived(self) -> int:
         """What the analysis made (derived scalars, summaries, images, system samples,

@@ -13,8 +13,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from agent.analysis.messages import SinkAlarm
 from agent.config import AgentConfig
-from sinks import registry, schema
+from sinks import registry
 from sinks.base import Batch, Sink
 from sinks.health import SinkHealth
 from sinks.worker import SinkWorker
@@ -31,7 +32,7 @@ class Fanout:
         self.workers: list[SinkWorker] = []
         self.broken: dict[str, str] = {}  # sinks that could not be built, and why
         self.clock = clock
-        self._alerts: collections.deque[tuple[str | None, dict[str, Any]]] = collections.deque()
+        self._alerts: collections.deque[SinkAlarm] = collections.deque()
         self._last_failure_alert: dict[str, float] = {}
 
     @classmethod
@@ -78,20 +79,19 @@ class Fanout:
             return
         self._last_failure_alert[sink] = now
         alert = {
-            "kind": schema.ALERT,
             "name": "sink_failed",
             "severity": "error",
             "message": f"sink {sink} is failing: {type(error).__name__}: {error}",
             "attrs": {"sink": sink},
         }
-        self._alerts.append((batch.source.run, alert))
+        self._alerts.append(SinkAlarm.from_sink(batch.source.run, alert))
 
-    def take_alerts(self) -> list[tuple[str | None, dict[str, Any]]]:
-        """Alerts raised since the last call: (run id or None for every run, alert entry)."""
+    def take_alerts(self) -> list[SinkAlarm]:
+        """Alerts the sinks raised since the last call, their own and their workers'."""
         for worker in self.workers:
             try:
                 for alert in worker.sink.take_alerts():
-                    self._alerts.append((alert.get("run"), {"kind": schema.ALERT, **alert}))
+                    self._alerts.append(SinkAlarm.from_sink(alert.get("run"), alert))
             except Exception as exc:
                 logger.warning("outrider agent: sink %s take_alerts failed: %r", worker.name, exc)
         taken = []

@@ -32,7 +32,7 @@ from agent.analysis.messages import (
     FeatureStatistics,
     InboxItem,
     JobResult,
-    SinkAlert,
+    SinkAlarm,
     SystemSample,
 )
 from agent.analysis.workers import StatsJobs
@@ -183,9 +183,9 @@ class Analysis:
         if flood:
             self._wake.set()
 
-    def sink_alert(self, run: str | None, alert: Mapping[str, Any]) -> None:
+    def sink_alert(self, alert: SinkAlarm) -> None:
         """A sink's own alert (sink_failed, series cap): through the rules' cooldowns."""
-        self._inbox.append(SinkAlert(run, dict(alert)))
+        self._inbox.append(alert)
         self._wake.set()
 
     def take(self) -> list[Derived]:
@@ -264,7 +264,7 @@ class Analysis:
             time.sleep(busy * (1.0 - share) / share)
         return closing
 
-    def _handle(self, item: Batch | SystemSample | SinkAlert) -> None:
+    def _handle(self, item: Batch | SystemSample | SinkAlarm) -> None:
         if isinstance(item, Batch):
             self._batch(item)
         elif isinstance(item, SystemSample):
@@ -272,16 +272,15 @@ class Analysis:
         else:
             self._sink_alert(item)
 
-    def _sink_alert(self, item: SinkAlert) -> None:
-        """Into the rules as an event named by the alert (``event``, else its ``name``)."""
-        alert = dict(item.alert)
-        event = str(alert.pop("event", None) or alert.get("name", "sink_failed"))
+    def _sink_alert(self, item: SinkAlarm) -> None:
+        """Into the rules as the event it names; stored as it is without an alert engine."""
         if self.alerts is None:
-            self._outbox.append(Derived(item.run, {"kind": schema.ALERT, **alert}))
+            self._outbox.append(Derived(item.run, item.entry))
             return
+        alert = item.entry
         attrs = {**(alert.get("attrs") or {}), "message": alert.get("message", "")}
         for run_id in [item.run] if item.run else list(self._open_runs) or [""]:
-            self.alerts.observe_event(run_id, -1, event, attrs)
+            self.alerts.observe_event(run_id, -1, item.event, attrs)
 
     def _batch(self, batch: Batch) -> None:
         source = batch.source

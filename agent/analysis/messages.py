@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from sinks.schema import Batch
+from sinks.schema import ALERT, Batch
 
 MapMethod = Literal["tsne", "pca"]
 
@@ -26,14 +26,24 @@ class SystemSample:
 
 
 @dataclass(frozen=True)
-class SinkAlert:
+class SinkAlarm:
     """A sink's own alarm (a failing sink, a series cap), for the rules' cooldowns.
 
-    ``run`` None: no particular run (every open run gets it).
+    ``run`` None: no particular run (every open run gets it). ``event`` is the
+    alert-rule event it feeds; ``entry`` the alert as stored when no rule takes it.
     """
 
     run: str | None
-    alert: dict[str, Any]
+    event: str
+    entry: dict[str, Any]
+
+    @classmethod
+    def from_sink(cls, run: str | None, alert: Mapping[str, Any]) -> SinkAlarm:
+        """A sink's alert (``sinks.base.SinkAlert``): its ``event`` names the rule event,
+        defaulting to its ``name``, and is not stored."""
+        entry = {"kind": ALERT, **alert}
+        event = str(entry.pop("event", None) or entry.get("name", "sink_failed"))
+        return cls(run, event, entry)
 
 
 @dataclass(frozen=True)
@@ -41,7 +51,7 @@ class Close:
     """Finish every run (last windows, final dashboards), then stop."""
 
 
-InboxItem = Batch | SystemSample | SinkAlert | Close
+InboxItem = Batch | SystemSample | SinkAlarm | Close
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ MAX_OPEN_RUNS = 64
 
 
 class OpenRuns:
-    """Run id -> RunStore, for the receive loop's thread only."""
+    """Run id -> RunStore. Only the receive loop's thread opens, writes and flushes them;
+    ``items()`` hands another thread (a scrape of the agent's health) a copy."""
 
     def __init__(
         self,
