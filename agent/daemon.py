@@ -26,13 +26,13 @@ from agent.health import agent_health
 from agent.ingest.counters import AgentCounters
 from agent.ingest.decode import Rejected, decode
 from agent.ingest.receiver import Receiver
-from agent.logs import RateLimitedLog
 from agent.store.registry import MAX_OPEN_RUNS, OpenRuns
 from agent.threadnames import ThreadNamer
 from probe import protocol
 from sinks import schema
 from sinks.base import Batch, Source
 from sinks.health import AgentHealth
+from sinks.ratelimit import RateLimitedLog
 from sinks.registry import SinkContext
 
 logger = logging.getLogger("outrider.agent")

@@ -9,8 +9,6 @@ turns it into the ``<prefix>_agent_*``, ``<prefix>_probe_*``,
 from __future__ import annotations
 
 import logging
-import math
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 from prometheus_client.core import CounterMetricFamily, Metric
@@ -39,6 +37,7 @@ from sinks.prometheus_families import (
     STAT_JOB_DURATION,
     Labels,
 )
+from sinks.ratelimit import RateLimitedLog
 
 logger = logging.getLogger("outrider.sinks.prometheus")
 
@@ -49,7 +48,7 @@ class AgentStatsCollector(Collector):
     def __init__(self, prefix: str, stats: Callable[[], AgentHealth | None] | None) -> None:
         self.prefix = prefix
         self.stats = stats
-        self._last_error_log = -math.inf
+        self._complaints = RateLimitedLog(60.0, log=logger)
 
     def collect(self) -> Iterator[Metric]:
         if self.stats is None:
@@ -60,10 +59,9 @@ class AgentStatsCollector(Collector):
                 return iter(())
             return iter(list(self._metrics(health)))
         except Exception as exc:  # a scrape must not fail because of the agent's stats
-            now = time.monotonic()
-            if now - self._last_error_log >= 60:
-                self._last_error_log = now
-                logger.warning("outrider prometheus sink: cannot read agent stats: %r", exc)
+            self._complaints.warning(
+                "agent_stats", "outrider prometheus sink: cannot read agent stats: %r", exc
+            )
             return iter(())
 
     def _metrics(self, health: AgentHealth) -> Iterable[Metric]:

@@ -54,6 +54,7 @@ from tensorboard.summary.writer.event_file_writer import (  # type: ignore[impor
 from probe import protocol
 from sinks import schema
 from sinks.base import Batch, Sink, plain_numbers
+from sinks.ratelimit import RateLimitedLog
 from sinks.registry import SinkContext
 
 logger = logging.getLogger("outrider.sinks.tensorboard")
@@ -174,7 +175,7 @@ class TensorBoardSink(Sink):
         self.skipped = 0
         self.skip_reasons: collections.Counter[str] = collections.Counter()
         self._logs: dict[Path, _RankLog] = {}
-        self._warned_at: dict[str, float] = {}
+        self._complaints = RateLimitedLog(SKIP_WARNING_INTERVAL, log=logger)
         self._closed = False
         # Each adds its entry's values to the event's summary (built in place: a value made
         # on its own is copied on the way in, which took half of a scalars entry's time).
@@ -320,16 +321,13 @@ class TensorBoardSink(Sink):
     def _skip(self, reason: str, detail: str) -> None:
         self.skipped += 1
         self.skip_reasons[reason] += 1
-        now = time.monotonic()
-        last = self._warned_at.get(reason)
-        if last is None or now - last >= SKIP_WARNING_INTERVAL:
-            self._warned_at[reason] = now
-            logger.warning(
-                "outrider sink tensorboard: skipped an entry (%s: %s); %d skipped for this reason",
-                reason,
-                detail,
-                self.skip_reasons[reason],
-            )
+        self._complaints.warning(
+            reason,
+            "outrider sink tensorboard: skipped an entry (%s: %s); %d skipped for this reason",
+            reason,
+            detail,
+            self.skip_reasons[reason],
+        )
 
     # -- one summary builder per kind: entry -> values added to ``summary``, or BadEntry --
     def _scalars(self, entry: dict[str, Any], run_dir: Path, summary: Any) -> None:

@@ -29,9 +29,9 @@ from agent.alerts.config import BUILTIN_RULES, DEFAULT_ALERTS_YAML, AlertsConfig
 from agent.alerts.rules import RECORD, RULE_TYPES, RankInfo, Rule
 from agent.alerts.rules.base import drop_run, integer
 from agent.alerts.webhooks import WebhookSender
-from agent.logs import RateLimitedLog
 from probe import protocol
 from sinks import schema
+from sinks.ratelimit import RateLimitedLog
 
 logger = logging.getLogger("outrider.alerts")
 

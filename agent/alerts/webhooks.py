@@ -23,8 +23,8 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
-from agent.logs import RateLimitedLog
 from sinks import schema
+from sinks.ratelimit import RateLimitedLog
 
 WebhookFormat = Literal["json", "slack"]
 USER_AGENT = "outrider-alerts/0.1"

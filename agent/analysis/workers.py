@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
-from agent.logs import RateLimitedLog
 from sinks.health import JobCost
+from sinks.ratelimit import RateLimitedLog
 
 logger = logging.getLogger("outrider.agent")
 

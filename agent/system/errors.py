@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from agent.logs import RateLimitedLog
+from sinks.ratelimit import RateLimitedLog
 
 logger = logging.getLogger("outrider.agent.system")
 

@@ -1,8 +1,8 @@
-"""The agent's logger and its rate-limited complaint log.
+"""A rate-limited complaint log, for the agent and its sinks (they run in its process).
 
 Bad input must never flood the log: each key (a rejection reason, a failing
-sink, a sampler error) logs at most once per interval, with the number
-suppressed since the last line.
+sink, a sampler error, a skipped entry) logs at most once per interval, with
+the number suppressed since the last line.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import logging
 import time
 from collections.abc import Callable
 
-logger = logging.getLogger("outrider.agent")
+#: where a complaint goes unless the caller names its own logger
+AGENT_LOG = logging.getLogger("outrider.agent")
 
 
 class RateLimitedLog:
@@ -21,7 +22,7 @@ class RateLimitedLog:
         self,
         interval: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
-        log: logging.Logger = logger,
+        log: logging.Logger = AGENT_LOG,
     ) -> None:
         self.interval = interval
         self.clock = clock
