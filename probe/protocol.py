@@ -68,6 +68,7 @@ MAX_TEXT_CHARS: Final = 64 * 1024
 MAX_NAME_CHARS: Final = 256
 MAX_RECORDS_PER_MESSAGE: Final = 4096
 MAX_METRICS_PER_RECORD: Final = 1024
+MAX_HISTOGRAM_BINS: Final = 512  # W&B's limit, and plenty for TensorBoard
 
 # Environment variables set by `outrider run` and read by `probe.init()`.
 ENV_ENDPOINT: Final = "OUTRIDER_ENDPOINT"

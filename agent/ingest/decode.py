@@ -19,6 +19,13 @@ import msgpack
 
 from probe import protocol
 
+#: steps are 64-bit integers wherever they go (TensorBoard's steps are int64)
+INT64 = 2**63 - 1
+INT64_MIN = -(2**63)
+#: seqs and counts are added up across streams in run.json: integers any JSON reader holds
+#: exactly, so thousands of streams still sum within 64 bits
+MAX_COUNT = 2**53 - 1
+MAX_BINS = protocol.MAX_HISTOGRAM_BINS
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # it becomes a directory name
 STREAM_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 MAX_NESTING = 8
@@ -82,7 +89,7 @@ def decode(raw: bytes) -> Message:
         message = msgpack.unpackb(
             raw,
             raw=False,
-            strict_map_key=True,
+            strict_map_key=False,  # a non-string key costs its record only (checked below)
             max_str_len=protocol.MAX_TEXT_CHARS * 4,
             max_bin_len=protocol.MAX_TENSOR_BYTES,
             max_array_len=max(protocol.MAX_RECORDS_PER_MESSAGE, MAX_CONTAINER),
@@ -125,10 +132,10 @@ def decode(raw: bytes) -> Message:
             if (
                 kind == SCALARS
                 and type(seq) is int
-                and seq >= 0
+                and 0 <= seq <= MAX_COUNT
                 and type(t) is float
                 and -math.inf < t < math.inf
-                and (step is None or type(step) is int)
+                and (step is None or (type(step) is int and INT64_MIN <= step <= INT64))
                 and type(body) is dict
                 and len(body) <= protocol.MAX_METRICS_PER_RECORD
                 and known.issuperset(body)
@@ -175,18 +182,26 @@ def _scalar_rows(block: list[Any], room: int) -> ScalarRows:
         len(ts) == len(steps) == len(rows) == count
     ):
         raise Rejected("bad_record", "block seqs, ts, steps and rows must be arrays of one length")
-    if not _INT_TYPES.issuperset(map(type, seqs)) or min(seqs) < 0:
-        raise Rejected("bad_record", "block seqs must be non-negative integers")
+    if not _INT_TYPES.issuperset(map(type, seqs)) or min(seqs) < 0 or max(seqs) > MAX_COUNT:
+        raise Rejected("bad_record", "block seqs must be integers in 0..2**53-1")
     if not _FLOAT_TYPES.issuperset(map(type, ts)) or not all(map(math.isfinite, ts)):
         raise Rejected("bad_record", "block ts must be finite floats")
-    if not _STEP_TYPES.issuperset(map(type, steps)):
-        raise Rejected("bad_record", "block steps must be integers or nil")
+    if not _STEP_TYPES.issuperset(map(type, steps)) or not _steps_in_range(steps):
+        raise Rejected("bad_record", "block steps must be 64-bit integers or nil")
     width = len(names)
     if not _LIST_TYPES.issuperset(map(type, rows)) or {width} != set(map(len, rows)):
         raise Rejected("bad_record", f"every block row must be an array of {width} values")
     if not _NUMBER_TYPES.issuperset(map(type, itertools.chain.from_iterable(rows))):
         raise Rejected("bad_record", "block values must be numbers")
     return ScalarRows(names, seqs, ts, steps, rows)
+
+
+def _steps_in_range(steps: list[int | None]) -> bool:
+    try:
+        return min(steps) >= INT64_MIN and max(steps) <= INT64  # type: ignore[type-var,operator]
+    except TypeError:  # a nil among them
+        known = [step for step in steps if step is not None]
+        return not known or (min(known) >= INT64_MIN and max(known) <= INT64)
 
 
 def _row_count(block: list[Any]) -> int:
@@ -218,19 +233,19 @@ def _check_record(record: Any) -> Record:
     if type(record) is not list or len(record) != 5:
         raise Rejected("bad_record", "record is not [kind, seq, t, step, body]")
     kind, seq, t, step, body = record
-    if type(seq) is not int or seq < 0:
-        raise Rejected("bad_record", f"seq {seq!r} is not a non-negative integer")
+    if type(seq) is not int or not 0 <= seq <= MAX_COUNT:
+        raise Rejected("bad_record", f"seq {seq!r:.40} is not an integer in 0..2**53-1")
     if type(t) not in (float, int) or not math.isfinite(t):
         raise Rejected("bad_record", "t is not a finite number")
-    if step is not None and type(step) is not int:
-        raise Rejected("bad_record", f"step {step!r} is not an integer")
+    if step is not None and (type(step) is not int or not INT64_MIN <= step <= INT64):
+        raise Rejected("bad_record", f"step {step!r:.40} is not a 64-bit integer")
     if type(body) is not dict:
         raise Rejected("bad_record", "body is not a map")
     if kind == protocol.SCALARS:  # the hot path: checked whole, in C where possible
         _check_scalars(body)
         return Record(kind, seq, float(t), step, body)
-    if kind not in protocol.KINDS:
-        raise Rejected("bad_record", f"unknown kind {kind!r}")
+    if type(kind) is not str or kind not in protocol.KINDS:
+        raise Rejected("bad_record", f"unknown kind {kind!r:.80}")
     check = _BODY_CHECKS.get(kind)
     if check is not None:
         check(body)
@@ -294,6 +309,9 @@ def _check_tensor(body: dict[str, Any]) -> None:
     count = math.prod(shape)
     if count * TENSOR_DTYPES[dtype] != len(data):
         raise Rejected("bad_record", f"tensor data is {len(data)} bytes, shape says otherwise")
+    bins = body.get("bins")
+    if bins is not None and (type(bins) is not int or not 1 <= bins <= MAX_BINS):
+        raise Rejected("bad_record", f"histogram bins must be an integer in 1..{MAX_BINS}")
     if body.get("as") == "histograms":
         _check_histogram_batch(body, count)
 
@@ -329,14 +347,21 @@ def _check_config(body: dict[str, Any]) -> None:
 
 
 def _check_counters(body: dict[str, Any]) -> None:
+    """The probe's counters are counts, 0..2**53-1, the drops added up included."""
     dropped = body.get("dropped", {})
-    if type(dropped) is not dict or any(
-        type(k) is not str or type(v) is not int or v < 0 for k, v in dropped.items()
+    if (
+        type(dropped) is not dict
+        or any(type(k) is not str or not _is_count(v) for k, v in dropped.items())
+        or sum(dropped.values()) > MAX_COUNT
     ):
         raise Rejected("bad_record", "dropped must map reasons to counts")
     for key in ("produced", "invalid_values", "internal_errors"):
-        if type(body.get(key, 0)) is not int:
-            raise Rejected("bad_record", f"{key} must be an integer")
+        if not _is_count(body.get(key, 0)):
+            raise Rejected("bad_record", f"{key} must be a count (an integer in 0..2**53-1)")
+
+
+def _is_count(value: Any) -> bool:
+    return type(value) is int and 0 <= value <= MAX_COUNT
 
 
 def _check_run_end(body: dict[str, Any]) -> None:

@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 
 from agent.ingest.decode import TENSOR_DTYPES
+from probe import protocol
 
-MAX_BINS = 512  # W&B's limit, and plenty for TensorBoard
+MAX_BINS = protocol.MAX_HISTOGRAM_BINS
 
 
 def from_tensor(body: dict[str, Any], data: bytes, bins: int) -> dict[str, Any]:
