@@ -183,6 +183,12 @@ PROBE_DROPPED = OwnCounter(
     "Records a rank's probe dropped (as it reports them), by reason.",
     (*TRAINING_LABELS, "reason"),
 )
+PROBE_NOT_STORED = OwnCounter(
+    "probe_records_not_stored",
+    "Records of a rank the agent received but its run store could not keep (store_full: no "
+    "space; store_error: read-only, I/O error, directory gone), by reason.",
+    (*TRAINING_LABELS, "reason"),
+)
 PROBE_LOST = OwnGauge(
     "probe_records_lost",
     "Records of a rank neither received nor reported dropped; may include records in flight "
