@@ -51,7 +51,9 @@ class SmallDisk:
     def fill(self, leave: int = 0) -> None:
         """Take every free byte but ``leave`` (rounded to pages by tmpfs)."""
         if not self.tmpfs:
-            biggest = max((p.stat().st_size for p in self.mount.rglob("*") if p.is_file()), default=0)
+            biggest = max(
+                (p.stat().st_size for p in self.mount.rglob("*") if p.is_file()), default=0
+            )
             self._limit = resource.getrlimit(resource.RLIMIT_FSIZE)
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
             resource.setrlimit(resource.RLIMIT_FSIZE, (biggest + leave, self._limit[1]))

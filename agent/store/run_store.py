@@ -107,6 +107,7 @@ class RunStore:
         self._reason = ""
         self.failures = 0  # episodes of failing
         self._failed_since_beat = False
+        self._last_write_ok = True
         self.agent_lines_not_stored: dict[str, int] = {}
         self.alarms: list[dict[str, Any]] = []  # store_failed alerts for the receive loop
         self.dirty = True
@@ -330,6 +331,7 @@ class RunStore:
         self._pending, self._chunks, self._alert_lines, self._tensor_parts = [], [], [], []
         metrics, tensors = self._metrics, self._tensors
         if metrics is None or tensors is None:  # failing: the files are made again at the beat
+            self._last_write_ok = False
             self._tensor_offset = 0 if tensors is None else tensors.size
             return self._not_stored(chunks, self._reason or STORE_ERROR)
         kept = len(pending)
@@ -352,6 +354,7 @@ class RunStore:
                 metrics.cut_to(metrics_start + whole)
         if alerts and kept:
             self._copy_alerts([line for index, line in alerts if index < kept])
+        self._last_write_ok = error is None
         if error is None:
             return 0
         # tensors.bin keeps the bytes of the lines kept, no more: offsets stay true
@@ -472,22 +475,27 @@ class RunStore:
             self._info_jobs.remove(job)
             self.dirty = True
 
-    def write_info(self) -> bool:
+    def write_info(self, final: bool = False) -> bool:
         """Replace run.json (write, fsync, rename); False, and still dirty, if it failed.
 
         Called once a beat: a failing store that wrote everything since the
-        last beat, run.json included, writes again."""
+        last beat, run.json included, writes again (at the close: whose last
+        write went through)."""
         self.merge_collected()
         self.check_files()
-        steady = not self._failed_since_beat
+        steady = not self._failed_since_beat or (final and self._last_write_ok)
         self._failed_since_beat = False
+        recovering = self.failure is not None and steady
+        info = self.snapshot()
+        if recovering:
+            info["store"]["failing"] = None
         try:
-            self._run_json.replace(orjson.dumps(self.snapshot(), option=_JSON))
+            self._run_json.replace(orjson.dumps(info, option=_JSON))
         except OSError as error:
             self._failed(error, "cannot write run.json in")
             return False
         self.dirty = False
-        if self.failure is not None and steady:
+        if recovering:
             self._recovered()
         return True
 
@@ -498,7 +506,7 @@ class RunStore:
         self.info["status"] = self._final_status()
         if agent_counters is not None:
             self.info["agent"] = agent_counters
-        if not self.write_info():
+        if not self.write_info(final=True):
             logger.error(
                 "outrider agent: run %s: run.json not updated: %s", self.run_id, self.failure
             )

@@ -26,7 +26,9 @@ def outrider_lines(stderr: str) -> list[str]:
 
 def run_on(runs_dir: Path, work: Path, *options: str) -> tuple[int, str, str]:
     work = trainer_dir(work, {"train.py": TRAIN})
-    done = outrider("run", "--runs-dir", str(runs_dir), *options, "--", PYTHON, "train.py", cwd=work)
+    done = outrider(
+        "run", "--runs-dir", str(runs_dir), *options, "--", PYTHON, "train.py", cwd=work
+    )
     return done.returncode, done.stdout, done.stderr
 
 
