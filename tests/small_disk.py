@@ -5,6 +5,7 @@ The tmpfs can fill up (a filler file), get its space back (the filler removed),
 turn read-only and writable again (remount). The fallback can only stand for a
 full disk, in this process (``fill``/``make_room``) or in a child (``preexec``);
 tests that need more call ``require_tmpfs`` and are skipped with the reason.
+``OUTRIDER_TEST_DISK=rlimit`` picks the fallback as root too.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ class SmallDisk:
         self.mount.mkdir(parents=True)
         self.dir = self.mount / "runs"
         self.filler = self.mount / "filler"
-        self.tmpfs = os.geteuid() == 0
+        # OUTRIDER_TEST_DISK=rlimit tries the fallback as root too
+        self.tmpfs = os.geteuid() == 0 and os.environ.get("OUTRIDER_TEST_DISK") != "rlimit"
         self._limit: tuple[int, int] | None = None
         if self.tmpfs:
             subprocess.run(

@@ -36,7 +36,8 @@ def test_run_on_a_full_disk_runs_the_command_with_telemetry_off(
     small_disk: SmallDisk, tmp_path: Path
 ) -> None:
     """One line says the runs dir is full; the trainer runs, telemetry off, exit 0."""
-    small_disk.fill()
+    trainer_dir(tmp_path / "work", {"train.py": TRAIN})
+    small_disk.fill(leave=0 if small_disk.tmpfs else 1000)  # a size limit: the trainer's files
     status, stdout, stderr = run_on(small_disk.dir, tmp_path / "work")
     assert status == 0, stderr
     assert (tmp_path / "work" / "ran").exists() and "telemetry off" in stdout
