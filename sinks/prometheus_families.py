@@ -167,7 +167,10 @@ SERIES_REFUSED = OwnCounter(
 MESSAGES_RECEIVED = OwnCounter(
     "agent_messages_received", "Messages the agent received from probes, rejected ones included."
 )
-RECORDS_RECEIVED = OwnCounter("agent_records_received", "Records the agent accepted and stored.")
+RECORDS_RECEIVED = OwnCounter(
+    "agent_records_received",
+    "Records the agent accepted (stored, or counted as not stored when the disk refused them).",
+)
 BYTES_RECEIVED = OwnCounter("agent_received_bytes", "Bytes of messages the agent received.")
 MESSAGES_REJECTED = OwnCounter(
     "agent_messages_rejected", "Messages the agent rejected whole, by reason.", ("reason",)
