@@ -27,7 +27,7 @@ from agent.config import AgentConfig
 from agent.fanout import Fanout
 from agent.health import agent_health
 from agent.ingest.counters import AgentCounters
-from agent.ingest.decode import Rejected, decode
+from agent.ingest.decode import Record, Rejected, decode
 from agent.ingest.receiver import Receiver
 from agent.store.registry import MAX_OPEN_RUNS, OpenRuns
 from agent.store.run_store import RunStore
@@ -161,10 +161,11 @@ class Agent:
                 run_id,
             )
             return
-        if message.records[0].kind == protocol.HELLO and "cwd" in message.records[0].body:
-            self.runs.learn_cwd(store, message.records[0].body)
-        entries = store.add(message.envelope, message.records)
-        counters.records += len(message.records)
+        first = message.records[0]
+        if isinstance(first, Record) and first.kind == protocol.HELLO and "cwd" in first.body:
+            self.runs.learn_cwd(store, first.body)
+        entries = store.add(message.envelope, message.records, message.count)
+        counters.records += message.count
         if self.fanout.workers or self.analysis is not None:
             stored = Batch(Source.from_envelope(message.envelope), entries, str(store.dir))
             self.fanout.submit(stored)

@@ -7,11 +7,13 @@ docs/performance.md. Three measurements, interleaved where they repeat:
 
 * end-to-end: 1 and 2 sender processes push pre-built messages (512
   ``scalars`` records of 10 metrics each, packed exactly as the probe packs
-  them) over ipc to a real ``outrider agent`` process; timed from the go
-  signal until metrics.jsonl holds every line (tail-read every 5 ms).
-* in-process: the same messages through ``Agent.ingest()`` (+ the store
-  flush the receive loop does), with ``decode()`` alone and bare
-  ``msgpack.unpackb`` as reference points. No socket, no second process.
+  them: protocol version 2, scalar blocks) over ipc to a real ``outrider
+  agent`` process; timed from the go signal until metrics.jsonl holds every
+  line (tail-read every 5 ms). One sender of version 1 messages (the
+  previous probes' format, one map per record) runs alongside, for the ratio.
+* in-process: the same messages of both versions through ``Agent.ingest()``
+  (+ the store flush the receive loop does), with ``decode()`` alone and
+  bare ``msgpack.unpackb`` as reference points. No socket, no second process.
 * latency: a trainer process calls the real ``probe.log`` at a steady rate;
   each line's ``t`` (time.time() at the log call) is compared with the time
   this script first reads the line from metrics.jsonl (1 ms polling).
@@ -58,15 +60,22 @@ from _common import (
 from agent.daemon import Agent
 from agent.ingest.decode import decode
 from probe import protocol
+from probe.blocks import to_blocks
 
 BUDGET_VALUES_PER_S = 1_000_000
 BUDGET_LATENCY_P99_MS = 50.0
 BATCH = 512  # records per message: the probe's default max_batch
+E2E_1 = "e2e, 1 sender process"
+E2E_1_V1 = "e2e, 1 sender process, v1 messages"
+E2E_2 = "e2e, 2 sender processes"
 VALUES_PER_RECORD = len(SCALAR_NAMES)
 
 
-def build_messages(run_id: str, stream: str, records: int, first_step: int = 0) -> list[bytes]:
-    """Messages as the probe's sender packs them: [VERSION, envelope, records].
+def build_messages(
+    run_id: str, stream: str, records: int, first_step: int = 0, version: int = protocol.VERSION
+) -> list[bytes]:
+    """Messages as the probe's sender packs them: [version, envelope, records], with scalar
+    blocks from version 2 on.
 
     Values vary per record, so orjson's float formatting does realistic work.
     """
@@ -88,7 +97,8 @@ def build_messages(run_id: str, stream: str, records: int, first_step: int = 0) 
             step = first_step + seq
             body = {name: (step * 0.000123 + k) / 3.0 for k, name in enumerate(SCALAR_NAMES)}
             batch.append([protocol.SCALARS, seq, now + seq * 1e-4, step, body])
-        messages.append(packer.pack([protocol.VERSION, envelope, batch]))
+        wire = to_blocks(batch) if version >= 2 else batch
+        messages.append(packer.pack([version, envelope, wire]))
     return messages
 
 
@@ -101,13 +111,14 @@ def sender_process(
     stream: str,
     records: int,
     first_step: int,
+    version: int,
     ready: Any,
     go: Event,
     results: Any,
 ) -> None:
     """Build messages, connect, wait for go, then push them all (blocking sends: this
     measures the agent, so the sender waits at the high-water mark instead of dropping)."""
-    messages = build_messages(run_id, stream, records, first_step)
+    messages = build_messages(run_id, stream, records, first_step, version)
     context = zmq.Context()
     sock = context.socket(zmq.PUSH)
     sock.setsockopt(zmq.LINGER, 60_000)
@@ -142,9 +153,11 @@ def wait_ready(ready: Any, procs: list[Any], timeout: float = 120.0) -> None:
                 raise RuntimeError("child processes did not get ready in time") from None
 
 
-def end_to_end(tmp: Path, senders: int, records: int) -> dict[str, float]:
+def end_to_end(
+    tmp: Path, senders: int, records: int, version: int = protocol.VERSION
+) -> dict[str, float]:
     """One fresh agent, ``senders`` processes sharing ``records``; rates from the go signal."""
-    run_dir = tmp / f"e2e-{senders}"
+    run_dir = tmp / f"e2e-{senders}-v{version}"
     runs_dir = run_dir / "runs"
     endpoint = short_ipc_endpoint(tmp)
     agent = start_agent(endpoint, runs_dir, run_dir / "agent.log")
@@ -154,7 +167,7 @@ def end_to_end(tmp: Path, senders: int, records: int) -> dict[str, float]:
     procs = [
         context.Process(
             target=sender_process,
-            args=(endpoint, "ingest", f"sender{i}", share, i * share, ready, go, results),
+            args=(endpoint, "ingest", f"sender{i}", share, i * share, version, ready, go, results),
         )
         for i in range(senders)
     ]
@@ -232,7 +245,8 @@ class RssSampler:
 
 
 def in_process(tmp: Path, messages: list[bytes], records: int) -> dict[str, float]:
-    """Records/s of bare unpackb, decode(), and Agent.ingest() + store flush, same messages."""
+    """Records/s of bare unpackb, decode(), and Agent.ingest() + store flush, same messages
+    (all of one protocol version)."""
     rates: dict[str, float] = {}
 
     def timed(name: str, body: Callable[[], None]) -> None:
@@ -372,13 +386,16 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="outrider-bench-ingest-"))
     messages = build_messages("ingest", "inproc", records)
+    previous = build_messages("ingest", "inproc", records, version=1)
     rows: dict[str, list[dict[str, float]]] = {}
     load_before = load_average()
     try:
         runs: list[tuple[str, Callable[[], dict[str, float]]]] = [
-            ("e2e, 1 sender process", lambda: end_to_end(tmp, 1, records)),
-            ("e2e, 2 sender processes", lambda: end_to_end(tmp, 2, records)),
+            (E2E_1, lambda: end_to_end(tmp, 1, records)),
+            (E2E_1_V1, lambda: end_to_end(tmp, 1, records, version=1)),
+            (E2E_2, lambda: end_to_end(tmp, 2, records)),
             ("in-process", lambda: in_process(tmp, messages, records)),
+            ("in-process v1", lambda: in_process(tmp, previous, records)),
         ]
         for r in range(args.repeats):
             for name, run in runs:
@@ -401,7 +418,9 @@ def report(
     print(f"machine: {machine()}; 1-min load average {load[0]:.1f} -> {load[1]:.1f}")
     print(
         f"{records:,} records x {VALUES_PER_RECORD} values per run, {BATCH} records per "
-        f"message ({len(build_messages('x', 'y', BATCH)[0]):,} bytes); "
+        f"message ({len(build_messages('x', 'y', BATCH)[0]):,} bytes in version "
+        f"{protocol.VERSION}, {len(build_messages('x', 'y', BATCH, version=1)[0]):,} in "
+        "version 1); "
         f"median of {args.repeats} interleaved repeats (min-max of records/s alongside)"
     )
     table = []
@@ -418,19 +437,24 @@ def report(
             ]
         )
 
-    e2e = ("e2e, 1 sender process", "e2e, 2 sender processes")
+    e2e = (E2E_1, E2E_1_V1, E2E_2)
     for name in e2e:
         add(name, [r["records_per_s"] for r in rows[name]])
-    inproc = rows["in-process"]
-    add("in-process Agent.ingest() + flush", [r["ingest"] for r in inproc])
-    add("in-process decode() only", [r["decode"] for r in inproc])
-    add("in-process msgpack.unpackb only", [r["unpackb"] for r in inproc])
+    for key, label in (("in-process", "v2"), ("in-process v1", "v1")):
+        inproc = rows[key]
+        add(f"in-process Agent.ingest() + flush, {label}", [r["ingest"] for r in inproc])
+        add(f"in-process decode() only, {label}", [r["decode"] for r in inproc])
+        add(f"in-process msgpack.unpackb only, {label}", [r["unpackb"] for r in inproc])
     print()
     print_table(["path", "records/s", "min-max", "values/s", "x budget"], table)
     print(
         f"budget: >= {BUDGET_VALUES_PER_S:,} scalar values/s into the run store; "
         "decode() = msgpack + validation, ingest() adds accounting, JSON and the write"
     )
+    ratio = statistics.median(r["records_per_s"] for r in rows[E2E_1]) / statistics.median(
+        r["records_per_s"] for r in rows[E2E_1_V1]
+    )
+    print(f"end to end, one sender: version 2 (scalar blocks) / version 1 = {ratio:.2f}x")
 
     details = []
     for name in e2e:

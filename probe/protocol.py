@@ -7,6 +7,11 @@ record carries (run id, ranks, host, pid) travel once per batch. A record is
 produced (dropped ones included), which is what lets the agent prove that
 received + dropped == sent.
 
+Version 2 adds the scalar block, ``[SCALAR_ROWS, names, seqs, ts, steps,
+rows]``: consecutive ``scalars`` records with the same metric names, the
+names once and each record's values as one array in their order. A trainer
+logs the same names step after step, so most of a batch is one block.
+
 This module is imported by the probe at start-up, so it holds constants only.
 """
 
@@ -14,7 +19,9 @@ from __future__ import annotations
 
 from typing import Final
 
-VERSION: Final = 1
+VERSION: Final = 2
+#: versions the agent reads: 1 (no scalar blocks) from probes older than this one
+READABLE_VERSIONS: Final = frozenset({1, 2})
 
 # Record kinds.
 HELLO: Final = "hello"
@@ -27,6 +34,9 @@ HEARTBEAT: Final = "heartbeat"
 PROBE_STATS: Final = "probe_stats"
 BYE: Final = "bye"
 RUN_END: Final = "run_end"  # sent by `outrider run` once the trainer has exited
+
+# The scalar block of version 2: not a record kind of its own; it carries `scalars` records.
+SCALAR_ROWS: Final = "scalar_rows"
 
 KINDS: Final = frozenset(
     {HELLO, SCALARS, TENSOR, TEXT, EVENT, CONFIG, HEARTBEAT, PROBE_STATS, BYE, RUN_END}

@@ -24,6 +24,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from probe import internal, protocol, values
+from probe.blocks import to_blocks
 from probe.identity import Identity
 
 logger = logging.getLogger("outrider.probe")
@@ -290,7 +291,7 @@ class Sender:
             self.counters.drop(protocol.DROP_NO_AGENT, len(wire))
             return
         try:
-            message = self._packer.pack([protocol.VERSION, self._envelope, wire])
+            message = self._packer.pack([protocol.VERSION, self._envelope, to_blocks(wire)])
         except Exception as exc:
             internal.record(exc, "pack")
             self.counters.drop(protocol.DROP_UNENCODABLE, len(wire))

@@ -14,12 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from agent.ingest.decode import Record, ScalarRows
 from probe import protocol
-
-if TYPE_CHECKING:
-    from agent.ingest.decode import Record
 
 
 @dataclass
@@ -60,23 +58,28 @@ class StreamLedger:
         if kind == protocol.PROBE_STATS or kind == protocol.BYE:
             self._take_counters(body, final=kind == protocol.BYE)
 
-    def observe_batch(self, records: Sequence[Record]) -> None:
-        """Account for the records of one message (cheaper than one call each)."""
-        self.received += len(records)
-        top = max(record.seq for record in records)
-        if top > self.max_seq:
-            self.max_seq = top
-        last = records[-1]
-        if last.t > self.last_t:
-            self.last_t = last.t
-        steps = [record.step for record in records if record.step is not None]
-        if steps:
-            top_step = max(steps)
-            if self.last_step is None or top_step > self.last_step:
-                self.last_step = top_step
+    def observe_batch(self, records: Sequence[Record | ScalarRows], count: int) -> None:
+        """Account for the ``count`` records of one message (cheaper than one call each)."""
+        self.received += count
+        top_seq = self.max_seq
+        top_step = self.last_step
         for record in records:
-            if record.kind == protocol.PROBE_STATS or record.kind == protocol.BYE:
-                self._take_counters(record.body, final=record.kind == protocol.BYE)
+            if isinstance(record, ScalarRows):
+                seq, step = max(record.seqs), _top_step(record.steps)
+            else:
+                seq, step = record.seq, record.step
+                if record.kind == protocol.PROBE_STATS or record.kind == protocol.BYE:
+                    self._take_counters(record.body, final=record.kind == protocol.BYE)
+            if seq > top_seq:
+                top_seq = seq
+            if step is not None and (top_step is None or step > top_step):
+                top_step = step
+        self.max_seq = top_seq
+        self.last_step = top_step
+        last = records[-1]
+        t = last.ts[-1] if isinstance(last, ScalarRows) else last.t
+        if t > self.last_t:
+            self.last_t = t
 
     def _take_counters(self, body: dict[str, Any], *, final: bool) -> None:
         dropped = body.get("dropped", {})
@@ -143,3 +146,11 @@ class StreamLedger:
             "internal_errors": self.internal_errors,
             "last_step": self.last_step,
         }
+
+
+def _top_step(steps: list[int | None]) -> int | None:
+    """The highest step of a block (steps may be nil)."""
+    try:
+        return max(steps)  # type: ignore[type-var]
+    except TypeError:  # a nil among them
+        return max((step for step in steps if step is not None), default=None)

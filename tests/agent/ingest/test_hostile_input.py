@@ -108,7 +108,7 @@ def case_wrong_version() -> Case:
     records = [scalars(0, 0, {"a": 1.0})]
     env = envelope(stream="version")
     return Case(
-        [pack(env, records, version=v) for v in (2, 0, "1", None, 1.0 + 1e-9)],
+        [pack(env, records, version=v) for v in (3, 0, "2", None, 2.0 + 1e-9)],
         rejected_messages={"bad_version": 5},
     )
 

@@ -47,6 +47,11 @@ class Stream:
         return record
 
 
+def put(store: RunStore, stream: Stream, records: list[Record]) -> None:
+    """One message of the stream's records, added to the store."""
+    store.add(stream.env, records, len(records))
+
+
 def whole_lines(path: Path) -> list[dict[str, Any]]:
     """Every line of a JSONL file, which must end with a newline and parse throughout."""
     data = path.read_bytes()
@@ -57,7 +62,7 @@ def whole_lines(path: Path) -> list[dict[str, Any]]:
 def log_until_refused(store: RunStore, stream: Stream, per_flush: int = 200) -> int:
     """Add and flush scalars until the disk refuses some; returns the records refused."""
     for _ in range(1000):
-        store.add(stream.env, stream.scalars(per_flush))
+        put(store, stream, stream.scalars(per_flush))
         refused = store.flush()
         if refused:
             return refused
@@ -89,13 +94,13 @@ def test_writing_resumes_when_space_comes_back(small_disk: SmallDisk) -> None:
     small_disk.fill(leave=4096)
     log_until_refused(store, stream)
     for _ in range(3):  # still full: counted each time, no new alarm
-        store.add(stream.env, stream.scalars(100))
+        put(store, stream, stream.scalars(100))
         assert store.flush() == 100
     assert len(store.alarms) == 1
     refused = sum(store.streams["s0"].not_stored.values())
     small_disk.make_room()
     first_after = stream.seq
-    store.add(stream.env, stream.scalars(100))
+    put(store, stream, stream.scalars(100))
     assert store.flush() == 0
     store.write_info()  # the beat that saw a failure
     assert store.failure is not None
@@ -120,12 +125,12 @@ def test_tensor_offsets_stay_true_when_tensor_bytes_are_refused(small_disk: Smal
         # big tensors (tensors.bin refuses them) and many lines (metrics.jsonl refuses them)
         big = index % 2 == 0
         message = [stream.tensor(30_000)] if big else [*stream.scalars(300), stream.tensor(1000)]
-        store.add(stream.env, message)
+        put(store, stream, message)
         store.flush()
     assert store.streams["s0"].not_stored.get(STORE_FULL, 0) > 0
     small_disk.make_room()
     for _ in range(3):
-        store.add(stream.env, [stream.tensor(30_000)])
+        put(store, stream, [stream.tensor(30_000)])
         assert store.flush() == 0
     store.close()
     blob = (store.dir / TENSORS).read_bytes()
@@ -144,10 +149,10 @@ def test_run_json_keeps_exact_accounting_when_the_disk_is_full(small_disk: Small
     store = RunStore(small_disk.dir, RUN)
     stream = Stream()
     small_disk.fill()
-    store.add(stream.env, stream.scalars(500))
+    put(store, stream, stream.scalars(500))
     assert store.flush() == 500
     bye = {"produced": 501, "dropped": {}}
-    store.add(stream.env, [Record(protocol.BYE, 500, time.time(), None, bye)])
+    put(store, stream, [Record(protocol.BYE, 500, time.time(), None, bye)])
     store.flush()
     store.close()
     info = orjson.loads((store.dir / RUN_JSON).read_bytes())
@@ -185,19 +190,19 @@ def test_a_directory_that_cannot_be_made_counts_store_error_until_it_can(
     writing, so this is how a failing directory looks to a running agent.)"""
     store = RunStore(tmp_path, RUN)
     stream = Stream()
-    store.add(stream.env, stream.scalars(10))
+    put(store, stream, stream.scalars(10))
     store.flush()
     shutil.rmtree(store.dir)
     store.dir.write_bytes(b"not a directory")
     assert store.write_info() is False
-    store.add(stream.env, stream.scalars(10))
+    put(store, stream, stream.scalars(10))
     assert store.flush() == 10
     assert store.write_info() is False
     assert store.streams["s0"].not_stored == {STORE_ERROR: 10}
     assert len(store.alarms) == 1 and store.alarms[0]["attrs"]["reason"] == STORE_ERROR
     store.dir.unlink()
     assert store.write_info() is True
-    store.add(stream.env, stream.scalars(10))
+    put(store, stream, stream.scalars(10))
     assert store.flush() == 0
     store.close()
     assert [line["seq"] for line in whole_lines(store.dir / METRICS)] == list(range(20, 30))
@@ -214,12 +219,12 @@ def test_a_run_store_opened_on_a_read_only_disk_counts_until_it_can_write(
     store = RunStore(small_disk.dir, RUN)
     stream = Stream()
     assert store.failure is not None and "read-only" in store.failure
-    store.add(stream.env, stream.scalars(5))
+    put(store, stream, stream.scalars(5))
     assert store.flush() == 5
     assert store.write_info() is False
     small_disk.writable()
     assert store.write_info() is True
-    store.add(stream.env, stream.scalars(5))
+    put(store, stream, stream.scalars(5))
     assert store.flush() == 0
     store.close()
     lines = whole_lines(store.dir / METRICS)
@@ -233,12 +238,12 @@ def test_a_removed_run_directory_is_made_again(tmp_path: Path) -> None:
     it again; later lines land there, the first with its stream's source."""
     store = RunStore(tmp_path, RUN)
     stream = Stream()
-    store.add(stream.env, stream.scalars(5))
+    put(store, stream, stream.scalars(5))
     store.flush()
     shutil.rmtree(store.dir)
     store.write_info()
     assert [alarm["name"] for alarm in store.alarms] == ["store_failed"]
-    store.add(stream.env, stream.scalars(5))
+    put(store, stream, stream.scalars(5))
     assert store.flush() == 0
     store.close()
     lines = whole_lines(store.dir / METRICS)

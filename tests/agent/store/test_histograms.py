@@ -80,6 +80,7 @@ def test_a_batch_record_is_a_line_per_histogram_and_counted_once_on_resume(
             Record(protocol.TENSOR, 0, time.time(), 5, body),
             Record(protocol.SCALARS, 1, time.time(), 5, {"loss": 1.0}),
         ],
+        2,
     )
     store.close()
     assert [(line["kind"], line.get("name")) for line in lines] == [
