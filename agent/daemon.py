@@ -9,6 +9,8 @@ signals, the orphan check and the bounded shutdown.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -20,6 +22,7 @@ from types import FrameType
 from typing import Any
 
 from agent.analysis.engine import Analysis, Derived
+from agent.analysis.messages import SinkAlarm
 from agent.config import AgentConfig
 from agent.fanout import Fanout
 from agent.health import agent_health
@@ -27,6 +30,7 @@ from agent.ingest.counters import AgentCounters
 from agent.ingest.decode import Record, Rejected, decode
 from agent.ingest.receiver import Receiver
 from agent.store.registry import MAX_OPEN_RUNS, OpenRuns
+from agent.store.run_store import RunStore
 from agent.threadnames import ThreadNamer
 from probe import protocol
 from sinks import schema
@@ -186,10 +190,11 @@ class Agent:
                 self.complaints.warning(
                     "internal_error", "outrider agent: internal error on a message: %r", exc
                 )
-        self.runs.flush()
+        refused = self.runs.flush()
         if self._burst and self.analysis is not None:
             # After the flush: statistics read features back from tensors.bin.
-            self.analysis.submit(self._burst)
+            burst = _stored_tensors_only(self._burst, refused) if refused else self._burst
+            self.analysis.submit(burst)
             self._burst = []
         return count
 
@@ -205,7 +210,10 @@ class Agent:
 
     def serve(self, ready: Callable[[], None] | None = None) -> int:
         """Run until a signal; returns the process exit status."""
-        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):  # an unwritable runs dir is the run stores' to count
+            self.runs_dir.mkdir(parents=True, exist_ok=True)
+        # A file size limit (ulimit -f) makes a write fail with EFBIG instead of killing us.
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         self.runs.open_declared()
         previous = self._install_signals()
         if self.analysis is not None:
@@ -246,9 +254,12 @@ class Agent:
         self._name_threads()  # after the kick: a sink's first export starts its library's
 
     def _route_alerts(self) -> None:
-        """Alerts from sinks (a failing sink, a series cap): through the alert rules' cooldowns
-        and destinations when the analysis runs, else stored and sent to every sink."""
-        for alert in self.fanout.take_alerts():
+        """Alerts from sinks (a failing sink, a series cap) and run stores (store_failed):
+        through the alert rules' cooldowns and destinations when the analysis runs, else
+        stored and sent to every sink."""
+        alarms = self.fanout.take_alerts()
+        alarms += [SinkAlarm.from_sink(run, alert) for run, alert in self.runs.take_alarms()]
+        for alert in alarms:
             if self.analysis is not None and not self._closing:
                 self.analysis.sink_alert(alert)
                 continue
@@ -362,3 +373,22 @@ class Agent:
         logger.warning("outrider agent: second signal, exiting now")
         self.runs.flush()
         os._exit(1)
+
+
+def _stored_tensors_only(burst: list[Batch], refused: list[RunStore]) -> list[Batch]:
+    """The burst without the tensor lines whose bytes the disk refused: the statistics
+    read a line's rows from tensors.bin, where those offsets now hold nothing or newer rows."""
+    stores = {store.run_id: store for store in refused}
+    kept = []
+    for batch in burst:
+        store = stores.get(batch.source.run)
+        if store is not None:
+            entries = [
+                entry
+                for entry in batch.entries
+                if entry.get("kind") != protocol.TENSOR or store.holds_tensor(entry)
+            ]
+            if len(entries) != len(batch.entries):
+                batch = dataclasses.replace(batch, entries=entries)
+        kept.append(batch)
+    return kept

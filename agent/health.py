@@ -55,6 +55,7 @@ def _streams(store: RunStore) -> tuple[StreamHealth, ...]:
             dropped=dict(ledger.dropped),
             lost=ledger.lost,
             complete=ledger.said_bye,
+            not_stored=dict(ledger.not_stored),
         )
         for ledger in list(store.streams.values())
     )

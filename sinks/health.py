@@ -75,6 +75,7 @@ class StreamHealth:
     dropped: Mapping[str, int]  # reason -> records, as the probe reports them
     lost: int
     complete: bool  # the stream said bye
+    not_stored: Mapping[str, int] = dataclasses.field(default_factory=dict)  # of received
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

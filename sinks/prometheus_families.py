@@ -167,7 +167,10 @@ SERIES_REFUSED = OwnCounter(
 MESSAGES_RECEIVED = OwnCounter(
     "agent_messages_received", "Messages the agent received from probes, rejected ones included."
 )
-RECORDS_RECEIVED = OwnCounter("agent_records_received", "Records the agent accepted and stored.")
+RECORDS_RECEIVED = OwnCounter(
+    "agent_records_received",
+    "Records the agent accepted (stored, or counted as not stored when the disk refused them).",
+)
 BYTES_RECEIVED = OwnCounter("agent_received_bytes", "Bytes of messages the agent received.")
 MESSAGES_REJECTED = OwnCounter(
     "agent_messages_rejected", "Messages the agent rejected whole, by reason.", ("reason",)
@@ -181,6 +184,12 @@ PROBE_RECEIVED = OwnCounter(
 PROBE_DROPPED = OwnCounter(
     "probe_records_dropped",
     "Records a rank's probe dropped (as it reports them), by reason.",
+    (*TRAINING_LABELS, "reason"),
+)
+PROBE_NOT_STORED = OwnCounter(
+    "probe_records_not_stored",
+    "Records of a rank the agent received but its run store could not keep (store_full: no "
+    "space; store_error: read-only, I/O error, directory gone), by reason.",
     (*TRAINING_LABELS, "reason"),
 )
 PROBE_LOST = OwnGauge(

@@ -24,6 +24,7 @@ from sinks.prometheus_families import (
     MESSAGES_REJECTED,
     PROBE_DROPPED,
     PROBE_LOST,
+    PROBE_NOT_STORED,
     PROBE_RECEIVED,
     RECORDS_RECEIVED,
     RECORDS_REJECTED,
@@ -103,23 +104,29 @@ class AgentStatsCollector(Collector):
         received: dict[Labels, int] = {}
         lost: dict[Labels, int] = {}
         dropped: dict[Labels, int] = {}
+        not_stored: dict[Labels, int] = {}
         for run, streams in runs.items():
             for stream in streams:
                 key: Labels = (run, str(stream.rank), stream.host)
                 received[key] = received.get(key, 0) + stream.received
                 lost[key] = lost.get(key, 0) + stream.lost
-                for reason, n in stream.dropped.items():
-                    reason_key: Labels = (*key, reason)
-                    dropped[reason_key] = dropped.get(reason_key, 0) + n
+                pairs = ((dropped, stream.dropped), (not_stored, stream.not_stored))
+                for counts, by_reason in pairs:
+                    for reason, n in by_reason.items():
+                        reason_key: Labels = (*key, reason)
+                        counts[reason_key] = counts.get(reason_key, 0) + n
         received_metric = PROBE_RECEIVED.family(p)
         dropped_metric = PROBE_DROPPED.family(p)
+        not_stored_metric = PROBE_NOT_STORED.family(p)
         lost_metric = PROBE_LOST.family(p)
         for key, n in sorted(received.items()):
             received_metric.add_metric(key, n)
             lost_metric.add_metric(key, lost[key])
         for reason_key, n in sorted(dropped.items()):
             dropped_metric.add_metric(reason_key, n)
-        return received_metric, dropped_metric, lost_metric
+        for reason_key, n in sorted(not_stored.items()):
+            not_stored_metric.add_metric(reason_key, n)
+        return received_metric, dropped_metric, not_stored_metric, lost_metric
 
     def _sinks(self, sinks: Mapping[str, SinkHealth]) -> Iterable[Metric]:
         p = self.prefix

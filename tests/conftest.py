@@ -12,6 +12,8 @@ import probe
 from probe import internal
 from tests.helpers import short_ipc_endpoint, start_agent, stop_agent
 
+pytest_plugins = ["tests.small_disk"]  # the small_disk fixture (a 1 MiB filesystem)
+
 
 @pytest.fixture(autouse=True)
 def probe_errors_raise() -> Iterator[None]:

@@ -15,6 +15,7 @@ import orjson
 from agent import config as agent_config
 from agent.cli import launcher
 from agent.config import AgentConfig
+from agent.store.disk import check_runs_dir, describe
 from agent.store.runs import RunNotFound, list_runs, resolve, summarise
 
 RUNS_DIR_HELP = "Where runs are stored [env OUTRIDER_RUNS_DIR; default ./outrider-runs]."
@@ -217,6 +218,9 @@ def agent(
         raise click.BadParameter("must be a JSON object", param_hint="--meta")
     endpoint = endpoint or tcp_endpoint(tcp) or default_endpoint()
     store_dir = resolve_runs_dir(runs_dir, config).resolve()
+    unusable = check_runs_dir(store_dir)
+    if unusable is not None:
+        raise click.ClickException(f"cannot store runs in {store_dir}: {unusable}")
     yield_cpu_to_the_trainer(config.nice, config.stats.threads)
     try:
         daemon = Agent(
@@ -248,7 +252,10 @@ def agent(
 def runs(runs_dir: Path | None, as_json: bool) -> None:
     """List recorded runs, newest first: id, start, duration, steps, status, drops."""
     runs_dir = resolve_runs_dir(runs_dir)
-    rows = list_runs(runs_dir)
+    try:
+        rows = list_runs(runs_dir)
+    except OSError as exc:
+        raise click.ClickException(f"cannot read runs in {runs_dir}: {describe(exc)}") from None
     if as_json:
         click.echo(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
         return
@@ -282,9 +289,12 @@ def show(run_name: str, runs_dir: Path | None, as_json: bool) -> None:
     runs_dir = resolve_runs_dir(runs_dir)
     try:
         run_dir = resolve(runs_dir, run_name)
+        summary = summarise(run_dir).as_dict()
     except RunNotFound as exc:
         raise click.ClickException(str(exc)) from None
-    summary = summarise(run_dir).as_dict()
+    except (OSError, orjson.JSONDecodeError) as exc:
+        why = describe(exc) if isinstance(exc, OSError) else f"run.json is not JSON ({exc})"
+        raise click.ClickException(f"cannot read run {run_name!r} in {runs_dir}: {why}") from None
     if as_json:
         click.echo(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode())
         return
@@ -293,10 +303,12 @@ def show(run_name: str, runs_dir: Path | None, as_json: bool) -> None:
         click.echo(f"{label:<10}{value}")
     for stream in info.get("streams", []):
         who = "launcher" if stream["rank"] < 0 else f"rank {stream['rank']}"
+        not_stored = sum((stream.get("not_stored") or {}).values())
         click.echo(
             f"  {who:<9} pid {stream['pid']:<7} sent {stream['sent']:>8} "
             f"received {stream['received']:>8} dropped {sum(stream['dropped'].values()):>6} "
             f"lost {stream['lost']:>5} {'complete' if stream['complete'] else 'open'}"
+            + (f"  not stored {not_stored}" if not_stored else "")
         )
     if summary["metrics"]:
         widths = (-28, 12, 12, 12, 7)
@@ -333,6 +345,18 @@ def _overview(info: dict[str, Any], run_dir: Path) -> list[tuple[str, str]]:
             f"  lost {info.get('lost', 0)}",
         ),
     ]
+    not_stored = info.get("not_stored") or {}
+    store = info.get("store") or {}
+    if not_stored or store.get("failures"):
+        reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(not_stored.items()))
+        failing = f"; failing: {store['failing']}" if store.get("failing") else ""
+        lines.append(
+            (
+                "store",
+                f"{sum(not_stored.values())} received records not stored"
+                f"{f' ({reasons})' if reasons else ''}{failing}",
+            )
+        )
     if git:
         lines.append(
             ("git", f"{git.get('commit', '')[:12]}{' (dirty)' if git.get('dirty') else ''}")

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -26,6 +27,7 @@ import orjson
 import zmq
 
 from agent.ingest.endpoint import private_ipc_dir
+from agent.store.disk import check_runs_dir
 from probe import protocol
 from probe.identity import Identity, new_run_id, new_stream_id
 
@@ -170,6 +172,13 @@ def run(
 
     run_id = run_id or new_run_id()
     runs_dir = runs_dir.resolve()
+    unusable = check_runs_dir(runs_dir)
+    if unusable is not None:
+        if require_agent:
+            say(f"cannot store runs in {runs_dir}: {unusable}; not running the command")
+            return 2
+        say(f"cannot store runs in {runs_dir}: {unusable}; running the command with telemetry OFF")
+        return _run_without_telemetry(command, say)
     ipc_dir = None
     if endpoint is None:
         ipc_dir = private_ipc_dir()
@@ -205,20 +214,7 @@ def run(
         _stop_agent(agent, drain_timeout, close_allowance)
         return 127
 
-    def forward(signum: int, frame: FrameType | None) -> None:
-        if signum == signal.SIGINT and _foreground():
-            return  # the terminal already sent it to the child
-        with contextlib.suppress(ProcessLookupError):
-            child.send_signal(signum)
-
-    previous = {signum: signal.signal(signum, forward) for signum in FORWARDED}
-    try:
-        returncode = child.wait()
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-    status = exit_code(returncode)
+    status = exit_code(_wait_forwarding(child))
     if ready:
         send_run_end(endpoint, run_id, status)
         if not _stop_agent(agent, drain_timeout, close_allowance):
@@ -229,6 +225,35 @@ def run(
     if ipc_dir is not None:
         shutil.rmtree(ipc_dir, ignore_errors=True)
     return status
+
+
+def _wait_forwarding(child: subprocess.Popen[bytes]) -> int:
+    """Wait for the command, passing it the signals we get; returns its returncode."""
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT and _foreground():
+            return  # the terminal already sent it to the child
+        with contextlib.suppress(ProcessLookupError):
+            child.send_signal(signum)
+
+    previous = {signum: signal.signal(signum, forward) for signum in FORWARDED}
+    try:
+        return child.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _run_without_telemetry(command: list[str], say: Callable[[str], None]) -> int:
+    """The command alone, the probe switched off, signals forwarded."""
+    env = dict(os.environ)
+    env[protocol.ENV_DISABLED] = "1"
+    try:
+        child = subprocess.Popen(command, env=env)
+    except OSError as exc:
+        say(f"cannot run {command[0]!r}: {exc}")
+        return 127
+    return exit_code(_wait_forwarding(child))
 
 
 CLOSE_SLACK = 10.0  # seconds beyond the agent's own close budgets before it is killed

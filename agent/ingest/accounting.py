@@ -5,7 +5,9 @@ dropped or not. For each stream the agent knows what it received, what the
 probe says it dropped (by reason), and the gaps in the numbers. Once the
 stream has said bye, ``received + dropped + lost == produced`` exactly, where
 ``lost`` is what vanished between the probe and the agent (an agent killed
-with records in its socket, an exit linger that ran out).
+with records in its socket, an exit linger that ran out). ``received`` counts
+what reached the agent; ``not_stored`` says how many of those the run store
+could not keep (a full or failing disk), by reason.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class StreamLedger:
     max_seq: int = -1
     produced: int = 0  # lower bound until bye, exact after it
     dropped: dict[str, int] = field(default_factory=dict)
+    not_stored: dict[str, int] = field(default_factory=dict)  # of ``received``, by reason
     invalid_values: int = 0
     internal_errors: int = 0
     said_bye: bool = False
@@ -90,6 +93,21 @@ class StreamLedger:
             self.said_bye = True
             self.produced = max(self.produced, int(body.get("produced", 0)))
 
+    def restore(self, summary: dict[str, Any]) -> None:
+        """Fold in a previous agent's ``summary()`` of this stream: the records it received
+        but could not store, and counters whose records may not be in the store."""
+        for reason, count in dict(summary.get("not_stored") or {}).items():
+            count = int(count)
+            self.not_stored[reason] = self.not_stored.get(reason, 0) + count
+            self.received += count
+        self.max_seq = max(self.max_seq, int(summary.get("sent", 0)) - 1)
+        self._take_counters(summary, final=bool(summary.get("complete")))
+        if self.said_bye:
+            self.produced = max(self.produced, int(summary.get("sent", 0)))
+        last_step = summary.get("last_step")
+        if isinstance(last_step, int) and (self.last_step is None or last_step > self.last_step):
+            self.last_step = last_step
+
     @property
     def dropped_total(self) -> int:
         return sum(self.dropped.values())
@@ -120,6 +138,7 @@ class StreamLedger:
             "sent": self.sent,
             "received": self.received,
             "dropped": dict(self.dropped),
+            "not_stored": dict(self.not_stored),
             "gaps": self.gaps,
             "lost": self.lost,
             "complete": self.said_bye,

@@ -2,7 +2,9 @@
 
 The number of open runs is bounded, so a flood of made-up run ids costs a
 counter, not a directory each. A run's environment (git, NVML, packages) is
-collected on a helper thread, never on the receive thread.
+collected on a helper thread, never on the receive thread. A run whose
+directory cannot be written is still opened: its records are counted as not
+stored until the disk takes them again.
 """
 
 from __future__ import annotations
@@ -75,15 +77,23 @@ class OpenRuns:
             cwd = hello["cwd"]
             store.collect_info_later(lambda: {"git": runinfo.git_info(cwd)})
 
-    def flush(self) -> None:
-        for store in self.stores.values():
-            store.flush()
+    def flush(self) -> list[RunStore]:
+        """Write every run's pending lines; returns the runs that could not store them all."""
+        return [store for store in self.stores.values() if store.flush()]
+
+    def take_alarms(self) -> list[tuple[str, dict[str, Any]]]:
+        """(run id, store_failed alert) of each run store that began failing since last asked."""
+        taken = []
+        for run_id, store in self.stores.items():
+            while store.alarms:
+                taken.append((run_id, store.alarms.pop(0)))
+        return taken
 
     def write_changed_info(self) -> None:
         """run.json of every run whose accounting or environment changed."""
         for store in self.stores.values():
             store.merge_collected()
-            if store.dirty:
+            if store.dirty or store.failure is not None:  # a failing store checks each beat
                 store.write_info()
 
     def all_streams_said_bye(self) -> bool:

@@ -4,24 +4,40 @@ It is the source of truth and is written before anything else sees a
 record. Lines are appended with one write per receive cycle, so what the
 agent has accepted is in the kernel's hands within milliseconds (it survives
 the agent being SIGKILLed) and on disk within the OS's writeback.
+
+A disk that fills up, turns read-only or loses the run directory never ends
+the agent and never leaves half a line: what a cycle could not write is cut
+back to its last whole message, its records are counted per stream as not
+stored (``store_full``, ``store_error``), and the next cycle tries again, so
+writing resumes by itself when space comes back. run.json, with the exact
+accounting, is written through space reserved ahead (``agent.store.disk``).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import itertools
+import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
 from agent.ingest.accounting import StreamLedger
 from agent.ingest.decode import Record, ScalarRows
 from agent.store import histograms
+from agent.store.disk import (
+    RESERVE_BYTES,
+    STORE_ERROR,
+    AppendFile,
+    ReservedJson,
+    describe,
+    reason_for,
+)
 from probe import protocol
 from sinks import schema
 
@@ -31,12 +47,21 @@ ALERTS = "alerts.jsonl"
 TENSORS = "tensors.bin"
 
 _INFO_POOL = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="outrider-runinfo")
+_JSON = orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS
+
+logger = logging.getLogger("outrider.agent")
+
+#: the alert rule event a run store raises when it cannot write (agent/alerts/defaults.yaml)
+STORE_FAILED = "store_failed"
 
 
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))
-    os.replace(tmp, path)
+class _Chunk(NamedTuple):
+    """What one pending chunk of lines holds, to count it if the disk refuses it."""
+
+    ledger: StreamLedger | None  # None: the agent's own line
+    records: int
+    tensor_end: int  # tensors.bin's size once this chunk's tensor bytes are in
+    announces: str | None  # the stream whose ``source`` this chunk carries
 
 
 def _unknown(entry: dict[str, Any]) -> dict[str, Any]:
@@ -64,26 +89,69 @@ class RunStore:
     ) -> None:
         self.histogram_bins = histogram_bins
         self.dir = runs_dir / run_id
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.run_id = run_id
         self.streams: dict[str, StreamLedger] = {}
         self.info: dict[str, Any] = {"run_id": run_id}
-        existing = self.dir / RUN_JSON
-        if existing.exists():
-            self._resume(existing)
+        self._run_json = ReservedJson(self.dir / RUN_JSON)
+        self._metrics: AppendFile | None = None
+        self._tensors: AppendFile | None = None
+        self._alerts: AppendFile | None = None
+        self._pending: list[bytes] = []
+        self._chunks: list[_Chunk] = []
+        self._tensor_parts: list[bytes] = []
+        self._tensor_offset = 0
+        self._alert_lines: list[tuple[int, bytes]] = []  # (chunk index, line) for alerts.jsonl
+        self._announced: set[str] = set()  # streams whose ``source`` this metrics.jsonl holds
+        self._info_jobs: list[concurrent.futures.Future[dict[str, Any]]] = []
+        #: why the store cannot write now (None: it can); the reason its losses count under
+        self.failure: str | None = None
+        self._reason = ""
+        self.failures = 0  # episodes of failing
+        self._failed_since_beat = False
+        self._last_write_ok = True
+        self.agent_lines_not_stored: dict[str, int] = {}
+        self.alarms: list[dict[str, Any]] = []  # store_failed alerts for the receive loop
+        self.dirty = True
+        self.last_record_time = 0.0
+        self.records = 0
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            existing = self.dir / RUN_JSON
+            if existing.exists():
+                self._resume(existing)
+        except OSError as error:
+            self._failed(error, "cannot open the run directory")
         self.info.setdefault("start_time", time.time())
         self.info.setdefault("status", "running")
         self.info.setdefault("config", {})
         if meta:
             self.info.update(meta)
-        self._metrics = open(self.dir / METRICS, "ab")  # noqa: SIM115 - lives as long as the run
-        self._tensors = open(self.dir / TENSORS, "ab")  # noqa: SIM115
-        self._tensor_offset = self._tensors.tell()
-        self._pending: list[bytes] = []
-        self._info_jobs: list[concurrent.futures.Future[dict[str, Any]]] = []
-        self.dirty = True
-        self.last_record_time = 0.0
-        self.records = 0
+        if self.failure is None:
+            self._open_files()
+        if self.failure is None:
+            self._run_json.reserve(RESERVE_BYTES)
+
+    def _open_files(self) -> bool:
+        """Open (or make again) the run directory's append-only files."""
+        self._close_files()
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._metrics = AppendFile(self.dir / METRICS)
+            self._tensors = AppendFile(self.dir / TENSORS)
+        except OSError as error:
+            self._close_files()
+            self._failed(error, "cannot open the run directory")
+            return False
+        self._tensor_offset = self._tensors.size
+        self._announced.clear()
+        return True
+
+    def _close_files(self) -> None:
+        for file in (self._metrics, self._tensors, self._alerts):
+            if file is not None:
+                with contextlib.suppress(OSError):
+                    file.close()
+        self._metrics = self._tensors = self._alerts = None
 
     def _resume(self, run_json: Path) -> None:
         """A restarted agent picks up the run: its info and every stream's accounting."""
@@ -94,8 +162,12 @@ class RunStore:
         self.info["status"] = "running"
         self.info.pop("end_time", None)
         metrics = self.dir / METRICS
-        if not metrics.exists():
-            return
+        if metrics.exists():
+            self._replay(metrics)
+        self._restore_counts(self.info.get("streams"))
+
+    def _replay(self, metrics: Path) -> None:
+        """The ledgers of the records metrics.jsonl holds."""
         previous: tuple[Any, Any] | None = None
         with open(metrics, "rb") as lines:
             for line in lines:
@@ -119,6 +191,23 @@ class RunStore:
                     self.streams[ledger.stream] = ledger
                 ledger.observe(entry["kind"], entry["seq"], entry["t"], entry.get("step"), entry)
 
+    def _restore_counts(self, summaries: Any) -> None:
+        """What the previous agent counted but could not store (the disk was full) is in
+        its run.json, not in metrics.jsonl: add it back so the identity still holds."""
+        if not isinstance(summaries, list):
+            return
+        for summary in summaries:
+            try:
+                ledger = self.streams.get(summary["stream"])
+                if ledger is None:
+                    if not summary.get("not_stored"):
+                        continue
+                    ledger = StreamLedger.from_envelope(summary)
+                    self.streams[ledger.stream] = ledger
+                ledger.restore(summary)
+            except (KeyError, TypeError, ValueError, AttributeError):
+                continue  # a run.json edited by hand: the lines alone count
+
     # -- appending -----------------------------------------------------------
     def add(
         self, envelope: dict[str, Any], records: list[Record | ScalarRows], count: int
@@ -127,11 +216,13 @@ class RunStore:
         receive)."""
         stream = envelope["stream"]
         ledger = self.streams.get(stream)
-        source = None
         if ledger is None:
             ledger = self.streams[stream] = StreamLedger.from_envelope(envelope)
-            source = envelope
             self.dirty = True
+        source = None
+        if stream not in self._announced:
+            source = envelope
+            self._announced.add(stream)
         ledger.observe_batch(records, count)
         rank = envelope["rank"]
         entries: list[dict[str, Any]] = []
@@ -178,16 +269,21 @@ class RunStore:
                 data = body.pop("data")
                 body["offset"] = self._tensor_offset
                 body["nbytes"] = len(data)
-                self._tensors.write(data)
+                self._tensor_parts.append(data)
                 self._tensor_offset += len(data)
                 line.update(body)
             else:
                 line.update(body)
                 self._note(kind, body, envelope)
             entries.append(line)
-        if source is not None and entries:
-            entries[0]["source"] = source  # a stream's first line says who it is
-        self._pending.append(_jsonl(entries, only_scalars))
+        if entries:
+            if source is not None:
+                entries[0]["source"] = source  # a stream's first line says who it is
+            self._pending.append(_jsonl(entries, only_scalars))
+            announces = stream if source is not None else None
+            self._chunks.append(_Chunk(ledger, count, self._tensor_offset, announces))
+        elif source is not None:
+            self._announced.discard(stream)
         self.records += count
         self.last_record_time = time.time()
         self.dirty = True
@@ -204,14 +300,14 @@ class RunStore:
             **line,
         }
         self._pending.append(orjson.dumps(line))
+        self._chunks.append(_Chunk(None, 1, self._tensor_offset, None))
         self.dirty = True
         return line
 
     def add_alert(self, alert: dict[str, Any]) -> dict[str, Any]:
         """An alert: in metrics.jsonl like every entry, and in alerts.jsonl for people."""
         line = self.add_local(alert)
-        with open(self.dir / ALERTS, "ab") as alerts:
-            alerts.write(orjson.dumps(line) + b"\n")
+        self._alert_lines.append((len(self._pending) - 1, self._pending[-1]))
         return line
 
     def _note(self, kind: str, body: dict[str, Any], envelope: dict[str, Any]) -> None:
@@ -229,15 +325,126 @@ class RunStore:
         elif kind == protocol.BYE:
             self.dirty = True
 
-    def flush(self) -> None:
-        """Hand appended lines and tensor bytes to the kernel (one write each)."""
-        chunks = [chunk for chunk in self._pending if chunk]
-        self._pending.clear()
+    def flush(self) -> int:
+        """Hand appended lines and tensor bytes to the kernel (one write each).
+
+        What the disk refuses is cut back to the last whole message kept, and
+        its records are counted as not stored. Returns how many records (the
+        trainers') were not stored; never raises for the disk.
+        """
+        if not self._pending:
+            return 0
+        pending, chunks, alerts = self._pending, self._chunks, self._alert_lines
+        parts = self._tensor_parts
+        self._pending, self._chunks, self._alert_lines, self._tensor_parts = [], [], [], []
+        metrics, tensors = self._metrics, self._tensors
+        if metrics is None or tensors is None:  # failing: the files are made again at the beat
+            self._last_write_ok = False
+            self._tensor_offset = 0 if tensors is None else tensors.size
+            return self._not_stored(chunks, self._reason or STORE_ERROR)
+        kept = len(pending)
+        error: OSError | None = None
+        tensor_start = tensors.size
+        if parts:
+            written, error = tensors.append(parts[0] if len(parts) == 1 else b"".join(parts))
+            if error is not None:
+                end = tensor_start + written
+                kept = next((i for i, chunk in enumerate(chunks) if chunk.tensor_end > end), kept)
+        if kept:
+            if kept < len(pending):
+                del pending[kept:]
+            pending.append(b"")  # the trailing newline
+            metrics_start = metrics.size
+            written, metrics_error = metrics.append(b"\n".join(pending))
+            if metrics_error is not None:
+                error = metrics_error
+                kept, whole = _whole_chunks(pending, kept, written)
+                metrics.cut_to(metrics_start + whole)
+        if alerts and kept:
+            self._copy_alerts([line for index, line in alerts if index < kept])
+        self._last_write_ok = error is None
+        if error is None:
+            return 0
+        # tensors.bin keeps the bytes of the lines kept, no more: offsets stay true
+        tensors.cut_to(chunks[kept - 1].tensor_end if kept else tensor_start)
+        self._tensor_offset = tensors.size
+        self._failed(error, "cannot write")
+        return self._not_stored(chunks[kept:], reason_for(error))
+
+    def holds_tensor(self, entry: dict[str, Any]) -> bool:
+        """Whether a tensor line of the last flush has its bytes in tensors.bin."""
+        end = int(entry.get("offset", 0)) + int(entry.get("nbytes", 0))
+        return self._tensors is not None and end <= self._tensors.size
+
+    def _copy_alerts(self, lines: list[bytes]) -> None:
+        """alerts.jsonl: a copy of the alert lines kept, for people; whole lines only."""
+        if not lines:
+            return
+        try:
+            if self._alerts is None:
+                self._alerts = AppendFile(self.dir / ALERTS)
+        except OSError:
+            return
+        start = self._alerts.size
+        lines.append(b"")
+        written, error = self._alerts.append(b"\n".join(lines))
+        if error is not None:
+            self._alerts.cut_to(start + _whole_chunks(lines, len(lines) - 1, written)[1])
+
+    def _not_stored(self, chunks: list[_Chunk], reason: str) -> int:
+        """Count what was received but not stored, per stream, by reason."""
+        lost = 0
+        for chunk in chunks:
+            if chunk.ledger is None:
+                counts = self.agent_lines_not_stored
+                counts[reason] = counts.get(reason, 0) + chunk.records
+                continue
+            chunk.ledger.not_stored[reason] = chunk.ledger.not_stored.get(reason, 0) + chunk.records
+            lost += chunk.records
+            if chunk.announces is not None:
+                self._announced.discard(chunk.announces)  # the next line says who it is
         if chunks:
-            chunks.append(b"")  # the trailing newline
-            self._metrics.write(b"\n".join(chunks))
-            self._metrics.flush()
-        self._tensors.flush()
+            self.dirty = True
+        return lost
+
+    def _failed(self, error: OSError, what: str) -> None:
+        """The store cannot write: counted from now on, one store_failed alert per episode."""
+        self._reason = reason_for(error)
+        self._failed_since_beat = True
+        message = f"{what} {self.dir}: {describe(error)}"
+        if self.failure is None:
+            self.failures += 1
+            self.alarms.append(
+                {
+                    "name": STORE_FAILED,
+                    "event": STORE_FAILED,
+                    "severity": "critical",
+                    "message": f"{message}; records are counted, not stored, until it can",
+                    "attrs": {"reason": self._reason, "dir": str(self.dir)},
+                }
+            )
+        self.failure = message
+        self.dirty = True
+
+    def _recovered(self) -> None:
+        """A whole beat without a failed write (a nearly full disk takes a small write
+        between two refusals: that is not yet space come back)."""
+        logger.warning(
+            "outrider agent: run store %s writes again (%d received records not stored so far)",
+            self.dir,
+            sum(sum(ledger.not_stored.values()) for ledger in self.streams.values()),
+        )
+        self.failure = None
+        self.dirty = True
+
+    def check_files(self) -> None:
+        """Once a beat: a run directory removed under the agent is made again."""
+        metrics = self._metrics
+        if metrics is not None and not metrics.unlinked():
+            return
+        if metrics is not None:
+            self._failed(FileNotFoundError(2, "run directory removed"), "lost")
+        self._open_files()
 
     # -- run.json ------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
@@ -249,6 +456,16 @@ class RunStore:
         info["records"] = sum(s["received"] for s in streams)
         info["dropped"] = sum(sum(s["dropped"].values()) for s in streams)
         info["lost"] = sum(s["lost"] for s in streams)
+        not_stored: dict[str, int] = {}
+        for summary in streams:
+            for reason, count in summary["not_stored"].items():
+                not_stored[reason] = not_stored.get(reason, 0) + count
+        info["not_stored"] = not_stored
+        info["store"] = {
+            "failing": self.failure,
+            "failures": self.failures,
+            "agent_lines_not_stored": dict(self.agent_lines_not_stored),
+        }
         return info
 
     def collect_info_later(self, collect: Callable[[], dict[str, Any]]) -> None:
@@ -266,10 +483,29 @@ class RunStore:
             self._info_jobs.remove(job)
             self.dirty = True
 
-    def write_info(self) -> None:
+    def write_info(self, final: bool = False) -> bool:
+        """Replace run.json (write, fsync, rename); False, and still dirty, if it failed.
+
+        Called once a beat: a failing store that wrote everything since the
+        last beat, run.json included, writes again (at the close: whose last
+        write went through)."""
         self.merge_collected()
-        write_json_atomic(self.dir / RUN_JSON, self.snapshot())
+        self.check_files()
+        steady = not self._failed_since_beat or (final and self._last_write_ok)
+        self._failed_since_beat = False
+        recovering = self.failure is not None and steady
+        info = self.snapshot()
+        if recovering:
+            info["store"]["failing"] = None
+        try:
+            self._run_json.replace(orjson.dumps(info, option=_JSON))
+        except OSError as error:
+            self._failed(error, "cannot write run.json in")
+            return False
         self.dirty = False
+        if recovering:
+            self._recovered()
+        return True
 
     def close(self, agent_counters: dict[str, Any] | None = None) -> None:
         self.flush()
@@ -278,9 +514,12 @@ class RunStore:
         self.info["status"] = self._final_status()
         if agent_counters is not None:
             self.info["agent"] = agent_counters
-        self.write_info()
-        self._metrics.close()
-        self._tensors.close()
+        if not self.write_info(final=True):
+            logger.error(
+                "outrider agent: run %s: run.json not updated: %s", self.run_id, self.failure
+            )
+        self._close_files()
+        self._run_json.release()
 
     def _final_status(self) -> str:
         exit_status = self.info.get("exit_status")
@@ -291,6 +530,18 @@ class RunStore:
         if self.streams and all(ledger.said_bye for ledger in self.streams.values()):
             return "finished"
         return "incomplete"
+
+
+def _whole_chunks(chunks: list[bytes], count: int, written: int) -> tuple[int, int]:
+    """Of the first ``count`` chunks joined by newlines, how many a write of ``written``
+    bytes holds whole, and their bytes (newlines included)."""
+    whole = 0
+    for index in range(count):
+        size = len(chunks[index]) + 1
+        if whole + size > written:
+            return index, whole
+        whole += size
+    return count, whole
 
 
 def _jsonl(entries: list[dict[str, Any]], only_scalars: bool) -> bytes:

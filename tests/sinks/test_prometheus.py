@@ -91,8 +91,24 @@ def gpu(index: int, **overrides: Any) -> dict[str, Any]:
     return sample
 
 
-def stream(rank: int, received: int, lost: int = 0, **dropped: int) -> StreamHealth:
-    return StreamHealth(f"s{rank}", rank, "node-a", received + lost, received, dropped, lost, False)
+def stream(
+    rank: int,
+    received: int,
+    lost: int = 0,
+    not_stored: dict[str, int] | None = None,
+    **dropped: int,
+) -> StreamHealth:
+    return StreamHealth(
+        f"s{rank}",
+        rank,
+        "node-a",
+        received + lost,
+        received,
+        dropped,
+        lost,
+        False,
+        not_stored or {},
+    )
 
 
 def agent_stats(**overrides: Any) -> AgentHealth:
@@ -110,9 +126,15 @@ def agent_stats(**overrides: Any) -> AgentHealth:
         runs={
             "run-1": [
                 stream(0, 2000),
-                stream(1, 1500, lost=1, queue_full=5),
+                stream(1, 1500, lost=1, not_stored={"store_full": 30}, queue_full=5),
                 # rank 1 restarted: a second stream, summed into the same series
-                stream(1, 500, queue_full=2, no_agent=1),
+                stream(
+                    1,
+                    500,
+                    not_stored={"store_full": 10, "store_error": 2},
+                    queue_full=2,
+                    no_agent=1,
+                ),
             ]
         },
         analysis=AnalysisHealth(
@@ -309,6 +331,9 @@ def test_agent_health_is_read_at_scrape_time(make_sink: Any) -> None:
     assert value(series, "outrider_probe_records_dropped_total", **rank1, reason="no_agent") == 1
     assert value(series, "outrider_probe_records_received_total", **rank1) == 2000
     assert value(series, "outrider_probe_records_lost", **rank1) == 1
+    not_stored = "outrider_probe_records_not_stored_total"
+    assert value(series, not_stored, **rank1, reason="store_full") == 40
+    assert value(series, not_stored, **rank1, reason="store_error") == 2
     assert value(series, "outrider_sink_exported_entries_total", sink="wandb") == 100
     assert value(series, "outrider_sink_failures_total", sink="wandb") == 4
     assert (

@@ -257,6 +257,16 @@ BUILTIN_DEFAULTS: dict[str, dict[str, Any]] = {
         "event": "series_cap",
         "key_attr": None,
     },
+    "store_failed": {
+        "type": "event",
+        "severity": "critical",
+        "cooldown": 600.0,
+        "message": "run store failed: {detail} (run {run})",
+        "destinations": None,
+        "enabled": True,
+        "event": "store_failed",
+        "key_attr": None,
+    },
 }
 
 
