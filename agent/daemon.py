@@ -25,6 +25,7 @@ from agent.fanout import Fanout
 from agent.health import agent_health
 from agent.ingest.counters import AgentCounters
 from agent.ingest.decode import Rejected, decode
+from agent.ingest.names import MetricNameCap
 from agent.ingest.receiver import Receiver
 from agent.store.registry import MAX_OPEN_RUNS, OpenRuns
 from agent.threadnames import ThreadNamer
@@ -102,6 +103,7 @@ class Agent:
         self._host = socket.gethostname()
         self.counters = AgentCounters()
         self.complaints = RateLimitedLog(clock=clock)
+        self.metric_names = MetricNameCap(self.config.max_metric_names, self.counters)
         self.runs = OpenRuns(
             runs_dir, declared_run=run_id, meta=meta, histogram_bins=self.config.histogram_bins
         )
@@ -162,6 +164,7 @@ class Agent:
         entries = store.add(message.envelope, message.records)
         counters.records += len(message.records)
         if self.fanout.workers or self.analysis is not None:
+            entries = self.metric_names.admit(store, entries)
             stored = Batch(Source.from_envelope(message.envelope), entries, str(store.dir))
             self.fanout.submit(stored)
             if self.analysis is not None:
@@ -245,9 +248,10 @@ class Agent:
         self._name_threads()  # after the kick: a sink's first export starts its library's
 
     def _route_alerts(self) -> None:
-        """Alerts from sinks (a failing sink, a series cap): through the alert rules' cooldowns
-        and destinations when the analysis runs, else stored and sent to every sink."""
-        for alert in self.fanout.take_alerts():
+        """Alerts from sinks (a failing sink, a series cap) and from ingest (too many metric
+        names): through the alert rules' cooldowns and destinations when the analysis runs,
+        else stored and sent to every sink."""
+        for alert in [*self.fanout.take_alerts(), *self.metric_names.take_alarms()]:
             if self.analysis is not None and not self._closing:
                 self.analysis.sink_alert(alert)
                 continue
