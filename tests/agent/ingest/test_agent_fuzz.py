@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from agent.ingest.decode import Message, Rejected, decode
 from probe import protocol
-from tests.agent.ingest.hostile import INT64, hostile_message
+from tests.agent.ingest.hostile import hostile_message
 from tests.helpers import AgentProcess, GoodStream, Pusher, lines, run_info
 
 GOOD_RUN = "good-run"
