@@ -60,14 +60,16 @@ def _fields(name: str, values: Any, bins: int) -> dict[str, Any]:
     else:
         counts, edges = np.zeros(bins, dtype=np.int64), np.linspace(0.0, 1.0, bins + 1)
         low = high = 0.0
+    with np.errstate(over="ignore"):  # past the float range: inf, stored as null
+        total, squares = float(finite.sum()), float(np.dot(finite, finite))
     return {
         "name": name,
         "edges": edges.tolist(),
         "counts": counts.tolist(),
         "min": low,
         "max": high,
-        "sum": float(finite.sum()),
-        "sum_squares": float(np.dot(finite, finite)),
+        "sum": total,
+        "sum_squares": squares,
         "count": int(finite.size),
         "non_finite": int(values.size - finite.size),
     }
