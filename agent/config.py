@@ -38,6 +38,11 @@ sink_close_timeout: 30.0
 # Bins of the histograms the agent computes from probe.histogram samples.
 histogram_bins: 64
 
+# Distinct metric names per run that the statistics, alerts and sinks track in
+# memory; values of later names are only in the run store (counted, and alerted
+# once per run as too_many_metrics).
+max_metric_names: 10000
+
 # The agent runs beside the trainer and must lose every contest for a core:
 # its niceness is raised by this much at start (0-19; W&B's service inherits it).
 nice: 10
@@ -144,6 +149,7 @@ class AgentConfig(pydantic.BaseModel):
     drain_timeout: float = pydantic.Field(default=5.0, ge=0)
     sink_close_timeout: float = pydantic.Field(default=30.0, ge=0)
     histogram_bins: int = pydantic.Field(default=64, gt=1, le=512)
+    max_metric_names: int = pydantic.Field(default=10_000, ge=1)
     nice: int = pydantic.Field(default=10, ge=0, le=19)
     stats: StatsSettings = pydantic.Field(default_factory=StatsSettings)
     system: SystemSettings = pydantic.Field(default_factory=SystemSettings)

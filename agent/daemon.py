@@ -28,6 +28,7 @@ from agent.fanout import Fanout
 from agent.health import agent_health
 from agent.ingest.counters import AgentCounters
 from agent.ingest.decode import Record, Rejected, decode
+from agent.ingest.names import MetricNameCap
 from agent.ingest.receiver import Receiver
 from agent.store.registry import MAX_OPEN_RUNS, OpenRuns
 from agent.store.run_store import RunStore
@@ -106,6 +107,7 @@ class Agent:
         self._host = socket.gethostname()
         self.counters = AgentCounters()
         self.complaints = RateLimitedLog(clock=clock)
+        self.metric_names = MetricNameCap(self.config.max_metric_names, self.counters)
         self.runs = OpenRuns(
             runs_dir, declared_run=run_id, meta=meta, histogram_bins=self.config.histogram_bins
         )
@@ -167,6 +169,7 @@ class Agent:
         entries = store.add(message.envelope, message.records, message.count)
         counters.records += message.count
         if self.fanout.workers or self.analysis is not None:
+            entries = self.metric_names.admit(store, entries)
             stored = Batch(Source.from_envelope(message.envelope), entries, str(store.dir))
             self.fanout.submit(stored)
             if self.analysis is not None:
@@ -254,11 +257,12 @@ class Agent:
         self._name_threads()  # after the kick: a sink's first export starts its library's
 
     def _route_alerts(self) -> None:
-        """Alerts from sinks (a failing sink, a series cap) and run stores (store_failed):
-        through the alert rules' cooldowns and destinations when the analysis runs, else
-        stored and sent to every sink."""
+        """Alerts from sinks (a failing sink, a series cap), run stores (store_failed) and
+        ingest (too many metric names): through the alert rules' cooldowns and destinations
+        when the analysis runs, else stored and sent to every sink."""
         alarms = self.fanout.take_alerts()
         alarms += [SinkAlarm.from_sink(run, alert) for run, alert in self.runs.take_alarms()]
+        alarms += self.metric_names.take_alarms()
         for alert in alarms:
             if self.analysis is not None and not self._closing:
                 self.analysis.sink_alert(alert)

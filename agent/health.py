@@ -41,6 +41,7 @@ def agent_health(
         sinks=fanout.snapshot() if fanout is not None else {},
         analysis=analysis,
         runs=None if runs is None else {run_id: _streams(store) for run_id, store in runs},
+        metric_values_over_cap=counters.metric_values_over_cap,
     )
 
 

@@ -156,6 +156,9 @@ class AgentHealth:
     sinks: Mapping[str, SinkHealth]
     analysis: AnalysisHealth | None = None  # None: the agent runs without analysis
     runs: Mapping[str, Sequence[StreamHealth]] | None = None  # None: not part of this snapshot
+    #: scalar values not given to the analysis and sinks: their name came past a run's
+    #: max_metric_names (the run store has them)
+    metric_values_over_cap: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         shown: dict[str, Any] = {
@@ -164,6 +167,7 @@ class AgentHealth:
             "bytes": self.bytes,
             "rejected_messages": dict(self.rejected_messages),
             "rejected_records": dict(self.rejected_records),
+            "metric_values_over_cap": self.metric_values_over_cap,
             "sinks": {name: sink.as_dict() for name, sink in self.sinks.items()},
         }
         if self.analysis is not None:

@@ -178,6 +178,11 @@ MESSAGES_REJECTED = OwnCounter(
 RECORDS_REJECTED = OwnCounter(
     "agent_records_rejected", "Records the agent rejected, by reason.", ("reason",)
 )
+METRIC_VALUES_OVER_CAP = OwnCounter(
+    "agent_metric_values_over_cap",
+    "Scalar values the agent's statistics and sinks did not get: their metric name came past "
+    "the run's max_metric_names distinct names (the run store has them).",
+)
 PROBE_RECEIVED = OwnCounter(
     "probe_records_received", "Records the agent received from a rank.", TRAINING_LABELS
 )

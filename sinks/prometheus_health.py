@@ -22,6 +22,7 @@ from sinks.prometheus_families import (
     BYTES_RECEIVED,
     MESSAGES_RECEIVED,
     MESSAGES_REJECTED,
+    METRIC_VALUES_OVER_CAP,
     PROBE_DROPPED,
     PROBE_LOST,
     PROBE_NOT_STORED,
@@ -72,6 +73,7 @@ class AgentStatsCollector(Collector):
         yield BYTES_RECEIVED.family(p, health.bytes)
         yield _by_reason(MESSAGES_REJECTED.family(p), health.rejected_messages)
         yield _by_reason(RECORDS_REJECTED.family(p), health.rejected_records)
+        yield METRIC_VALUES_OVER_CAP.family(p, health.metric_values_over_cap)
         yield from self._streams(health.runs or {})
         yield from self._sinks(health.sinks)
         analysis = health.analysis

@@ -2,17 +2,33 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 import probe
 from probe import internal
 from tests.helpers import short_ipc_endpoint, start_agent, stop_agent
 
 pytest_plugins = ["tests.small_disk"]  # the small_disk fixture (a 1 MiB filesystem)
+
+# Property tests are the same every run (derandomized, no example database), so CI is
+# repeatable and fast; HYPOTHESIS_PROFILE=explore searches further, with fresh examples.
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    database=None,
+    deadline=None,
+    max_examples=200,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile("explore", deadline=None, max_examples=5_000, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(autouse=True)

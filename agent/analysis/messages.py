@@ -27,7 +27,8 @@ class SystemSample:
 
 @dataclass(frozen=True)
 class SinkAlarm:
-    """A sink's own alarm (a failing sink, a series cap), for the rules' cooldowns.
+    """A sink's or the ingest's own alarm (a failing sink, a series cap, too many metric
+    names), for the rules' cooldowns.
 
     ``run`` None: no particular run (every open run gets it). ``event`` is the
     alert-rule event it feeds; ``entry`` the alert as stored when no rule takes it.

@@ -13,6 +13,7 @@ class AgentCounters:
     bytes: int = 0
     rejected_messages: dict[str, int] = field(default_factory=dict)
     rejected_records: dict[str, int] = field(default_factory=dict)
+    metric_values_over_cap: int = 0  # held back from the analysis and sinks (ingest/names.py)
 
     def reject(self, table: dict[str, int], reason: str, count: int = 1) -> None:
         table[reason] = table.get(reason, 0) + count
@@ -24,4 +25,5 @@ class AgentCounters:
             "bytes": self.bytes,
             "rejected_messages": dict(self.rejected_messages),
             "rejected_records": dict(self.rejected_records),
+            "metric_values_over_cap": self.metric_values_over_cap,
         }

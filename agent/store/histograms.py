@@ -9,6 +9,7 @@ every sink draws the same histogram.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -42,26 +43,34 @@ def _values(body: dict[str, Any], data: bytes) -> Any:
 
 
 def _bins(body: dict[str, Any], default: int) -> int:
-    return max(1, min(int(body.get("bins") or default), MAX_BINS))
+    """The bins the sender asked for, within 1..MAX_BINS; anything but an integer: the default."""
+    bins = body.get("bins")
+    return max(1, min(bins if type(bins) is int else default, MAX_BINS))
 
 
 def _fields(name: str, values: Any, bins: int) -> dict[str, Any]:
     finite = values[np.isfinite(values)]
     if finite.size:
         low, high = float(finite.min()), float(finite.max())
-        # The range np.histogram would take itself: the same bins, two passes fewer.
-        counts, edges = np.histogram(finite, bins=bins, range=(low, high))
+        if math.isfinite(high - low):
+            # The range np.histogram would take itself: the same bins, two passes fewer.
+            counts, edges = np.histogram(finite, bins=bins, range=(low, high))
+        else:  # wider than the largest float (-1e308 and 1e308): binned at half scale
+            counts, edges = np.histogram(finite / 2, bins=bins, range=(low / 2, high / 2))
+            edges = edges * 2
     else:
         counts, edges = np.zeros(bins, dtype=np.int64), np.linspace(0.0, 1.0, bins + 1)
         low = high = 0.0
+    with np.errstate(over="ignore"):  # past the float range: inf, stored as null
+        total, squares = float(finite.sum()), float(np.dot(finite, finite))
     return {
         "name": name,
         "edges": edges.tolist(),
         "counts": counts.tolist(),
         "min": low,
         "max": high,
-        "sum": float(finite.sum()),
-        "sum_squares": float(np.dot(finite, finite)),
+        "sum": total,
+        "sum_squares": squares,
         "count": int(finite.size),
         "non_finite": int(values.size - finite.size),
     }

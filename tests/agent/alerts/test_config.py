@@ -247,6 +247,16 @@ BUILTIN_DEFAULTS: dict[str, dict[str, Any]] = {
         "event": "sink_failed",
         "key_attr": "sink",
     },
+    "too_many_metrics": {
+        "type": "event",
+        "severity": "warning",
+        "cooldown": 86400.0,
+        "message": "{detail}",
+        "destinations": None,
+        "enabled": True,
+        "event": "too_many_metrics",
+        "key_attr": None,
+    },
     "series_cap": {
         "type": "event",
         "severity": "warning",

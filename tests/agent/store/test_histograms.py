@@ -114,3 +114,22 @@ def test_samples_are_grouped_within_the_batch_limits(monkeypatch: pytest.MonkeyP
     first = batches[0][2]
     samples[0].add_(100)  # the trainer changes its tensor: the batch is a copy
     assert first.tolist() == [0, 1, 0, 1, 0, 1]
+
+
+def test_a_sample_wider_than_the_float_range_is_binned() -> None:
+    """-1.7e308 and 1.7e308 in one sample (max - min overflows): edges span them, nothing raises."""
+    data = np.array([-1.7e308, 0.0, 1.7e308, np.nan], dtype=np.float64)
+    body = {"name": "w", "dtype": "float64", "shape": [4]}
+    fields = histograms.from_tensor(body, data.tobytes(), 4)
+    assert fields["edges"][0] == -1.7e308 and fields["edges"][-1] == 1.7e308
+    assert fields["counts"] == [1, 0, 1, 1]
+    assert (fields["count"], fields["non_finite"]) == (3, 1)
+
+
+@pytest.mark.parametrize("bins", ["x", float("nan"), [8], None, 2**40, -3])
+def test_bins_that_are_not_a_small_integer_fall_back_or_are_clamped(bins: Any) -> None:
+    """A sender's ``bins`` is clamped to 1..512; anything but an integer takes the default."""
+    body = {"name": "w", "dtype": "float32", "shape": [3], "bins": bins}
+    fields = histograms.from_tensor(body, np.ones(3, dtype=np.float32).tobytes(), 16)
+    expected = {2**40: 512, -3: 1}.get(bins, 16) if isinstance(bins, int) else 16
+    assert len(fields["counts"]) == expected
