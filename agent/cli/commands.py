@@ -202,6 +202,7 @@ def agent(
     A first signal drains, stores and exits 0; a second exits at once.
     Trainers reach it by setting OUTRIDER_ENDPOINT to the endpoint printed.
     """
+    from agent.arenas import limit_malloc_arenas
     from agent.daemon import Agent, yield_cpu_to_the_trainer
     from agent.ingest.endpoint import default_endpoint
 
@@ -218,6 +219,7 @@ def agent(
     endpoint = endpoint or tcp_endpoint(tcp) or default_endpoint()
     store_dir = resolve_runs_dir(runs_dir, config).resolve()
     yield_cpu_to_the_trainer(config.nice, config.stats.threads)
+    limit_malloc_arenas()
     try:
         daemon = Agent(
             endpoint,
