@@ -1,4 +1,4 @@
-"""TensorBoard event files, written by TensorBoard's own TensorFlow-free writer.
+"""TensorBoard event files, in TensorBoard's own record format, written on the sink's thread.
 
 Each run gets ``<run dir>/tensorboard`` (or ``<logdir>/<run id>``), with one
 ``rank-N`` subdirectory per rank when the job has several (``per_rank``).
@@ -47,15 +47,13 @@ from tensorboard.compat.proto import (  # type: ignore[import-untyped]
     types_pb2,
 )
 from tensorboard.plugins.text import plugin_data_pb2  # type: ignore[import-untyped]
-from tensorboard.summary.writer.event_file_writer import (  # type: ignore[import-untyped]
-    EventFileWriter,
-)
 
 from probe import protocol
 from sinks import schema
 from sinks.base import Batch, Sink, plain_numbers
 from sinks.ratelimit import RateLimitedLog
 from sinks.registry import SinkContext
+from sinks.tensorboard_file import EventFile
 
 logger = logging.getLogger("outrider.sinks.tensorboard")
 
@@ -63,8 +61,6 @@ logger = logging.getLogger("outrider.sinks.tensorboard")
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 #: a bigger image is skipped rather than copied into every event file reader's memory
 MAX_IMAGE_BYTES = 32 * 1024 * 1024
-#: events queued inside one writer before ``add_event`` waits (the sink's own thread only)
-WRITER_QUEUE = 64
 SKIP_WARNING_INTERVAL = 60.0
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -75,7 +71,7 @@ PNG_COLORSPACE = {0: 1, 4: 2, 2: 3, 3: 3, 6: 4}
 def _use_tensorflow_stub() -> None:
     """Make TensorBoard use its bundled TensorFlow stub even where TensorFlow is installed.
 
-    ``EventFileWriter`` reaches files through ``tensorboard.compat.tf``, which
+    TensorBoard's modules reach files through ``tensorboard.compat.tf``, which
     imports the real TensorFlow when it can unless ``tensorboard.compat.notf``
     exists: that empty module is TensorBoard's own switch (its
     ``no_tensorflow`` build target), which the pip wheel does not ship.
@@ -124,7 +120,7 @@ class _RankLog:
 
     run: str
     directory: Path
-    writer: Any  # EventFileWriter
+    writer: EventFile
     next_step: int = 0  # steps for entries that have none
     config_text: bytes | None = None  # the last config written, so an unchanged one is not repeated
 
@@ -153,7 +149,8 @@ class TensorBoardSink(Sink):
         flush_secs: float = pydantic.Field(
             default=2.0,
             gt=0,
-            description="Most seconds a written event waits before it is flushed to its file.",
+            description="Most seconds a written event waits before it is flushed to its file "
+            "(every export flushes the files it wrote to, on the agent's once-a-second beat).",
         )
         max_text_chars: int = pydantic.Field(
             default=65_536,
@@ -196,10 +193,10 @@ class TensorBoardSink(Sink):
         return {f"skipped_{reason}": count for reason, count in self.skip_reasons.items()}
 
     def export(self, batches: Sequence[Batch]) -> None:
-        """Write ``batches``, then flush the writers they touched.
+        """Write ``batches``, then flush the files they touched.
 
-        The flush waits for each writer's thread to put the events in the file,
-        so a write error surfaces here, where the worker retries it.
+        Events are in their files once this returns, and a write error
+        surfaces here, where the worker retries it.
         """
         if self._closed:
             raise RuntimeError("the tensorboard sink is closed")
@@ -291,10 +288,7 @@ class TensorBoardSink(Sink):
     def _log(self, run: str, directory: Path) -> _RankLog:
         log = self._logs.get(directory)
         if log is None:
-            writer = EventFileWriter(
-                str(directory), max_queue_size=WRITER_QUEUE, flush_secs=self.options.flush_secs
-            )
-            log = self._logs[directory] = _RankLog(run, directory, writer)
+            log = self._logs[directory] = _RankLog(run, directory, EventFile(directory))
         return log
 
     def _guarded(self, log: _RankLog, write: Callable[[], Any]) -> None:
@@ -310,7 +304,7 @@ class TensorBoardSink(Sink):
             raise
 
     def _close_run(self, run: str) -> None:
-        """The run has ended: close its writers (threads, files) rather than hold them forever."""
+        """The run has ended: close its files rather than hold them open forever."""
         for directory in [d for d, log in self._logs.items() if log.run == run]:
             self._close_log(directory)
 

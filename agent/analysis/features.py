@@ -78,27 +78,57 @@ class FeatureStreams:
         self._unpaired[(batch.run, batch.name) if partner else key] = batch
 
     def _map(self, batch: FeatureBatch, method: MapMethod) -> None:
-        """A map job carries the stream's FeatureMap out and back (its state: the last map)."""
+        """A map job carries the stream's FeatureMap out and back (its state: the last map).
+
+        A t-SNE map is two jobs: its points, in a worker process of its own that
+        exits afterwards (openTSNE brings scikit-learn and scipy, ~90 MB, which would
+        otherwise stay resident for the whole run), then its drawing, on the shared
+        worker. A PCA map needs neither and is one job.
+        """
         from agent.analysis.maps import FeatureMap
 
         key = (batch.run, batch.rank, batch.name)
         directory = batch.run_dir / "images" / f"features-{batch.name}-{method}".replace("/", "_")
         step = -1 if batch.step is None else batch.step
         points = self.settings.map_points
-
-        def done(result: tuple[Any, Path]) -> None:
-            self._maps[key] = result[0]  # one job per key at a time: no race
-            self.post(FeatureMapDrawn(batch, method, result[1]))
-
         feature_map = self._maps.get(key) or FeatureMap(max_points=points)
         title = f"{batch.name} ({method}), step {batch.step}"
         path = directory / f"{step:08d}.png"
-        hint = tasks.TSNE_CPU_SECONDS_PER_1000_POINTS * points / 1000 if method == "tsne" else 0.0
+
+        def drawn(png: Path) -> None:
+            self.post(FeatureMapDrawn(batch, method, png))
+
+        if method == "pca":
+
+            def done(result: tuple[Any, Path]) -> None:
+                self._maps[key] = result[0]  # one job per key at a time: no race
+                drawn(result[1])
+
+            self.jobs.submit(
+                (*key, "map"),
+                method,
+                tasks.map_job,
+                done,
+                (feature_map, batch.line, batch.run_dir, step, method, path, title),
+            )
+            return
+
+        def placed(updated: Any) -> None:
+            self._maps[key] = updated  # one job per key at a time: no race
+            self.jobs.submit(
+                (*key, "map_render"),
+                f"{method}_render",
+                tasks.render_map_job,
+                drawn,
+                (updated.points, path, title),
+            )
+
         self.jobs.submit(
             (*key, "map"),
             method,
-            tasks.map_job,
-            done,
-            (feature_map, batch.line, batch.run_dir, step, method, path, title),
-            cost_hint=hint,
+            tasks.map_points_job,
+            placed,
+            (feature_map, batch.line, batch.run_dir, step, method),
+            cost_hint=tasks.TSNE_CPU_SECONDS_PER_1000_POINTS * points / 1000,
+            alone=True,
         )

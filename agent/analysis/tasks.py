@@ -58,12 +58,30 @@ def map_job(
     path: Path,
     title: str,
 ) -> tuple[Any, Path]:
-    """The next map of a stream; returns the updated FeatureMap with the PNG's path."""
+    """The next map of a stream, drawn; returns the updated FeatureMap with the PNG's path."""
+    feature_map = map_points_job(feature_map, line, run_dir, step, method)
+    return feature_map, render_map_job(feature_map.points, path, title)
+
+
+def map_points_job(
+    feature_map: Any, line: Mapping[str, Any], run_dir: Path, step: int, method: MapMethod
+) -> Any:
+    """The next map's points of a stream; returns the FeatureMap, updated (``.points``).
+
+    A t-SNE map runs this in a worker process of its own and draws the points in
+    another job (:func:`render_map_job`): openTSNE's libraries and matplotlib are
+    never resident in one process, and openTSNE's leave with the process.
+    """
+    feature_map.update(read_features(line, run_dir), step, method)
+    return feature_map
+
+
+def render_map_job(points: Any, path: Path, title: str) -> Path:
+    """A map's points drawn as a PNG at ``path``."""
     from agent.analysis.maps import render_map
 
-    points = feature_map.update(read_features(line, run_dir), step, method)
     try:
-        return feature_map, render_map(points, path, title)
+        return render_map(points, path, title)
     finally:
         _free_figures()
 

@@ -57,6 +57,7 @@ class _Job:
     args: tuple[Any, ...]
     done: Callable[[Any], None]
     figures: JobFigures = field(repr=False, default_factory=JobFigures)
+    alone: bool = False
 
 
 def _worker_process_setup(
@@ -148,6 +149,7 @@ class StatsJobs:
         self.processes = processes
         self.clock = clock
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._alone_pools: set[concurrent.futures.ProcessPoolExecutor] = set()
         self._lifeline: tuple[Connection, Connection] | None = None  # the pool's (read, write)
         self._preload: tuple[str, ...] = ()  # modules each worker process imports at start
         self._warming: list[concurrent.futures.Future[None]] = []
@@ -177,6 +179,7 @@ class StatsJobs:
         done: Callable[[Any], None],
         args: tuple[Any, ...] = (),
         cost_hint: float = 0.0,
+        alone: bool = False,
     ) -> None:
         """Queue ``work(*args)``; ``done(result)`` runs on the worker thread. Replaces
         ``key``'s pending job.
@@ -184,6 +187,8 @@ class StatsJobs:
         ``cost_hint``: the CPU seconds a job of this kind is expected to take. Under a
         CPU budget, the first one waits as if one had run when the workers started, so
         an expensive kind (t-SNE) does not spend its budget in the run's first seconds.
+        ``alone``: run it in a worker process of its own that exits with it (see the
+        class docstring); without worker processes it runs like any other job.
         """
         with self._wake:
             if self._closed:
@@ -194,7 +199,7 @@ class StatsJobs:
             previous = self._pending.pop(key, None)
             if previous is not None:
                 previous.figures.superseded += 1
-            self._pending[key] = _Job(name, work, args, done, figures)
+            self._pending[key] = _Job(name, work, args, done, figures, alone)
             self._wake.notify()
 
     def pending(self) -> int:
@@ -302,22 +307,29 @@ class StatsJobs:
     def _get_pool(self) -> concurrent.futures.ProcessPoolExecutor:
         with self._pool_lock:
             if self._pool is None:
-                context = multiprocessing.get_context("spawn")
-                # Only this process holds the write end: the workers see end-of-file when the
-                # agent dies in any way (SIGKILL, the OOM killer) and exit, not linger.
-                # (The read end stays open here too: the pool may start a worker later.)
-                self._lifeline = context.Pipe(duplex=False)
-                self._pool = concurrent.futures.ProcessPoolExecutor(
-                    max_workers=len(self._threads),
-                    mp_context=context,
-                    initializer=_worker_process_setup,
-                    initargs=(self.nice, self.sched_idle, 1, self._preload, self._lifeline[0]),
-                )
+                self._pool = self._new_pool(len(self._threads))
             return self._pool
+
+    def _new_pool(self, workers: int) -> concurrent.futures.ProcessPoolExecutor:
+        """A pool of ``workers`` processes (started by its first jobs); under ``_pool_lock``."""
+        context = multiprocessing.get_context("spawn")
+        if self._lifeline is None:
+            # Only this process holds the write end: the workers see end-of-file when the
+            # agent dies in any way (SIGKILL, the OOM killer) and exit, not linger. (The
+            # read end stays open here too: every pool, now or later, hands it to its workers.)
+            self._lifeline = context.Pipe(duplex=False)
+        return concurrent.futures.ProcessPoolExecutor(
+            max_workers=workers,
+            mp_context=context,
+            initializer=_worker_process_setup,
+            initargs=(self.nice, self.sched_idle, 1, self._preload, self._lifeline[0]),
+        )
 
     def _call(self, job: _Job) -> tuple[Any, float]:
         if not self.processes:
             return _measured(job.work, *job.args)
+        if job.alone:
+            return self._call_alone(job)
         pool = self._get_pool()
         try:
             result: tuple[Any, float] = pool.submit(_measured, job.work, *job.args).result()
@@ -327,6 +339,25 @@ class StatsJobs:
                 if self._pool is pool:
                     self._pool = None
             raise
+
+    def _call_alone(self, job: _Job) -> tuple[Any, float]:
+        """``job`` in a process started for it, the shared worker process stopped first (once
+        its running jobs are done); the next ordinary job starts a new shared one."""
+        with self._pool_lock:
+            shared, self._pool = self._pool, None
+            if self._closed:
+                raise RuntimeError("the statistics workers are closed")
+            pool = self._new_pool(1)
+            self._alone_pools.add(pool)
+        try:
+            if shared is not None:
+                shared.shutdown(wait=True)
+            result: tuple[Any, float] = pool.submit(_measured, job.work, *job.args).result()
+            return result
+        finally:
+            with self._pool_lock:
+                self._alone_pools.discard(pool)
+            pool.shutdown(wait=True)
 
     def close(self, timeout: float) -> bool:
         """Finish the pending jobs within ``timeout``; what is left then is dropped."""
@@ -344,8 +375,9 @@ class StatsJobs:
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         with self._pool_lock:
-            pool, self._pool = self._pool, None
-        if pool is not None:
+            pools = [p for p in (self._pool, *self._alone_pools) if p is not None]
+            self._pool = None
+        for pool in pools:
             _stop_pool(pool, finished)
         if dropped:
             logger.warning("outrider agent: %d statistics jobs left unfinished at exit", dropped)

@@ -203,6 +203,7 @@ def agent(
     A first signal drains, stores and exits 0; a second exits at once.
     Trainers reach it by setting OUTRIDER_ENDPOINT to the endpoint printed.
     """
+    from agent.arenas import limit_malloc_arenas
     from agent.daemon import Agent, yield_cpu_to_the_trainer
     from agent.ingest.endpoint import default_endpoint
 
@@ -222,6 +223,7 @@ def agent(
     if unusable is not None:
         raise click.ClickException(f"cannot store runs in {store_dir}: {unusable}")
     yield_cpu_to_the_trainer(config.nice, config.stats.threads)
+    limit_malloc_arenas()
     try:
         daemon = Agent(
             endpoint,

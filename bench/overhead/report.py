@@ -46,6 +46,7 @@ def median_step(runs: Sequence[Run]) -> float:
 def report(variants: Sequence[str], runs: Runs, args: argparse.Namespace) -> None:
     report_wall_clock(variants, runs, args)
     report_direct_cost(variants, runs)
+    report_agent_tree(variants, runs)
     report_agent_parts(variants, runs)
     report_trainer_kernel(variants, runs)
     report_details(variants, runs, args)
@@ -164,6 +165,50 @@ def report_direct_cost(variants: Sequence[str], runs: Runs) -> None:
         "the trainer's core. Shared cores: training thread + telemetry threads + agent, all "
         "CPU taken from the cores torch runs on; the wall clock adds what preemption and "
         "cache effects cost on top."
+    )
+
+
+def report_agent_tree(variants: Sequence[str], runs: Runs) -> None:
+    """The agent tree's CPU per trainer step (agent, statistics workers, W&B's service), run
+    store only against the default sinks, side by side per placement: what the sinks add."""
+    rows = []
+    for placement in ("sep", "shared"):
+        arms = [f"{kind}:{placement}" for kind in ("outrider", "outrider+sinks")]
+        if not all(arm in variants for arm in arms):
+            continue
+        figures = []
+        for arm in arms:
+            per_step = [1000 * r.result["agent_loop_cpu_s"] / len(r.step_times) for r in runs[arm]]
+            figures.append((statistics.median(per_step), min(per_step), max(per_step)))
+        (none, none_lo, none_hi), (sinks, sinks_lo, sinks_hi) = figures
+        base = 1000 * median_step(runs[f"base:{placement}"])
+        rows.append(
+            [
+                placement,
+                f"{none:.2f} ({none_lo:.2f}-{none_hi:.2f})",
+                f"{sinks:.2f} ({sinks_lo:.2f}-{sinks_hi:.2f})",
+                f"{sinks - none:+.2f}",
+                f"{sinks / none:.2f}x" if none > 0 else "-",
+                f"{100 * (sinks - none) / base:+.2f}%",
+            ]
+        )
+    if not rows:
+        return
+    print()
+    print(
+        "Agent tree CPU per trainer step, ms (median of the repeats, min-max), sinks none "
+        "against the default sinks:"
+    )
+    print_table(
+        [
+            "placement",
+            "sinks none",
+            "default sinks",
+            "the sinks add",
+            "ratio",
+            "added / base p50 step",
+        ],
+        rows,
     )
 
 

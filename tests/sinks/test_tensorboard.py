@@ -8,7 +8,6 @@ import math
 import os
 import struct
 import subprocess
-import threading
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -154,8 +153,11 @@ def rendered(text: str) -> str:
     return str(text_plugin.text_array_to_html(np.array(text.encode()), enable_markdown=True))
 
 
-def writer_threads() -> int:
-    return sum(type(t).__name__ == "_AsyncWriterThread" for t in threading.enumerate())
+def open_event_files() -> int:
+    """Event files this process holds open (the sink's writers)."""
+    import psutil
+
+    return sum("tfevents" in f.path for f in psutil.Process().open_files())
 
 
 @pytest.fixture
@@ -608,19 +610,19 @@ def test_a_write_failure_raises_for_a_retry_and_the_sink_recovers(
 def test_run_end_and_close_release_every_writer(
     make_sink: Callable[..., TensorBoardSink], run_dir: Path
 ) -> None:
-    """run_end closes that run's writer threads; later records still land; close() ends the rest."""
-    before = writer_threads()
+    """run_end closes that run's event files; later records still land; close() ends the rest."""
+    before = open_event_files()
     sink = make_sink()
     sink.export([batch(run_dir, entry("scalars", 0, metrics={"a": 1.0}), rank=0, world_size=2)])
     sink.export([batch(run_dir, entry("scalars", 0, metrics={"a": 2.0}), rank=1, world_size=2)])
-    assert writer_threads() == before + 2
+    assert open_event_files() == before + 2
     sink.export([batch(run_dir, entry("run_end", exit_status=0), rank=-1)])
-    assert writer_threads() == before
+    assert open_event_files() == before
     sink.export([batch(run_dir, entry("scalars", 1, metrics={"a": 3.0}), rank=0, world_size=2)])
-    assert writer_threads() == before + 1
+    assert open_event_files() == before + 1
     assert [e.value for e in read(run_dir / "tensorboard" / "rank-0").Scalars("a")] == [1.0, 3.0]
     sink.close(5.0)
-    assert writer_threads() == before
+    assert open_event_files() == before
     with pytest.raises(RuntimeError, match="closed"):
         sink.export([batch(run_dir, entry("scalars", 2, metrics={"a": 4.0}))])
 

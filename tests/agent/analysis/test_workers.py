@@ -157,6 +157,46 @@ def test_process_jobs_run_in_a_lower_priority_process_that_is_replaced_when_it_d
     assert jobs.close(10)
 
 
+def _import_and_tell(module: str) -> tuple[int, bool]:
+    """Import ``module`` in the worker; returns the worker's pid and whether it was there."""
+    import importlib
+
+    there = module in sys.modules
+    importlib.import_module(module)
+    return os.getpid(), there
+
+
+def test_a_job_alone_runs_in_a_process_of_its_own_and_takes_its_imports_with_it() -> None:
+    """alone=True: the job gets a fresh process, the shared worker is stopped first, and
+    what the job imported is not resident in the worker the next ordinary job gets."""
+    import psutil
+
+    jobs = StatsJobs(threads=1, processes=True)
+    seen: list[tuple[int, bool]] = []
+    jobs.submit("a", "ordinary", _import_and_tell, seen.append, ("colorsys",))
+    assert jobs.wait_idle(60)
+    jobs.submit("b", "heavy", _import_and_tell, seen.append, ("wave",), alone=True)
+    assert jobs.wait_idle(60)
+    jobs.submit("c", "ordinary", _import_and_tell, seen.append, ("wave",))
+    assert jobs.wait_idle(60)
+    [(shared, _), (alone, _), (fresh, wave_was_there)] = seen
+    assert len({shared, alone, fresh, os.getpid()}) == 4
+    assert not psutil.pid_exists(alone) and not psutil.pid_exists(shared)
+    assert wave_was_there is False
+    assert jobs.figures()["heavy"].count == 1
+    assert jobs.close(10)
+
+
+def test_a_job_alone_without_worker_processes_runs_like_any_other() -> None:
+    """processes=False: alone has no process to run in, so the job runs on the worker thread."""
+    jobs = StatsJobs(threads=1)
+    seen: list[int] = []
+    jobs.submit("a", "heavy", os.getpid, seen.append, alone=True)
+    assert jobs.wait_idle(10)
+    assert seen == [os.getpid()]
+    jobs.close(1)
+
+
 def _start_then_sleep(started: str, seconds: float) -> None:
     Path(started).touch()
     time.sleep(seconds)
