@@ -36,13 +36,13 @@ def test_names_past_the_cap_are_held_back_from_memory_but_stored(tmp_path: Path)
     counters = AgentCounters()
     cap = MetricNameCap(3, counters)
     env = envelope(run="run")
-    first = store.add(env, [_record(0, {"a": 1.0, "b": 2.0})])
+    first = store.add(env, [_record(0, {"a": 1.0, "b": 2.0})], 1)
     assert cap.admit(store, first) is first  # nothing held back: the same list, no copy
-    entries = store.add(env, [_record(1, {"a": 1.5, "c": 3.0, "d": 4.0, "e": 5.0})])
+    entries = store.add(env, [_record(1, {"a": 1.5, "c": 3.0, "d": 4.0, "e": 5.0})], 1)
     admitted = cap.admit(store, entries)
     assert admitted[0]["metrics"] == {"a": 1.5, "c": 3.0}
     assert entries[0]["metrics"] == {"a": 1.5, "c": 3.0, "d": 4.0, "e": 5.0}
-    again = cap.admit(store, store.add(env, [_record(2, {"d": 1.0, "b": 0.5})]))
+    again = cap.admit(store, store.add(env, [_record(2, {"d": 1.0, "b": 0.5})], 1))
     assert again[0]["metrics"] == {"b": 0.5}
     assert cap.figures("run") == {"tracked": 3, "limit": 3, "values_over_cap": 3}
     assert store.info["metric_names"] == cap.figures("run")
