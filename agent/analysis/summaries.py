@@ -341,9 +341,10 @@ def _reduce(values: list[float]) -> tuple[int, float, float, float, float, int, 
         nonfinite = len(values) - arr.size
     if arr.size == 0:
         return 0, 0.0, 0.0, math.inf, -math.inf, nonfinite, None
-    mean = float(arr.mean())
-    diff = arr - mean
-    m2 = float(np.dot(diff, diff))
+    with np.errstate(over="ignore", invalid="ignore"):  # near the float limit: inf, no warning
+        mean = float(arr.mean())
+        diff = arr - mean
+        m2 = float(np.dot(diff, diff))
     return arr.size, mean, m2, float(arr.min()), float(arr.max()), nonfinite, float(arr[-1])
 
 

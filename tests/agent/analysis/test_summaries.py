@@ -297,3 +297,17 @@ def test_invalid_arguments_raise() -> None:
         Summaries(window_steps=0)
     with pytest.raises(ValueError, match="points"):
         DecimatedSeries(2)
+
+
+def test_values_near_the_float_limit_give_an_infinite_spread_without_a_warning() -> None:
+    """A metric of +-1e308 (a fuzzed or diverging value) must not make numpy warn into the
+    agent's log on every window."""
+    import warnings
+
+    from agent.analysis.summaries import _reduce
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        count, _mean, m2, low, high, nonfinite, last = _reduce([1e308, -1e308, 1e308])
+    assert (count, low, high, nonfinite, last) == (3, -1e308, 1e308, 0, 1e308)
+    assert m2 == float("inf")
