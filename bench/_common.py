@@ -228,6 +228,17 @@ def machine() -> str:
     )
 
 
+def agent_tree(agent: Any) -> list[Any]:
+    """The agent's ``psutil.Process`` and its descendants (statistics workers, W&B's
+    service), as far as they can still be read."""
+    import psutil
+
+    try:
+        return [agent, *agent.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
 def agent_cpu(pid: int) -> tuple[float, float]:
     """CPU seconds so far of the agent process, and of its descendants (statistics
     workers, W&B's service); what could not be read counts as nothing."""

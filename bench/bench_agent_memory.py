@@ -34,6 +34,7 @@ from typing import Any
 
 from _common import (
     DEFAULT_SINKS_CONFIG,
+    agent_tree,
     machine,
     print_table,
     short_ipc_endpoint,
@@ -88,12 +89,11 @@ class RssTrace:
         import psutil
 
         rss = dict.fromkeys((*PARTS, TOTAL, PSS), 0.0)
-        with contextlib.suppress(psutil.Error):
-            for process in (self.agent, *self.agent.children(recursive=True)):
-                with contextlib.suppress(psutil.Error):
-                    memory = process.memory_full_info()
-                    rss[_part(self.agent, process)] += memory.rss / MB
-                    rss[PSS] += memory.pss / MB
+        for process in agent_tree(self.agent):
+            with contextlib.suppress(psutil.Error):
+                memory = process.memory_full_info()
+                rss[_part(self.agent, process)] += memory.rss / MB
+                rss[PSS] += memory.pss / MB
         rss["trainer"] = self.trainer.memory_info().rss / MB
         rss[TOTAL] = sum(rss[part] for part in AGENT_PARTS)
         return rss

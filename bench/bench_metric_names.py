@@ -28,7 +28,14 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from _common import machine, print_table, short_ipc_endpoint, start_run_agent, stop_agent
+from _common import (
+    agent_tree,
+    machine,
+    print_table,
+    short_ipc_endpoint,
+    start_run_agent,
+    stop_agent,
+)
 
 MB = 1024 * 1024
 CONFIG = """\
@@ -61,10 +68,9 @@ class PeakRss:
         import psutil
 
         total = 0.0
-        with contextlib.suppress(psutil.Error):
-            for process in (self.agent, *self.agent.children(recursive=True)):
-                with contextlib.suppress(psutil.Error):
-                    total += process.memory_info().rss / MB
+        for process in agent_tree(self.agent):
+            with contextlib.suppress(psutil.Error):
+                total += process.memory_info().rss / MB
         return total
 
     def _run(self) -> None:
