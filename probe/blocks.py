@@ -24,7 +24,7 @@ def to_blocks(records: list[list[Any]]) -> list[list[Any]]:
     run: list[list[Any]] = []  # consecutive scalars records with the names of run[0]
     names: tuple[Any, ...] = ()
     for record in records:
-        if record[0] is SCALARS or record[0] == SCALARS:
+        if record[0] == SCALARS:
             body = record[4]
             if run and tuple(body) == names:
                 run.append(record)

@@ -65,7 +65,7 @@ class StreamLedger:
         top_step = self.last_step
         for record in records:
             if isinstance(record, ScalarRows):
-                seq, step = max(record.seqs), _top_step(record.steps)
+                seq, step = record.top_seq, record.top_step
             else:
                 seq, step = record.seq, record.step
                 if record.kind == protocol.PROBE_STATS or record.kind == protocol.BYE:
@@ -146,11 +146,3 @@ class StreamLedger:
             "internal_errors": self.internal_errors,
             "last_step": self.last_step,
         }
-
-
-def _top_step(steps: list[int | None]) -> int | None:
-    """The highest step of a block (steps may be nil)."""
-    try:
-        return max(steps)  # type: ignore[type-var]
-    except TypeError:  # a nil among them
-        return max((step for step in steps if step is not None), default=None)

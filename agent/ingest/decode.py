@@ -63,6 +63,8 @@ class ScalarRows:
     ts: list[float]
     steps: list[int | None]
     rows: list[list[float | int]]
+    top_seq: int  # the highest of ``seqs`` and of the steps, found by the checks
+    top_step: int | None
     kind: str = protocol.SCALAR_ROWS
 
     def __len__(self) -> int:
@@ -186,22 +188,18 @@ def _scalar_rows(block: list[Any], room: int) -> ScalarRows:
         raise Rejected("bad_record", "block seqs must be integers in 0..2**53-1")
     if not _FLOAT_TYPES.issuperset(map(type, ts)) or not all(map(math.isfinite, ts)):
         raise Rejected("bad_record", "block ts must be finite floats")
-    if not _STEP_TYPES.issuperset(map(type, steps)) or not _steps_in_range(steps):
+    if not _STEP_TYPES.issuperset(map(type, steps)):
+        raise Rejected("bad_record", "block steps must be integers or nil")
+    known = steps if None not in steps else [step for step in steps if step is not None]
+    if known and (min(known) < INT64_MIN or max(known) > INT64):
         raise Rejected("bad_record", "block steps must be 64-bit integers or nil")
     width = len(names)
     if not _LIST_TYPES.issuperset(map(type, rows)) or {width} != set(map(len, rows)):
         raise Rejected("bad_record", f"every block row must be an array of {width} values")
     if not _NUMBER_TYPES.issuperset(map(type, itertools.chain.from_iterable(rows))):
         raise Rejected("bad_record", "block values must be numbers")
-    return ScalarRows(names, seqs, ts, steps, rows)
-
-
-def _steps_in_range(steps: list[int | None]) -> bool:
-    try:
-        return min(steps) >= INT64_MIN and max(steps) <= INT64  # type: ignore[type-var,operator]
-    except TypeError:  # a nil among them
-        known = [step for step in steps if step is not None]
-        return not known or (min(known) >= INT64_MIN and max(known) <= INT64)
+    top_step = max(known) if known else None
+    return ScalarRows(names, seqs, ts, steps, rows, max(seqs), top_step)
 
 
 def _row_count(block: list[Any]) -> int:
