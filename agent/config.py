@@ -16,6 +16,7 @@ from typing import Any, Literal
 import pydantic
 import yaml
 
+from agent.aggregation.config import AggregationSettings
 from agent.alerts.config import DEFAULT_ALERTS_YAML, AlertsConfig
 from sinks import registry
 
@@ -67,6 +68,20 @@ stats:
 system:
   enabled: true
   interval: 1.0             # seconds
+
+# The job tier (docs/aggregation.md): node agents forward to one job aggregator.
+aggregation:
+  forward_to: null          # HOST:PORT of the aggregator (`outrider run` fills it for torchrun)
+  bind: 127.0.0.1:29460     # where `outrider aggregator` listens
+  keys_dir: null            # CURVE keys from `outrider keys` (required off loopback)
+  insecure: false           # plain TCP off loopback: a trusted network only
+  backlog: 10000            # items a node holds while the aggregator is away
+  spool_dir: null           # spill the backlog's overflow to disk here
+  spool_bytes: 67108864
+  heartbeat_seconds: 2.0
+  accounting_seconds: 5.0   # how often a node sends its streams' accounting
+  forward_raw: false        # also forward every scalar line (small jobs only)
+  window_wait_seconds: 30   # how long the aggregator waits for every rank's window
 
 # Destinations besides the run store (which is always on). The three below are
 # on by default; switch one off with `enabled: false`. Keys every sink takes:
@@ -154,6 +169,7 @@ class AgentConfig(pydantic.BaseModel):
     stats: StatsSettings = pydantic.Field(default_factory=StatsSettings)
     system: SystemSettings = pydantic.Field(default_factory=SystemSettings)
     alerts: AlertsConfig = pydantic.Field(default_factory=AlertsConfig)
+    aggregation: AggregationSettings = pydantic.Field(default_factory=AggregationSettings)
     sinks: dict[str, SinkSettings] = pydantic.Field(default_factory=dict)
 
     def only_sinks(self, names: list[str]) -> AgentConfig:

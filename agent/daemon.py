@@ -14,13 +14,13 @@ import dataclasses
 import logging
 import os
 import signal
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from agent.aggregation.forwarding import Forwarder
 from agent.analysis.engine import Analysis, Derived
 from agent.analysis.messages import SinkAlarm
 from agent.config import AgentConfig
@@ -34,6 +34,7 @@ from agent.store.registry import MAX_OPEN_RUNS, OpenRuns
 from agent.store.run_store import RunStore
 from agent.threadnames import ThreadNamer
 from probe import protocol
+from probe.identity import host_name
 from sinks import schema
 from sinks.base import Batch, Source
 from sinks.health import AgentHealth
@@ -91,6 +92,8 @@ class Agent:
         fanout: Fanout | None = None,
         sink_close_timeout: float | None = None,
         analysis: bool | None = None,
+        host: str | None = None,
+        forwarder: Forwarder | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config or AgentConfig()
@@ -104,7 +107,9 @@ class Agent:
         self._orphaned = False
         self._last_receive = clock()
         self.clock = clock
-        self._host = socket.gethostname()
+        self._host = host or host_name()
+        #: the job tier: what this node sends up to the job aggregator (None: not forwarding)
+        self.forwarder = forwarder
         self.counters = AgentCounters()
         self.complaints = RateLimitedLog(clock=clock)
         self.metric_names = MetricNameCap(self.config.max_metric_names, self.counters)
@@ -168,6 +173,8 @@ class Agent:
             self.runs.learn_cwd(store, first.body)
         entries = store.add(message.envelope, message.records, message.count)
         counters.records += message.count
+        if self.forwarder is not None:
+            self.forwarder.records(store, message.envelope, message.records, entries)
         if self.fanout.workers or self.analysis is not None:
             entries = self.metric_names.admit(store, entries)
             stored = Batch(Source.from_envelope(message.envelope), entries, str(store.dir))
@@ -252,6 +259,8 @@ class Agent:
         is slow for its first milliseconds, so periodic work is done together."""
         self._route_alerts()
         self.runs.write_changed_info()
+        if self.forwarder is not None:
+            self.forwarder.beat(self.runs)
         self._check_parent(now)
         self.fanout.kick()
         self._name_threads()  # after the kick: a sink's first export starts its library's
@@ -294,6 +303,8 @@ class Agent:
             else:
                 entry = store.add_local(item.entry)
             store.flush()
+            if self.forwarder is not None and item.to_store:
+                self.forwarder.derived(store, entry)
             if item.to_sinks:
                 rank = entry.get("rank", -1)
                 source = Source(
@@ -351,6 +362,8 @@ class Agent:
         self._route_alerts()
         analysis = self.analysis.stats() if self.analysis is not None else None
         agent_stats = agent_health(self.counters, self.fanout, analysis).as_dict()
+        if self.forwarder is not None:
+            self.forwarder.close(self.runs, self.config.aggregation.heartbeat_seconds + 3.0)
         for store in self.runs:
             store.close(agent_stats)
         self.receiver.close_socket()

@@ -55,9 +55,11 @@ class Fanout:
         logger.info("outrider agent: sink %s on", sink.name)
         return worker
 
-    def submit(self, batch: Batch) -> None:
+    def submit(self, batch: Batch, skip: frozenset[str] = frozenset()) -> None:
+        """Hand ``batch`` to every sink but those named in ``skip``."""
         for worker in self.workers:
-            worker.submit(batch)
+            if worker.name not in skip:
+                worker.submit(batch)
 
     def kick(self) -> None:
         """Every sink exports now (the agent's once-a-second beat)."""

@@ -29,6 +29,12 @@ def new_run_id() -> str:
     return f"{stamp}-{binascii.hexlify(os.urandom(3)).decode()}"
 
 
+def host_name() -> str:
+    """The host this process reports: OUTRIDER_HOST, else the hostname (a Pod's is its own
+    name; the node's comes in through the downward API)."""
+    return os.environ.get(protocol.ENV_HOST) or socket.gethostname()
+
+
 def new_stream_id() -> str:
     """Random per-process stream id; a forked child draws a new one."""
     return binascii.hexlify(os.urandom(6)).decode()
@@ -40,9 +46,10 @@ class Identity:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
-    host: str = field(default_factory=socket.gethostname)
+    host: str = field(default_factory=host_name)
     pid: int = field(default_factory=os.getpid)
     stream: str = field(default_factory=new_stream_id)
+    restart: int = field(default_factory=lambda: _env_int("TORCHELASTIC_RESTART_COUNT", 0))
 
     @classmethod
     def from_env(
@@ -67,7 +74,8 @@ class Identity:
         )
 
     def envelope(self) -> dict[str, object]:
-        return {key: getattr(self, key) for key in protocol.ENVELOPE_KEYS}
+        keys = (*protocol.ENVELOPE_KEYS, *protocol.OPTIONAL_ENVELOPE)
+        return {key: getattr(self, key) for key in keys}
 
     def forked(self) -> Identity:
         """The identity of a forked child: same run and ranks, its own pid and stream."""
@@ -77,4 +85,5 @@ class Identity:
             local_rank=self.local_rank,
             world_size=self.world_size,
             host=self.host,
+            restart=self.restart,
         )

@@ -44,6 +44,11 @@ KINDS: Final = frozenset(
 
 # Envelope keys: what identifies a stream (one sender in one process).
 ENVELOPE_KEYS: Final = ("run", "stream", "rank", "local_rank", "world_size", "host", "pid")
+#: Envelope keys a probe may leave out, with the value an agent assumes. ``restart`` is
+#: torchrun's restart count (TORCHELASTIC_RESTART_COUNT): a global rank names a different
+#: process after each restart, so the job tier keys a rank's data by (host, local rank,
+#: restart), never by the rank alone.
+OPTIONAL_ENVELOPE: Final = {"restart": 0}
 
 # Reasons the probe drops a record; each is counted and reported in probe_stats.
 DROP_QUEUE_FULL: Final = "queue_full"  # the training thread outran the sender
@@ -75,3 +80,6 @@ ENV_ENDPOINT: Final = "OUTRIDER_ENDPOINT"
 ENV_RUN_ID: Final = "OUTRIDER_RUN_ID"
 ENV_DISABLED: Final = "OUTRIDER_DISABLED"
 ENV_QUEUE_SIZE: Final = "OUTRIDER_QUEUE_SIZE"
+#: the `host` label of a trainer's and an agent's series (default: the hostname); in
+#: Kubernetes, the node's name from the downward API
+ENV_HOST: Final = "OUTRIDER_HOST"

@@ -13,7 +13,7 @@ import click
 import orjson
 
 from agent import config as agent_config
-from agent.cli import launcher
+from agent.cli import jobs, launcher
 from agent.config import AgentConfig
 from agent.store.disk import check_runs_dir, describe
 from agent.store.runs import RunNotFound, list_runs, resolve, summarise
@@ -116,6 +116,21 @@ def main() -> None:
     help="Fail (exit 2) instead of running without telemetry when the agent cannot start.",
 )
 @click.option("-q", "--quiet", is_flag=True, help="No outrider lines on stderr.")
+@jobs.host_option
+@click.option(
+    "--aggregator",
+    default="auto",
+    show_default=True,
+    metavar="auto|off|HOST:PORT",
+    help="The job aggregator this node forwards to. auto: for a multi-node torchrun, one at "
+    f"its --master-addr, port {jobs.DEFAULT_PORT}, started by the node of --node-rank 0.",
+)
+@click.option(
+    "--serve-aggregator/--no-serve-aggregator",
+    default=None,
+    help="Start the job aggregator beside this node's agent [default: on node rank 0].",
+)
+@jobs.keys_options
 @config_options
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def run(
@@ -127,6 +142,11 @@ def run(
     drain_timeout: float,
     require_agent: bool,
     quiet: bool,
+    host: str | None,
+    aggregator: str,
+    serve_aggregator: bool | None,
+    keys_dir: Path | None,
+    insecure: bool,
     command: tuple[str, ...],
 ) -> None:
     """Run COMMAND (e.g. `python train.py` or `torchrun ...`) with an agent beside it.
@@ -136,15 +156,43 @@ def run(
     COMMAND; when it exits the agent stores the last records and stops, and
     outrider exits with COMMAND's exit status. Put `--` before COMMAND if it
     has options of its own.
+
+    \b
+    Several nodes: run it on every node with the same --run-id (or torchrun's
+    --rdzv-id), e.g.
+      outrider run --run-id job7 --keys ./keys -- torchrun --nnodes 2 \\
+          --node-rank 0 --master-addr node0 --nproc-per-node 8 train.py
+    Every node's agent keeps its ranks' records and /metrics and forwards
+    window summaries, alerts and accounting to the job aggregator, which
+    node rank 0 starts; it writes the job's one W&B run and TensorBoard log.
     """
     config = load_config(config_path, sinks)
     agent_args = ["--config", str(config_path.resolve())] if config_path else []
     if sinks is not None:
         agent_args += ["--sinks", sinks]
+
+    def say(message: str) -> None:
+        if not quiet:
+            click.echo(f"outrider: {message}", err=True)
+
+    argv = list(command)
+    keys_dir = keys_dir or config.aggregation.keys_dir
+    tier = jobs.resolve_job_tier(argv, aggregator, serve_aggregator, keys_dir, insecure, say)
+    if tier is not None:
+        run_id = jobs.job_run_id(argv, run_id)
+        if run_id is None:
+            raise click.UsageError(
+                "several nodes make one job only if they share a run id: give every node the "
+                "same --run-id (or torchrun's --rdzv-id)"
+            )
+    aggregator_args = agent_args if tier is not None and tier.serve else None
     status = launcher.run(
-        list(command),
+        argv,
         runs_dir=resolve_runs_dir(runs_dir, config),
         agent_args=agent_args,
+        host=host,
+        job_tier=tier,
+        aggregator_args=aggregator_args,
         run_id=run_id,
         endpoint=tcp_endpoint(tcp),
         drain_timeout=drain_timeout,
@@ -184,6 +232,13 @@ def run(
     show_default=True,
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]),
 )
+@jobs.host_option
+@click.option(
+    "--forward-to",
+    metavar="HOST:PORT",
+    help="Forward window summaries, alerts and accounting to this job aggregator.",
+)
+@jobs.keys_options
 @config_options
 def agent(
     runs_dir: Path | None,
@@ -195,6 +250,10 @@ def agent(
     drain_timeout: float | None,
     parent_pid: int | None,
     log_level: str,
+    host: str | None,
+    forward_to: str | None,
+    keys_dir: Path | None,
+    insecure: bool,
     config_path: Path | None,
     sinks: str | None,
 ) -> None:
@@ -222,6 +281,10 @@ def agent(
     unusable = check_runs_dir(store_dir)
     if unusable is not None:
         raise click.ClickException(f"cannot store runs in {store_dir}: {unusable}")
+    forward_to = forward_to or config.aggregation.forward_to
+    forwarder = None
+    if forward_to is not None:
+        config, forwarder = jobs.node_forwarder(config, forward_to, keys_dir, insecure, host)
     yield_cpu_to_the_trainer(config.nice, config.stats.threads)
     limit_malloc_arenas()
     try:
@@ -233,6 +296,8 @@ def agent(
             drain_timeout=config.drain_timeout if drain_timeout is None else drain_timeout,
             parent_pid=parent_pid,
             config=config,
+            host=host,
+            forwarder=forwarder,
         )
     except Exception as exc:  # zmq.ZMQError for a taken address, OSError for a bad dir
         raise click.ClickException(f"cannot start the agent on {endpoint}: {exc}") from None
@@ -303,6 +368,9 @@ def show(run_name: str, runs_dir: Path | None, as_json: bool) -> None:
     info = summary["info"]
     for label, value in _overview(info, run_dir):
         click.echo(f"{label:<10}{value}")
+    if isinstance(info.get("job"), dict):
+        for line in jobs.job_lines(info["job"]):
+            click.echo(line)
     for stream in info.get("streams", []):
         who = "launcher" if stream["rank"] < 0 else f"rank {stream['rank']}"
         not_stored = sum((stream.get("not_stored") or {}).values())
@@ -372,6 +440,9 @@ def _row(cells: tuple[Any, ...], widths: tuple[int, ...]) -> str:
         f"{cell!s:<{-width}}" if width < 0 else f"{cell!s:>{width}}"
         for cell, width in zip(cells, widths, strict=True)
     )
+
+
+main.add_command(jobs.aggregator)
 
 
 @main.command("config")

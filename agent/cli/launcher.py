@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -28,10 +29,34 @@ import zmq
 
 from agent.ingest.endpoint import private_ipc_dir
 from agent.store.disk import check_runs_dir
+from agent.store.runs import JOBS_DIR
 from probe import protocol
 from probe.identity import Identity, new_run_id, new_stream_id
 
+
+@dataclass(frozen=True)
+class JobTier:
+    """The job tier of one node: where its agent forwards, and whether it hosts the
+    aggregator (the node of node rank 0, by default)."""
+
+    forward_to: str  # HOST:PORT
+    serve: bool = False
+    keys_dir: Path | None = None
+    insecure: bool = False
+
+    def agent_args(self) -> list[str]:
+        args = ["--forward-to", self.forward_to]
+        if self.keys_dir is not None:
+            args += ["--keys", str(self.keys_dir)]
+        if self.insecure:
+            args.append("--insecure")
+        return args
+
+
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+
+#: the ``outrider`` command, run so that the trainer's directory stays off sys.path
+OUTRIDER = (sys.executable, "-P", "-m", "agent")
 
 
 def agent_argv(endpoint: str, runs_dir: Path, ready_fd: int, *options: str) -> list[str]:
@@ -40,10 +65,7 @@ def agent_argv(endpoint: str, runs_dir: Path, ready_fd: int, *options: str) -> l
     ``python -P``: the trainer's directory (with its own agent.py?) stays off sys.path.
     """
     return [
-        sys.executable,
-        "-P",
-        "-m",
-        "agent",
+        *OUTRIDER,
         "agent",
         "--endpoint",
         endpoint,
@@ -159,6 +181,9 @@ def run(
     quiet: bool = False,
     agent_args: list[str] | None = None,
     close_allowance: float = 50.0,
+    host: str | None = None,
+    job_tier: JobTier | None = None,
+    aggregator_args: list[str] | None = None,
 ) -> int:
     """Start the agent, run ``command`` with the probe's environment, stop the agent.
 
@@ -184,9 +209,19 @@ def run(
         ipc_dir = private_ipc_dir()
         endpoint = f"ipc://{ipc_dir / 'agent.sock'}"
     meta = {"command": command, "cwd": os.getcwd(), "launcher": "outrider run"}
+    extra = list(agent_args or [])
+    if host:
+        extra += ["--host", host]
+    aggregator = None
+    if job_tier is not None:
+        extra += job_tier.agent_args()
+        if job_tier.serve:
+            aggregator = _start_aggregator(
+                job_tier, runs_dir / JOBS_DIR, drain_timeout, start_timeout, aggregator_args, say
+            )
     read_fd, write_fd = os.pipe()
     agent = subprocess.Popen(
-        agent_command(endpoint, runs_dir, run_id, meta, write_fd, drain_timeout, agent_args or []),
+        agent_command(endpoint, runs_dir, run_id, meta, write_fd, drain_timeout, extra),
         pass_fds=(write_fd,),
         start_new_session=True,
     )
@@ -195,6 +230,8 @@ def run(
     os.close(read_fd)
 
     env = dict(os.environ)
+    if host:
+        env[protocol.ENV_HOST] = host
     env[protocol.ENV_ENDPOINT] = endpoint
     env[protocol.ENV_RUN_ID] = run_id
     if ready:
@@ -212,6 +249,8 @@ def run(
     except OSError as exc:
         say(f"cannot run {command[0]!r}: {exc}")
         _stop_agent(agent, drain_timeout, close_allowance)
+        if aggregator is not None:
+            _stop_agent(aggregator, drain_timeout, close_allowance)
         return 127
 
     status = exit_code(_wait_forwarding(child))
@@ -222,9 +261,57 @@ def run(
         say(f"run {run_id} stored in {runs_dir / run_id} (outrider show {run_id})")
         for line in where_to_look(runs_dir / run_id):
             say(line)
+    if aggregator is not None:
+        # After this node's agent said bye; the other nodes' agents finish about now too.
+        if not _stop_agent(aggregator, drain_timeout, close_allowance):
+            say("the job aggregator did not finish draining in time and was killed")
+        job_dir = runs_dir / JOBS_DIR / run_id
+        say(f"job view of run {run_id} in {job_dir} (outrider show {JOBS_DIR}/{run_id})")
+        for line in where_to_look(job_dir):
+            say(line)
     if ipc_dir is not None:
         shutil.rmtree(ipc_dir, ignore_errors=True)
     return status
+
+
+def _start_aggregator(
+    tier: JobTier,
+    jobs_dir: Path,
+    drain_timeout: float,
+    start_timeout: float,
+    options: list[str] | None,
+    say: Callable[[str], None],
+) -> subprocess.Popen[bytes] | None:
+    """The job aggregator beside this node's agent, or None (said why) if it did not start:
+    the node agents then hold their backlog and the job runs as it would without it."""
+    read_fd, write_fd = os.pipe()
+    argv = [
+        *OUTRIDER,
+        "aggregator",
+        "--bind",
+        tier.forward_to,
+        "--runs-dir",
+        str(jobs_dir),
+        "--ready-fd",
+        str(write_fd),
+        "--parent-pid",
+        str(os.getpid()),
+        "--drain-timeout",
+        str(drain_timeout),
+        *(["--keys", str(tier.keys_dir)] if tier.keys_dir is not None else []),
+        *(["--insecure"] if tier.insecure else []),
+        *(options or []),
+    ]
+    aggregator = subprocess.Popen(argv, pass_fds=(write_fd,), start_new_session=True)
+    os.close(write_fd)
+    ready = wait_ready(read_fd, start_timeout, aggregator)
+    os.close(read_fd)
+    if not ready:
+        _stop_agent(aggregator, 0.0)
+        say(f"the job aggregator did not start at {tier.forward_to}; this node keeps its view")
+        return None
+    say(f"job aggregator listening at {tier.forward_to}, job views in {jobs_dir}")
+    return aggregator
 
 
 def _wait_forwarding(child: subprocess.Popen[bytes]) -> int:

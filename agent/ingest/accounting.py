@@ -28,6 +28,7 @@ class StreamLedger:
     world_size: int
     host: str
     pid: int
+    restart: int = 0  # torchrun's restart count
     received: int = 0
     max_seq: int = -1
     produced: int = 0  # lower bound until bye, exact after it
@@ -42,7 +43,8 @@ class StreamLedger:
     @classmethod
     def from_envelope(cls, envelope: dict[str, Any]) -> StreamLedger:
         """A ledger for the stream the envelope names (every identity field but the run)."""
-        return cls(**{key: envelope[key] for key in protocol.ENVELOPE_KEYS if key != "run"})
+        keys = (*protocol.ENVELOPE_KEYS, *protocol.OPTIONAL_ENVELOPE)
+        return cls(**{key: envelope[key] for key in keys if key != "run" and key in envelope})
 
     def observe(
         self, kind: str, seq: int, t: float, step: int | None, body: dict[str, Any]
@@ -135,6 +137,7 @@ class StreamLedger:
             "world_size": self.world_size,
             "host": self.host,
             "pid": self.pid,
+            "restart": self.restart,
             "sent": self.sent,
             "received": self.received,
             "dropped": dict(self.dropped),

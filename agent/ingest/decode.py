@@ -112,6 +112,8 @@ def decode(raw: bytes) -> Message:
         raise Rejected("malformed", "records is not a bounded array")
     # Only the known keys go on: the envelope is written to the store as the stream's source.
     decoded = Message({key: envelope[key] for key in protocol.ENVELOPE_KEYS}, [])
+    for key, default in protocol.OPTIONAL_ENVELOPE.items():
+        decoded.envelope[key] = envelope.get(key, default)
     good = decoded.records
     known = _KNOWN_NAMES
     blocks = version >= 2
@@ -225,6 +227,9 @@ def _check_envelope(envelope: Any) -> None:
     host = envelope.get("host")
     if type(host) is not str or len(host) > protocol.MAX_NAME_CHARS:
         raise Rejected("bad_envelope", "host must be a short string")
+    restart = envelope.get("restart", 0)
+    if type(restart) is not int or not 0 <= restart <= MAX_COUNT:
+        raise Rejected("bad_envelope", "restart must be a non-negative integer")
 
 
 def _check_record(record: Any) -> Record:

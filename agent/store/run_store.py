@@ -114,6 +114,8 @@ class RunStore:
         self.dirty = True
         self.last_record_time = 0.0
         self.records = 0
+        #: run.json's keys someone else keeps (the job aggregator's view), merged at each write
+        self.view: Callable[[], dict[str, Any]] | None = None
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             existing = self.dir / RUN_JSON
@@ -466,6 +468,8 @@ class RunStore:
             "failures": self.failures,
             "agent_lines_not_stored": dict(self.agent_lines_not_stored),
         }
+        if self.view is not None:
+            info.update(self.view())
         return info
 
     def collect_info_later(self, collect: Callable[[], dict[str, Any]]) -> None:

@@ -22,8 +22,22 @@ def load_info(run_dir: Path) -> dict[str, Any]:
     return orjson.loads((run_dir / RUN_JSON).read_bytes())  # type: ignore[no-any-return]
 
 
+#: the subdirectory where a node that hosts the job aggregator keeps job views
+JOBS_DIR = "jobs"
+
+
 def list_runs(runs_dir: Path) -> list[dict[str, Any]]:
-    """One summary per run directory, newest first; unreadable ones are marked, not skipped."""
+    """One summary per run directory, newest first; unreadable ones are marked, not skipped.
+    Job views a node keeps in ``jobs/`` are listed as ``jobs/<id>``."""
+    rows = _list(runs_dir)
+    for row in _list(runs_dir / JOBS_DIR):
+        row["run_id"] = f"{JOBS_DIR}/{row['run_id']}"
+        rows.append(row)
+    rows.sort(key=lambda row: row.get("start_time") or 0, reverse=True)
+    return rows
+
+
+def _list(runs_dir: Path) -> list[dict[str, Any]]:
     if not runs_dir.is_dir():
         return []
     rows: list[dict[str, Any]] = []
@@ -47,9 +61,9 @@ def list_runs(runs_dir: Path) -> list[dict[str, Any]]:
                 "records": info.get("records", 0),
                 "dropped": info.get("dropped", 0),
                 "lost": info.get("lost", 0),
+                "job": "job" in info,
             }
         )
-    rows.sort(key=lambda row: row.get("start_time") or 0, reverse=True)
     return rows
 
 

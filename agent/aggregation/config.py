@@ -1,0 +1,77 @@
+"""The ``aggregation:`` section of the agent's config: the job tier on both ends.
+
+A node agent reads ``forward_to`` and the uplink's bounds; an aggregator reads
+``bind`` and the cross-rank statistics' settings. ``keys_dir`` and
+``insecure`` apply to both: plain TCP is only ever used on loopback unless
+``insecure`` says otherwise.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydantic
+
+#: the port a job aggregator listens on when none is named (beside MASTER_ADDR's 29500)
+DEFAULT_PORT = 29460
+
+
+class AggregationSettings(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    forward_to: str | None = pydantic.Field(
+        default=None,
+        description="HOST:PORT of the job aggregator this node agent forwards to (off: None).",
+    )
+    bind: str = pydantic.Field(
+        default=f"127.0.0.1:{DEFAULT_PORT}", description="HOST:PORT an aggregator listens on."
+    )
+    keys_dir: Path | None = pydantic.Field(
+        default=None, description="CURVE keys made by `outrider keys` (required off loopback)."
+    )
+    insecure: bool = pydantic.Field(
+        default=False, description="Allow plain TCP off loopback (a trusted network only)."
+    )
+    backlog: int = pydantic.Field(
+        default=10_000, ge=1, description="Items a node agent holds while the aggregator is away."
+    )
+    spool_dir: Path | None = pydantic.Field(
+        default=None, description="Spill the backlog's overflow to files here (off: None)."
+    )
+    spool_bytes: int = pydantic.Field(default=64 << 20, ge=0)
+    heartbeat_seconds: float = pydantic.Field(default=2.0, gt=0)
+    accounting_seconds: float = pydantic.Field(
+        default=5.0, gt=0, description="How often a node agent sends its streams' accounting."
+    )
+    forward_raw: bool = pydantic.Field(
+        default=False,
+        description="Also forward every stored scalar and event line (small jobs only).",
+    )
+    window_wait_seconds: float = pydantic.Field(
+        default=30.0,
+        gt=0,
+        description="How long an aggregator waits for every rank's window before judging it.",
+    )
+
+
+def split_host_port(value: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
+    """``PORT``, ``HOST:PORT`` or ``[V6]:PORT`` -> (host, port); ValueError if not."""
+    text = value.strip()
+    if text.startswith("tcp://"):
+        text = text[len("tcp://") :]
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = default_host, text
+    host = host.strip("[]") or default_host
+    try:
+        number = int(port)
+    except ValueError:
+        raise ValueError(f"{value!r} is not [HOST:]PORT") from None
+    if not 0 <= number <= 65535:
+        raise ValueError(f"port {number} is out of range")
+    return host, number
+
+
+def tcp_url(host: str, port: int) -> str:
+    """The ZeroMQ endpoint of ``host:port`` (IPv6 hosts in brackets)."""
+    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"

@@ -1,0 +1,388 @@
+"""One job at the aggregator: its store, its nodes' accounting, its ranks and windows.
+
+Node agents send items (``agent.aggregation.wire``); the view stores what a
+person reads later (each rank's windows, alerts, events) in the job's run
+store, keeps the per-node accounting of both tiers, and judges complete job
+windows: stragglers, ranks that diverge, the min and max of each metric.
+Everything it stores goes to the job's sinks too; ``Out.per_rank`` says
+whether an entry is one rank's (W&B and TensorBoard take those; the
+aggregator's ``/metrics`` keeps to job-level series, the nodes export the
+per-rank ones).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.aggregation import wire
+from agent.aggregation.config import AggregationSettings
+from agent.aggregation.divergence import DivergenceDetector
+from agent.aggregation.extremes import extremes, job_scalars
+from agent.aggregation.findings import divergence_alert, straggler_alert
+from agent.aggregation.ledger import UplinkLedger
+from agent.aggregation.stragglers import StragglerDetector
+from agent.aggregation.windows import JobWindow, JobWindows
+from agent.analysis.summaries import STEP_TIME
+from agent.store.run_store import RunStore
+from probe import protocol
+from sinks import schema
+
+#: window-summary figures that become a rank's scalars in the job's W&B run and TensorBoard
+WINDOW_FIGURE = "mean"
+#: ranks listed as the slowest in run.json and `outrider show`
+SLOWEST = 5
+
+
+@dataclass
+class Out:
+    """A stored entry for the sinks, and whose it is."""
+
+    entry: dict[str, Any]
+    rank: int = -1
+    local_rank: int = -1
+    host: str = ""
+    per_rank: bool = False
+
+
+@dataclass
+class RankState:
+    """What the job view shows of one rank (its latest process)."""
+
+    rank: int
+    host: str
+    local_rank: int
+    restart: int
+    world_size: int
+    windows: int = 0
+    last_step: int | None = None
+    step_time_p50: float | None = None
+    relative: float | None = None
+    individual: float | None = None
+    straggler: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "rank": self.rank,
+            "host": self.host,
+            "local_rank": self.local_rank,
+            "restart": self.restart,
+            "windows": self.windows,
+            "last_step": self.last_step,
+            "step_time_p50": self.step_time_p50,
+            "relative_score": self.relative,
+            "individual_score": self.individual,
+            "straggler": self.straggler,
+        }
+
+
+@dataclass
+class NodeState:
+    """One node: its uplink streams (one per node-agent process) and its trainers' ledgers."""
+
+    uplinks: dict[str, UplinkLedger] = field(default_factory=dict)  # by node agent id
+    streams: dict[str, dict[str, Any]] = field(default_factory=dict)  # probe stream -> summary
+    last_seen: float = 0.0
+
+    def accounting(self) -> dict[str, Any]:
+        """Both tiers' sums: the node's probe streams, and its uplink to the aggregator."""
+        tier1 = {"sent": 0, "received": 0, "dropped": 0, "lost": 0, "not_stored": 0}
+        for summary in self.streams.values():
+            tier1["sent"] += int(summary.get("sent", 0))
+            tier1["received"] += int(summary.get("received", 0))
+            tier1["dropped"] += sum((summary.get("dropped") or {}).values())
+            tier1["lost"] += int(summary.get("lost", 0))
+            tier1["not_stored"] += sum((summary.get("not_stored") or {}).values())
+        uplinks = [ledger.summary() for ledger in self.uplinks.values()]
+        tier2 = {
+            "sent": sum(u["sent"] for u in uplinks),
+            "received": sum(u["received"] for u in uplinks),
+            "dropped": sum(sum(u["dropped"].values()) for u in uplinks),
+            "lost": sum(u["lost"] for u in uplinks),
+        }
+        return {
+            "records": tier1,
+            "uplink": tier2,
+            "complete": bool(uplinks) and all(u["complete"] for u in uplinks),
+            "streams": list(self.streams.values()),
+            "uplinks": uplinks,
+        }
+
+
+class JobView:
+    """The aggregator's state of one job; only the aggregator's loop touches it."""
+
+    def __init__(
+        self,
+        store: RunStore,
+        settings: AggregationSettings,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.job = store.run_id
+        self.settings = settings
+        self.clock = clock
+        self.nodes: dict[str, NodeState] = {}
+        self.ranks: dict[int, RankState] = {}
+        self.windows = JobWindows(max_wait_seconds=settings.window_wait_seconds, clock=clock)
+        self.stragglers = StragglerDetector(settings.stragglers)
+        self.divergence = DivergenceDetector(settings.divergence)
+        self.judged = 0
+        self.extremes: dict[str, Any] = {}
+        self._restore(store.info.get("job"))
+        store.view = self.view
+
+    # -- items from node agents ------------------------------------------------------
+    def take(self, envelope: dict[str, Any], item: wire.Item) -> list[Out]:
+        """Account for one item and store what it carries; returns what goes to the sinks."""
+        node = self.nodes.setdefault(envelope["node"], NodeState())
+        node.last_seen = self.clock()
+        ledger = node.uplinks.get(envelope["agent"])
+        if ledger is None:
+            ledger = node.uplinks[envelope["agent"]] = UplinkLedger(
+                envelope["node"], envelope["agent"]
+            )
+        if not ledger.observe(item):
+            return []  # a repeated item (a replayed spool)
+        self.store.dirty = True
+        body = item.body
+        kind = item.kind
+        if kind == wire.WINDOW:
+            return self._window(body)
+        if kind == wire.ALERT:
+            entry = self.store.add_alert({**body, "kind": schema.ALERT})
+            return [Out(entry, _int(body.get("rank")), host=str(body.get("host", "")))]
+        if kind == wire.EVENT:
+            return self._event(body)
+        if kind == wire.RECORDS:
+            return self._records(body)
+        if kind == wire.ACCOUNTING:
+            for summary in body.get("streams") or []:
+                if isinstance(summary, dict) and isinstance(summary.get("stream"), str):
+                    node.streams[summary["stream"]] = summary
+        if kind == wire.HELLO:
+            meta = body.get("meta")
+            if isinstance(meta, dict) and "command" not in self.store.info:
+                self.store.info.update(meta)
+        return []
+
+    def _window(self, summary: dict[str, Any]) -> list[Out]:
+        rank = _int(summary.get("rank"))
+        host = str(summary.get("host", ""))
+        state = self._rank(summary)
+        state.windows += 1
+        if isinstance(summary.get("last_step"), int):
+            state.last_step = summary["last_step"]
+        derived = summary.get("derived") or {}
+        p50 = derived.get(f"{STEP_TIME}/p50")
+        if isinstance(p50, float | int):
+            state.step_time_p50 = float(p50)
+        self.windows.add(summary)
+        stored = self.store.add_local({**summary, "kind": schema.SUMMARY})
+        scalars = {
+            name: figures.get(WINDOW_FIGURE)
+            for name, figures in (summary.get("metrics") or {}).items()
+            if isinstance(figures, dict) and isinstance(figures.get(WINDOW_FIGURE), float | int)
+        }
+        scalars.update(
+            {name: value for name, value in derived.items() if isinstance(value, float | int)}
+        )
+        outs = [Out(stored, rank, state.local_rank, host, per_rank=True)]
+        if scalars:
+            line = {
+                "kind": protocol.SCALARS,
+                "rank": rank,
+                "host": host,
+                "step": summary.get("last_step"),
+                "t": summary.get("t_end") or time.time(),
+                "metrics": {name: schema.encode_number(v) for name, v in scalars.items()},
+            }
+            outs.append(Out(line, rank, state.local_rank, host, per_rank=True))
+        return outs
+
+    def _event(self, body: dict[str, Any]) -> list[Out]:
+        kind = body.get("kind")
+        record = body.get("body") or {}
+        if kind == protocol.CONFIG and isinstance(record.get("params"), dict):
+            self.store.info.setdefault("config", {}).update(record["params"])
+        elif kind == protocol.HELLO and body.get("rank") == 0 and "trainer" not in self.store.info:
+            self.store.info["trainer"] = record
+        elif kind == protocol.RUN_END:
+            self.store.info.setdefault("node_exits", {})[str(body.get("host"))] = record.get(
+                "exit_status"
+            )
+        self._rank(body)
+        entry = self.store.add_local(
+            {
+                "kind": kind,
+                "rank": _int(body.get("rank")),
+                "host": body.get("host"),
+                "step": body.get("step"),
+                "t": body.get("t"),
+                **(record if kind == protocol.EVENT else {"body": record}),
+            }
+        )
+        if kind not in (protocol.EVENT, protocol.CONFIG):
+            return []
+        return [
+            Out(
+                entry,
+                _int(body.get("rank")),
+                _int(body.get("local_rank")),
+                str(body.get("host", "")),
+            )
+        ]
+
+    def _records(self, body: dict[str, Any]) -> list[Out]:
+        outs = []
+        for line in body.get("entries") or []:
+            if isinstance(line, dict) and line.get("kind") in (protocol.SCALARS, protocol.EVENT):
+                line = {**line, "host": body.get("host")}
+                stored = self.store.add_local(line)
+                outs.append(
+                    Out(
+                        stored,
+                        _int(line.get("rank")),
+                        host=str(body.get("host", "")),
+                        per_rank=True,
+                    )
+                )
+        return outs
+
+    def _rank(self, who: dict[str, Any]) -> RankState:
+        """The rank's state, replaced when a newer process (a torchrun restart) reports."""
+        rank = _int(who.get("rank"))
+        restart = _int(who.get("restart"), 0)
+        state = self.ranks.get(rank)
+        if state is None or restart > state.restart:
+            state = self.ranks[rank] = RankState(
+                rank,
+                str(who.get("host", "")),
+                _int(who.get("local_rank")),
+                restart,
+                _int(who.get("world_size"), 0),
+            )
+        return state
+
+    # -- once a beat -----------------------------------------------------------------
+    def judge(self) -> list[Out]:
+        """Judge every job window that is complete (or waited long enough)."""
+        outs: list[Out] = []
+        for window in self.windows.ready():
+            outs.extend(self._judge(window))
+        return outs
+
+    def finish(self) -> list[Out]:
+        """At the aggregator's close: judge the windows still waiting for a rank."""
+        outs: list[Out] = []
+        for window in self.windows.release_all():
+            outs.extend(self._judge(window))
+        return outs
+
+    def _judge(self, window: JobWindow) -> list[Out]:
+        self.judged += 1
+        scores = self.stragglers.scores(window)
+        for rank, (relative, individual) in scores.items():
+            state = self.ranks.get(rank)
+            if state is not None:
+                state.relative, state.individual = relative, individual
+        alerts = [straggler_alert(self.job, f) for f in self.stragglers.judge(window)]
+        alerts += [divergence_alert(self.job, f) for f in self.divergence.judge(window)]
+        flagged = self.stragglers.flagged()
+        for rank, state in self.ranks.items():
+            state.straggler = rank in flagged
+        self.extremes = {name: e.as_dict() for name, e in extremes(window).items()}
+        step = max(
+            (
+                s.get("last_step")
+                for s in window.ranks.values()
+                if isinstance(s.get("last_step"), int)
+            ),
+            default=None,
+        )
+        outs = []
+        for alert in alerts:
+            outs.append(
+                Out(
+                    self.store.add_alert(alert),
+                    _int(alert.get("rank")),
+                    host=str(alert.get("host", "")),
+                )
+            )
+        figures = job_scalars(window, scores)
+        if figures:
+            line = {
+                "kind": protocol.SCALARS,
+                "step": step,
+                "metrics": {name: schema.encode_number(v) for name, v in figures.items()},
+            }
+            outs.append(Out(self.store.add_local(line)))
+        return outs
+
+    # -- the view --------------------------------------------------------------------
+    def all_said_bye(self) -> bool:
+        return bool(self.nodes) and all(
+            ledger.said_bye for node in self.nodes.values() for ledger in node.uplinks.values()
+        )
+
+    def view(self) -> dict[str, Any]:
+        """run.json's job keys: ranks, nodes with both tiers' accounting, the slowest ranks."""
+        nodes = {name: node.accounting() for name, node in sorted(self.nodes.items())}
+        ranks = [state.as_dict() for _, state in sorted(self.ranks.items())]
+        timed = [r for r in ranks if r["step_time_p50"] is not None]
+        slowest = sorted(timed, key=lambda r: r["relative_score"] or math.inf)[:SLOWEST]
+        records = [n["records"] for n in nodes.values()]
+        steps = [r["last_step"] for r in ranks if r["last_step"] is not None]
+        view: dict[str, Any] = {
+            "job": {
+                "nodes": nodes,
+                "ranks": ranks,
+                "slowest": slowest,
+                "stragglers": sorted(r["rank"] for r in ranks if r["straggler"]),
+                "extremes": self.extremes,
+                "windows_judged": self.judged,
+            },
+            "records": sum(r["received"] for r in records),
+            "dropped": sum(r["dropped"] for r in records),
+            "lost": sum(r["lost"] for r in records),
+            "last_step": max(steps) if steps else None,
+        }
+        if self.all_said_bye():
+            exits = self.store.info.get("node_exits") or {}
+            failed = [status for status in exits.values() if status not in (0, None)]
+            view["status"] = "failed" if failed else "finished"
+        return view
+
+    def _restore(self, job: Any) -> None:
+        """An aggregator restarted on the same runs dir picks its nodes' ledgers back up."""
+        if not isinstance(job, dict):
+            return
+        for name, node in (job.get("nodes") or {}).items():
+            state = self.nodes.setdefault(name, NodeState())
+            for summary in node.get("uplinks") or []:
+                ledger = UplinkLedger(name, str(summary.get("agent")))
+                ledger.restore(summary)
+                state.uplinks[ledger.agent] = ledger
+            for summary in node.get("streams") or []:
+                if isinstance(summary, dict) and isinstance(summary.get("stream"), str):
+                    state.streams[summary["stream"]] = summary
+        for rank in job.get("ranks") or []:
+            try:
+                self.ranks[int(rank["rank"])] = RankState(
+                    int(rank["rank"]),
+                    str(rank["host"]),
+                    int(rank["local_rank"]),
+                    int(rank["restart"]),
+                    0,
+                    int(rank.get("windows", 0)),
+                    rank.get("last_step"),
+                )
+            except (KeyError, TypeError, ValueError):
+                continue
+
+
+def _int(value: Any, default: int = -1) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
