@@ -82,6 +82,16 @@ aggregation:
   accounting_seconds: 5.0   # how often a node sends its streams' accounting
   forward_raw: false        # also forward every scalar line (small jobs only)
   window_wait_seconds: 30   # how long the aggregator waits for every rank's window
+  stragglers:               # flagged when a score < threshold for `consecutive` windows
+    enabled: true
+    threshold: 0.75         # relative: fastest rank's median / this rank's; individual: own best / now
+    consecutive: 3
+    sections: [compute_seconds, forward_seconds, step_time_seconds]  # first one all ranks log
+  divergence:               # a rank whose window mean departs from the other ranks'
+    enabled: true
+    metrics: [loss, grad_norm]
+    threshold: 6.0          # robust deviations (MAD) from the other ranks' median
+    consecutive: 2
 
 # Destinations besides the run store (which is always on). The three below are
 # on by default; switch one off with `enabled: false`. Keys every sink takes:

@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pydantic
 
+from agent.aggregation.divergence import DivergenceSettings
+from agent.aggregation.stragglers import StragglerSettings
+
 #: the port a job aggregator listens on when none is named (beside MASTER_ADDR's 29500)
 DEFAULT_PORT = 29460
 
@@ -52,6 +55,8 @@ class AggregationSettings(pydantic.BaseModel):
         gt=0,
         description="How long an aggregator waits for every rank's window before judging it.",
     )
+    stragglers: StragglerSettings = pydantic.Field(default_factory=StragglerSettings)
+    divergence: DivergenceSettings = pydantic.Field(default_factory=DivergenceSettings)
 
 
 def split_host_port(value: str, default_host: str = "127.0.0.1") -> tuple[str, int]:

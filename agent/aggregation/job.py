@@ -142,11 +142,11 @@ class JobView:
         node.last_seen = self.clock()
         ledger = node.uplinks.get(envelope["agent"])
         if ledger is None:
-            ledger = node.uplinks[envelope["agent"]] = UplinkLedger(
-                envelope["node"], envelope["agent"]
-            )
-        if not ledger.observe(item):
-            return []  # a repeated item (a replayed spool)
+            ledger = node.uplinks[envelope["agent"]] = UplinkLedger.from_envelope(envelope)
+        repeats = ledger.duplicates
+        ledger.observe(item)
+        if ledger.duplicates != repeats:
+            return []  # an item received before (a replayed spool)
         self.store.dirty = True
         body = item.body
         kind = item.kind
@@ -278,7 +278,8 @@ class JobView:
     def finish(self) -> list[Out]:
         """At the aggregator's close: judge the windows still waiting for a rank."""
         outs: list[Out] = []
-        for window in self.windows.release_all():
+        self.windows.max_wait_seconds = 0.0  # nothing more comes: every window waited enough
+        for window in self.windows.ready():
             outs.extend(self._judge(window))
         return outs
 
@@ -289,8 +290,8 @@ class JobView:
             state = self.ranks.get(rank)
             if state is not None:
                 state.relative, state.individual = relative, individual
-        alerts = [straggler_alert(self.job, f) for f in self.stragglers.judge(window)]
-        alerts += [divergence_alert(self.job, f) for f in self.divergence.judge(window)]
+        alerts = [straggler_alert(f) for f in self.stragglers.judge(window)]
+        alerts += [divergence_alert(f) for f in self.divergence.judge(window)]
         flagged = self.stragglers.flagged()
         for rank, state in self.ranks.items():
             state.straggler = rank in flagged
@@ -363,8 +364,13 @@ class JobView:
         for name, node in (job.get("nodes") or {}).items():
             state = self.nodes.setdefault(name, NodeState())
             for summary in node.get("uplinks") or []:
-                ledger = UplinkLedger(name, str(summary.get("agent")))
-                ledger.restore(summary)
+                try:
+                    ledger = UplinkLedger(
+                        self.job, name, str(summary["agent"]), int(summary["pid"])
+                    )
+                    ledger.restore(summary)
+                except (KeyError, TypeError, ValueError):
+                    continue  # a run.json edited by hand
                 state.uplinks[ledger.agent] = ledger
             for summary in node.get("streams") or []:
                 if isinstance(summary, dict) and isinstance(summary.get("stream"), str):

@@ -126,6 +126,10 @@ class StragglerDetector:
         self.settings = settings or StragglerSettings()
         self._ranks: dict[int, _RankState] = {}
 
+    def flagged(self) -> set[int]:
+        """The ranks flagged now (a flag lasts until the rank's scores recover)."""
+        return {rank for rank, state in self._ranks.items() if state.flagged}
+
     def section(self, window: JobWindow) -> tuple[str, dict[int, float]] | None:
         """The first configured section every rank of ``window`` has, with its times."""
         for section in self.settings.sections:

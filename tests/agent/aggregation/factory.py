@@ -57,7 +57,9 @@ def summary(
 
 
 def job_window(
-    index: int, per_rank: dict[int, dict[str, Any]], derived: dict[int, dict[str, float]] | None = None
+    index: int,
+    per_rank: dict[int, dict[str, Any]],
+    derived: dict[int, dict[str, float]] | None = None,
 ) -> JobWindow:
     """A complete job window: ``per_rank`` maps rank -> {metric: window mean}."""
     return JobWindow(
