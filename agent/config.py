@@ -84,7 +84,7 @@ aggregation:
   window_wait_seconds: 30   # how long the aggregator waits for every rank's window
   stragglers:               # flagged when a score < threshold for `consecutive` windows
     enabled: true
-    threshold: 0.75         # relative: fastest rank's median / this rank's; individual: own best / now
+    threshold: 0.75         # relative: fastest median / own; individual: own best / own now
     consecutive: 3
     sections: [compute_seconds, forward_seconds, step_time_seconds]  # first one all ranks log
   divergence:               # a rank whose window mean departs from the other ranks'

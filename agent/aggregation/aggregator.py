@@ -188,7 +188,13 @@ class Aggregator:
     def beat(self) -> None:
         """Judge complete windows, rewrite run.json, kick the sinks, watch the parent."""
         for job in self.jobs.values():
-            self._send(job, job.judge())
+            try:
+                self._send(job, job.judge())
+            except Exception as exc:  # a bug of ours must not end the aggregator
+                self.counters.reject(self.counters.rejected_messages, "internal_error")
+                self.complaints.warning(
+                    "internal_error", "outrider aggregator: internal error judging: %r", exc
+                )
         self.runs.flush()
         self.runs.write_changed_info()
         self.fanout.kick()
@@ -210,7 +216,12 @@ class Aggregator:
 
     def close(self) -> None:
         for job in self.jobs.values():
-            self._send(job, job.finish())
+            try:
+                self._send(job, job.finish())
+            except Exception as exc:
+                logger.error(
+                    "outrider aggregator: job %s: last windows not judged: %r", job.job, exc
+                )
         self.runs.flush()
         self.fanout.close(self.config.sink_close_timeout)
         stats = self.stats().as_dict()

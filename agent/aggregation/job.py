@@ -12,6 +12,7 @@ per-rank ones).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -214,7 +215,8 @@ class JobView:
             self.store.info.setdefault("node_exits", {})[str(body.get("host"))] = record.get(
                 "exit_status"
             )
-        self._rank(body)
+        if _int(body.get("rank")) >= 0:  # not the launcher's run_end
+            self._rank(body)
         entry = self.store.add_local(
             {
                 "kind": kind,
@@ -295,7 +297,8 @@ class JobView:
         flagged = self.stragglers.flagged()
         for rank, state in self.ranks.items():
             state.straggler = rank in flagged
-        self.extremes = {name: e.as_dict() for name, e in extremes(window).items()}
+        found = extremes(window)
+        self.extremes = {name: dataclasses.asdict(e) for name, e in found.items()}
         step = max(
             (
                 s.get("last_step")
@@ -313,7 +316,9 @@ class JobView:
                     host=str(alert.get("host", "")),
                 )
             )
-        figures = job_scalars(window, scores)
+        figures = job_scalars(
+            window, scores, threshold=self.settings.stragglers.threshold, found=found
+        )
         if figures:
             line = {
                 "kind": protocol.SCALARS,

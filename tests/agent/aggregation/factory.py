@@ -22,7 +22,7 @@ def stats(mean: float | None, nonfinite: int = 0, count: int = 100) -> dict[str,
 def summary(
     rank: int,
     index: int,
-    metrics: dict[str, float | None | dict[str, Any]] | None = None,
+    metrics: dict[str, float | dict[str, Any] | None] | None = None,
     derived: dict[str, float] | None = None,
     *,
     restart: int = 0,
