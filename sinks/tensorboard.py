@@ -233,9 +233,10 @@ class TensorBoardSink(Sink):
             base = self.options.logdir.expanduser() / source.run
         else:
             base = Path(batch.run_dir) / "tensorboard"
-        if mode == "always" or (mode == "auto" and source.world_size > 1):
+        per_rank = mode == "always" or (mode == "auto" and source.world_size > 1)
+        if per_rank and source.rank >= 0:
             return base / f"rank-{source.rank}"
-        return base
+        return base  # one rank, or the agent's and the job's own entries (rank -1)
 
     def _export_batch(self, batch: Batch, touched: dict[Path, _RankLog]) -> None:
         if not (isinstance(batch.source.run, str) and RUN_ID.fullmatch(batch.source.run)):
