@@ -160,9 +160,7 @@ class DivergenceDetector:
             return out
         kept = [rank for rank, ok in zip(ranks, finite, strict=True) if ok]
         scores, medians = robust_scores(values[finite], self.settings.relative_floor)
-        for rank, value, score, median in zip(
-            kept, values[finite], scores, medians, strict=True
-        ):
+        for rank, value, score, median in zip(kept, values[finite], scores, medians, strict=True):
             streak = self._streak(rank, metric)
             if score > threshold:
                 streak.count += 1

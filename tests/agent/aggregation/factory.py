@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from agent.aggregation.windows import JobWindow
@@ -22,7 +21,7 @@ def stats(mean: float | None, nonfinite: int = 0, count: int = 100) -> dict[str,
 def summary(
     rank: int,
     index: int,
-    metrics: dict[str, float | None | dict[str, Any]] | None = None,
+    metrics: dict[str, float | dict[str, Any] | None] | None = None,
     derived: dict[str, float] | None = None,
     *,
     restart: int = 0,
@@ -57,7 +56,9 @@ def summary(
 
 
 def job_window(
-    index: int, per_rank: dict[int, dict[str, Any]], derived: dict[int, dict[str, float]] | None = None
+    index: int,
+    per_rank: dict[int, dict[str, Any]],
+    derived: dict[int, dict[str, float]] | None = None,
 ) -> JobWindow:
     """A complete job window: ``per_rank`` maps rank -> {metric: window mean}."""
     return JobWindow(
@@ -67,7 +68,3 @@ def job_window(
             for rank, metrics in per_rank.items()
         },
     )
-
-
-def is_nan(value: float) -> bool:
-    return math.isnan(value)
