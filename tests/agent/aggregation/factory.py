@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from agent.aggregation.windows import JobWindow
@@ -69,7 +68,3 @@ def job_window(
             for rank, metrics in per_rank.items()
         },
     )
-
-
-def is_nan(value: float) -> bool:
-    return math.isnan(value)
