@@ -86,6 +86,7 @@ aggregation:
     enabled: true
     threshold: 0.75         # relative: fastest median / own; individual: own best / own now
     consecutive: 3
+    floor_seconds: 0.002    # added to every time: sub-millisecond timer noise flags nobody
     sections: [compute_seconds, forward_seconds, step_time_seconds]  # first one all ranks log
   divergence:               # a rank whose window mean departs from the other ranks'
     enabled: true

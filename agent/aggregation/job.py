@@ -171,6 +171,7 @@ class JobView:
         return []
 
     def _window(self, summary: dict[str, Any]) -> list[Out]:
+        summary = {**summary, "run": self.job}
         rank = _int(summary.get("rank"))
         host = str(summary.get("host", ""))
         state = self._rank(summary)

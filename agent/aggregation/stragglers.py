@@ -10,8 +10,16 @@ from what the ranks already send instead of from extra collectives in the traine
 - **relative score** = the fastest rank's section time / this rank's (1 for the fastest);
 - **individual score** = this rank's best (lowest) section time so far / its current one.
 
-A rank is flagged when either score stays below ``threshold`` for ``consecutive`` windows
-in a row it reported. It gives one finding per episode; a window with both scores back
+Both scores are taken with ``floor_seconds`` added to each time, so that a section of a
+fraction of a millisecond, where the host's timer noise is as large as the section, cannot
+make a straggler: ``(fastest + floor) / (this + floor)``. On a real model the floor is
+small against the section and changes nothing.
+
+A rank is flagged when its relative score stays below ``threshold`` for ``consecutive``
+windows in a row it reported, or its individual score does while it is also behind the
+fastest rank (relative below ``(1 + threshold) / 2``): a rank that slows down together with
+every other rank is a slower job, not a straggler, and on a shared machine a rank's own
+best window is an outlier its later windows rarely match. It gives one finding per episode; a window with both scores back
 at or above the threshold ends the episode, and a later slowdown flags it again.
 
 Why not step time first: under DDP every rank's step takes as long as the slowest rank's,
@@ -51,6 +59,7 @@ class StragglerSettings(pydantic.BaseModel):
     enabled: bool = True
     threshold: float = pydantic.Field(default=0.75, gt=0, le=1)
     consecutive: int = pydantic.Field(default=3, ge=1)
+    floor_seconds: float = pydantic.Field(default=0.002, ge=0)
     sections: list[str] = pydantic.Field(
         default_factory=lambda: list(DEFAULT_SECTIONS), min_length=1
     )
@@ -126,6 +135,11 @@ class StragglerDetector:
         self.settings = settings or StragglerSettings()
         self._ranks: dict[int, _RankState] = {}
 
+    def _scores(self, fastest: float, best: float, seconds: float) -> tuple[float, float]:
+        """(relative, individual), each time with the floor added."""
+        floor = self.settings.floor_seconds
+        return (fastest + floor) / (seconds + floor), (best + floor) / (seconds + floor)
+
     def flagged(self) -> set[int]:
         """The ranks flagged now (a flag lasts until the rank's scores recover)."""
         return {rank for rank, state in self._ranks.items() if state.flagged}
@@ -157,7 +171,7 @@ class StragglerDetector:
             state = self._ranks.get(rank)
             if state is not None and state.restart == window.restart(rank):
                 best = min(state.best.get(section, seconds), seconds)
-            out[rank] = (fastest / seconds, best / seconds)
+            out[rank] = self._scores(fastest, best, seconds)
         return out
 
     def judge(self, window: JobWindow) -> list[StragglerFinding]:
@@ -179,8 +193,9 @@ class StragglerDetector:
                 state = self._ranks[rank] = _RankState(restart)
             best = min(state.best.get(section, seconds), seconds)
             state.best[section] = best
-            relative, individual = fastest / seconds, best / seconds
-            if relative < threshold or individual < threshold:
+            relative, individual = self._scores(fastest, best, seconds)
+            behind = relative < (1.0 + threshold) / 2.0
+            if relative < threshold or (individual < threshold and behind):
                 state.streak += 1
                 if state.streak >= self.settings.consecutive and not state.flagged:
                     state.flagged = True
@@ -212,7 +227,7 @@ class StragglerDetector:
                     fastest_seconds=fastest,
                     best_seconds=best,
                     relative=relative,
-                    individual=best / seconds,
+                    individual=self._scores(fastest, best, seconds)[1],
                     threshold=threshold,
                     backward=backward,
                     waits_least=None if mine is None or least is None else mine <= least,
