@@ -107,25 +107,55 @@ class _AlertCount:
     last_seen: float
 
 
-class _SDKLogCapture(logging.Filter):
-    """Keeps the SDK exporter's complaints about our pushes out of the agent's log.
+class _QuietOnPush(logging.Filter):
+    """Keeps the SDK exporter's own lines about our pushes out of the agent's log.
 
-    The SDK logs why a request failed (and each of its quick retries) instead of
-    returning it; the last line becomes the sink's error, and the sink logs once,
-    rate-limited. Lines from other threads pass through untouched.
+    The SDK logs every failed request and each of its quick retries; the sink
+    says why a push failed in its error instead, and logs that once, rate-limited.
+    Lines from other threads pass through untouched.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.thread: int | None = None
-        self.lines: list[str] = []
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.thread != self.thread:
-            return True
-        if len(self.lines) < 20:
-            self.lines.append(record.getMessage())
-        return False
+        return record.thread != self.thread
+
+
+_ERRNO = re.compile(r"\[Errno -?\d+\] [^'\")]+")
+
+
+def _recording_session() -> Any:
+    """A ``requests.Session`` that keeps why its last request failed.
+
+    The SDK's exporter reports only success or failure; it takes a session of
+    ours (a documented argument), and this one remembers the refused connection
+    or the HTTP status that the sink's error should name.
+    """
+    import requests
+
+    class RecordingSession(requests.Session):
+        last_problem: str | None = None
+
+        def send(self, request: Any, **kwargs: Any) -> Any:
+            try:
+                response = super().send(request, **kwargs)
+            except requests.Timeout:
+                self.last_problem = "no answer in time (the `timeout` option)"
+                raise
+            except requests.RequestException as exc:
+                errno = _ERRNO.search(str(exc))
+                self.last_problem = f"cannot connect: {errno.group(0)}" if errno else f"{exc}"[:300]
+                raise
+            if not 200 <= response.status_code < 300:
+                body = response.text.strip()[:200]
+                self.last_problem = f"HTTP {response.status_code} {response.reason}" + (
+                    f": {body}" if body else ""
+                )
+            return response
+
+    return RecordingSession()
 
 
 class OTLPSink(Sink):
@@ -271,7 +301,8 @@ class OTLPSink(Sink):
         self._complaints = RateLimitedLog(30.0, clock, logger)
         self._exporter: OTLPMetricExporter | None = None
         self._resource: Resource | None = None
-        self._capture = _SDKLogCapture()
+        self._quiet = _QuietOnPush()
+        self._session: Any = None
         self._closed = False
 
     # -- the Sink contract -------------------------------------------------------
@@ -304,7 +335,7 @@ class OTLPSink(Sink):
         finally:
             if self._exporter is not None:
                 self._exporter.shutdown(timeout_millis=timeout * 1000)
-                logging.getLogger(SDK_EXPORTER_LOGGER).removeFilter(self._capture)
+                logging.getLogger(SDK_EXPORTER_LOGGER).removeFilter(self._quiet)
 
     # -- for the agent -------------------------------------------------------------
     def counters(self) -> dict[str, int]:
@@ -507,12 +538,14 @@ class OTLPSink(Sink):
         compression = (
             Compression.Gzip if self.options.compression == "gzip" else Compression.NoCompression
         )
-        logging.getLogger(SDK_EXPORTER_LOGGER).addFilter(self._capture)
+        logging.getLogger(SDK_EXPORTER_LOGGER).addFilter(self._quiet)
+        self._session = _recording_session()
         self._exporter = OTLPMetricExporter(
             endpoint=self.endpoint,
             headers=dict(self.options.headers),
             timeout=self.options.timeout,
             compression=compression,
+            session=self._session,
         )
         return self._exporter
 
@@ -540,16 +573,16 @@ class OTLPSink(Sink):
                 )
             ]
         )
-        self._capture.thread = threading.get_ident()
-        self._capture.lines = []
+        self._quiet.thread = threading.get_ident()
+        self._session.last_problem = None
         try:
             result = exporter.export(data, timeout_millis=self.options.timeout * 1000)
         finally:
-            self._capture.thread = None
+            self._quiet.thread = None
         self.pushes += 1
         if result is not MetricExportResult.SUCCESS:
             self.push_failures += 1
-            why = self._capture.lines[0] if self._capture.lines else "no reason given"
+            why = self._session.last_problem or "the exporter gave no reason"
             message = f"otlp sink: {self.endpoint} did not take {points} data points: {why}"
             self._complaints.warning("push", "outrider %s", message)
             raise OTLPExportError(message)

@@ -61,7 +61,7 @@ class OTLPReceiver:
         self.status = status
         self.requests: list[ExportMetricsServiceRequest] = []
         self.encodings: list[str] = []
-        self.headers: list[dict[str, str]] = []
+        self.headers: list[dict[str, str]] = []  # names lower-cased
         self.refused = 0
         self._lock = threading.Lock()
         receiver = self
@@ -101,7 +101,7 @@ class OTLPReceiver:
         with self._lock:
             self.requests.append(request)
             self.encodings.append(encoding)
-            self.headers.append(dict(handler.headers.items()))
+            self.headers.append({k.lower(): v for k, v in handler.headers.items()})
         reply = ExportMetricsServiceResponse().SerializeToString()
         handler.send_response(200)
         handler.send_header("Content-Type", "application/x-protobuf")
