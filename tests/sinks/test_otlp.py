@@ -350,3 +350,11 @@ def test_collector_config_example_parses() -> None:
         assert exporter in config["exporters"]
     for processor in pipeline.get("processors", []):
         assert processor in config["processors"]
+
+
+def test_docs_list_every_option() -> None:
+    """docs/sinks.md's OTLP section has a row for each of the sink's options."""
+    text = (REPO / "docs" / "sinks.md").read_text()
+    section = text.split("## OpenTelemetry (OTLP)", 1)[1].split("\n## ", 1)[0]
+    for option in OTLPSink.Options.model_fields:
+        assert f"| `{option}` |" in section, option
