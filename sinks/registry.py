@@ -22,6 +22,7 @@ BUILTIN = {
     "tensorboard": "sinks.tensorboard:TensorBoardSink",
     "prometheus": "sinks.prometheus:PrometheusSink",
     "wandb": "sinks.wandb:WandbSink",
+    "otlp": "sinks.otlp:OTLPSink",
     "memory": "sinks.memory:MemorySink",
 }
 ENTRY_POINT_GROUP = "outrider.sinks"
