@@ -267,6 +267,7 @@ class Uplink:
             "reconnects": self.reconnects,
             "handshake_failures": self.handshake_failures,
             "internal_errors": self.internal_errors,
+            "spool_full": self._spool_full,
             "jobs": jobs,
         }
 
@@ -311,7 +312,7 @@ class Uplink:
             sock.setsockopt(zmq.SNDHWM, SEND_HWM)
             sock.setsockopt(zmq.LINGER, int(self.linger_seconds * 1000))
             sock.setsockopt(zmq.RECONNECT_IVL, 100)
-            sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)  # backoff, doubling up to 5 s
+            sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)  # backoff, doubling up to 2 s
             sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
             sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
             sock.setsockopt(zmq.HEARTBEAT_TTL, 10_000)
@@ -504,6 +505,7 @@ class Uplink:
         assert self.spool_dir is not None
         room = self.spool_bytes - sum(s.spool.write_at for s in self._streams.values() if s.spool)
         frames: list[bytes] = []
+        self._spool_full = False
         while items:
             frame = self._pack(stream, items[0])
             if frame is not None and len(frame) + _FRAME.size > room:
@@ -528,8 +530,6 @@ class Uplink:
                 )
                 with self._lock:
                     stream.drop(wire.DROP_SPOOL_FULL, len(frames))
-        if not any(s.spooled for s in self._streams.values()):
-            self._spool_full = False
         return list(items)
 
     def _finish(self, sock: zmq.Socket[bytes], monitor: zmq.Socket[bytes]) -> None:

@@ -1,4 +1,4 @@
-"""The ``outrider`` command: run, agent, runs, show."""
+"""The ``outrider`` command: run, agent, runs, show, config, keys."""
 
 from __future__ import annotations
 
@@ -472,6 +472,36 @@ def config_command(check_path: Path | None, show_default: bool) -> None:
         sys.exit(1)
     sinks = ", ".join(config.enabled_sinks()) or "none"
     click.echo(f"{check_path}: ok (sinks: {sinks})")
+
+
+@main.command("keys")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--force", is_flag=True, help="Replace keys that already exist in DIRECTORY.")
+def keys_command(directory: Path, force: bool) -> None:
+    """Make the CURVE keys that let nodes talk to the job aggregator.
+
+    \b
+    DIRECTORY gets two key pairs (the directory 0700, secret files 0600):
+      aggregator.key_secret  stays with the aggregator
+      aggregator.key         public: copy to every node
+      node.key_secret        copy to every node (its identity)
+      node.key               public: the aggregator trusts it
+    \b
+    The aggregator needs aggregator.key_secret and the nodes' public keys:
+    it trusts every *.key file in its keys directory (add one per node if
+    you make per-node pairs). Each node needs node.key_secret and
+    aggregator.key in its own keys directory. Plain TCP without keys is
+    only allowed on loopback.
+    """
+    from agent.aggregation.keys import create_keys
+
+    try:
+        made = create_keys(directory, force=force)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"keys written to {made.directory}:")
+    click.echo(f"  aggregator: {made.aggregator_secret.name} (secret) and the nodes' *.key")
+    click.echo(f"  each node:  {made.node_secret.name} (secret) and {made.aggregator_public.name}")
 
 
 def _span(info: dict[str, Any]) -> float | None:
