@@ -317,7 +317,10 @@ class Agent:
         for _ in range(3):
             try:
                 analysis = self.analysis.stats() if self.analysis is not None else None
-                return agent_health(self.counters, self.fanout, analysis, self.runs.items())
+                tier = self.forwarder.health() if self.forwarder is not None else None
+                return agent_health(
+                    self.counters, self.fanout, analysis, self.runs.items(), tier=tier
+                )
             except RuntimeError:  # a dict changed size under us; read again
                 continue
         return agent_health(self.counters)
@@ -361,9 +364,10 @@ class Agent:
         self.fanout.close(self.sink_close_timeout)
         self._route_alerts()
         analysis = self.analysis.stats() if self.analysis is not None else None
-        agent_stats = agent_health(self.counters, self.fanout, analysis).as_dict()
         if self.forwarder is not None:
             self.forwarder.close(self.runs, self.config.aggregation.heartbeat_seconds + 3.0)
+        tier = self.forwarder.health() if self.forwarder is not None else None
+        agent_stats = agent_health(self.counters, self.fanout, analysis, tier=tier).as_dict()
         for store in self.runs:
             store.close(agent_stats)
         self.receiver.close_socket()

@@ -17,6 +17,7 @@ from sinks.health import (
     AgentHealth,
     AnalysisHealth,
     StreamHealth,
+    TierHealth,
 )
 
 
@@ -25,6 +26,7 @@ def agent_health(
     fanout: Fanout | None = None,
     analysis: AnalysisHealth | None = None,
     runs: Iterable[tuple[str, RunStore]] | None = None,
+    tier: TierHealth | None = None,
 ) -> AgentHealth:
     """The agent's health now.
 
@@ -42,6 +44,7 @@ def agent_health(
         analysis=analysis,
         runs=None if runs is None else {run_id: _streams(store) for run_id, store in runs},
         metric_values_over_cap=counters.metric_values_over_cap,
+        tier=tier,
     )
 
 

@@ -145,6 +145,27 @@ class AnalysisHealth:
 
 
 @dataclass(frozen=True)
+class TierHealth:
+    """The job tier as one process sees it: a node agent's uplink to its aggregator, or an
+    aggregator's listener (handshakes) and the nodes feeding it."""
+
+    role: str  # "node" or "aggregator"
+    connected: bool = False  # node: the aggregator is reachable now
+    produced: int = 0  # node: items made for the aggregator, dropped ones included
+    sent: int = 0  # node: items handed to the transport
+    backlog: int = 0  # node: items waiting (memory and spool)
+    dropped: Mapping[str, int] = dataclasses.field(default_factory=dict)  # node, by reason
+    handshake_failures: int = 0  # either end: CURVE handshakes that failed
+    nodes: int = 0  # aggregator: nodes heard from
+    jobs: int = 0  # aggregator: job views open
+
+    def as_dict(self) -> dict[str, Any]:
+        shown = dataclasses.asdict(self)
+        shown["dropped"] = dict(self.dropped)
+        return shown
+
+
+@dataclass(frozen=True)
 class AgentHealth:
     """Everything the agent knows about its own health at one moment."""
 
@@ -159,6 +180,7 @@ class AgentHealth:
     #: scalar values not given to the analysis and sinks: their name came past a run's
     #: max_metric_names (the run store has them)
     metric_values_over_cap: int = 0
+    tier: TierHealth | None = None  # None: not part of a job tier
 
     def as_dict(self) -> dict[str, Any]:
         shown: dict[str, Any] = {
@@ -172,6 +194,8 @@ class AgentHealth:
         }
         if self.analysis is not None:
             shown.update(self.analysis.as_dict())
+        if self.tier is not None:
+            shown["tier"] = self.tier.as_dict()
         if self.runs is not None:
             shown["runs"] = {
                 run: {"streams": [stream.as_dict() for stream in streams]}

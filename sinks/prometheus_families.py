@@ -183,6 +183,27 @@ METRIC_VALUES_OVER_CAP = OwnCounter(
     "Scalar values the agent's statistics and sinks did not get: their metric name came past "
     "the run's max_metric_names distinct names (the run store has them).",
 )
+# the job tier (TierHealth)
+UPLINK_CONNECTED = OwnGauge(
+    "uplink_connected", "1 while this node agent's job aggregator is reachable, else 0."
+)
+UPLINK_ITEMS = OwnCounter(
+    "uplink_items", "Items this node agent made for the job aggregator, dropped ones included."
+)
+UPLINK_BACKLOG = OwnGauge(
+    "uplink_backlog_items", "Items waiting for the job aggregator (memory and spool)."
+)
+UPLINK_DROPPED = OwnCounter(
+    "uplink_items_dropped",
+    "Items for the job aggregator this node dropped, by reason.",
+    ("reason",),
+)
+HANDSHAKE_FAILURES = OwnCounter(
+    "tier_handshake_failures",
+    "CURVE handshakes between node agents and the job aggregator that failed (a wrong or "
+    "missing key).",
+)
+AGGREGATOR_NODES = OwnGauge("aggregator_nodes", "Node agents this job aggregator heard from.")
 PROBE_RECEIVED = OwnCounter(
     "probe_records_received", "Records the agent received from a rank.", TRAINING_LABELS
 )

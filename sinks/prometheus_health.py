@@ -14,12 +14,14 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from sinks.health import AgentHealth, Health, SinkHealth, StreamHealth
+from sinks.health import AgentHealth, Health, SinkHealth, StreamHealth, TierHealth
 from sinks.prometheus_families import (
+    AGGREGATOR_NODES,
     ALERTS_ACTIVE,
     ALERTS_FIRED,
     ANALYSIS_DROPPED,
     BYTES_RECEIVED,
+    HANDSHAKE_FAILURES,
     MESSAGES_RECEIVED,
     MESSAGES_REJECTED,
     METRIC_VALUES_OVER_CAP,
@@ -37,6 +39,10 @@ from sinks.prometheus_families import (
     SINK_RETRIES,
     SINK_UP,
     STAT_JOB_DURATION,
+    UPLINK_BACKLOG,
+    UPLINK_CONNECTED,
+    UPLINK_DROPPED,
+    UPLINK_ITEMS,
     Labels,
 )
 from sinks.ratelimit import RateLimitedLog
@@ -76,6 +82,8 @@ class AgentStatsCollector(Collector):
         yield METRIC_VALUES_OVER_CAP.family(p, health.metric_values_over_cap)
         yield from self._streams(health.runs or {})
         yield from self._sinks(health.sinks)
+        if health.tier is not None:
+            yield from self._tier(health.tier)
         analysis = health.analysis
         if analysis is None:
             return
@@ -99,6 +107,17 @@ class AgentStatsCollector(Collector):
             for key, n in sorted(counts.items()):
                 active.add_metric(key, n)
             yield active
+
+    def _tier(self, tier: TierHealth) -> Iterable[Metric]:
+        p = self.prefix
+        yield HANDSHAKE_FAILURES.family(p, tier.handshake_failures)
+        if tier.role == "aggregator":
+            yield AGGREGATOR_NODES.family(p, tier.nodes)
+            return
+        yield UPLINK_CONNECTED.family(p, 1 if tier.connected else 0)
+        yield UPLINK_ITEMS.family(p, tier.produced)
+        yield UPLINK_BACKLOG.family(p, tier.backlog)
+        yield _by_reason(UPLINK_DROPPED.family(p), tier.dropped)
 
     def _streams(self, runs: Mapping[str, Sequence[StreamHealth]]) -> Iterable[Metric]:
         """Per-stream ledgers summed per (run, rank, host): a restarted rank has two streams."""

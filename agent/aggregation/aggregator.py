@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
 from agent.aggregation import wire
 from agent.aggregation.job import JobView, Out
@@ -29,7 +28,7 @@ from agent.health import agent_health
 from agent.ingest.counters import AgentCounters
 from agent.store.registry import MAX_OPEN_RUNS, OpenRuns
 from sinks.base import Batch, Source
-from sinks.health import AgentHealth
+from sinks.health import AgentHealth, TierHealth
 from sinks.ratelimit import RateLimitedLog
 from sinks.registry import SinkContext
 
@@ -197,6 +196,7 @@ class Aggregator:
                 )
         self.runs.flush()
         self.runs.write_changed_info()
+        self.listener.counters()  # reads the handshake events (and logs failed ones)
         self.fanout.kick()
         if self.parent_pid is not None and os.getppid() != self.parent_pid:
             logger.warning("outrider aggregator: launcher is gone; exiting")
@@ -230,11 +230,19 @@ class Aggregator:
         self.listener.close()
 
     def stats(self) -> AgentHealth:
-        """The aggregator's health, as /metrics and run.json show it."""
+        """The aggregator's health, as /metrics and run.json show it (safe from any thread)."""
+        for _ in range(3):
+            try:
+                tier = TierHealth(
+                    role="aggregator",
+                    handshake_failures=self.listener.counters()["handshake_failures"],
+                    nodes=len({node for job in list(self.jobs.values()) for node in job.nodes}),
+                    jobs=len(self.jobs),
+                )
+                return agent_health(self.counters, self.fanout, tier=tier)
+            except RuntimeError:  # a dict changed size under us; read again
+                continue
         return agent_health(self.counters, self.fanout)
-
-    def transport(self) -> dict[str, Any]:
-        return self.listener.counters()
 
     # -- signals -----------------------------------------------------------------------
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:

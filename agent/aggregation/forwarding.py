@@ -18,6 +18,7 @@ from agent.ingest.decode import Record, ScalarRows
 from agent.store.run_store import RunStore
 from probe import protocol
 from sinks import schema
+from sinks.health import TierHealth
 
 #: trainer record kinds the job view keeps (text and tensors stay on the node)
 FORWARDED_KINDS = frozenset({protocol.HELLO, protocol.EVENT, protocol.CONFIG, protocol.RUN_END})
@@ -110,6 +111,24 @@ class Forwarder:
         """The node's per-stream ledgers of ``store``'s run: tier one of the job's sums."""
         streams = [ledger.summary() for ledger in store.streams.values()]
         self.uplink.forward(store.run_id, wire.ACCOUNTING, {"streams": streams})
+
+    def health(self) -> TierHealth:
+        """The uplink's figures, summed over its jobs, for /metrics and run.json."""
+        stats = self.uplink.stats()
+        jobs = list((stats.get("jobs") or {}).values())
+        dropped: dict[str, int] = {}
+        for job in jobs:
+            for reason, count in (job.get("dropped") or {}).items():
+                dropped[reason] = dropped.get(reason, 0) + count
+        return TierHealth(
+            role="node",
+            connected=bool(stats.get("connected")),
+            produced=sum(job.get("produced", 0) for job in jobs),
+            sent=sum(job.get("sent", 0) for job in jobs),
+            backlog=sum(job.get("backlog", 0) + job.get("spooled", 0) for job in jobs),
+            dropped=dropped,
+            handshake_failures=int(stats.get("handshake_failures", 0)),
+        )
 
     def close(self, stores: Iterable[RunStore], timeout: float) -> None:
         """Final accounting of every run, then the uplink's bye (bounded by ``timeout``)."""

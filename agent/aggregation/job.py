@@ -184,13 +184,17 @@ class JobView:
             state.step_time_p50 = float(p50)
         self.windows.add(summary)
         stored = self.store.add_local({**summary, "kind": schema.SUMMARY})
-        scalars = {
-            name: figures.get(WINDOW_FIGURE)
-            for name, figures in (summary.get("metrics") or {}).items()
-            if isinstance(figures, dict) and isinstance(figures.get(WINDOW_FIGURE), float | int)
-        }
+        scalars: dict[str, float] = {}
+        for name, figures in (summary.get("metrics") or {}).items():
+            value = figures.get(WINDOW_FIGURE) if isinstance(figures, dict) else None
+            if isinstance(value, float | int):
+                scalars[name] = float(value)
         scalars.update(
-            {name: value for name, value in derived.items() if isinstance(value, float | int)}
+            {
+                name: float(value)
+                for name, value in derived.items()
+                if isinstance(value, float | int)
+            }
         )
         outs = [Out(stored, rank, state.local_rank, host, per_rank=True)]
         if scalars:
@@ -202,7 +206,8 @@ class JobView:
                 "t": summary.get("t_end") or time.time(),
                 "metrics": {name: schema.encode_number(v) for name, v in scalars.items()},
             }
-            outs.append(Out(line, rank, state.local_rank, host, per_rank=True))
+            stored_line = self.store.add_local(line)
+            outs.append(Out(stored_line, rank, state.local_rank, host, per_rank=True))
         return outs
 
     def _event(self, body: dict[str, Any]) -> list[Out]:
@@ -300,14 +305,7 @@ class JobView:
             state.straggler = rank in flagged
         found = extremes(window)
         self.extremes = {name: dataclasses.asdict(e) for name, e in found.items()}
-        step = max(
-            (
-                s.get("last_step")
-                for s in window.ranks.values()
-                if isinstance(s.get("last_step"), int)
-            ),
-            default=None,
-        )
+        step = window.step
         outs = []
         for alert in alerts:
             outs.append(

@@ -19,14 +19,16 @@ A rank is flagged when its relative score stays below ``threshold`` for ``consec
 windows in a row it reported, or its individual score does while it is also behind the
 fastest rank (relative below ``(1 + threshold) / 2``): a rank that slows down together with
 every other rank is a slower job, not a straggler, and on a shared machine a rank's own
-best window is an outlier its later windows rarely match. It gives one finding per episode; a window with both scores back
-at or above the threshold ends the episode, and a later slowdown flags it again.
+best window is an outlier its later windows rarely match. It gives one finding per
+episode; a window with both scores back at or above the threshold ends the episode, and a
+later slowdown flags it again.
 
 Why not step time first: under DDP every rank's step takes as long as the slowest rank's,
 since all of them wait for it in the gradient all-reduce, so step times are all alike and
 the relative score cannot point at anyone. The forward pass has no collective, so it
-shows the slow rank. Step time still feeds the individual score: when the whole job slows
-down over time (a throttled GPU, a failing link) every rank's step time grows with it.
+shows the slow rank. A whole job that slows down over time (a failing link, every GPU
+throttled) shows in every rank's individual score, in the job view and the job scalars,
+without blaming a rank.
 
 The **collective-wait signature** confirms a suspect: ``backward_seconds`` (from
 ``probe.watch``) includes the all-reduce wait, and the straggler is the rank that waits

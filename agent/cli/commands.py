@@ -13,6 +13,7 @@ import click
 import orjson
 
 from agent import config as agent_config
+from agent.aggregation.config import DEFAULT_PORT
 from agent.cli import jobs, launcher
 from agent.config import AgentConfig
 from agent.store.disk import check_runs_dir, describe
@@ -123,7 +124,7 @@ def main() -> None:
     show_default=True,
     metavar="auto|off|HOST:PORT",
     help="The job aggregator this node forwards to. auto: for a multi-node torchrun, one at "
-    f"its --master-addr, port {jobs.DEFAULT_PORT}, started by the node of --node-rank 0.",
+    f"its --master-addr, port {DEFAULT_PORT}, started by the node of --node-rank 0.",
 )
 @click.option(
     "--serve-aggregator/--no-serve-aggregator",
