@@ -32,7 +32,13 @@ import os, sys, time
 import torch, torch.distributed as dist
 import probe
 
-dist.init_process_group("gloo")
+# A store prefix per torchrun attempt: gloo's keys of a failed attempt must not be read by
+# the next one (they name the dead workers' ports).
+attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                      is_master=False, timeout=__import__("datetime").timedelta(seconds=60))
+dist.init_process_group("gloo", store=dist.PrefixStore(f"attempt{attempt}/", store),
+                        rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
 rank = dist.get_rank()
 torch.manual_seed(rank)
 slow = int(os.environ.get("SLOW_RANK", "-1")) == rank
