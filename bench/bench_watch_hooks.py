@@ -8,7 +8,14 @@ thread. No agent is needed: without one the records are counted as dropped,
 which costs the training thread the same. Histograms and activations are off:
 they have their own steps (docs/watch.md).
 
-    python bench/bench_watch_hooks.py                 # ~30 s
+The section timer (``forward_seconds``, ``backward_seconds``) adds two hooks to
+every forward of the model and a gradient hook to one output per step. Its cost
+is printed twice, as training-thread CPU time: per forward of a tiny module
+(``nn.Linear(8, 8)``, so the hooks are not lost in the model's own time), and per
+whole demo-model step (forward, backward, clip, step), each with the timer's
+hooks removed and in place, interleaved round by round.
+
+    python bench/bench_watch_hooks.py                 # ~60 s
     python bench/bench_watch_hooks.py --device cuda   # on a GPU: host time of the launches
 
 On CUDA the timed region is what the training thread spends issuing the work
@@ -81,6 +88,7 @@ def main() -> None:
         watched.append(median_step_ms(True))
         watcher.unwatch()
     hooks = [w - b for w, b in zip(watched, base, strict=True)]
+    sections = section_timer_cost(args, model, opt, x, y, cuda)
     print(
         f"clip_grad_norm_ + optimizer.step(), median ms per step over {args.rounds} rounds "
         f"x {args.steps} steps (1 torch thread, {device}):"
@@ -91,7 +99,71 @@ def main() -> None:
         f"  the hooks            {statistics.median(hooks):.3f} "
         f"(rounds {min(hooks):.3f}..{max(hooks):.3f})"
     )
+    print("section timer (forward_seconds, backward_seconds), training-thread CPU time:")
+    for label, (without, timed) in sections.items():
+        print(
+            f"  {label:<34} without {without:9.2f} us  with {timed:9.2f} us  "
+            f"(+{timed - without:.2f} us)"
+        )
     probe.finish(2.0)
+
+
+def section_timer_cost(
+    args: argparse.Namespace, model: Any, opt: Any, x: Any, y: Any, cuda: bool
+) -> dict[str, tuple[float, float]]:
+    """Median CPU microseconds of a tiny forward and of a whole demo step, with the
+    watcher's section-timing hooks removed and in place (interleaved rounds)."""
+    import torch
+    import torch.nn.functional as F
+
+    import probe
+
+    tiny = torch.nn.Linear(8, 8).to(x.device)
+    tiny_opt = torch.optim.SGD(tiny.parameters(), lr=0.0)
+    z = torch.randn(4, 8, device=x.device)
+    calls = 20_000
+
+    def tiny_forward_us() -> float:
+        started = time.thread_time()
+        for _ in range(calls):
+            tiny(z)
+        return 1e6 * (time.thread_time() - started) / calls
+
+    def demo_step_us() -> float:
+        times = []
+        for _ in range(args.steps):
+            started = time.thread_time()
+            loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+            opt.zero_grad()
+            loss.backward()  # type: ignore[no-untyped-call]
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            times.append(time.thread_time() - started)
+            if cuda:
+                torch.cuda.synchronize()
+        return 1e6 * statistics.median(times)
+
+    results: dict[str, tuple[list[float], list[float]]] = {
+        "tiny forward (Linear 8x8), per call": ([], []),
+        "demo step (fwd+bwd+clip+step)": ([], []),
+    }
+    for _ in range(args.rounds):
+        for timed in (False, True):
+            kinds = {"layer_every": args.layer_every, "hist_every": 0, "activations_every": 0}
+            watchers = [probe.watch(m, o, **kinds) for m, o in ((tiny, tiny_opt), (model, opt))]
+            if not timed:
+                for watcher in watchers:
+                    for handle in watcher._timing:
+                        handle.remove()
+            tiny_us, step_us = tiny_forward_us(), demo_step_us()
+            results["tiny forward (Linear 8x8), per call"][timed].append(tiny_us)
+            results["demo step (fwd+bwd+clip+step)"][timed].append(step_us)
+            for watcher in watchers:
+                watcher.unwatch()
+    return {
+        label: (statistics.median(without), statistics.median(timed))
+        for label, (without, timed) in results.items()
+    }
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
 """``probe.watch(model, optimizer)``: training telemetry from hooks, with no host sync.
 
-Optimizer step hooks do the per-step work; forward hooks exist only on the
-steps that collect activation statistics. Every number is computed on the
-tensors' own device and packed into one small vector per step, which goes to
-the sender thread as a single asynchronous copy (pinned memory + CUDA event on
-GPU). Nothing here calls ``.item()``, ``.cpu()`` or synchronises.
+Optimizer step hooks do the per-step work. Two forward hooks on the model time
+its forward passes (two ``time.perf_counter()`` calls per forward); the other
+forward hooks exist only on the steps that collect activation statistics.
+Every number is computed on the tensors' own device and packed into one small
+vector per step, which goes to the sender thread as a single asynchronous copy
+(pinned memory + CUDA event on GPU). Nothing here calls ``.item()``, ``.cpu()`` or synchronises.
 
 What is collected, and how often, is documented in docs/watch.md.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from probe import internal, protocol, values
@@ -74,10 +75,26 @@ class Watcher:
         self._activation_hooks: list[Any] = []
         self._activations: dict[str, Any] = {}
         self._activation_samples: dict[str, Any] = {}  # histogram name -> bounded sample
+        self._forward_started = 0.0
+        self._forward_seconds = 0.0  # this step's grad-enabled forwards, summed
+        self._forwards_total = 0.0  # every forward's time since watch, evaluations included
+        self._backward_started: float | None = None  # when this step's first backward began
+        self._forwards_at_backward = 0.0  # _forwards_total then
+        self._backward_seconds: float | None = None
         self._handles = [
             optimizer.register_step_pre_hook(self._before_step),
             optimizer.register_step_post_hook(self._after_step),
         ]
+        # The inner module of a DDP/FSDP wrapper: its forward is the user's compute, without
+        # the wrapper's own pre-forward work (buffer broadcasts, bucket rebuilds).
+        timed = getattr(model, "module", model)
+        self._timing: list[Any] = []  # the section timer's two hooks (also in _handles)
+        if hasattr(timed, "register_forward_pre_hook"):
+            self._timing = [
+                timed.register_forward_pre_hook(self._forward_begins),
+                timed.register_forward_hook(self._forward_ends),
+            ]
+            self._handles += self._timing
         _clip_patch.add(self)
         if self._due(self.activations_every, self.step):
             self._add_activation_hooks()
@@ -103,12 +120,44 @@ class Watcher:
             self._data_wait += time.perf_counter() - started
             yield batch
 
+    # -- section timing (every forward: keep these small) --------------------------------
+    def _forward_begins(self, module: Any, args: Any) -> None:
+        self._forward_started = time.perf_counter()
+
+    def _forward_ends(self, module: Any, args: Any, output: Any) -> None:
+        """Adds a training forward's host time; before the step's first backward, hooks its
+        output's gradient to see that backward begin. Evaluation (no_grad) forwards are not
+        counted: a rank that evaluates would look slow."""
+        elapsed = time.perf_counter() - self._forward_started
+        self._forwards_total += elapsed
+        try:
+            if not self._torch.is_grad_enabled():
+                return
+            self._forward_seconds += elapsed
+            if self._backward_started is None:
+                tensor = _first_grad_tensor(output, self._torch.Tensor)
+                if tensor is not None:
+                    tensor.register_hook(self._backward_begins)
+        except Exception as exc:
+            internal.record(exc, "watch: forward timing")
+
+    def _backward_begins(self, grad: Any) -> None:
+        if self._backward_started is None:
+            self._backward_started = time.perf_counter()
+            self._forwards_at_backward = self._forwards_total
+
     # -- optimizer hooks --------------------------------------------------------------
     def _due(self, every: int, step: int) -> bool:
         return every > 0 and step % every == 0
 
     def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         """Gradients are final here (accumulated, unscaled, maybe clipped)."""
+        if self._backward_started is not None:
+            # From the first backward to now, less the forwards in between (accumulation,
+            # evaluation).
+            forwards = self._forwards_total - self._forwards_at_backward
+            self._backward_seconds = time.perf_counter() - self._backward_started - forwards
+            self._backward_started = None
         try:
             with self._torch.no_grad():
                 self._collect_before_step()
@@ -177,6 +226,12 @@ class Watcher:
         if self._data_wait:
             body["data_wait_seconds"] = self._data_wait
             self._data_wait = 0.0
+        if self._forward_seconds:
+            body["forward_seconds"] = self._forward_seconds
+            self._forward_seconds = 0.0
+        if self._backward_seconds is not None:
+            body["backward_seconds"] = self._backward_seconds
+            self._backward_seconds = None
         if self._due(self.log_every, step):
             groups = self.optimizer.param_groups
             body["lr"] = _number(groups[0]["lr"])
@@ -340,6 +395,25 @@ class Watcher:
 def _number(value: Any) -> Any:
     """A learning rate as a float, or captured if it is a tensor (no sync for a CUDA lr)."""
     return values.capture_tensor(value) if values.is_tensor(value) else float(value)
+
+
+def _first_grad_tensor(output: Any, tensor_type: Any) -> Any:
+    """The tensor of a forward's output whose gradient marks the start of the backward:
+    the output itself, or the first tensor of a tuple, list or mapping (a ``ModelOutput``
+    puts ``loss`` first) that requires grad. A tensor hook, unlike a module's full backward
+    hook, leaves the output free to be changed in place (logits masked, say)."""
+    if isinstance(output, tensor_type):
+        return output if output.requires_grad else None
+    if isinstance(output, (tuple, list)):
+        items: Iterable[Any] = output
+    elif isinstance(output, Mapping):
+        items = output.values()
+    else:
+        return None
+    for item in items:
+        if isinstance(item, tensor_type) and item.requires_grad:
+            return item
+    return None
 
 
 def _activation_names(module: str) -> list[str]:

@@ -104,6 +104,8 @@ def optimizer_hook_count(optimizer: torch.optim.Optimizer) -> int:
 
 WATCH_BASE = {"grad_norm", "grad_nonfinite", "lr"}
 TIMING = {"step_time_seconds", "steps_per_second"}  # every step from the 2nd, whatever is due
+SECTIONS = {"forward_seconds", "backward_seconds"}  # every step with a forward and a backward
+SECTION_HOOKS = 1  # the forward hook (and a pre-hook) on the model that time its forwards
 
 
 # -- values against plain PyTorch ----------------------------------------------------------
@@ -476,14 +478,15 @@ def test_each_kind_arrives_on_exactly_its_steps(agent: Any, endpoint: str, runs_
     assert {step for step, name in found if not name.startswith("activations/")} == {0, 4, 8}
     assert {step for step, name in found if name.startswith("activations/")} == {0, 5, 10}
     for step in set(range(12)) - log - layer - {5}:  # nothing due: step timing only
-        assert set(steps[step]) == TIMING, step
+        assert set(steps[step]) == TIMING | SECTIONS, step
 
 
 @pytest.mark.parametrize("log_every", [0, 1])
 def test_zero_switches_a_kind_off(
     agent: Any, endpoint: str, runs_dir: Path, log_every: int
 ) -> None:
-    """0 for a kind means none of it, ever (step timing is not a kind), and no forward hooks."""
+    """0 for a kind means none of it, ever (step timing is not a kind), and no forward hooks
+    but the section timer's."""
     probe.init(endpoint, run_id="off")
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -493,7 +496,7 @@ def test_zero_switches_a_kind_off(
         opt.zero_grad()
         loss = nn.functional.mse_loss(model(x), y)
         loss.backward()
-        assert forward_hook_count(model) == 0
+        assert forward_hook_count(model) == SECTION_HOOKS
         opt.step()
         probe.log({"loss": loss}, step=step)
     stored = stored_run(agent, runs_dir, "off")[0]
@@ -503,7 +506,7 @@ def test_zero_switches_a_kind_off(
     for step, metrics in steps.items():
         watched = set(metrics) - {"loss", "loss_nonfinite"}
         if log_every == 0:
-            assert watched == (TIMING if step else set()), step
+            assert watched == (TIMING | SECTIONS if step else SECTIONS), step
         else:
             assert watched >= WATCH_BASE, step
             assert not {k for k in watched if "/layer/" in k or k.startswith(("act/", "update_"))}
@@ -537,7 +540,7 @@ def test_activation_hooks_only_on_activation_steps_and_eval_is_ignored(
             model.eval_head(model.body(-x))
         with torch.inference_mode():
             model.eval_head(model.body(x + 7))
-    assert hooks_before_step == [leaves, 0, 0, leaves, 0, 0, leaves]
+    assert [n - SECTION_HOOKS for n in hooks_before_step] == [leaves, 0, 0, leaves, 0, 0, leaves]
     steps = by_step(stored_run(agent, runs_dir, "hooks")[0])
     assert steps_with(steps, "act/") == {0, 3, 6}
     for step in (0, 3, 6):
@@ -561,10 +564,11 @@ def test_unwatch_removes_every_hook_and_the_clip_patch(
     assert torch.nn.utils.clip_grad_norm_ is not ORIGINAL_CLIP
     for step in range(6):
         if step == 2:
-            assert forward_hook_count(model) == 3
+            assert forward_hook_count(model) == 3 + SECTION_HOOKS
             watcher.unwatch() if how == "watcher" else probe.unwatch()
             assert optimizer_hook_count(opt) == 0
             assert forward_hook_count(model) == 0
+            assert sum(len(module._forward_pre_hooks) for module in model.modules()) == 0
             assert torch.nn.utils.clip_grad_norm_ is ORIGINAL_CLIP
             assert torch.nn.utils.clip_grad.clip_grad_norm_ is ORIGINAL_CLIP
         x, y = batch(step)
