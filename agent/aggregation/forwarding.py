@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 from agent.aggregation import wire
+from agent.aggregation.uplink import Uplink
 from agent.ingest.decode import Record, ScalarRows
 from agent.store.run_store import RunStore
 from probe import protocol
@@ -28,18 +29,12 @@ RAW_KINDS = frozenset({protocol.SCALARS, protocol.EVENT, protocol.CONFIG})
 RAW_CHUNK = 512
 
 
-class UplinkLike(Protocol):
-    def forward(self, job: str, kind: str, body: dict[str, Any]) -> None: ...
-    def close(self, timeout: float) -> None: ...
-    def stats(self) -> dict[str, Any]: ...
-
-
 class Forwarder:
     """Picks what goes up; never blocks (the uplink queues or counts a drop)."""
 
     def __init__(
         self,
-        uplink: UplinkLike,
+        uplink: Uplink,
         node: str,
         *,
         raw: bool = False,
@@ -53,6 +48,7 @@ class Forwarder:
         self.clock = clock
         self._last_accounting: dict[str, float] = {}
         self._said_hello: set[str] = set()
+        self._ended: set[str] = set()  # runs whose stream said bye
 
     # -- from the receive loop -------------------------------------------------------
     def records(
@@ -98,9 +94,18 @@ class Forwarder:
 
     # -- once a beat -----------------------------------------------------------------
     def beat(self, stores: Iterable[RunStore]) -> None:
-        """Each open run's accounting, every ``accounting_seconds``."""
+        """Each open run's accounting, every ``accounting_seconds``; a run whose launcher
+        said the trainer ended gets its final accounting and its stream's bye at once (a
+        long-lived node agent serves one job after another)."""
         now = self.clock()
         for store in stores:
+            if store.run_id in self._ended:
+                continue
+            if "exit_status" in store.info:
+                self._ended.add(store.run_id)
+                self.accounting(store)
+                self.uplink.end(store.run_id)
+                continue
             last = self._last_accounting.get(store.run_id)
             if last is not None and now - last < self.accounting_seconds:
                 continue
@@ -133,7 +138,8 @@ class Forwarder:
     def close(self, stores: Iterable[RunStore], timeout: float) -> None:
         """Final accounting of every run, then the uplink's bye (bounded by ``timeout``)."""
         for store in stores:
-            self.accounting(store)
+            if store.run_id not in self._ended:
+                self.accounting(store)
         self.uplink.close(timeout)
 
     def _hello(self, store: RunStore) -> None:

@@ -18,6 +18,8 @@ from tests.helpers import (
     lines,
     outrider,
     run_info,
+    start_agent,
+    stop_agent,
     trainer_dir,
     wait_for,
 )
@@ -316,3 +318,45 @@ def test_plain_tcp_off_loopback_needs_keys_or_insecure(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "--keys" in done.stderr and "--insecure" in done.stderr
     assert os.listdir(tmp_path) == []
+
+
+def test_a_node_agent_killed_and_restarted_keeps_its_node_accounted(tmp_path: Path) -> None:
+    """The node agent is SIGKILLed mid-run and a new one takes its endpoint: the aggregator
+    sees two uplink streams of the node, and both tiers still add up."""
+    port = free_port()
+    where = f"127.0.0.1:{port}"
+    env = job_env(tmp_path)
+    views = tmp_path / "views"
+    aggregator = subprocess.Popen(
+        [OUTRIDER, "aggregator", "--bind", where, "--runs-dir", str(views), "--sinks", "none"],
+        env=env, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    config = tmp_path / "agent.yaml"
+    config.write_text(CONFIG)
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    node_args = ("--forward-to", where, "--host", "node7", "--config", str(config))
+    runs = tmp_path / "node7"
+    first = start_agent(endpoint, runs, *node_args)
+    trainer = subprocess.Popen(
+        [PYTHON, "-c", "import probe, time\nprobe.init()\nfor step in range(400):\n"
+         "    probe.log({'loss': 1.0 / (step + 1)}, step=step)\n    time.sleep(0.01)\n"],
+        env={**env, "OUTRIDER_ENDPOINT": endpoint, "OUTRIDER_RUN_ID": "job"},
+    )  # fmt: skip
+    try:
+        wait_for(lambda: (views / "job" / "run.json").exists(), 30, "the job view")
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        second = start_agent(endpoint, runs, *node_args)
+        assert trainer.wait(60) == 0
+        assert stop_agent(second, 60) == 0
+    finally:
+        aggregator.send_signal(signal.SIGTERM)
+        aggregator.wait(60)
+    info = run_info(views / "job")
+    accounting = node_accounting(info, "node7")
+    assert len(accounting["uplinks"]) == 2
+    assert sum(u["complete"] for u in accounting["uplinks"]) == 1  # the killed one never said bye
+    records, node = accounting["records"], run_info(runs / "job")
+    assert records["sent"] == sum(stream["sent"] for stream in node["streams"])
+    assert records["received"] == node["records"]
+    assert all(stream["complete"] for stream in node["streams"])
