@@ -14,7 +14,6 @@ import dataclasses
 import logging
 import os
 import signal
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +33,7 @@ from agent.store.registry import MAX_OPEN_RUNS, OpenRuns
 from agent.store.run_store import RunStore
 from agent.threadnames import ThreadNamer
 from probe import protocol
+from probe.identity import host_name
 from sinks import schema
 from sinks.base import Batch, Source
 from sinks.health import AgentHealth
@@ -104,7 +104,7 @@ class Agent:
         self._orphaned = False
         self._last_receive = clock()
         self.clock = clock
-        self._host = socket.gethostname()
+        self._host = host_name()
         self.counters = AgentCounters()
         self.complaints = RateLimitedLog(clock=clock)
         self.metric_names = MetricNameCap(self.config.max_metric_names, self.counters)
@@ -282,6 +282,11 @@ class Agent:
         return len(derived)
 
     def _store_and_send(self, item: Derived) -> None:
+        if item.run is None and not item.to_store and item.entry.get("kind") == schema.SYSTEM:
+            # no run open: the host sample goes to the sinks that show hosts between runs
+            source = Source("", schema.AGENT_STREAM, -1, -1, 0, self._host, os.getpid())
+            self.fanout.submit_between_runs(Batch(source, [item.entry], ""))
+            return
         if not item.run:  # no particular run (a sink failing on a system sample)
             targets = list(self.runs) if item.to_store else []
         else:

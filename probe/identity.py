@@ -29,6 +29,12 @@ def new_run_id() -> str:
     return f"{stamp}-{binascii.hexlify(os.urandom(3)).decode()}"
 
 
+def host_name() -> str:
+    """The host this process reports: OUTRIDER_HOST, else the hostname (a Pod's is its own
+    name; the node's comes in through the downward API)."""
+    return os.environ.get(protocol.ENV_HOST) or socket.gethostname()
+
+
 def new_stream_id() -> str:
     """Random per-process stream id; a forked child draws a new one."""
     return binascii.hexlify(os.urandom(6)).decode()
@@ -40,7 +46,7 @@ class Identity:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
-    host: str = field(default_factory=socket.gethostname)
+    host: str = field(default_factory=host_name)
     pid: int = field(default_factory=os.getpid)
     stream: str = field(default_factory=new_stream_id)
 
