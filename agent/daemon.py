@@ -291,6 +291,11 @@ class Agent:
         return len(derived)
 
     def _store_and_send(self, item: Derived) -> None:
+        if item.run is None and not item.to_store and item.entry.get("kind") == schema.SYSTEM:
+            # no run open: the host sample goes to the sinks that show hosts between runs
+            source = Source("", schema.AGENT_STREAM, -1, -1, 0, self._host, os.getpid())
+            self.fanout.submit_between_runs(Batch(source, [item.entry], ""))
+            return
         if not item.run:  # no particular run (a sink failing on a system sample)
             targets = list(self.runs) if item.to_store else []
         else:

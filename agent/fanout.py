@@ -61,6 +61,12 @@ class Fanout:
             if worker.name not in skip:
                 worker.submit(batch)
 
+    def submit_between_runs(self, batch: Batch) -> None:
+        """A host sample taken while no run is open: only to sinks that take those."""
+        for worker in self.workers:
+            if worker.sink.between_runs:
+                worker.submit(batch)
+
     def kick(self) -> None:
         """Every sink exports now (the agent's once-a-second beat)."""
         for worker in self.workers:

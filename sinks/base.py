@@ -59,6 +59,11 @@ class Sink(abc.ABC):
     #: whose limit depends on its options sets it per instance.
     stall_after: float = 0.0
 
+    #: whether the sink also takes the agent's host samples while no run is open: batches
+    #: of ``system`` entries whose source run is "" and run_dir "" (nothing is stored for
+    #: them). For sinks that show a host's current state, as a DCGM exporter does.
+    between_runs: ClassVar[bool] = False
+
     @abc.abstractmethod
     def export(self, batches: Sequence[Batch]) -> None:
         """Deliver ``batches``; raise to signal failure (the worker retries with backoff).

@@ -100,6 +100,7 @@ class PrometheusSink(Sink):
     """Serves ``/metrics`` from its own registry; see the module docstring."""
 
     name = "prometheus"
+    between_runs = True  # host and GPU gauges between runs, as a DCGM exporter serves them
 
     class Options(pydantic.BaseModel):
         model_config = pydantic.ConfigDict(extra="forbid")

@@ -62,9 +62,14 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
 
 
 def start_agent(
-    endpoint: str, runs_dir: Path, *extra: str, sinks: str | None = "none"
+    endpoint: str,
+    runs_dir: Path,
+    *extra: str,
+    sinks: str | None = "none",
+    env: dict[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
-    """A real agent process, returned once it has bound its endpoint (no sinks by default)."""
+    """A real agent process, returned once it has bound its endpoint (no sinks by default);
+    ``env`` adds to the test's environment."""
     read_fd, write_fd = os.pipe()
     agent = subprocess.Popen(
         agent_argv(
@@ -79,7 +84,7 @@ def start_agent(
         pass_fds=(write_fd,),
         stderr=subprocess.PIPE,
         # -P keeps the cwd off sys.path; tests' own sinks (tests.faulty_sinks) need the repo.
-        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        env=dict(os.environ, **(env or {}), PYTHONPATH=str(REPO)),
     )
     os.close(write_fd)
     with os.fdopen(read_fd, "rb") as ready:

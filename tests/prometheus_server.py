@@ -3,6 +3,8 @@
 ``start_prometheus(tmp_path, targets)`` runs Debian's ``/usr/bin/prometheus``
 scraping ``targets`` every second and returns once it is ready; ``.query()``
 asks its HTTP API, ``.stop()`` ends it (use it in a fixture finalizer).
+``run_prometheus(tmp_path, config, *flags, agent=...)`` runs one with a config
+of the test's own (a generated copy of a deploy/ file), in agent mode if asked.
 ``dashboard_exprs(path)`` lists every PromQL expression of a dashboard, with
 Grafana's variables filled in, so an end-to-end test can run each one.
 """
@@ -170,21 +172,51 @@ def start_prometheus(
 
     Skips the test when Prometheus is not installed, except under CI (then it fails).
     """
-    binary = require_binary(PROMETHEUS)
     tmp_path.mkdir(parents=True, exist_ok=True)
     config = write_config(tmp_path / "prometheus.yml", targets, rule_files, interval)
+    return run_prometheus(tmp_path, config, timeout=timeout)
+
+
+def agent_mode_flag() -> str:
+    """How this Prometheus is told to run in agent mode: ``--agent`` (3.x) or the 2.x
+    feature flag (2.32 and later); skips when it has neither."""
+    binary = require_binary(PROMETHEUS)
+    help_text = subprocess.run(
+        [binary, "--help"], capture_output=True, text=True, timeout=30, check=False
+    )
+    text = help_text.stdout + help_text.stderr
+    if "--agent" in text.replace("--storage.agent", ""):
+        return "--agent"
+    if "agent," in text or "agent " in text:
+        return "--enable-feature=agent"
+    pytest.skip(f"{PROMETHEUS} has no agent mode (Prometheus >= 2.32 needed)")
+
+
+def run_prometheus(
+    tmp_path: Path, config: Path, *flags: str, agent: bool = False, timeout: float = 30.0
+) -> PrometheusServer:
+    """Prometheus with ``config`` and ``flags`` on a free loopback port, once it is ready.
+
+    ``agent``: in agent mode (scrape and remote-write only; no query API).
+    """
+    binary = require_binary(PROMETHEUS)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    mode = [agent_mode_flag()] if agent else []
     for attempt in range(3):  # the free port may be taken between probing and binding
         port = free_port()
-        data = tmp_path / f"tsdb-{attempt}"
+        data = tmp_path / f"{'wal' if agent else 'tsdb'}-{attempt}"
+        storage = f"--storage.{'agent' if agent else 'tsdb'}.path={data}"
         log_path = tmp_path / f"prometheus-{attempt}.log"
         with open(log_path, "wb") as log:
             process = subprocess.Popen(
                 [
                     binary,
+                    *mode,
                     f"--config.file={config}",
-                    f"--storage.tsdb.path={data}",
+                    storage,
                     f"--web.listen-address=127.0.0.1:{port}",
                     "--log.level=warn",
+                    *flags,
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,

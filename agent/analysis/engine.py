@@ -13,7 +13,6 @@ from __future__ import annotations
 import collections
 import logging
 import math
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -38,6 +37,7 @@ from agent.analysis.messages import (
 from agent.analysis.workers import StatsJobs
 from agent.config import AgentConfig
 from probe import protocol
+from probe.identity import host_name
 from sinks import schema
 from sinks.health import ActiveAlert, AnalysisHealth, FiredAlert
 from sinks.schema import TRAINER_KINDS, Batch
@@ -59,6 +59,8 @@ FALLBACK_TICKS = 1.5
 #: ... and the inbox is worked through at once when this many entries wait (a flood: keep
 #: up, within the GIL share)
 WAKE_ENTRIES = 5_000
+#: the kinds that end a stream or a run: a batch of only these does not open a run again
+_ENDING = frozenset((protocol.BYE, protocol.RUN_END))
 SLICE_SECONDS = 0.005  # analysis work between two pauses (about the interpreter's switch interval)
 
 
@@ -95,7 +97,7 @@ class Analysis:
     ) -> None:
         self.config = config
         self.on_output = on_output  # called on this thread when ``take`` has something
-        self.host = host or socket.gethostname()
+        self.host = host or host_name()
         self.clock = clock
         self.wall_clock = wall_clock
         from agent.alerts import engine as alert_engine
@@ -129,6 +131,8 @@ class Analysis:
         self._alerts_fired: tuple[FiredAlert, ...] | None = None
         self._pids: dict[int, tuple[str, int]] = {}  # local trainer pid -> (run, rank)
         self._open_runs: dict[str, Path] = {}
+        # streams of each open run that have not said bye: the last bye ends the run here
+        self._live_streams: dict[str, set[str]] = {}
         # results arrive on worker threads; taken at the next wake-up (a tick at most)
         self.features = FeatureStreams(settings, self.jobs, self._results.append)
         self._last_dashboard: dict[str, float] = {}
@@ -291,7 +295,9 @@ class Analysis:
         source = batch.source
         run, rank = source.run, source.rank
         run_dir = Path(batch.run_dir)
-        if run not in self._open_runs:
+        if run not in self._open_runs and any(
+            entry.get("kind") not in _ENDING for entry in batch.entries
+        ):
             self._open_runs[run] = run_dir
             # The first dashboard comes one interval in, when there is a curve to draw;
             # drawing one at the start would cost the trainer CPU for an empty picture.
@@ -299,8 +305,15 @@ class Analysis:
         engine = self.alerts
         statistics = self.config.stats.enabled
         trainer_record = False
+        said_bye = False
+        live = self._live_streams.setdefault(run, set())
         for entry in batch.entries:
             kind = entry.get("kind")
+            if kind == protocol.BYE:
+                live.discard(entry.get("stream", source.stream))
+                said_bye = True
+            elif kind != protocol.RUN_END:
+                live.add(entry.get("stream", source.stream))
             if kind in TRAINER_KINDS:
                 trainer_record = True
             if kind == protocol.SCALARS:
@@ -339,6 +352,8 @@ class Analysis:
                 self._end_run(run)
         if trainer_record and engine is not None:
             engine.observe_event(run, rank, RECORD, {})
+        if said_bye and not self._live_streams.get(run):
+            self._end_run(run)  # every stream of the run has finished: it is over here
 
     def _process_results(self) -> None:
         while self._results:
@@ -386,9 +401,13 @@ class Analysis:
         self._wake.set()
 
     def _system(self, entry: dict[str, Any]) -> None:
-        """Stored in, and sent for, every running run; between runs nothing is recorded."""
+        """Stored in, and sent for, every running run; between runs nothing is stored, and
+        the sample goes only to the sinks that show a host's state between runs (Prometheus),
+        so a long-lived node agent exports host and GPU health like a DCGM exporter."""
         for run in self._open_runs:
             self._outbox.append(Derived(run, entry))
+        if not self._open_runs:
+            self._outbox.append(Derived(None, entry, to_store=False))
         gone = entry.get("gone") or []
         metrics = schema.flatten(entry)
         if self.config.stats.enabled:
@@ -438,7 +457,10 @@ class Analysis:
         )
 
     def _end_run(self, run: str) -> None:
-        """The trainer finished: last windows, a final dashboard, no more periodic work."""
+        """The trainer finished (``run_end``, or every stream said bye): last windows, a final
+        dashboard, no more periodic work or system samples. A record that comes later for
+        the run (a restarted trainer) opens it again."""
+        self._live_streams.pop(run, None)
         self.summaries.close_run(run)
         self._take_summaries()
         if run in self._open_runs:

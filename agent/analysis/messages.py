@@ -60,7 +60,9 @@ class Derived:
     """Something the analysis made, for the receive loop to store and send on.
 
     ``run`` None: no particular run (stored in every open one, sent to sinks
-    once). ``to_store`` / ``to_sinks`` follow an alert's destinations.
+    once). ``to_store`` / ``to_sinks`` follow an alert's destinations. A
+    ``system`` sample with ``run`` None and ``to_store`` False was taken while
+    no run was open: it goes only to the sinks that take samples between runs.
     """
 
     run: str | None

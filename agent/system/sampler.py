@@ -15,7 +15,6 @@ two samples, so the first sample has none.
 from __future__ import annotations
 
 import math
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -25,6 +24,7 @@ from agent.system.errors import SamplerErrors, logger
 from agent.system.host import HostSampler
 from agent.system.nvml import LOAD_PYNVML, GpuSampler
 from agent.system.processes import CHILDREN_SCAN_INTERVAL_SECONDS, TrainerProcesses
+from probe.identity import host_name
 from sinks import schema
 
 DEFAULT_INTERVAL_SECONDS = 1.0
@@ -61,7 +61,7 @@ class SystemSampler:
                 f"SystemSampler: interval must be a number of seconds > 0, not {interval!r}"
             )
         self.interval = float(interval)
-        self.host = host if host is not None else socket.gethostname()
+        self.host = host if host is not None else host_name()
         self._emit = emit
         self._clock = clock
         self._lock = threading.Lock()  # one sample at a time (the thread, or a direct call)

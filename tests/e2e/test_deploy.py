@@ -15,7 +15,7 @@ import orjson
 import pytest
 import yaml
 
-from sinks.prometheus_families import GPU_METRICS, own_metric_names
+from sinks.prometheus_families import GPU_METRICS, HOST_LABELS, OWN_METRICS, own_metric_names
 from tests.prometheus_server import ALERT_RULES, DASHBOARD, REPO, dashboard_exprs, promtool
 
 DEPLOY = REPO / "deploy"
@@ -23,6 +23,10 @@ PROMETHEUS_YML = DEPLOY / "prometheus" / "prometheus.yml"
 ALERTS_TEST = DEPLOY / "prometheus" / "alerts_test.yml"
 SERVICE = DEPLOY / "systemd" / "outrider-agent.service"
 POD = DEPLOY / "kubernetes" / "trainer-with-agent.yaml"
+DAEMONSET = DEPLOY / "kubernetes" / "node-agent-daemonset.yaml"
+AGENT_MODE = DEPLOY / "prometheus" / "agent-mode.yml"
+CENTRAL = DEPLOY / "prometheus" / "central.yml"
+FEDERATION = DEPLOY / "prometheus" / "federation.yml"
 LAUNCH = DEPLOY / "torchrun" / "launch.sh"
 DOCS = REPO / "docs" / "prometheus.md"
 BIN = Path(sys.executable).parent
@@ -39,6 +43,7 @@ CONVENTIONAL_SCALARS = {
 PROMQL_KEYWORDS = {
     "sum", "by", "rate", "increase", "abs", "avg_over_time", "quantile_over_time", "and",
     "or", "time", "max", "min", "count", "ALERTS", "up", "deriv", "Inf", "bool", "without",
+    "group_left", "group_right",
 }  # fmt: skip
 
 
@@ -127,6 +132,45 @@ def test_rules_and_dashboard_only_query_metrics_outrider_exports() -> None:
         assert not unknown, f"{expr}: {unknown}"
 
 
+def test_agent_mode_config_passes_promtool_and_remote_writes() -> None:
+    """agent-mode.yml is a valid agent-mode config: scrapes the agent, a cluster external
+    label, remote_write with a bounded queue keeping outrider's series and `up`."""
+    checked = promtool("check", "config", "--agent", str(AGENT_MODE))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    config = yaml.safe_load(AGENT_MODE.read_text())
+    assert "rule_files" not in config and "alerting" not in config  # agents evaluate nothing
+    assert set(config["global"]["external_labels"]) == {"cluster"}
+    [job] = config["scrape_configs"]
+    assert job["job_name"] == "outrider"
+    assert job["static_configs"][0]["targets"] == ["127.0.0.1:9400"]
+    [remote] = config["remote_write"]
+    assert remote["url"].endswith("/api/v1/write")
+    queue = remote["queue_config"]
+    assert {"capacity", "max_shards", "max_samples_per_send", "batch_send_deadline"} <= set(queue)
+    [keep] = remote["write_relabel_configs"]
+    assert keep["action"] == "keep" and keep["source_labels"] == ["__name__"]
+    kept = re.compile(f"^(?:{keep['regex']})$")
+    for name in ("outrider_loss", "DCGM_FI_DEV_GPU_UTIL", "up"):
+        assert kept.match(name), name
+    assert not kept.match("scrape_duration_seconds")
+
+
+def test_central_and_federation_configs_pass_promtool_with_the_rules() -> None:
+    """central.yml (remote-write receiver) and federation.yml load alerts.yml; federation
+    pulls outrider_* and DCGM_* (and `up`) from /federate with honor_labels."""
+    for path in (CENTRAL, FEDERATION):
+        checked = promtool("check", "config", str(path))
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+        assert "1 rule files found" in checked.stdout, path
+        assert yaml.safe_load(path.read_text())["rule_files"] == ["alerts.yml"]
+    assert "--web.enable-remote-write-receiver" in CENTRAL.read_text()
+    [job] = yaml.safe_load(FEDERATION.read_text())["scrape_configs"]
+    assert job["metrics_path"] == "/federate" and job["honor_labels"] is True
+    matchers = job["params"]["match[]"]
+    assert '{__name__=~"outrider_.*|DCGM_.*"}' in matchers
+    assert 'up{job="outrider"}' in matchers
+
+
 # -- Grafana ------------------------------------------------------------------------------------
 def test_dashboard_structure() -> None:
     """The dashboard has schemaVersion 39, run/rank variables from label_values, unique panels."""
@@ -167,6 +211,78 @@ def test_dashboard_has_the_training_panels() -> None:
         "outrider_alerts_active",
     ]:
         assert metric in queries, metric
+
+
+#: metric families labelled run/rank/host: the trainer's scalars and the sink's per-rank ones
+RANK_FAMILIES = {f"outrider_{name}" for name in CONVENTIONAL_SCALARS} | {
+    f"outrider_{metric.name}{suffix}"
+    for metric in OWN_METRICS
+    if "rank" in metric.labels
+    for suffix in ("", "_total")
+}
+HOST_FAMILIES = {f"outrider_{m.name}" for m in OWN_METRICS if tuple(m.labels) == HOST_LABELS}
+SELECTOR = re.compile(r'(?<![\w"$])([A-Za-z_:][A-Za-z0-9_:]*)\s*(\{[^}]*\})?')
+
+
+def matchers(selector: str | None) -> dict[str, str]:
+    return dict(re.findall(r'(\w+)\s*=~\s*"([^"]*)"', selector or ""))
+
+
+def test_dashboard_variables_suit_a_central_store() -> None:
+    """run, host and rank: multi-select with All (.*), each from label_values narrowed by
+    the ones before it (run -> host -> rank)."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    variables = [v for v in dashboard["templating"]["list"] if v["type"] == "query"]
+    assert [v["name"] for v in variables] == ["run", "host", "rank"]
+    for variable in variables:
+        assert variable["multi"] and variable["includeAll"], variable["name"]
+        assert variable["allValue"] == ".*", variable["name"]
+        assert variable["query"]["query"].startswith("label_values("), variable["name"]
+        assert variable["query"]["query"].endswith(f", {variable['name']})"), variable["name"]
+    by_name = {v["name"]: v["query"]["query"] for v in variables}
+    assert 'run=~"$run"' in by_name["host"]
+    assert 'run=~"$run"' in by_name["rank"] and 'host=~"$host"' in by_name["rank"]
+
+
+def test_every_dashboard_query_follows_the_variables() -> None:
+    """Per-rank series are selected by run, host and rank; GPU series by Hostname; host
+    series by host; and every query, the agent's own panels too, follows $host."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    checked = set()
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", ()):
+            expr = target["expr"]
+            assert "$host" in expr, (panel["title"], expr)
+            plain = re.sub(r'__name__\s*=~\s*"[^"]*"', "", expr)  # names as a regex: no selector
+            for name, selector in SELECTOR.findall(plain):
+                found = matchers(selector)
+                if name in RANK_FAMILIES:
+                    wanted = {"run": "$run", "host": "$host", "rank": "$rank"}
+                    assert {k: found.get(k) for k in wanted} == wanted, (panel["title"], expr)
+                elif name.startswith("DCGM_"):
+                    assert found.get("Hostname") == "$host", (panel["title"], expr)
+                elif name in HOST_FAMILIES:
+                    assert found.get("host") == "$host", (panel["title"], expr)
+                else:
+                    continue
+                checked.add(name)
+    assert {"outrider_loss", "outrider_step", "DCGM_FI_DEV_GPU_UTIL"} <= checked
+
+
+def test_dashboard_has_per_rank_step_time_and_throughput() -> None:
+    """A row of per-rank panels: step time (and its ratio to the run's fastest rank) and
+    tokens/samples per second, one series per rank (no aggregation)."""
+    by_title = {}
+    for title, expr, _ in dashboard_exprs():
+        by_title.setdefault(title, []).append(expr)
+    step = by_title["Step time per rank"]
+    assert step[0].startswith("outrider_step_time_seconds{")
+    assert "min by (run)" in step[1]
+    throughput = by_title["Throughput per rank"]
+    assert [e.split("{")[0] for e in throughput] == [
+        "outrider_tokens_per_second",
+        "outrider_samples_per_second",
+    ]
 
 
 def test_dashboard_exprs_fill_variables_and_flag_gpu_queries() -> None:
@@ -280,6 +396,54 @@ def test_kubernetes_agent_config_is_a_valid_agent_config() -> None:
     assert prometheus["host"] == "0.0.0.0" and prometheus["port"] == 9400
 
 
+def daemonset_documents() -> dict[str, dict[str, Any]]:
+    return {doc["kind"]: doc for doc in yaml.safe_load_all(DAEMONSET.read_text())}
+
+
+def test_kubernetes_daemonset_runs_a_node_agent_for_scraping() -> None:
+    """A DaemonSet running `outrider agent` on the node's socket directory, /metrics on a
+    hostPort with a readiness probe, the node's name as OUTRIDER_HOST, bounded, unprivileged."""
+    daemonset = daemonset_documents()["DaemonSet"]
+    spec = daemonset["spec"]["template"]["spec"]
+    [agent] = spec["containers"]
+    assert agent["command"][:2] == ["outrider", "agent"]
+    assert "ipc:///run/outrider/agent.sock" in agent["command"]
+    env = {item["name"]: item for item in agent["env"]}
+    assert env["OUTRIDER_HOST"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    [port] = agent["ports"]
+    assert port["containerPort"] == 9400 and (port.get("hostPort") or spec.get("hostNetwork"))
+    probe = agent["readinessProbe"]["httpGet"]
+    assert probe["path"] == "/metrics" and probe["port"] in (port["name"], 9400)
+    limits = agent["resources"]["limits"]
+    assert limits["cpu"] and limits["memory"]
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert agent["securityContext"]["allowPrivilegeEscalation"] is False
+    assert agent["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    volumes = {volume["name"]: volume for volume in spec["volumes"]}
+    socket = next(m for m in agent["volumeMounts"] if m["mountPath"] == "/run/outrider")
+    assert volumes[socket["name"]]["hostPath"]["path"] == "/run/outrider"
+    annotations = daemonset["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(port["containerPort"])
+
+
+def test_kubernetes_daemonset_matches_the_schema_and_its_agent_config_is_valid() -> None:
+    """Every document validates strictly against Kubernetes 1.29; agent.yaml parses and
+    binds the sink on the Pod's address, on the container's port."""
+    kubernetes_validate = pytest.importorskip(
+        "kubernetes_validate", reason="kubernetes-validate (PyPI) is not installed"
+    )
+    documents = daemonset_documents()
+    for kind, document in documents.items():
+        assert kubernetes_validate.validate(document, "1.29.0", strict=True) == "1.29", kind
+    from agent import config as agent_config
+
+    text = documents["ConfigMap"]["data"]["agent.yaml"]
+    config = agent_config.parse(text, "configmap agent.yaml")
+    prometheus = config.enabled_sinks()["prometheus"].options()
+    assert prometheus["host"] == "0.0.0.0" and prometheus["port"] == 9400
+    assert config.system.enabled
+
+
 # -- torchrun -------------------------------------------------------------------------------------
 def test_launch_script_without_arguments_prints_usage(tmp_path: Path) -> None:
     """launch.sh with no training script exits 2 with a usage line."""
@@ -338,7 +502,8 @@ def test_docs_list_every_metric_the_sink_exports() -> None:
         assert f"`{family}" in text, family
     for _, dcgm, _, _ in GPU_METRICS:
         assert f"`{dcgm}`" in text, dcgm
-    for path in (PROMETHEUS_YML, ALERT_RULES, DASHBOARD, SERVICE, POD, LAUNCH):
+    deploy_files = (PROMETHEUS_YML, ALERT_RULES, DASHBOARD, SERVICE, POD, LAUNCH, DAEMONSET)
+    for path in (*deploy_files, AGENT_MODE, CENTRAL, FEDERATION):
         assert str(path.relative_to(REPO)) in text, path
     for rule in alert_rules():
         assert f"`{rule['alert']}`" in text, rule["alert"]
