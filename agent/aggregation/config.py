@@ -57,26 +57,3 @@ class AggregationSettings(pydantic.BaseModel):
     )
     stragglers: StragglerSettings = pydantic.Field(default_factory=StragglerSettings)
     divergence: DivergenceSettings = pydantic.Field(default_factory=DivergenceSettings)
-
-
-def split_host_port(value: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
-    """``PORT``, ``HOST:PORT`` or ``[V6]:PORT`` -> (host, port); ValueError if not."""
-    text = value.strip()
-    if text.startswith("tcp://"):
-        text = text[len("tcp://") :]
-    host, sep, port = text.rpartition(":")
-    if not sep:
-        host, port = default_host, text
-    host = host.strip("[]") or default_host
-    try:
-        number = int(port)
-    except ValueError:
-        raise ValueError(f"{value!r} is not [HOST:]PORT") from None
-    if not 0 <= number <= 65535:
-        raise ValueError(f"port {number} is out of range")
-    return host, number
-
-
-def tcp_url(host: str, port: int) -> str:
-    """The ZeroMQ endpoint of ``host:port`` (IPv6 hosts in brackets)."""
-    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"

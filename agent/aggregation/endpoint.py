@@ -41,6 +41,29 @@ def use_curve(endpoint: str, keys_dir: Path | None, insecure: bool, role: str) -
         return False
     raise ValueError(
         f"the {role} endpoint {endpoint} is not on loopback, so it needs CURVE keys: "
-        "make them with `outrider keys DIR` and pass that directory (or insecure=True "
-        "for plain TCP on a network you trust)"
+        "make them with `outrider keys DIR` and pass that directory (or --insecure, "
+        "`insecure: true` in the config, for plain TCP on a network you trust)"
     )
+
+
+def split_host_port(value: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
+    """``PORT``, ``HOST:PORT`` or ``[V6]:PORT`` -> (host, port); ValueError if not."""
+    text = value.strip()
+    if text.startswith("tcp://"):
+        text = text[len("tcp://") :]
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = default_host, text
+    host = host.strip("[]") or default_host
+    try:
+        number = int(port)
+    except ValueError:
+        raise ValueError(f"{value!r} is not [HOST:]PORT") from None
+    if not 0 <= number <= 65535:
+        raise ValueError(f"port {number} is out of range")
+    return host, number
+
+
+def tcp_url(host: str, port: int) -> str:
+    """The ZeroMQ endpoint of ``host:port`` (IPv6 hosts in brackets)."""
+    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"

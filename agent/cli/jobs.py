@@ -3,7 +3,6 @@ node agent (``outrider agent``, ``outrider run``) forward to one."""
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import sys
@@ -13,7 +12,8 @@ from typing import Any
 import click
 
 from agent.aggregation import torchrun
-from agent.aggregation.config import DEFAULT_PORT, split_host_port, tcp_url
+from agent.aggregation.config import DEFAULT_PORT
+from agent.aggregation.endpoint import is_loopback, split_host_port, tcp_url
 from agent.aggregation.forwarding import Forwarder
 from agent.cli.launcher import JobTier
 from agent.config import AgentConfig, SinkSettings
@@ -49,15 +49,6 @@ def host_option(function: Any) -> Any:
         show_envvar=True,
         help="This node's label in the job view and on /metrics (default: the hostname).",
     )(function)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_transport(where: str, keys_dir: Path | None, insecure: bool, option: str) -> None:
