@@ -195,7 +195,12 @@ class Aggregator:
                     "internal_error", "outrider aggregator: internal error judging: %r", exc
                 )
         self.runs.flush()
-        self.runs.write_changed_info()
+        now = self.clock()
+        for job in self.jobs.values():
+            job.store.merge_collected()
+            if job.view_due(now):
+                job.store.write_info()
+                job.wrote_view(now)
         self.listener.counters()  # reads the handshake events (and logs failed ones)
         self.fanout.kick()
         if self.parent_pid is not None and os.getppid() != self.parent_pid:

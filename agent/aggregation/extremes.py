@@ -60,21 +60,25 @@ def rank_values(window: JobWindow, names: list[str]) -> tuple[list[int], Any]:
     """
     ranks = list(window.ranks)
     column = {name: j for j, name in enumerate(names)}
-    values = np.full((len(ranks), len(names)), np.nan)
-    for i, rank in enumerate(ranks):
+    width = len(names)
+    rows = []
+    for rank in ranks:
+        row = [math.nan] * width  # a list per rank, one array at the end: no numpy per value
         summary = window.ranks[rank]
         derived = summary.get("derived")
         if isinstance(derived, dict):
             for name, value in derived.items():
                 j = column.get(name)
                 if j is not None:
-                    values[i, j] = _number(value)
+                    row[j] = _number(value)
         metrics = summary.get("metrics")
         if isinstance(metrics, dict):
             for name, stats in metrics.items():
                 j = column.get(name)
                 if j is not None and isinstance(stats, dict):
-                    values[i, j] = _number(stats.get("mean"))
+                    row[j] = _number(stats.get("mean"))
+        rows.append(row)
+    values = np.array(rows, dtype=np.float64).reshape(len(ranks), width)
     return ranks, values
 
 

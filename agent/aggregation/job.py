@@ -132,6 +132,8 @@ class JobView:
         self.stragglers = StragglerDetector(settings.stragglers)
         self.divergence = DivergenceDetector(settings.divergence)
         self.judged = 0
+        self._view_written = -math.inf  # when run.json last took the view
+        self._complete = False
         self.extremes: dict[str, Any] = {}
         self._restore(store.info.get("job"))
         store.view = self.view
@@ -328,6 +330,24 @@ class JobView:
         return outs
 
     # -- the view --------------------------------------------------------------------
+    def view_due(self, now: float) -> bool:
+        """Whether run.json should take the view now: once a second for a small job, less
+        often for a big one (a view of 8,000 ranks is a megabyte), at once when the last
+        node said bye, and every beat while the store is failing (it checks its files)."""
+        store = self.store
+        if store.failure is not None:
+            return True
+        if not store.dirty:
+            return False
+        complete = self.all_said_bye()
+        if complete != self._complete:
+            self._complete = complete
+            return True
+        return now - self._view_written >= 1.0 + len(self.ranks) / 1000.0
+
+    def wrote_view(self, now: float) -> None:
+        self._view_written = now
+
     def all_said_bye(self) -> bool:
         return bool(self.nodes) and all(
             ledger.said_bye for node in self.nodes.values() for ledger in node.uplinks.values()

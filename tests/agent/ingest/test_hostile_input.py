@@ -130,8 +130,10 @@ def case_bad_envelope() -> Case:
             pack(missing, records),
             pack(["not", "a", "map"], records),
             pack(None, records),
+            pack(envelope(restart=-1), records),
+            pack(envelope(restart="1"), records),
         ],
-        rejected_messages={"bad_envelope": 11},
+        rejected_messages={"bad_envelope": 13},
     )
 
 
