@@ -144,7 +144,8 @@ class TensorBoardSink(Sink):
             default="auto",
             description="`auto`: a `rank-N` subdirectory per rank only when world_size > 1; "
             "`always`: a `rank-N` subdirectory even for one rank; "
-            "`rank0`: only rank 0's records, in the run's directory.",
+            "`rank0`: only rank 0's records (and the agent's or job's own, rank -1), in the "
+            "run's directory.",
         )
         flush_secs: float = pydantic.Field(
             default=2.0,
@@ -227,7 +228,7 @@ class TensorBoardSink(Sink):
         """The directory ``batch`` is written to; None when ``per_rank`` leaves it out."""
         source = batch.source
         mode = self.options.per_rank
-        if mode == "rank0" and source.rank != 0:
+        if mode == "rank0" and source.rank > 0:
             return None
         if self.options.logdir is not None:
             base = self.options.logdir.expanduser() / source.run

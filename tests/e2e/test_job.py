@@ -24,6 +24,7 @@ from tests.helpers import (
     wait_for,
 )
 from tests.prometheus_server import free_port
+from tests.wandb_reader import read_offline_run
 
 pytestmark = pytest.mark.slow
 
@@ -196,8 +197,24 @@ def test_two_nodes_make_one_job_view_with_exact_accounting(tmp_path: Path) -> No
         "rank-2",
         "rank-3",
     ]
-    windows = [x for x in lines(job_dir, agent_lines=True) if x.get("kind") == "summary"]
+    stored = lines(job_dir, agent_lines=True)
+    windows = [x for x in stored if x.get("kind") == "summary"]
     assert {x["rank"] for x in windows} == {0, 1, 2, 3}
+    # rank 3's window means of loss, as stored, in W&B (rank3/loss) and TensorBoard (rank-3)
+    rank3 = [
+        (x["step"], x["metrics"]["loss"])
+        for x in stored
+        if x.get("kind") == "scalars" and x["rank"] == 3 and "loss" in x.get("metrics", {})
+    ]
+    assert len(rank3) == 16  # 160 steps, windows of 10
+    offline = read_offline_run(job_dir)
+    assert offline.run_id == "job"
+    assert [(s, pytest.approx(v)) for s, v in offline.series("rank3/loss")] == rank3
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(job_dir / "tensorboard" / "rank-3"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [(e.step, pytest.approx(e.value)) for e in events.Scalars("loss")] == rank3
     assert not alerts_named(job_dir, "straggler")
     shown = outrider("show", "jobs/job", "--runs-dir", str(tmp_path / "node0"))
     assert shown.returncode == 0, shown.stderr
