@@ -112,7 +112,15 @@ class Aggregator:
             return
         counters.records += len(message.items)
         for item in message.items:
-            self._send(job, job.take(message.envelope, item))
+            try:
+                outs = job.take(message.envelope, item)
+            except Exception as exc:  # one odd item costs itself, not the message
+                counters.reject(counters.rejected_records, "bad_item_body")
+                self.complaints.warning(
+                    "bad_item_body", "outrider aggregator: item %s not taken: %r", item.kind, exc
+                )
+                continue
+            self._send(job, outs)
 
     def _job(self, job_id: str) -> JobView | None:
         view = self.jobs.get(job_id)

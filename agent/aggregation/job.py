@@ -36,6 +36,8 @@ from sinks import schema
 WINDOW_FIGURE = "mean"
 #: ranks listed as the slowest in run.json and `outrider show`
 SLOWEST = 5
+#: what a node's hello may put in the job's run.json
+HELLO_META = ("command", "launcher")
 
 
 @dataclass
@@ -164,12 +166,12 @@ class JobView:
             return self._records(body)
         if kind == wire.ACCOUNTING:
             for summary in body.get("streams") or []:
-                if isinstance(summary, dict) and isinstance(summary.get("stream"), str):
+                if _is_ledger(summary):
                     node.streams[summary["stream"]] = summary
         if kind == wire.HELLO:
             meta = body.get("meta")
             if isinstance(meta, dict) and "command" not in self.store.info:
-                self.store.info.update(meta)
+                self.store.info.update({k: meta[k] for k in HELLO_META if k in meta})
         return []
 
     def _window(self, summary: dict[str, Any]) -> list[Out]:
@@ -180,14 +182,14 @@ class JobView:
         state.windows += 1
         if isinstance(summary.get("last_step"), int):
             state.last_step = summary["last_step"]
-        derived = summary.get("derived") or {}
+        derived = _mapping(summary.get("derived"))
         p50 = derived.get(f"{STEP_TIME}/p50")
         if isinstance(p50, float | int):
             state.step_time_p50 = float(p50)
         self.windows.add(summary)
         stored = self.store.add_local({**summary, "kind": schema.SUMMARY})
         scalars: dict[str, float] = {}
-        for name, figures in (summary.get("metrics") or {}).items():
+        for name, figures in _mapping(summary.get("metrics")).items():
             value = figures.get(WINDOW_FIGURE) if isinstance(figures, dict) else None
             if isinstance(value, float | int):
                 scalars[name] = float(value)
@@ -214,7 +216,7 @@ class JobView:
 
     def _event(self, body: dict[str, Any]) -> list[Out]:
         kind = body.get("kind")
-        record = body.get("body") or {}
+        record = _mapping(body.get("body"))
         if kind == protocol.CONFIG and isinstance(record.get("params"), dict):
             self.store.info.setdefault("config", {}).update(record["params"])
         elif kind == protocol.HELLO and body.get("rank") == 0 and "trainer" not in self.store.info:
@@ -397,7 +399,7 @@ class JobView:
                     continue  # a run.json edited by hand
                 state.uplinks[ledger.agent] = ledger
             for summary in node.get("streams") or []:
-                if isinstance(summary, dict) and isinstance(summary.get("stream"), str):
+                if _is_ledger(summary):
                     state.streams[summary["stream"]] = summary
         for rank in job.get("ranks") or []:
             try:
@@ -412,6 +414,25 @@ class JobView:
                 )
             except (KeyError, TypeError, ValueError):
                 continue
+
+
+def _is_ledger(summary: Any) -> bool:
+    """Whether ``summary`` is a stream ledger's summary the accounting can add up."""
+    if not isinstance(summary, dict) or not isinstance(summary.get("stream"), str):
+        return False
+    counts = [summary.get(key, 0) for key in ("sent", "received", "lost")]
+    for key in ("dropped", "not_stored"):
+        held = summary.get(key) or {}
+        if not isinstance(held, dict):
+            return False
+        counts.extend(held.values())
+    return all(isinstance(n, int) and not isinstance(n, bool) for n in counts)
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    """``value`` if it is a dict, else an empty one (a node's item is checked for types
+    msgpack can carry, not for the shape of every field)."""
+    return value if isinstance(value, dict) else {}
 
 
 def _int(value: Any, default: int = -1) -> int:
