@@ -20,6 +20,7 @@ from sinks import schema
 
 STRAGGLER = "straggler"
 RANK_DIVERGENCE = "rank_divergence"
+NODE_SILENT = "node_silent"
 SEVERITY = "warning"
 
 
@@ -119,3 +120,16 @@ def divergence_alert(
         "nonfinite": f.nonfinite,
     }
     return _entry(RANK_DIVERGENCE, message, f.run, f.rank, f.step, attrs, destinations)
+
+
+def node_silent_alert(
+    run: str, node: str, seconds: float, destinations: Sequence[str] = DEFAULT_DESTINATIONS
+) -> dict[str, Any]:
+    """The ``node_silent`` alert: a node agent that has not said bye went quiet (its agent
+    or machine died, or the network between it and the aggregator broke)."""
+    message = (
+        f"node silent: {node} has sent nothing for {seconds:.0f} s and has not said bye "
+        f"(run {run}); its agent, its machine or the network to the aggregator may be down"
+    )
+    attrs = {"metric": None, "value": seconds, "threshold": None, "host": node}
+    return _entry(NODE_SILENT, message, run, -1, None, attrs, destinations)

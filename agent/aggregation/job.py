@@ -23,7 +23,7 @@ from agent.aggregation import wire
 from agent.aggregation.config import AggregationSettings
 from agent.aggregation.divergence import DivergenceDetector
 from agent.aggregation.extremes import extremes, job_scalars
-from agent.aggregation.findings import divergence_alert, straggler_alert
+from agent.aggregation.findings import divergence_alert, node_silent_alert, straggler_alert
 from agent.aggregation.ledger import UplinkLedger
 from agent.aggregation.stragglers import StragglerDetector
 from agent.aggregation.windows import JobWindow, JobWindows
@@ -36,6 +36,9 @@ from sinks import schema
 WINDOW_FIGURE = "mean"
 #: ranks listed as the slowest in run.json and `outrider show`
 SLOWEST = 5
+#: heartbeats a node may miss before it is called silent (and at least this many seconds)
+SILENT_HEARTBEATS = 5
+SILENT_SECONDS = 10.0
 #: what a node's hello may put in the job's run.json
 HELLO_META = ("command", "launcher")
 
@@ -136,6 +139,7 @@ class JobView:
         self.judged = 0
         self._view_written = -math.inf  # when run.json last took the view
         self._complete = False
+        self._silent: set[str] = set()  # nodes the node_silent alert named, until they speak
         self.extremes: dict[str, Any] = {}
         self._restore(store.info.get("job"))
         store.view = self.view
@@ -145,6 +149,7 @@ class JobView:
         """Account for one item and store what it carries; returns what goes to the sinks."""
         node = self.nodes.setdefault(envelope["node"], NodeState())
         node.last_seen = self.clock()
+        self._silent.discard(envelope["node"])
         ledger = node.uplinks.get(envelope["agent"])
         if ledger is None:
             ledger = node.uplinks[envelope["agent"]] = UplinkLedger.from_envelope(envelope)
@@ -285,6 +290,22 @@ class JobView:
         outs: list[Out] = []
         for window in self.windows.ready():
             outs.extend(self._judge(window))
+        outs.extend(self._silent_nodes())
+        return outs
+
+    def _silent_nodes(self) -> list[Out]:
+        """A ``node_silent`` alert for each node gone quiet without its bye, once until it
+        speaks again."""
+        limit = max(SILENT_SECONDS, SILENT_HEARTBEATS * self.settings.heartbeat_seconds)
+        now = self.clock()
+        outs = []
+        for name, node in self.nodes.items():
+            quiet = now - node.last_seen
+            if name in self._silent or quiet < limit or node.accounting()["complete"]:
+                continue
+            self._silent.add(name)
+            alert = self.store.add_alert(node_silent_alert(self.job, name, quiet))
+            outs.append(Out(alert, host=name))
         return outs
 
     def finish(self) -> list[Out]:
@@ -389,6 +410,7 @@ class JobView:
             return
         for name, node in (job.get("nodes") or {}).items():
             state = self.nodes.setdefault(name, NodeState())
+            state.last_seen = self.clock()  # silent from now on, not since the epoch
             for summary in node.get("uplinks") or []:
                 try:
                     ledger = UplinkLedger(

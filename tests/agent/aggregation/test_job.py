@@ -154,3 +154,27 @@ def test_run_json_takes_a_big_view_less_often(tmp_path: Path) -> None:
     job.wrote_view(clock[0])
     job.take(node.envelope, node.bye())
     assert job.view_due(clock[0])  # the last node's bye is written at once
+
+
+def test_a_node_gone_quiet_without_its_bye_is_named_once(tmp_path: Path) -> None:
+    clock = [50.0]
+    job = view(tmp_path, clock)
+    quiet, done = Node("node0"), Node("node1")
+    job.take(quiet.envelope, quiet.item(wire.HEARTBEAT, {}))
+    job.take(done.envelope, done.bye())
+    clock[0] += 9.0
+    assert job.judge() == []
+    clock[0] += 2.0  # 11 s: past 5 heartbeats of 2 s and past 10 s
+    alerts = [out.entry for out in job.judge()]
+    assert [(a["name"], a["attrs"]["host"]) for a in alerts] == [("node_silent", "node0")]
+    clock[0] += 30.0
+    assert job.judge() == []  # once per silence
+    job.take(quiet.envelope, quiet.item(wire.HEARTBEAT, {}))
+    clock[0] += 11.0
+    assert [out.entry["name"] for out in job.judge()] == ["node_silent"]
+    assert job.store.write_info()
+    restarted = view(tmp_path, clock)  # an aggregator restarted: nodes are not silent yet
+    assert set(restarted.nodes) == {"node0", "node1"}
+    assert restarted.judge() == []
+    clock[0] += 11.0
+    assert [out.entry["attrs"]["host"] for out in restarted.judge()] == ["node0"]
