@@ -13,7 +13,6 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +26,7 @@ from agent.fanout import Fanout
 from agent.health import agent_health
 from agent.ingest.counters import AgentCounters
 from agent.store.registry import MAX_OPEN_RUNS, OpenRuns
+from probe.identity import host_name
 from sinks.base import Batch, Source
 from sinks.health import AgentHealth, TierHealth
 from sinks.ratelimit import RateLimitedLog
@@ -38,8 +38,10 @@ BEAT_SECONDS = 1.0
 #: sinks that take each rank's entries; the rest (Prometheus) keep to job-level series,
 #: since every node agent already exports its ranks' series
 PER_RANK_SKIP = frozenset({"prometheus"})
-#: the stream name of the entries the aggregator stores for a node
+#: the stream named in the sinks' sources: a rank's entries (forwarded by its node) and the
+#: aggregator's own (job scalars, job alerts)
 NODE_STREAM = "node"
+JOB_STREAM = "aggregator"
 
 
 class Aggregator:
@@ -62,7 +64,7 @@ class Aggregator:
         self.drain_timeout = drain_timeout
         self.parent_pid = parent_pid
         self.clock = clock
-        self.host = os.environ.get("OUTRIDER_HOST") or socket.gethostname()
+        self.host = host_name()
         self.counters = AgentCounters()
         self.complaints = RateLimitedLog(clock=clock)
         self.listener = Listener(bind, keys_dir=settings.keys_dir, insecure=settings.insecure)
@@ -138,7 +140,7 @@ class Aggregator:
         for out in outs:
             source = Source(
                 job.job,
-                NODE_STREAM if out.rank >= 0 else "aggregator",
+                NODE_STREAM if out.rank >= 0 else JOB_STREAM,
                 out.rank,
                 out.local_rank,
                 max(len(job.ranks), 1),
