@@ -377,6 +377,7 @@ class AlertEngine:
             "name": rule.name,
             "severity": rule.severity,
             "message": message,
+            "advice": rule.advice,
             "run": run,
             "rank": rank,
             "step": step,
@@ -394,10 +395,11 @@ class AlertEngine:
             if destination == "log":
                 logger.log(
                     LOG_LEVELS[rule.severity],
-                    "outrider alert %s [%s]: %s",
+                    "outrider alert %s [%s]: %s -- what to do: %s",
                     rule.name,
                     rule.severity,
                     message,
+                    rule.advice,
                 )
             else:
                 sender = self._senders.get(destination)

@@ -74,10 +74,16 @@ def _slack_escape(text: str) -> str:
 
 
 def render_payload(alert: Mapping[str, Any], format: WebhookFormat) -> bytes:
-    """The request body: the alert dict (``json``) or ``{"text": ...}`` (``slack``)."""
+    """The request body: the alert dict (``json``) or ``{"text": ...}`` (``slack``).
+
+    Slack's text puts the alert's ``advice``, when it has one, on a line of its own.
+    """
     if format == "slack":
         severity = str(alert.get("severity", "")).upper()
         text = f"[{severity}] {alert.get('name')}: {alert.get('message')}"
+        advice = alert.get("advice")
+        if isinstance(advice, str) and advice:
+            text += f"\nWhat to do: {advice}"
         body: Any = {"text": _slack_escape(text)}
     else:
         body = json_safe(alert)

@@ -2,7 +2,8 @@
 
 By family: ``metrics`` (threshold, rate, zscore, nonfinite: any metric),
 ``training`` (plateau, overfitting, collapse, trend, input_bound: what a
-training run's metrics mean), ``events`` (stalled, run_died, probe_drops,
+training run's metrics mean), ``divergence`` (a loss climbing away from its
+best), ``events`` (stalled, run_died, probe_drops,
 event: liveness and passed-through alarms); ``base`` holds what they share.
 """
 
@@ -23,6 +24,7 @@ from agent.alerts.rules.base import (
     Severity,
     least_squares_slope,
 )
+from agent.alerts.rules.divergence import DivergenceRule, DivergenceSpec
 from agent.alerts.rules.events import (
     EventRule,
     EventSpec,
@@ -66,6 +68,7 @@ AnySpec = (
     | NonfiniteSpec
     | PlateauSpec
     | OverfittingSpec
+    | DivergenceSpec
     | CollapseSpec
     | TrendSpec
     | InputBoundSpec
@@ -83,6 +86,7 @@ RULE_TYPES: Mapping[str, type[Rule[Any]]] = {
     "nonfinite": NonfiniteRule,
     "plateau": PlateauRule,
     "overfitting": OverfittingRule,
+    "divergence": DivergenceRule,
     "collapse": CollapseRule,
     "trend": TrendRule,
     "input_bound": InputBoundRule,
@@ -101,6 +105,8 @@ __all__ = [
     "CollapseRule",
     "CollapseSpec",
     "Context",
+    "DivergenceRule",
+    "DivergenceSpec",
     "EventRule",
     "EventSpec",
     "InputBoundRule",

@@ -21,6 +21,7 @@ from typing import Annotated, Any, ClassVar, Final, Generic, Literal, Protocol, 
 
 import pydantic
 
+from agent.alerts.rules.advice import DEFAULT_ADVICE, check_advice
 from agent.alerts.rules.patterns import MetricPattern, is_glob
 from agent.alerts.rules.templates import COMMON_FIELDS, check_template
 
@@ -97,6 +98,7 @@ class RuleSpec(pydantic.BaseModel):
     severity: Severity = "warning"
     cooldown: float = pydantic.Field(default=300.0, ge=0)
     message: str | None = None
+    advice: str | None = None
     destinations: list[str] | None = None
     enabled: bool = True
 
@@ -106,6 +108,16 @@ class RuleSpec(pydantic.BaseModel):
     @property
     def template(self) -> str:
         return self.message if self.message is not None else self.default_message
+
+    @property
+    def guidance(self) -> str:
+        """What to do when the rule fires: ``advice``, or its kind's default."""
+        return self.advice if self.advice is not None else DEFAULT_ADVICE.get(self.type, "")
+
+    @pydantic.field_validator("advice")
+    @classmethod
+    def _advice(cls, value: str | None) -> str | None:
+        return None if value is None else check_advice(value)
 
     @pydantic.model_validator(mode="after")
     def _renders(self) -> Self:
@@ -187,6 +199,7 @@ class Rule(Generic[S]):
         self.severity: Severity = spec.severity
         self.cooldown = spec.cooldown
         self.template = spec.template
+        self.advice = spec.guidance
         self.destinations = tuple(destinations)
         self.keyed_by_metric = False
 

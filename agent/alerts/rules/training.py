@@ -9,6 +9,7 @@ data-loader wait and GPU utilisation) and knows what they mean; the built-ins
 from __future__ import annotations
 
 import collections
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -152,33 +153,89 @@ class OverfittingSpec(MetricRuleSpec):
     type: Literal["overfitting"]
     metric: ExactMetricName
     train_metric: ExactMetricName = "loss"
-    evaluations: int = pydantic.Field(default=5, ge=3)
-    min_rise: float = pydantic.Field(default=0.01, ge=0)
+    evaluations: int = pydantic.Field(default=4, ge=2)
+    min_rise: float = pydantic.Field(default=0.03, ge=0)
+    train_min_fall: float = pydantic.Field(default=0.02, ge=0, lt=1)
+    shock_factor: float = pydantic.Field(default=3.0, gt=1)
 
     default_message: ClassVar[str] = (
-        "{name}: {metric} rose {rise:.1%} over the last {evaluations} evaluations while "
-        "{train_metric} fell (run {run}, rank {rank}, step {step})"
+        "{name}: {metric} has stayed above its best {best:.4g} for {streak} evaluations (now "
+        "{value:.4g}, +{rise:.1%}) while {train_metric} fell {train_fall:.1%} "
+        "(run {run}, rank {rank}, step {step})"
     )
     extra_fields: ClassVar[Mapping[str, object]] = {
         "rise": 0.1,
-        "val_slope": 1.0,
-        "train_slope": -1.0,
+        "best": 1.0,
+        "streak": 4,
+        "train_fall": 0.1,
         "train_metric": "loss",
-        "evaluations": 5,
+        "evaluations": 4,
     }
+
+
+INTERVAL_SAMPLES = 1024  # train samples kept per evaluation interval (every k-th past it)
+
+
+@dataclass
+class _TrainInterval:
+    """The train samples between two evaluations: a bounded, evenly thinned set and the max."""
+
+    values: list[float] = field(default_factory=list)
+    stride: int = 1
+    seen: int = 0
+    high: float = -math.inf
+
+    def add(self, value: float) -> None:
+        self.high = max(self.high, value)
+        if self.seen % self.stride == 0:
+            self.values.append(value)
+            if len(self.values) >= INTERVAL_SAMPLES:
+                del self.values[1::2]
+                self.stride *= 2
+        self.seen += 1
+
+    def median(self) -> float:
+        ordered = sorted(self.values)
+        middle = len(ordered) // 2
+        if len(ordered) % 2:
+            return ordered[middle]
+        return (ordered[middle - 1] + ordered[middle]) / 2
+
+
+@dataclass
+class _Evaluation:
+    step: float
+    val: float
+    train: float  # the median train loss of the interval that ended here
+    shocked: bool  # a train sample in it was above shock_factor x the previous interval's median
 
 
 @dataclass
 class _OverfitState:
-    train_total: float = 0.0
-    train_count: int = 0
+    interval: _TrainInterval = field(default_factory=_TrainInterval)
     last_train: float | None = None
-    evaluations: int = 0
-    points: collections.deque[tuple[float, float, float]] = field(default_factory=collections.deque)
+    best: float = math.inf  # the lowest val before the current streak
+    streak: int = 0  # evaluations in a row above best x (1 + min_rise)
+    count: int = 0
+    recent: collections.deque[_Evaluation] = field(default_factory=collections.deque)
+
+    def restart(self) -> None:
+        self.interval, self.last_train = _TrainInterval(), None
+        self.best, self.streak = math.inf, 0
+        self.recent.clear()
 
 
 class OverfittingRule(Rule[OverfittingSpec]):
-    """Least-squares trends of the last val values and of the mean train loss between them."""
+    """Validation above its best for ``evaluations`` evaluations in a row while train really falls.
+
+    Each evaluation pairs a ``metric`` value with the median train loss since the
+    previous one. It holds when the last ``evaluations`` values are all above
+    the best before them by ``min_rise``, the latest is not below the first of
+    them (not coming back down), the median train loss fell at each of them and
+    by ``train_min_fall`` over them, and no train sample in them jumped above ``shock_factor`` x the
+    previous interval's median. Both rising is divergence; a shock's recovery
+    falls back and carries its jump: neither holds.
+    """
 
     oneshot = False
 
@@ -202,39 +259,52 @@ class OverfittingRule(Rule[OverfittingSpec]):
         if state is None:
             return
         if metric == spec.train_metric and metric != spec.metric:
-            state.train_total += value
-            state.train_count += 1
+            state.interval.add(value)
             return
-        if state.train_count:
-            state.last_train = state.train_total / state.train_count
-            state.train_total, state.train_count = 0.0, 0
+        interval = state.interval
+        shocked = False
+        if interval.values:
+            train = interval.median()
+            shocked = state.last_train is not None and (
+                interval.high > spec.shock_factor * state.last_train
+            )
+            state.interval, state.last_train = _TrainInterval(), train
         if state.last_train is None:
             return
-        state.evaluations += 1
-        x = float(step) if step is not None else float(state.evaluations)
-        if state.points and x <= state.points[-1][0]:
-            state.points.clear()  # steps went back: a restart, a new curve
-        state.points.append((x, value, state.last_train))
-        while len(state.points) > spec.evaluations:
-            state.points.popleft()
-        if len(state.points) < spec.evaluations:
+        state.count += 1
+        x = float(step) if step is not None else float(state.count)
+        if state.recent and x <= state.recent[-1].step:
+            state.restart()  # steps went back: a restart, a new curve
             return
-        xs = [p[0] for p in state.points]
-        val_slope = least_squares_slope(xs, [p[1] for p in state.points])
-        train_slope = least_squares_slope(xs, [p[2] for p in state.points])
-        if val_slope is None or train_slope is None:
+        if math.isfinite(state.best) and value > state.best * (1.0 + spec.min_rise):
+            state.streak += 1
+        else:
+            state.streak = 0
+            state.best = min(state.best, value)
+        state.recent.append(_Evaluation(x, value, state.last_train, shocked))
+        while len(state.recent) > spec.evaluations + 1:
+            state.recent.popleft()
+        if len(state.recent) <= spec.evaluations:
             return
-        mean_val = sum(p[1] for p in state.points) / len(state.points)
-        rise = val_slope * (xs[-1] - xs[0]) / abs(mean_val) if mean_val else math.inf * val_slope
-        holding = val_slope > 0 and rise >= spec.min_rise and train_slope < 0
+        before, first, now = state.recent[0], state.recent[1], state.recent[-1]
+        train_fall = 1.0 - now.train / before.train if before.train > 0 else math.nan
+        holding = (
+            state.streak >= spec.evaluations
+            and now.val >= first.val
+            and train_fall >= spec.train_min_fall
+            and all(a.train > b.train for a, b in itertools.pairwise(state.recent))
+            and not any(e.shocked for e in state.recent)
+        )
         extra = {
-            "rise": rise,
-            "val_slope": val_slope,
-            "train_slope": train_slope,
+            "rise": value / state.best - 1.0 if state.best > 0 else math.nan,
+            "best": state.best,
+            "streak": state.streak,
+            "train_fall": train_fall,
             "train_metric": spec.train_metric,
             "evaluations": spec.evaluations,
         }
-        ctx.report(self, run, rank, metric, step, holding, value, spec.min_rise, extra)
+        threshold = state.best * (1.0 + spec.min_rise)
+        ctx.report(self, run, rank, metric, step, holding, value, threshold, extra)
 
 
 class CollapseSpec(MetricRuleSpec):

@@ -12,12 +12,14 @@ import yaml
 
 from agent.alerts.config import BUILTIN_RULES, DEFAULT_ALERTS_YAML, AlertsConfig, RuleConfig
 from agent.alerts.engine import AlertEngine
-from agent.alerts.rules import ZScoreSpec
+from agent.alerts.rules import RULE_TYPES, ZScoreSpec
+from agent.alerts.rules.advice import DEFAULT_ADVICE
 from tests.agent.alerts.helpers import RUN
 from tests.helpers import REPO
 
 # Every built-in rule's effective settings, spelled out: an edit of defaults.yaml that changes
-# one (a threshold, a cooldown, a message) has to be made here too, on purpose.
+# one (a threshold, a cooldown, a message) has to be made here too, on purpose. Its `advice`
+# (prose) is checked by test_every_builtin_rule_has_advice instead.
 BUILTIN_DEFAULTS: dict[str, dict[str, Any]] = {
     "nonfinite": {
         "type": "nonfinite",
@@ -113,15 +115,56 @@ BUILTIN_DEFAULTS: dict[str, dict[str, Any]] = {
         "severity": "warning",
         "cooldown": 3600.0,
         "message": (
-            "overfitting: {metric} rose {rise:.1%} over the last {evaluations} evaluations "
-            "while {train_metric} fell (run {run}, rank {rank}, step {step})"
+            "overfitting: {metric} has stayed above its best {best:.4g} for {streak} "
+            "evaluations (now {value:.4g}, +{rise:.1%}) while {train_metric} fell "
+            "{train_fall:.1%} (run {run}, rank {rank}, step {step})"
         ),
         "destinations": None,
         "enabled": True,
         "metric": "val/loss",
         "train_metric": "loss",
-        "evaluations": 5,
-        "min_rise": 0.01,
+        "evaluations": 4,
+        "min_rise": 0.03,
+        "train_min_fall": 0.02,
+        "shock_factor": 3.0,
+    },
+    "loss_divergence": {
+        "type": "divergence",
+        "severity": "error",
+        "cooldown": 1800.0,
+        "message": (
+            "loss divergence: smoothed {metric} is {ratio:.1f} times its best {best:.4g} and "
+            "rising (now {smoothed:.4g}); the learning rate is not being cut (lr {lr_trend}) "
+            "(run {run}, rank {rank}, step {step})"
+        ),
+        "destinations": None,
+        "enabled": True,
+        "metric": "loss",
+        "factor": 2.0,
+        "smooth": 15,
+        "window": 50,
+        "rising_fraction": 0.8,
+        "lr_metric": "lr",
+        "lr_cut": 0.2,
+    },
+    "val_loss_divergence": {
+        "type": "divergence",
+        "severity": "error",
+        "cooldown": 1800.0,
+        "message": (
+            "val loss divergence: {metric} is {ratio:.1f} times its best {best:.4g} and "
+            "rising (now {smoothed:.4g}); the learning rate is not being cut (lr {lr_trend}) "
+            "(run {run}, rank {rank}, step {step})"
+        ),
+        "destinations": None,
+        "enabled": True,
+        "metric": "val/loss",
+        "factor": 2.0,
+        "smooth": 1,
+        "window": 4,
+        "rising_fraction": 0.8,
+        "lr_metric": "lr",
+        "lr_cut": 0.2,
     },
     "representation_collapse": {
         "type": "collapse",
@@ -282,7 +325,9 @@ BUILTIN_DEFAULTS: dict[str, dict[str, Any]] = {
 
 def test_builtin_rules_keep_their_effective_defaults() -> None:
     """Names, kinds, metrics, thresholds, cooldowns and messages of the built-ins are pinned."""
-    effective = {name: spec.model_dump() for name, spec in AlertsConfig().rules.items()}
+    effective = {
+        name: spec.model_dump(exclude={"advice"}) for name, spec in AlertsConfig().rules.items()
+    }
     assert list(effective) == list(BUILTIN_DEFAULTS)
     for name, expected in BUILTIN_DEFAULTS.items():
         assert effective[name] == expected, name
@@ -293,6 +338,41 @@ def test_builtin_rules_keep_their_effective_defaults() -> None:
         "destinations": {},
         "max_state_keys": 10000,
     }
+
+
+def test_every_builtin_rule_has_advice() -> None:
+    """Each built-in carries its own advice from defaults.yaml, and its engine rule passes it on."""
+    config = AlertsConfig()
+    engine = AlertEngine(config, strict=True)
+    for name, raw in BUILTIN_RULES.items():
+        spec = config.rules[name]
+        assert isinstance(raw.get("advice"), str) and len(raw["advice"]) >= 40, name
+        assert spec.advice == " ".join(raw["advice"].split()), name
+        assert spec.guidance != DEFAULT_ADVICE[spec.type], f"{name}: the kind's generic advice"
+    assert {rule.name: rule.advice for rule in engine.rules} == {
+        name: spec.guidance for name, spec in config.rules.items()
+    }
+    engine.close(0.1)
+
+
+def test_user_rules_get_their_kinds_advice_unless_given() -> None:
+    """A rule without advice gets its kind's default; given advice is kept; blank is an error."""
+    assert set(DEFAULT_ADVICE) == set(RULE_TYPES)
+    rules: dict[str, Any] = {
+        "slow": {"type": "threshold", "metric": "step_time_seconds", "above": 2.0},
+        "slow_too": {
+            "type": "threshold",
+            "metric": "step_time_seconds",
+            "above": 3.0,
+            "advice": "  Page the\n  data team. ",
+        },
+    }
+    config = AlertsConfig.model_validate({"rules": rules})
+    assert config.rules["slow"].guidance == DEFAULT_ADVICE["threshold"]
+    assert config.rules["slow_too"].guidance == "Page the data team."
+    for bad, needle in (("   ", "advice is blank"), ("x" * 1001, "at most 1000")):
+        with pytest.raises(pydantic.ValidationError, match=needle):
+            AlertsConfig.model_validate({"rules": {"slow": {**rules["slow"], "advice": bad}}})
 
 
 def test_default_alerts_yaml_is_the_package_file() -> None:

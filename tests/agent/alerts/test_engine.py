@@ -10,6 +10,7 @@ import pytest
 
 from agent.alerts.config import AlertsConfig
 from agent.alerts.engine import AlertEngine
+from agent.alerts.rules.advice import DEFAULT_ADVICE
 from tests.agent.alerts.helpers import RSS, RUN, Clock, make, names
 
 
@@ -45,6 +46,7 @@ def test_template_rendering_and_alert_shape() -> None:
         "name": "bad_accuracy",
         "severity": "info",
         "message": f"bad_accuracy [info]: val/accuracy 0.25 < 0.5 on {RUN}/0 @42",
+        "advice": DEFAULT_ADVICE["threshold"],
         "run": RUN,
         "rank": 0,
         "step": 42,

@@ -83,16 +83,18 @@ def _train_and_val(
 
 
 def test_overfitting_val_rising_while_train_falls() -> None:
-    """Val loss trending up over 5 evaluations while train loss trends down fires."""
+    """Val above its best x 1.03 for 4 evaluations while train falls: fires at the 4th."""
     engine, clock = make(keep=["overfitting"])
-    train = [2.0 * math.exp(-i / 500) for i in range(1000)]
-    val = [2.0, 1.8, 1.7, 1.65, 1.66, 1.7, 1.75, 1.8, 1.86, 1.9]
+    train = [2.0 * math.exp(-i / 500) for i in range(1200)]
+    val = [2.0, 1.8, 1.7, 1.65, 1.66, 1.69, 1.75, 1.8, 1.86, 1.9, 1.95, 2.0]
     fired = _train_and_val(engine, clock, train, val)
-    assert fired and fired[0]["name"] == "overfitting"
-    first = fired[0]
-    assert first["attrs"]["val_slope"] > 0 > first["attrs"]["train_slope"]
-    assert first["attrs"]["rise"] >= 0.01
-    assert first["step"] >= 699  # needs 5 evaluations of the rising part in its window
+    # best 1.65 (index 3); 1.66, 1.69 are within 3% of it; 1.75 .. 1.9 are the 4 above it
+    assert [(a["name"], a["step"]) for a in fired] == [("overfitting", 999)]
+    attrs = fired[0]["attrs"]
+    assert attrs["best"] == pytest.approx(1.65) and attrs["streak"] == 4
+    assert attrs["rise"] == pytest.approx(1.9 / 1.65 - 1)
+    assert attrs["train_fall"] == pytest.approx(1 - math.exp(-400 / 500), rel=0.01)
+    assert "above its best 1.65 for 4 evaluations" in fired[0]["message"]
 
 
 def test_overfitting_quiet_when_both_fall_or_both_rise() -> None:
@@ -104,6 +106,30 @@ def test_overfitting_quiet_when_both_fall_or_both_rise() -> None:
     engine, clock = make(keep=["overfitting"])
     rising = [1.0 + i / 500 for i in range(1000)]
     assert _train_and_val(engine, clock, rising, [1.0 + 0.1 * i for i in range(10)]) == []
+
+
+def test_overfitting_quiet_when_val_comes_back_down() -> None:
+    """Val above its best but falling back (a recovery), train falling: not overfitting."""
+    engine, clock = make(keep=["overfitting"])
+    train = [2.0 * math.exp(-i / 500) for i in range(1000)]
+    val = [2.0, 1.8, 1.6, 2.4, 2.2, 2.0, 1.9, 1.8, 1.7, 1.66]
+    assert _train_and_val(engine, clock, train, val) == []
+    # the same values in rising order do fire: the order is what tells them apart
+    engine, clock = make(keep=["overfitting"])
+    val = [2.0, 1.8, 1.6, 1.7, 1.8, 1.9, 2.0, 2.2, 2.4, 2.5]
+    assert [a["step"] for a in _train_and_val(engine, clock, train, val)] == [699]
+
+
+def test_overfitting_quiet_after_a_shock_in_the_span() -> None:
+    """A train sample above 3x the previous interval's median voids the evaluations around it."""
+    train = [2.0 * math.exp(-i / 500) for i in range(1200)]
+    val = [2.0, 1.8, 1.6, 1.7, 1.8, 1.9, 2.0, 2.2, 2.4, 2.5, 2.6, 2.7]
+    shocked = list(train)
+    shocked[450] *= 10  # in the interval of the 5th evaluation
+    engine, clock = make(keep=["overfitting"])
+    fired = _train_and_val(engine, clock, shocked, val)
+    # evaluations 4..7 hold the shock; the first span of 4 + 1 without it ends at index 9
+    assert [a["step"] for a in fired] == [999]
 
 
 def test_least_squares_slope() -> None:

@@ -88,10 +88,12 @@ def hanging() -> Iterator[Server]:
     srv.stop()
 
 
-def engine_for(url: str, **destination: Any) -> AlertEngine:
-    """Only the nonfinite rule (cooldown 0), delivering to one webhook called `hook`."""
+def engine_for(
+    url: str, to: tuple[str, ...] = ("hook", "store"), **destination: Any
+) -> AlertEngine:
+    """Only the nonfinite rule (cooldown 0), delivering to one webhook called `hook` (and `to`)."""
     rules: dict[str, Any] = {name: {"enabled": False} for name in BUILTIN_RULES}
-    rules["nonfinite"] = {"cooldown": 0.0, "destinations": ["hook", "store"]}
+    rules["nonfinite"] = {"cooldown": 0.0, "destinations": list(to)}
     config = AlertsConfig.model_validate(
         {
             "destinations": {"hook": {"type": "webhook", "url": url, **destination}},
@@ -265,3 +267,25 @@ def test_url_helpers() -> None:
         "a": ["NaN", "-Infinity", [1, 2]],
         "3": str(object),
     }
+
+
+# -- advice ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("format", ["json", "slack"])
+def test_advice_reaches_record_webhook_and_log(
+    server: Server, format: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A built-in's advice from defaults.yaml is in the alert record, the POST body and the log."""
+    advice = " ".join(BUILTIN_RULES["nonfinite"]["advice"].split())
+    engine = engine_for(server.url, ("hook", "log"), format=format)
+    with caplog.at_level(logging.CRITICAL, logger="outrider.alerts"):
+        (alert,) = fire(engine)
+    assert alert["advice"] == advice
+    body = json.loads(server.next().body)
+    if format == "json":
+        assert body["advice"] == advice
+    else:
+        assert body["text"].endswith(f"\nWhat to do: {advice}")
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "outrider.alerts"]
+    assert line.startswith("outrider alert nonfinite [critical]: non-finite loss")
+    assert line.endswith(f" -- what to do: {advice}")
+    engine.close(1.0)
