@@ -19,9 +19,28 @@ from agent.alerts.config import DEFAULT_DESTINATIONS
 from sinks import schema
 
 STRAGGLER = "straggler"
-RANK_DIVERGENCE = "rank_divergence"
 NODE_SILENT = "node_silent"
+RANK_DIVERGENCE = "rank_divergence"
 SEVERITY = "warning"
+
+#: what to do, carried by each job alert as ``advice`` (docs/alerts.md, "Job alerts")
+ADVICE = {
+    STRAGGLER: (
+        "Look at the rank's host: GPU clocks and temperature, CPU contention, a noisy "
+        "neighbour, its data loader (data_wait_seconds) and its network links; drain the "
+        "node if it stays slow."
+    ),
+    RANK_DIVERGENCE: (
+        "A rank with its own loss reads its own data (a corrupt shard, different "
+        "preprocessing on that node); a rank whose grad_norm differs after the all-reduce "
+        "is out of sync (other code or model version): fix the node and restart from a "
+        "checkpoint."
+    ),
+    NODE_SILENT: (
+        "Check the node agent (outrider_uplink_connected on its /metrics, its log) and the "
+        "machine; its trainers' records are still in its own run store."
+    ),
+}
 
 
 def _where(rank: int, host: str | None, local_rank: int | None) -> str:
@@ -48,6 +67,7 @@ def _entry(
         "rank": rank,
         "step": step,
         "attrs": attrs,
+        "advice": ADVICE[name],
         "destinations": list(destinations),
     }
 

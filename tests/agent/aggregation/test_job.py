@@ -167,6 +167,7 @@ def test_a_node_gone_quiet_without_its_bye_is_named_once(tmp_path: Path) -> None
     clock[0] += 2.0  # 11 s: past 5 heartbeats of 2 s and past 10 s
     alerts = [out.entry for out in job.judge()]
     assert [(a["name"], a["attrs"]["host"]) for a in alerts] == [("node_silent", "node0")]
+    assert "node agent" in alerts[0]["advice"]
     clock[0] += 30.0
     assert job.judge() == []  # once per silence
     job.take(quiet.envelope, quiet.item(wire.HEARTBEAT, {}))
