@@ -32,10 +32,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench.failures, as CI imports it
 
-from bench._common import machine  # noqa: E402
-from bench.failures.report import as_json, print_tables, score  # noqa: E402
-from bench.failures.runner import RunResult, run_suite  # noqa: E402
-from bench.failures.scenarios import QUICK, SCENARIOS  # noqa: E402
+from bench._common import machine
+from bench.failures.report import as_json, print_tables, score
+from bench.failures.runner import RunResult, run_suite
+from bench.failures.scenarios import QUICK, SCENARIOS
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ such failures enter real runs: the learning rate (a runaway range test, a
 schedule stuck at zero), the batch (a corrupt one, a data pipeline that
 repeats a tiny shard), the loss (a NaN, a huge scale), the weights (a zeroed
 restore), the graph (SimSiam without its stop-gradient), what the loop keeps
-(``losses.append(loss)``), and the process (a hang, a kill).
+(a cache that is never cleared), and the process (a hang, a kill).
 """
 
 from __future__ import annotations
@@ -133,9 +133,11 @@ class Collapse(Injection):
 
 
 class Leak(Injection):
-    """``losses.append(loss)`` from the onset: every step's graph stays alive."""
+    """From the onset every step keeps 256 KiB for good (a debugging cache of each step's
+    tensors that is never cleared); the pages are written, so resident memory grows."""
 
     name = "leak"
+    bytes_per_step = 256 * 1024
 
     def __init__(self, onset: int) -> None:
         super().__init__(onset)
@@ -143,7 +145,7 @@ class Leak(Injection):
 
     def after_step(self, step: int, loss: Tensor) -> None:
         if self.active(step):
-            self.kept.append(loss)
+            self.kept.append(torch.full((self.bytes_per_step // 4,), float(step)))
 
 
 class Stall(Injection):

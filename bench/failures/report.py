@@ -78,8 +78,14 @@ def rule_rows(scores: Sequence[Score]) -> list[dict[str, Any]]:
     def row(name: str) -> dict[str, Any]:
         return rules.setdefault(
             name,
-            {"rule": name, "exists": name in known, "should": [], "caught": [], "latency": [],
-             "false_alarms": []},
+            {
+                "rule": name,
+                "exists": name in known,
+                "should": [],
+                "caught": [],
+                "latency": [],
+                "false_alarms": [],
+            },
         )
 
     for failure, names in EXPECTED_RULES.items():
@@ -134,9 +140,7 @@ def print_tables(scores: Sequence[Score]) -> None:
                 verdict = f"{d.rule} +{d.latency_steps} steps{secs}"
         if res.error:
             verdict += f" [{res.error}]"
-        rows.append(
-            [scenario.name, scenario.setup(), onset, verdict, _first_alerts(res.alerts)]
-        )
+        rows.append([scenario.name, scenario.setup(), onset, verdict, _first_alerts(res.alerts)])
     print_table(["scenario", "setup", "onset", "detected", "alerts (first of each)"], rows)
 
 
@@ -170,9 +174,7 @@ def as_json(scores: Sequence[Score], wall_seconds: float) -> dict[str, Any]:
     return {
         "environment": environment(),
         "wall_seconds": round(wall_seconds, 1),
-        "rules": [
-            r for r in rule_rows(scores)
-        ],
+        "rules": rule_rows(scores),
         "runs": [
             {
                 **s.result.as_dict(),

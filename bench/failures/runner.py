@@ -72,7 +72,11 @@ class RunResult:
 
 def timeout_for(scenario: Scenario) -> float:
     """Generous: pacing, a stall, model and agent start-up, the agent's drain."""
-    return scenario.steps * STEP_SECONDS * 4 + (STALL_SECONDS if scenario.failure == "stall" else 0) + 120
+    return (
+        scenario.steps * STEP_SECONDS * 4
+        + (STALL_SECONDS if scenario.failure == "stall" else 0)
+        + 120
+    )
 
 
 def command(scenario: Scenario, config: Path, runs_dir: Path) -> list[str]:

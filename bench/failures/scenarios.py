@@ -116,7 +116,7 @@ FAILURES = (
     Scenario("vanishing", "mlp", "adamw", "constant", 0.003, "vanishing", onset=250, steps=600),
     Scenario("plateau", "cnn", "sgd", "constant", 0.03, "plateau", onset=300),
     Scenario("overfitting", "mlp", "adamw", "constant", 0.003, "overfitting", 200, width=512),
-    Scenario("collapse", "simsiam", "sgd", "constant", 0.05, "collapse", onset=300, steps=800),
+    Scenario("collapse", "simsiam", "adamw", "constant", 0.002, "collapse", onset=300),
     Scenario("leak", "mlp", "sgd", "cosine", 0.02, "leak", onset=200),
     Scenario("stall", "mlp", "adamw", "constant", 0.003, "stall", onset=200, steps=400),
     Scenario("death", "cnn", "adamw", "constant", 0.003, "death", onset=200, steps=400),
