@@ -27,6 +27,7 @@ import argparse
 import json
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -62,13 +63,16 @@ def main() -> None:
     print(f"failure suite: {len(scenarios)} runs, {args.jobs} at a time | {machine()}")
     started = time.monotonic()
 
+    printing = threading.Lock()  # runs end on their own threads
+
     def progress(result: RunResult) -> None:
         alerts = " ".join(sorted({a.name for a in result.alerts})) or "no alerts"
-        print(
-            f"  {result.scenario.name:24s} {result.wall_seconds:5.0f} s  exit {result.exit_status}"
-            f"  {alerts}",
-            flush=True,
-        )
+        with printing:
+            print(
+                f"  {result.scenario.name:24s} {result.wall_seconds:5.0f} s"
+                f"  exit {result.exit_status}  {alerts}",
+                flush=True,
+            )
 
     with tempfile.TemporaryDirectory(prefix="failure-suite-") as tmp:
         workdir = args.workdir or Path(tmp)
