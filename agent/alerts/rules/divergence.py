@@ -8,8 +8,11 @@ median of the loss (one spike moves a median by one rank, not by its size)
 against the lowest median seen, while most pairs of medians over the window
 are rising. A shock that recovers (one corrupt batch) lifts the median in the
 ``smooth`` samples after it and then falls: at most about two thirds of the
-window's pairs rise, so it does not count. The built-ins ``loss_divergence``
-and ``val_loss_divergence`` are its instances.
+window's pairs rise, so it does not count. The rise must also be a real part
+of the ground the run has covered: at least ``min_rise`` of the drop from
+the first median to the best. A loss that fell from 2.3 to 0.02 and bumps to
+0.06 has tripled, but it is noise near zero, not a run coming apart. The
+built-ins ``loss_divergence`` and ``val_loss_divergence`` are its instances.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class DivergenceSpec(MetricRuleSpec):
     smooth: int = pydantic.Field(default=15, ge=1, le=1000)
     window: int = pydantic.Field(default=50, ge=3, le=1000)
     rising_fraction: float = pydantic.Field(default=0.8, gt=0.5, le=1)
+    min_rise: float = pydantic.Field(default=0.1, ge=0, le=1)
     lr_metric: ExactMetricName | None = "lr"
     lr_cut: float = pydantic.Field(default=0.2, gt=0, lt=1)
 
@@ -60,13 +64,14 @@ class _DivergenceState:
     last_step: int | None = None
     lr: float | None = None  # the latest lr sample
     best: float = math.inf
+    first: float | None = None  # the first median: where the curve started
     raw: collections.deque[float] = field(default_factory=collections.deque)
     medians: collections.deque[float] = field(default_factory=collections.deque)
     lrs: collections.deque[float | None] = field(default_factory=collections.deque)
     rising2: int = 0  # twice the (earlier, later) pairs of `medians` that rose; a tie counts 1
 
     def restart(self) -> None:
-        self.best, self.rising2 = math.inf, 0
+        self.best, self.rising2, self.first = math.inf, 0, None
         self.raw.clear()
         self.medians.clear()
         self.lrs.clear()
@@ -159,6 +164,8 @@ class DivergenceRule(Rule[DivergenceSpec]):
         )
         state.push_median(median, spec.window)
         state.best = min(state.best, median)
+        if state.first is None:
+            state.first = median
         if len(state.medians) < spec.window:
             return
         pairs = spec.window * (spec.window - 1) // 2
@@ -171,6 +178,7 @@ class DivergenceRule(Rule[DivergenceSpec]):
             and rising >= spec.rising_fraction
             and _spread(state.medians)
             and median >= NEAR_HIGH * max(state.medians)
+            and median - state.best >= spec.min_rise * (state.first - state.best)
             and not cut
         )
         extra = {

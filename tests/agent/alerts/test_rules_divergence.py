@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import random
+
 import pytest
 
 from tests.agent.alerts.curves import (
@@ -144,3 +147,31 @@ def test_divergence_spec_errors(field: str, value: object, needle: str) -> None:
     """Out-of-range settings are config errors that name the field."""
     with pytest.raises(ValueError, match=needle):
         make({"loss_divergence": {field: value}}, keep=["loss_divergence"])
+
+
+def near_zero_bump(seed: int = 0) -> Run:
+    """A loss that falls from 2.3 to 0.02 by step 150, climbs steadily to 0.06 by step 250
+    (three times its best, every third of the climb rising) and settles: the healthy CNN with
+    SGD at a constant lr of the failure suite."""
+    rng = random.Random(seed)
+    shape = []
+    for step in range(400):
+        if step < 150:
+            value = 0.02 + 2.28 * math.exp(-step / 25)
+        elif step < 250:
+            value = 0.02 + 0.04 * (step - 150) / 100
+        else:
+            value = 0.06
+        shape.append(value)
+    loss = [v * math.exp(rng.gauss(0, 0.05)) for v in shape]
+    return Run(shape, loss, [0.1] * len(shape))
+
+
+def test_a_bump_near_zero_is_not_divergence() -> None:
+    """Three times its best, climbing, lr steady, but a rise of 2% of the ground covered:
+    quiet with the built-in min_rise (10%); min_rise 0 shows the rest of the test holds."""
+    assert fired_steps(near_zero_bump(), keep=["loss_divergence"]) == []
+    loose = fired_steps(
+        near_zero_bump(), keep=["loss_divergence"], loss_divergence={"min_rise": 0.0}
+    )
+    assert [name for name, _ in loose] == ["loss_divergence"]
