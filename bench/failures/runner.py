@@ -11,7 +11,9 @@ placed at the last train step stored before it) and the onset's
 from __future__ import annotations
 
 import json
+import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -55,6 +57,9 @@ class RunResult:
     alerts: list[Alert] = field(default_factory=list)
     accounting: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    #: the first step after the onset where the loss's rolling median (15 steps) is twice
+    #: its lowest so far: what "within N steps of the loss doubling" is measured from
+    doubled_step: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -62,6 +67,7 @@ class RunResult:
             "exit_status": self.exit_status,
             "wall_seconds": round(self.wall_seconds, 1),
             "onset_step": self.onset_step,
+            "doubled_step": self.doubled_step,
             "onset_t": self.onset_t,
             "last_step": self.last_step,
             "alerts": [vars(alert) for alert in self.alerts],
@@ -147,14 +153,36 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
     return entries
 
 
+def doubling_step(losses: Sequence[tuple[int, Any]], onset: int | None) -> int | None:
+    """The first step at or after ``onset`` where the rolling median of 15 losses is twice
+    the lowest median so far; None if it never is (or there is no onset)."""
+    if onset is None:
+        return None
+    window: list[float] = []
+    lowest = math.inf
+    for step, value in losses:
+        if not isinstance(value, int | float) or not math.isfinite(value):
+            continue
+        window = [*window[-14:], float(value)]
+        if len(window) < 15:
+            continue
+        median = statistics.median(window)
+        lowest = min(lowest, median)
+        if step >= onset and lowest > 0 and median >= 2 * lowest:
+            return step
+    return None
+
+
 def read_run(result: RunResult, run_dir: Path) -> None:
     """Fill ``result`` from the run's store: onset, last step, alerts with their steps."""
     trainer_steps: list[tuple[float, int]] = []
+    losses: list[tuple[int, Any]] = []
     for entry in _jsonl(run_dir / "metrics.jsonl"):
         if entry.get("stream") == "agent" or entry.get("step") is None:
             continue
         if entry.get("kind") == "scalars" and "loss" in entry.get("metrics", {}):
             trainer_steps.append((entry["t"], entry["step"]))
+            losses.append((entry["step"], entry["metrics"]["loss"]))
         elif entry.get("kind") == "event" and entry.get("name") == "failure_injected":
             result.onset_step, result.onset_t = entry["step"], entry["t"]
     trainer_steps.sort()
@@ -162,6 +190,7 @@ def read_run(result: RunResult, run_dir: Path) -> None:
         result.onset_step = result.scenario.onset  # the event was lost (a killed trainer)
         result.onset_t = next((t for t, s in trainer_steps if s >= result.scenario.onset), None)
     result.last_step = max((s for _, s in trainer_steps), default=None)
+    result.doubled_step = doubling_step(sorted(losses), result.onset_step)
     for entry in _jsonl(run_dir / "alerts.jsonl"):
         step, timed = entry.get("step"), entry.get("step") is None
         if timed:
