@@ -142,6 +142,19 @@ def test_simsiam_without_stop_gradient_raises_collapse_and_with_it_stays_silent(
     # Both start from the same untrained network (same seeds): the same step-0 batch.
     assert healthy[0]["mean_pairwise_cosine"] == pytest.approx(collapsed[0]["mean_pairwise_cosine"])
     end_healthy, end_collapsed = healthy[LAST], collapsed[LAST]
+    measures = (
+        "mean_pairwise_cosine",
+        "collapse_ratio",
+        "effective_rank",
+        "centered_effective_rank",
+    )
+    print(f"{'':>20}", *(f"{m:>24}" for m in measures))  # the figures docs/statistics.md shows
+    for label, stats in (
+        ("untrained (step 0)", healthy[0]),
+        (f"stop-gradient, {LAST}", end_healthy),
+        (f"without it, {LAST}", end_collapsed),
+    ):
+        print(f"{label:>20}", *(f"{stats[m]:>24.3g}" for m in measures))
     assert end_healthy["mean_pairwise_cosine"] < 0.3
     assert end_healthy["collapse_ratio"] > 0.7
     assert end_collapsed["mean_pairwise_cosine"] > 0.9

@@ -319,7 +319,8 @@ class CollapseRule(MetricRule[CollapseSpec]):
             if value is None or not self.match(name):
                 continue
             stream, _, measure = name.rpartition("/")
-            streams.setdefault(stream, {})[measure] = value
+            if measure in COLLAPSE_MEASURES or measure == "effective_rank":
+                streams.setdefault(stream, {})[measure] = value
         for stream, values in streams.items():
             self._judge(ctx, run, rank, step, t, stream, values)
 

@@ -236,3 +236,15 @@ def test_absolute_floors_still_work_when_set() -> None:
     assert fired[0]["attrs"]["measure"] == "effective_rank"
     assert fired[0]["attrs"]["threshold"] == 2.0
     assert "effective_rank 1 below 2; collapse_ratio" in fired[0]["message"]
+
+
+def test_a_pair_record_is_not_a_batch() -> None:
+    """A teacher's pair_cosine record under a broad glob neither counts nor forms a baseline."""
+    broad = {"metric": "features/*", "baseline_batches": 1}
+    engine, clock = make({"representation_collapse": broad}, keep=["representation_collapse"])
+    rng = np.random.default_rng(8)
+    engine.observe(RUN, 0, 0, clock.now, {"features/t/pair_cosine_mean": 0.99})
+    engine.observe(RUN, 0, 0, clock.now, stream_record("t", spread(rng)))
+    engine.observe(RUN, 0, 100, clock.now, {"features/t/pair_cosine_mean": 0.99})
+    engine.observe(RUN, 0, 100, clock.now, stream_record("t", np.tile(ANCHOR, (ROWS, 1))))
+    assert [a["step"] for a in engine.take_fired()] == [100]
