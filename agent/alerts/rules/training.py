@@ -299,10 +299,21 @@ class CollapseRule(MetricRule[CollapseSpec]):
     partial and dimensional collapse while a healthy stream with a large mean
     offset stays quiet. The measures of one batch arrive in one record, so one
     episode and one cooldown cover a stream; the message names each measure.
+
+    The baselines live in the rule's own table until the run ends, not in the
+    engine's slots, which a rank's bye clears: the statistics of a rank's last
+    batches usually arrive after its bye, and a restarted rank continues the
+    same stream.
     """
 
     oneshot = False
     record_level = True
+
+    def __init__(self, name: str, spec: CollapseSpec, destinations: Sequence[str]) -> None:
+        super().__init__(name, spec, destinations)
+        self._streams: collections.OrderedDict[tuple[str, int, str], _CollapseState] = (
+            collections.OrderedDict()
+        )
 
     def on_record(
         self,
@@ -335,9 +346,13 @@ class CollapseRule(MetricRule[CollapseSpec]):
         values: Mapping[str, float],
     ) -> None:
         spec = self.spec
-        state = ctx.state(self, run, rank, stream, _CollapseState)
+        key = (run, rank, stream)
+        state = self._streams.get(key)
         if state is None:
-            return
+            state = self._streams[key] = _CollapseState()
+            while len(self._streams) > TABLE_LIMIT:
+                self._streams.popitem(last=False)
+        self._streams.move_to_end(key)
         state.batches += 1
         findings = self._floors(values)
         if state.batches > spec.warmup_batches:
@@ -360,6 +375,11 @@ class CollapseRule(MetricRule[CollapseSpec]):
             "detail": "; ".join(finding.text for finding in findings),
         }
         ctx.report(self, run, rank, stream, step, holding, first.value, first.limit, extra)
+
+    def forget(self, run: str, rank: int | None) -> None:
+        if rank is None:  # the run ended; a rank's bye keeps its streams (see the class)
+            for key in [key for key in self._streams if key[0] == run]:
+                del self._streams[key]
 
     def _floors(self, values: Mapping[str, float]) -> list[_Finding]:
         """The absolute floors, when set: any batch, no baseline needed."""

@@ -248,3 +248,19 @@ def test_a_pair_record_is_not_a_batch() -> None:
     engine.observe(RUN, 0, 100, clock.now, {"features/t/pair_cosine_mean": 0.99})
     engine.observe(RUN, 0, 100, clock.now, stream_record("t", np.tile(ANCHOR, (ROWS, 1))))
     assert [a["step"] for a in engine.take_fired()] == [100]
+
+
+def test_the_baseline_outlives_a_bye_until_the_run_ends() -> None:
+    """Statistics of a rank's last batch come after its bye: still judged on the baseline.
+    After run_end the run's baselines are gone (a collapsed first batch is its own start)."""
+    engine, clock = make(keep=["representation_collapse"])
+    rng = np.random.default_rng(9)
+    collapsed = np.tile(ANCHOR, (ROWS, 1))
+    engine.observe(RUN, 0, 0, clock.now, stream_record("h", spread(rng)))
+    engine.observe_event(RUN, 0, "bye", {})
+    engine.observe(RUN, 0, 100, clock.now, stream_record("h", collapsed))
+    assert [a["step"] for a in engine.take_fired()] == [100]
+    engine.observe_event(RUN, 0, "run_end", {})
+    engine.observe_event(RUN, 0, "hello", {"pid": 1})
+    engine.observe(RUN, 0, 0, clock.now + 3600, stream_record("h", collapsed))
+    assert engine.take_fired() == []
