@@ -49,8 +49,10 @@ def singular_values(features: npt.ArrayLike, *, centered: bool = False) -> Float
         raise ValueError("features has no rows")
     if not np.isfinite(matrix).all():
         raise ValueError("features contains NaN or Inf; drop non-finite rows first")
-    raw, centred = _spectra(matrix)
-    return centred if centered else raw
+    if centered:
+        matrix = matrix - matrix.mean(axis=0)
+    rows, dim = matrix.shape
+    return _root_spectrum(matrix.T @ matrix if dim <= rows else matrix @ matrix.T)
 
 
 def _spectra(matrix: FloatArray) -> tuple[FloatArray, FloatArray]:
