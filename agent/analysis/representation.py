@@ -2,9 +2,10 @@
 
 A feature batch is a (rows, dim) float32 matrix of at most 2,048 rows. The
 agent turns each batch into a handful of scalars (``features/<stream>/<key>``)
-that show dimensional collapse long before the loss does. The spectrum is
-computed once per batch, from the smaller Gram matrix, and every rank measure
-is derived from it. Pure numpy: no threads of its own, no I/O.
+that show collapse long before the loss does. One Gram matrix (of the smaller
+side) is formed per batch; the raw and the mean-centred spectra come from it,
+and every rank measure is derived from those. Pure numpy: no threads of its
+own, no I/O.
 """
 
 from __future__ import annotations
@@ -31,23 +32,50 @@ def _as_matrix(features: npt.ArrayLike, what: str = "features") -> FloatArray:
     return matrix.astype(np.float64, copy=False)
 
 
-def singular_values(features: npt.ArrayLike) -> FloatArray:
-    """Singular values of the raw (not mean-centred) feature matrix, descending.
+def singular_values(features: npt.ArrayLike, *, centered: bool = False) -> FloatArray:
+    """Singular values of the feature matrix, descending; raw unless ``centered``.
 
-    Not centred, as in RankMe (Garrido et al. 2023), whose effective rank is
-    defined on the embeddings themselves: a shared offset is a direction the
-    representation really spends. The eigenvalues of the smaller Gram matrix
-    (Z^T Z or Z Z^T) are about 5x cheaper than an SVD; the Gram matrix is formed
-    in float64, which resolves singular values down to ~1e-8 of the largest, far
-    below float32's rank tolerance. Returns min(rows, dim) values.
+    Raw (not mean-centred) by default, as in RankMe (Garrido et al. 2023), whose
+    effective rank is defined on the embeddings themselves: a shared offset is a
+    direction the representation really spends. ``centered=True`` subtracts each
+    dimension's mean first, so only how the rows differ counts. The eigenvalues
+    of the smaller Gram matrix (Z^T Z or Z Z^T) are about 5x cheaper than an SVD;
+    the Gram matrix is formed in float64, which resolves singular values down to
+    ~1e-8 of the largest, far below float32's rank tolerance. Returns
+    min(rows, dim) values.
     """
     matrix = _as_matrix(features)
     if matrix.shape[0] == 0:
         raise ValueError("features has no rows")
     if not np.isfinite(matrix).all():
         raise ValueError("features contains NaN or Inf; drop non-finite rows first")
+    if centered:
+        matrix = matrix - matrix.mean(axis=0)
     rows, dim = matrix.shape
-    gram = matrix.T @ matrix if dim <= rows else matrix @ matrix.T
+    return _root_spectrum(matrix.T @ matrix if dim <= rows else matrix @ matrix.T)
+
+
+def _spectra(matrix: FloatArray) -> tuple[FloatArray, FloatArray]:
+    """Raw and centred singular values from one Gram product (of the centred rows).
+
+    The raw Gram matrix is the centred one plus the offset's terms, added, never
+    subtracted: a large shared offset cannot cancel the spread away, which a
+    centred Gram formed as Z^T Z - n mu mu^T would do in floating point.
+    """
+    rows, dim = matrix.shape
+    mean = matrix.mean(axis=0)
+    centred = matrix - mean
+    if dim <= rows:
+        centred_gram = centred.T @ centred
+        gram = centred_gram + rows * np.outer(mean, mean)
+    else:
+        centred_gram = centred @ centred.T
+        shift = centred @ mean
+        gram = centred_gram + shift[:, None] + shift[None, :] + float(mean @ mean)
+    return _root_spectrum(gram), _root_spectrum(centred_gram)
+
+
+def _root_spectrum(gram: FloatArray) -> FloatArray:
     eigenvalues = np.linalg.eigvalsh(gram)
     spectrum: FloatArray = np.sqrt(np.clip(eigenvalues[::-1], 0.0, None))
     return spectrum
@@ -104,8 +132,14 @@ def representation_stats(features: npt.ArrayLike) -> dict[str, float]:
 
     - ``effective_rank`` (RankMe) and ``effective_rank_ratio`` = erank / min(rows, dim);
     - ``numerical_rank``: singular values above float32's rank tolerance;
+    - ``centered_effective_rank``: RankMe of the rows minus their mean, and
+      ``centered_effective_rank_ratio`` = that / min(rows - 1, dim) (the most
+      centring leaves). A shared offset is one large direction of the raw
+      spectrum, so raw RankMe reads a healthy stream with a large offset as
+      collapsed; centred, only how the rows differ counts, and dimensional
+      collapse (rows spread over fewer directions) shows whatever the offset;
     - ``normalized_std``: mean over dimensions of the per-dimension std of the
-      L2-normalised rows (SimSiam's collapse monitor);
+      L2-normalised rows (SimSiam's collapse monitor), ~1/sqrt(dim) when healthy;
     - ``collapse_ratio`` = normalized_std * sqrt(dim). SimSiam (Chen & He 2021,
       sec. 4.1) shows that for rows spread isotropically on the unit sphere each
       normalised dimension has std ~1/sqrt(dim), and that it drops to 0 when all
@@ -129,8 +163,9 @@ def representation_stats(features: npt.ArrayLike) -> dict[str, float]:
             f"features has {matrix.shape[0]} rows but only {rows} are finite: need at least 2"
         )
 
-    spectrum = singular_values(finite)
+    spectrum, centred_spectrum = _spectra(finite)
     erank = effective_rank(spectrum)
+    centred_erank = effective_rank(centred_spectrum)
     norms, unit = _unit_rows(finite)
     normalized_std = float(unit.std(axis=0).mean())
 
@@ -144,6 +179,8 @@ def representation_stats(features: npt.ArrayLike) -> dict[str, float]:
         "effective_rank": erank,
         "effective_rank_ratio": erank / min(rows, dim),
         "numerical_rank": float(numerical_rank(spectrum, rows, dim)),
+        "centered_effective_rank": centred_erank,
+        "centered_effective_rank_ratio": centred_erank / min(rows - 1, dim),
         "normalized_std": normalized_std,
         "collapse_ratio": normalized_std * math.sqrt(dim),
         "feature_norm_mean": float(norms.mean()),

@@ -309,47 +309,191 @@ class OverfittingRule(Rule[OverfittingSpec]):
 
 class CollapseSpec(MetricRuleSpec):
     type: Literal["collapse"]
-    effective_rank_below: float | None = 2.0
-    collapse_ratio_below: float | None = 0.1
+    warmup_batches: int = pydantic.Field(default=0, ge=0)
+    baseline_batches: int = pydantic.Field(default=5, ge=1)
+    cosine_above: float | None = pydantic.Field(default=0.9, gt=-1, lt=1)
+    std_fraction: float | None = pydantic.Field(default=0.35, gt=0, lt=1)
+    rank_fraction: float | None = pydantic.Field(default=0.35, gt=0, lt=1)
+    effective_rank_below: float | None = None
+    collapse_ratio_below: float | None = None
     for_steps: int = pydantic.Field(default=1, ge=1)
 
     default_message: ClassVar[str] = (
-        "{name}: {metric}={value:.3g} is below {threshold:.3g} "
-        "(run {run}, rank {rank}, step {step})"
+        "{name}: {stream} collapsing: {detail} (run {run}, rank {rank}, step {step})"
     )
+    extra_fields: ClassVar[Mapping[str, object]] = {
+        "stream": "features/h",
+        "measure": "mean_pairwise_cosine",
+        "baseline": 0.25,
+        "detail": "mean_pairwise_cosine 0.97 above 0.9 (baseline 0.25)",
+    }
+
+
+#: the measures a stream's baseline keeps, and which way is healthier (1: higher, -1: lower)
+COLLAPSE_MEASURES: Mapping[str, int] = {
+    "mean_pairwise_cosine": -1,
+    "collapse_ratio": 1,
+    "centered_effective_rank": 1,
+}
+
+
+@dataclass
+class _CollapseState:
+    batches: int = 0
+    baseline: dict[str, float] = field(default_factory=dict)
+    sustain: Sustain = field(default_factory=Sustain)
+
+
+@dataclass(frozen=True)
+class _Finding:
+    measure: str
+    value: float
+    limit: float
+    baseline: float
+    text: str
 
 
 class CollapseRule(MetricRule[CollapseSpec]):
-    """``*/effective_rank`` or ``*/collapse_ratio`` of a feature stream below its floor."""
+    """A feature stream judged against its own first batches (``features/<stream>/<measure>``).
+
+    The baseline of each measure is its healthiest value over the stream's first
+    ``baseline_batches`` batches after ``warmup_batches``: the lowest mean
+    pairwise cosine, the highest collapse ratio and centred effective rank. A
+    batch of the baseline window is judged against the batches before it, so a
+    collapse under way while the baseline forms is judged against its start.
+    It fires when the cosine rises above ``cosine_above`` on a stream whose
+    baseline was below it (a stream whose rows share a large offset from the
+    start has a high cosine and is left to the centred rank), or when the
+    collapse ratio or the centred effective rank falls below its fraction of
+    the baseline. Ratios against the stream itself, not absolute floors, catch
+    partial and dimensional collapse while a healthy stream with a large mean
+    offset stays quiet. The measures of one batch arrive in one record, so one
+    episode and one cooldown cover a stream; the message names each measure.
+
+    The baselines live in the rule's own table until the run ends, not in the
+    engine's slots, which a rank's bye clears: the statistics of a rank's last
+    batches usually arrive after its bye, and a restarted rank continues the
+    same stream.
+    """
 
     oneshot = False
+    record_level = True
 
-    def on_sample(
+    def __init__(self, name: str, spec: CollapseSpec, destinations: Sequence[str]) -> None:
+        super().__init__(name, spec, destinations)
+        self._streams: collections.OrderedDict[tuple[str, int, str], _CollapseState] = (
+            collections.OrderedDict()
+        )
+
+    def on_record(
         self,
         ctx: Context,
         run: str,
         rank: int,
         step: int | None,
         t: float,
-        metric: str,
-        value: float,
+        metrics: Mapping[str, Any],
+    ) -> None:
+        streams: dict[str, dict[str, float]] = {}
+        for name, raw in metrics.items():
+            value = finite_number(raw)
+            if value is None or not self.match(name):
+                continue
+            stream, _, measure = name.rpartition("/")
+            if measure in COLLAPSE_MEASURES or measure == "effective_rank":
+                streams.setdefault(stream, {})[measure] = value
+        for stream, values in streams.items():
+            self._judge(ctx, run, rank, step, t, stream, values)
+
+    def _judge(
+        self,
+        ctx: Context,
+        run: str,
+        rank: int,
+        step: int | None,
+        t: float,
+        stream: str,
+        values: Mapping[str, float],
     ) -> None:
         spec = self.spec
-        leaf = metric.rpartition("/")[2]
-        floor = (
-            spec.effective_rank_below
-            if leaf == "effective_rank"
-            else spec.collapse_ratio_below
-            if leaf == "collapse_ratio"
-            else None
-        )
-        if floor is None:
+        key = (run, rank, stream)
+        state = self._streams.get(key)
+        if state is None:
+            state = self._streams[key] = _CollapseState()
+            while len(self._streams) > TABLE_LIMIT:
+                self._streams.popitem(last=False)
+        self._streams.move_to_end(key)
+        state.batches += 1
+        findings = self._floors(values)
+        if state.batches > spec.warmup_batches:
+            findings += self._against_baseline(values, state.baseline)
+            if state.batches <= spec.warmup_batches + spec.baseline_batches:
+                for measure, healthier in COLLAPSE_MEASURES.items():
+                    value = values.get(measure)
+                    old = state.baseline.get(measure)
+                    if value is not None and (old is None or (value - old) * healthier > 0):
+                        state.baseline[measure] = value
+        holding = state.sustain.update(bool(findings), step, t, spec.for_steps, 0.0)
+        if not findings:
+            ctx.report(self, run, rank, stream, step, False)
             return
-        sustain = ctx.state(self, run, rank, metric, Sustain)
-        if sustain is None:
-            return
-        holding = sustain.update(value < floor, step, t, spec.for_steps, 0.0)
-        ctx.report(self, run, rank, metric, step, holding, value, floor)
+        first = findings[0]
+        extra = {
+            "stream": stream,
+            "measure": first.measure,
+            "baseline": first.baseline,
+            "detail": "; ".join(finding.text for finding in findings),
+        }
+        ctx.report(self, run, rank, stream, step, holding, first.value, first.limit, extra)
+
+    def forget(self, run: str, rank: int | None) -> None:
+        if rank is None:  # the run ended; a rank's bye keeps its streams (see the class)
+            for key in [key for key in self._streams if key[0] == run]:
+                del self._streams[key]
+
+    def _floors(self, values: Mapping[str, float]) -> list[_Finding]:
+        """The absolute floors, when set: any batch, no baseline needed."""
+        findings = []
+        for measure, floor in (
+            ("effective_rank", self.spec.effective_rank_below),
+            ("collapse_ratio", self.spec.collapse_ratio_below),
+        ):
+            value = values.get(measure)
+            if floor is not None and value is not None and value < floor:
+                text = f"{measure} {value:.3g} below {floor:.3g}"
+                findings.append(_Finding(measure, value, floor, math.nan, text))
+        return findings
+
+    def _against_baseline(
+        self, values: Mapping[str, float], baseline: Mapping[str, float]
+    ) -> list[_Finding]:
+        spec = self.spec
+        findings = []
+        cosine, start = values.get("mean_pairwise_cosine"), baseline.get("mean_pairwise_cosine")
+        above = spec.cosine_above
+        if (
+            above is not None
+            and cosine is not None
+            and start is not None
+            and start <= above < cosine
+        ):
+            text = f"mean_pairwise_cosine {cosine:.3g} above {above:.3g} (baseline {start:.3g})"
+            findings.append(_Finding("mean_pairwise_cosine", cosine, above, start, text))
+        for measure, fraction in (
+            ("collapse_ratio", spec.std_fraction),
+            ("centered_effective_rank", spec.rank_fraction),
+        ):
+            value, start = values.get(measure), baseline.get(measure)
+            if fraction is None or value is None or start is None:
+                continue
+            limit = fraction * start
+            if value < limit:
+                text = (
+                    f"{measure} {value:.3g} below {limit:.3g} "
+                    f"({fraction:.0%} of its baseline {start:.3g})"
+                )
+                findings.append(_Finding(measure, value, limit, start, text))
+        return findings
 
 
 class TrendSpec(MetricRuleSpec):

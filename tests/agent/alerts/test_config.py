@@ -173,14 +173,22 @@ BUILTIN_DEFAULTS: dict[str, dict[str, Any]] = {
         "severity": "error",
         "cooldown": 1800.0,
         "message": (
-            "representation collapse: {metric}={value:.3g} is below {threshold:.3g} (run "
-            "{run}, rank {rank}, step {step})"
+            "representation collapse in {stream}: {detail} (run {run}, rank {rank}, step {step})"
         ),
         "destinations": None,
         "enabled": True,
-        "metric": ["features/*/effective_rank", "features/*/collapse_ratio"],
-        "effective_rank_below": 2.0,
-        "collapse_ratio_below": 0.1,
+        "metric": [
+            "features/*/mean_pairwise_cosine",
+            "features/*/collapse_ratio",
+            "features/*/centered_effective_rank",
+        ],
+        "warmup_batches": 0,
+        "baseline_batches": 5,
+        "cosine_above": 0.9,
+        "std_fraction": 0.35,
+        "rank_fraction": 0.35,
+        "effective_rank_below": None,
+        "collapse_ratio_below": None,
         "for_steps": 1,
     },
     "memory_leak": {

@@ -1,4 +1,4 @@
-"""Training rules: loss_plateau, overfitting, representation_collapse, memory_leak, input_bound."""
+"""Training rules: loss_plateau, overfitting, memory_leak, input_bound (collapse: its own file)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from agent.alerts.engine import AlertEngine
 from agent.alerts.rules import least_squares_slope
-from tests.agent.alerts.helpers import RSS, RUN, Clock, feed, make, names, noisy
+from tests.agent.alerts.helpers import RSS, RUN, Clock, feed, make, noisy
 
 
 # -- loss_plateau ----------------------------------------------------------------------------------
@@ -137,39 +137,6 @@ def test_least_squares_slope() -> None:
     assert least_squares_slope([0, 1, 2, 3], [1, 3, 5, 7]) == pytest.approx(2.0)
     assert least_squares_slope([1, 1], [0, 5]) is None
     assert least_squares_slope([1], [2]) is None
-
-
-# -- representation_collapse -----------------------------------------------------------------------
-def test_representation_collapse_per_stream() -> None:
-    """collapse_ratio < 0.1 or effective_rank < 2 fires, once per stream (glob key)."""
-    engine, clock = make(keep=["representation_collapse"])
-    engine.observe(RUN, 0, 100, clock.now, {"features/h/collapse_ratio": 0.95})
-    engine.observe(RUN, 0, 100, clock.now, {"features/h/effective_rank": 120.0})
-    assert engine.take_fired() == []
-    engine.observe(RUN, 0, 200, clock.now, {"features/h/collapse_ratio": 0.03})
-    engine.observe(RUN, 0, 200, clock.now, {"features/z/effective_rank": 1.1})
-    engine.observe(RUN, 0, 200, clock.now, {"features/z/feature_norm_mean": 0.0})
-    fired = engine.take_fired()
-    assert sorted((a["attrs"]["metric"], a["attrs"]["threshold"]) for a in fired) == [
-        ("features/h/collapse_ratio", 0.1),
-        ("features/z/effective_rank", 2.0),
-    ]
-    assert fired[0]["severity"] == "error"
-
-
-def test_representation_collapse_cooldown() -> None:
-    """Recovering and collapsing again within 1800 s is suppressed; after it, fires again."""
-    engine, clock = make(keep=["representation_collapse"])
-    metric = "features/h/collapse_ratio"
-    for value, seconds in ((0.05, 0), (0.9, 10), (0.05, 10)):
-        clock.advance(seconds)
-        engine.observe(RUN, 0, None, clock.now, {metric: value})
-    assert names(engine) == ["representation_collapse"]
-    assert engine.suppressed() == {"representation_collapse": 1}
-    clock.advance(1800)
-    engine.observe(RUN, 0, None, clock.now, {metric: 0.9})
-    engine.observe(RUN, 0, None, clock.now, {metric: 0.05})
-    assert names(engine) == ["representation_collapse"]
 
 
 # -- memory_leak -----------------------------------------------------------------------------------

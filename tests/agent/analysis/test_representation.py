@@ -20,6 +20,8 @@ STAT_KEYS = {
     "effective_rank",
     "effective_rank_ratio",
     "numerical_rank",
+    "centered_effective_rank",
+    "centered_effective_rank_ratio",
     "normalized_std",
     "collapse_ratio",
     "feature_norm_mean",
@@ -35,13 +37,21 @@ def gaussian(rows: int, dim: int, seed: int = 0) -> npt.NDArray[np.float32]:
     return np.random.default_rng(seed).standard_normal((rows, dim)).astype(np.float32)
 
 
+def reference_erank(matrix: npt.NDArray[np.float64]) -> float:
+    """RankMe from a full SVD."""
+    s = np.linalg.svd(matrix, compute_uv=False)
+    if s.sum() == 0:
+        return 0.0
+    p = s / s.sum() + 1e-7
+    return math.exp(-sum(pk * math.log(pk) for pk in p))
+
+
 def reference_stats(features: npt.NDArray[np.floating]) -> dict[str, float]:
     """The same statistics the slow, obvious way: full SVD, matrix_rank, explicit loops."""
     z = features.astype(np.float64)
     rows, dim = z.shape
-    s = np.linalg.svd(z, compute_uv=False)
-    p = s / s.sum() + 1e-7
-    erank = math.exp(-sum(pk * math.log(pk) for pk in p))
+    erank = reference_erank(z)
+    centred_erank = reference_erank(z - z.mean(axis=0))
     norms = [math.sqrt(sum(v * v for v in row)) for row in z]
     unit = [row / n if n > 0 else np.zeros(dim) for row, n in zip(z, norms, strict=True)]
     stds = []
@@ -55,6 +65,8 @@ def reference_stats(features: npt.NDArray[np.floating]) -> dict[str, float]:
         "effective_rank": erank,
         "effective_rank_ratio": erank / min(rows, dim),
         "numerical_rank": float(np.linalg.matrix_rank(features.astype(np.float32))),
+        "centered_effective_rank": centred_erank,
+        "centered_effective_rank_ratio": centred_erank / min(rows - 1, dim),
         "normalized_std": sum(stds) / dim,
         "collapse_ratio": sum(stds) / dim * math.sqrt(dim),
         "feature_norm_mean": norm_mean,
@@ -106,6 +118,77 @@ def test_collapsed_features() -> None:
     assert stats["effective_rank"] == pytest.approx(1, abs=0.05)
     assert stats["collapse_ratio"] < 1e-3
     assert stats["mean_pairwise_cosine"] == pytest.approx(1, abs=1e-6)
+
+
+# -- centred measures: a shared offset is not collapse -------------------------------------------
+def orthonormal_rank_k(rows: int, dim: int, k: int, seed: int) -> npt.NDArray[np.float64]:
+    """Rows spread evenly over k orthonormal directions of R^dim (equal centred spectrum)."""
+    rng = np.random.default_rng(seed)
+    basis, _ = np.linalg.qr(rng.standard_normal((dim, k)))
+    return rng.standard_normal((rows, k)) @ basis.T  # type: ignore[no-any-return]
+
+
+def test_identical_rows_are_total_collapse() -> None:
+    """Every row the same vector: cosine 1, normalised std 0, centred rank 0, raw rank 1."""
+    row = np.random.default_rng(20).standard_normal(64)
+    stats = representation_stats(np.tile(row, (128, 1)).astype(np.float32))
+    assert stats["mean_pairwise_cosine"] == pytest.approx(1, abs=1e-6)
+    assert stats["normalized_std"] == pytest.approx(0, abs=1e-6)
+    assert stats["collapse_ratio"] == pytest.approx(0, abs=1e-5)
+    assert stats["centered_effective_rank"] == 0
+    assert stats["centered_effective_rank_ratio"] == 0
+    assert stats["effective_rank"] == pytest.approx(1, abs=1e-3)  # RankMe's eps: 64 x 1e-7
+
+
+def test_isotropic_gaussian_centred_measures() -> None:
+    """Isotropic 4,096 x 64: cosine ~0, normalised std ~1/sqrt(d), centred rank ~d."""
+    stats = representation_stats(gaussian(4096, 64, seed=21))
+    assert abs(stats["mean_pairwise_cosine"]) < 0.005
+    assert stats["normalized_std"] == pytest.approx(1 / math.sqrt(64), rel=0.02)
+    assert stats["collapse_ratio"] == pytest.approx(1, abs=0.02)
+    assert stats["centered_effective_rank"] == pytest.approx(64, rel=0.02)
+    assert stats["centered_effective_rank_ratio"] == pytest.approx(1, rel=0.02)
+
+
+def test_large_mean_offset_fools_raw_measures_not_centred_ones() -> None:
+    """Isotropic rows (norm ~8) plus a shared offset of norm 100: the raw measures read
+    collapse (cosine > 0.99, collapse_ratio < 0.15, raw RankMe a sixth of d); the centred
+    rank equals the one without the offset (centring removes exactly the shift)."""
+    features = gaussian(2048, 64, seed=22)
+    direction = np.random.default_rng(23).standard_normal(64)
+    shifted = (features + 100.0 * direction / np.linalg.norm(direction)).astype(np.float32)
+    plain, moved = representation_stats(features), representation_stats(shifted)
+    assert moved["mean_pairwise_cosine"] > 0.99
+    assert moved["collapse_ratio"] < 0.15
+    assert moved["effective_rank"] < plain["effective_rank"] / 6
+    assert moved["centered_effective_rank"] == pytest.approx(
+        plain["centered_effective_rank"], rel=1e-3
+    )
+    assert moved["centered_effective_rank_ratio"] > 0.95
+
+
+@pytest.mark.parametrize("k", [1, 10, 32])
+def test_rank_k_data_has_centred_rank_k(k: int) -> None:
+    """Rows spread over k directions (plus an offset): centred RankMe within 5% of k."""
+    rng = np.random.default_rng(24)
+    features = orthonormal_rank_k(4096, 64, k, seed=k) + 3.0 * rng.standard_normal(64)
+    stats = representation_stats(features.astype(np.float32))
+    assert stats["centered_effective_rank"] == pytest.approx(k, rel=0.05)
+    assert stats["centered_effective_rank_ratio"] == pytest.approx(k / 64, rel=0.05)
+
+
+@pytest.mark.parametrize("shape", [(200, 30), (30, 200)])
+def test_centred_singular_values_match_svd(shape: tuple[int, int]) -> None:
+    """centered=True equals numpy's SVD of the mean-centred rows, even under a 1e4 offset."""
+    features = gaussian(*shape, seed=25) + np.float32(1e4)
+    z = features.astype(np.float64)
+    reference = np.linalg.svd(z - z.mean(axis=0), compute_uv=False)
+    spectrum = singular_values(features, centered=True)
+    assert spectrum.shape == (min(shape),)
+    scale = reference[0]
+    np.testing.assert_allclose(spectrum, reference, rtol=1e-7, atol=1e-9 * scale)
+    raw = np.linalg.svd(z, compute_uv=False)
+    np.testing.assert_allclose(singular_values(features), raw, rtol=1e-7, atol=1e-9 * raw[0])
 
 
 @pytest.mark.parametrize("shape", [(40, 12), (12, 40), (25, 25), (2, 7)])
