@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.aggregation.wire import BYE, COUNTER_KINDS, Item
+from agent.ingest.accounting import SeqAccounting
 
 #: how many recent seqs a ledger remembers to tell a repeated item from a new one. A
 #: repeat of an older seq than that is counted again (the transport never repeats an
@@ -25,7 +26,7 @@ RECENT_SEQS = 4096
 
 
 @dataclass
-class UplinkLedger:
+class UplinkLedger(SeqAccounting):
     job: str
     node: str
     agent: str
@@ -83,25 +84,6 @@ class UplinkLedger:
             {"dropped": dict(summary.get("dropped") or {}), "produced": summary.get("sent", 0)},
             final=complete,
         )
-
-    @property
-    def dropped_total(self) -> int:
-        return sum(self.dropped.values())
-
-    @property
-    def sent(self) -> int:
-        """Items the stream produced, as far as we can tell (exact after bye)."""
-        return max(self.produced, self.max_seq + 1)
-
-    @property
-    def gaps(self) -> int:
-        """Seqs never received (dropped, lost, or still in flight)."""
-        return self.sent - self.received
-
-    @property
-    def lost(self) -> int:
-        """Gaps the node did not account for; final once the stream said bye."""
-        return max(0, self.gaps - self.dropped_total)
 
     def summary(self) -> dict[str, Any]:
         return {

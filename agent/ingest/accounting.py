@@ -20,8 +20,37 @@ from agent.ingest.decode import Record, ScalarRows
 from probe import protocol
 
 
+class SeqAccounting:
+    """The arithmetic of a sequence-numbered stream, for any ledger that keeps these four
+    counts: what was sent, what never arrived, and what of that nobody accounted for."""
+
+    received: int
+    max_seq: int
+    produced: int  # a lower bound until the stream ends, exact after
+    dropped: dict[str, int]  # what the sender says it dropped, by reason
+
+    @property
+    def dropped_total(self) -> int:
+        return sum(self.dropped.values())
+
+    @property
+    def sent(self) -> int:
+        """Items the stream produced, as far as we can tell (exact once it ended)."""
+        return max(self.produced, self.max_seq + 1)
+
+    @property
+    def gaps(self) -> int:
+        """Sequence numbers never received (dropped, lost, or still in flight)."""
+        return self.sent - self.received
+
+    @property
+    def lost(self) -> int:
+        """Gaps the sender did not account for; final once the stream ended."""
+        return max(0, self.gaps - self.dropped_total)
+
+
 @dataclass
-class StreamLedger:
+class StreamLedger(SeqAccounting):
     stream: str
     rank: int
     local_rank: int
@@ -109,25 +138,6 @@ class StreamLedger:
         last_step = summary.get("last_step")
         if isinstance(last_step, int) and (self.last_step is None or last_step > self.last_step):
             self.last_step = last_step
-
-    @property
-    def dropped_total(self) -> int:
-        return sum(self.dropped.values())
-
-    @property
-    def sent(self) -> int:
-        """Records the stream produced, as far as we can tell."""
-        return max(self.produced, self.max_seq + 1)
-
-    @property
-    def gaps(self) -> int:
-        """Sequence numbers never received (dropped, lost, or still in flight)."""
-        return self.sent - self.received
-
-    @property
-    def lost(self) -> int:
-        """Gaps the probe did not account for; final once the stream said bye."""
-        return max(0, self.gaps - self.dropped_total)
 
     def summary(self) -> dict[str, Any]:
         return {
