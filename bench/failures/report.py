@@ -138,8 +138,9 @@ def print_tables(scores: Sequence[Score]) -> None:
             else:
                 secs = f", {d.latency_seconds:.1f} s" if d.latency_seconds is not None else ""
                 verdict = f"{d.rule} +{d.latency_steps} steps{secs}"
-                if res.doubled_step is not None and d.step is not None:
-                    verdict += f" ({d.step - res.doubled_step:+d} from the loss doubling)"
+                doubled = res.doubled_step
+                if scenario.failure == "divergence" and doubled is not None and d.step is not None:
+                    verdict += f" ({d.step - doubled:+d} from the loss doubling)"
         if res.error:
             verdict += f" [{res.error}]"
         rows.append([scenario.name, scenario.setup(), onset, verdict, _first_alerts(res.alerts)])
