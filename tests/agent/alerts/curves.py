@@ -63,8 +63,8 @@ def _val(shape: list[float], rng: random.Random, every: int, sigma: float) -> di
 
 
 def lr_range_test(seed: int = 0, steps: int = 800, sigma: float = 0.15) -> Run:
-    """Issue 19, case 1: SGD+momentum with lr x1.015 every step. The loss falls, flattens, then
-    climbs faster and faster (log loss quadratic in the steps past 200): twice its lowest at
+    """An LR range test left running: SGD+momentum with lr x1.015 every step. The loss
+    falls, flattens, then climbs faster and faster (log loss quadratic in the steps past 200): twice its lowest at
     step 303, hundreds of times it by step 500. No NaN."""
     rng = random.Random(seed)
     shape = [
@@ -85,7 +85,7 @@ def healthy(
 ) -> Run:
     """A healthy run: loss decaying to a floor with noise, cosine lr after a linear warm-up.
 
-    ``shock_at`` (issue 19, case 2): one corrupt batch (inputs x30, random labels) there: that
+    ``shock_at``: one corrupt batch (inputs x30, random labels) there: that
     step's loss x30, then the damaged weights lift the loss 4x, decaying over ~150 steps.
     """
     rng = random.Random(seed)

@@ -1,4 +1,5 @@
-"""loss_divergence and val_loss_divergence, and overfitting, on the runs of issue 19."""
+"""loss_divergence, val_loss_divergence and overfitting on an LR range test left running
+(case 1), a shock that recovers (case 2), healthy runs and a genuine overfit."""
 
 from __future__ import annotations
 
