@@ -64,8 +64,8 @@ def _val(shape: list[float], rng: random.Random, every: int, sigma: float) -> di
 
 def lr_range_test(seed: int = 0, steps: int = 800, sigma: float = 0.15) -> Run:
     """An LR range test left running: SGD+momentum with lr x1.015 every step. The loss
-    falls, flattens, then climbs faster and faster (log loss quadratic in the steps past 200): twice its lowest at
-    step 303, hundreds of times it by step 500. No NaN."""
+    falls, flattens, then climbs faster and faster (log loss quadratic in the steps past
+    200): twice its lowest at step 303, hundreds of times it by step 500. No NaN."""
     rng = random.Random(seed)
     shape = [
         (0.4 + 1.9 * math.exp(-t / 40)) * math.exp(6.9e-5 * max(0, t - 200) ** 2)
