@@ -150,6 +150,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-seconds", type=float, default=None, help="stop early by wall time")
+    p.add_argument(
+        "--min-steps", type=int, default=0, help="with --max-seconds: train at least this many"
+    )
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--sample-every", type=int, default=200)
     p.add_argument("--print-every", type=int, default=50)
@@ -250,7 +253,8 @@ def main() -> None:
                 f"| lr {lr:.2e} | {(step + 1) / (now - start):.2f} steps/s",
                 flush=True,
             )
-        if args.max_seconds is not None and time.perf_counter() - start > args.max_seconds:
+        late = args.max_seconds is not None and time.perf_counter() - start > args.max_seconds
+        if late and step + 1 >= args.min_steps:
             print(f"stopping at step {step}: --max-seconds {args.max_seconds} reached")
             break
 

@@ -29,8 +29,9 @@ SMALL_DEMO = [
 # Panels that are empty when nothing is wrong: no drops, no alerts, no GPU.
 QUIET_WHEN_HEALTHY = {"Probe drops and losses", "Active alerts"}
 # The scrapes and the dashboard's queries need the run alive: the tiny demo's 400 steps take
-# 1.5 s on a fast machine, so it trains until a wall-clock limit instead (at least 400 steps).
-LIVE_FOR = ["--steps", "1000000", "--max-seconds", "12"]
+# 1.5 s on a fast machine, so it trains until a wall-clock limit instead, and at least 400
+# steps on a slow or busy one.
+LIVE_FOR = ["--steps", "1000000", "--max-seconds", "12", "--min-steps", "400"]
 
 
 @pytest.mark.slow
