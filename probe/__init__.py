@@ -295,7 +295,7 @@ class _Unwatched:
 
 def watch(
     model: Any,
-    optimizer: Any,
+    optimizer: Any = None,
     *,
     log_every: int = 1,
     layer_every: int = 10,
@@ -314,30 +314,82 @@ def watch(
     update-to-weight ratio per group. Every ``hist_every``: weight and gradient
     histograms. Every ``activations_every``: mean, std and fraction of zeros of
     each leaf module's output, and a histogram of it. 0 switches a kind off.
+    Without an optimizer (a hand-written update), a step is a backward and the
+    update after it, and everything but ``lr`` is collected; a wrapped optimizer
+    (accelerate, Lightning, DeepSpeed) is looked through to the torch optimizer.
     Nothing here waits for the device. Returns a watcher with ``unwatch()`` and
-    ``data(loader)`` (times data waits); with telemetry off it returns one that
-    does nothing.
+    ``data(loader)`` (times data waits); with telemetry off, or given something
+    it cannot watch (one warning says what), it returns one that does nothing.
+    A negative ``*_every`` raises ``ValueError``.
     """
+    from probe.watcher import check_every  # the module itself imports no torch
+
+    check_every(log_every, layer_every, hist_every, activations_every)
     client = _live_client()
     if client is None:
         return _Unwatched()
-    from probe.watcher import Watcher  # torch is imported only when watching
+    try:
+        hooked = _watchable(model, optimizer)
+        if hooked is None:
+            return _Unwatched()
+        from probe.watcher import Watcher  # torch is imported only when watching
 
-    watcher = Watcher(
-        client.submit,
-        _submit_histograms,
-        model,
-        optimizer,
-        log_every=log_every,
-        layer_every=layer_every,
-        hist_every=hist_every,
-        activations_every=activations_every,
-        batch_size=batch_size,
-        tokens_per_step=tokens_per_step,
-        start_step=start_step,
-    )
+        watcher = Watcher(
+            client.submit,
+            _submit_histograms,
+            model,
+            hooked[0],
+            log_every=log_every,
+            layer_every=layer_every,
+            hist_every=hist_every,
+            activations_every=activations_every,
+            batch_size=batch_size,
+            tokens_per_step=tokens_per_step,
+            start_step=start_step,
+        )
+    except Exception as exc:
+        internal.record(exc, "watch")
+        return _Unwatched()
     _watchers.append(watcher)
     return watcher
+
+
+def _watchable(model: Any, optimizer: Any) -> tuple[Any] | None:
+    """``(torch optimizer or None,)`` for ``watch`` to hook; None, after one warning,
+    when ``model`` cannot be watched. An optimizer that cannot be hooked is warned
+    about and left out: the model's own hooks still see the steps."""
+    import torch
+
+    from probe.watcher import find_optimizer
+
+    if not isinstance(model, torch.nn.Module):
+        internal.warn_once(
+            "watch-model",
+            "outrider probe: probe.watch needs a torch.nn.Module, got %s; nothing is watched",
+            type(model).__name__,
+        )
+        return None
+    try:
+        found = None if optimizer is None else find_optimizer(optimizer)
+    except Exception:
+        found = None  # an attribute that raises: not an optimizer we can hook
+    if optimizer is not None and found is None:
+        internal.warn_once(
+            "watch-optimizer",
+            "outrider probe: probe.watch cannot hook %s (not a torch.optim.Optimizer, nor "
+            "one wrapped under .optimizer or ._optimizer); watching the model alone, "
+            'without lr (docs/watch.md, "Without an optimizer")',
+            type(optimizer).__name__,
+        )
+    if found is None and not hasattr(torch.Tensor, "register_post_accumulate_grad_hook"):
+        internal.warn_once(
+            "watch-torch",
+            "outrider probe: probe.watch without a torch optimizer needs torch >= 2.1 "
+            "(torch %s); nothing is watched",
+            torch.__version__,
+        )
+        return None
+    return (found,)
 
 
 def unwatch() -> None:

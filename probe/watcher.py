@@ -1,6 +1,8 @@
 """``probe.watch(model, optimizer)``: training telemetry from hooks, with no host sync.
 
-Optimizer step hooks do the per-step work. Two forward hooks on the model time
+Optimizer step hooks do the per-step work. Without an optimizer (a hand-written
+update), the model's parameters say when a backward has left its gradients
+final, and the next training forward closes the step. Two forward hooks on the model time
 its forward passes (two ``time.perf_counter()`` calls per forward); the other
 forward hooks exist only on the steps that collect activation statistics.
 Every number is computed on the tensors' own device and packed into one small
@@ -23,8 +25,21 @@ from probe import internal, protocol, values
 SubmitFn = Callable[[str, "int | None", Any], Any]
 
 
+def check_every(log_every: int, layer_every: int, hist_every: int, activations_every: int) -> None:
+    """A negative interval is a set-up mistake: ``ValueError`` naming it."""
+    for label, every in (
+        ("log_every", log_every),
+        ("layer_every", layer_every),
+        ("hist_every", hist_every),
+        ("activations_every", activations_every),
+    ):
+        if every < 0:
+            raise ValueError(f"{label} must be >= 0 (0 switches it off), got {every}")
+
+
 class Watcher:
-    """Hooks on one model and optimizer; ``unwatch()`` removes every one of them."""
+    """Hooks on one model and optimizer (or the model alone, ``optimizer=None``);
+    ``unwatch()`` removes every one of them."""
 
     def __init__(
         self,
@@ -41,14 +56,7 @@ class Watcher:
         tokens_per_step: int | None = None,
         start_step: int = 0,
     ) -> None:
-        for label, every in (
-            ("log_every", log_every),
-            ("layer_every", layer_every),
-            ("hist_every", hist_every),
-            ("activations_every", activations_every),
-        ):
-            if every < 0:
-                raise ValueError(f"{label} must be >= 0 (0 switches it off), got {every}")
+        check_every(log_every, layer_every, hist_every, activations_every)
         import torch
 
         self._torch = torch
@@ -64,6 +72,11 @@ class Watcher:
         self.tokens_per_step = tokens_per_step
         self.step = start_step
         self._names = {id(p): name for name, p in model.named_parameters()}
+        # Without an optimizer, one group of the model's trainable parameters stands in for
+        # its param groups.
+        self._model_groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+        self._gradients_final = False  # a backward has ended since the last step (no optimizer)
+        self._in_backward = False  # its end is queued with the autograd engine (no optimizer)
         self._last_step_end: float | None = None
         self._data_wait = 0.0
         self._clip_coefficients: dict[int, Any] = {}  # param id -> this step's clip factor
@@ -81,14 +94,28 @@ class Watcher:
         self._backward_started: float | None = None  # when this step's first backward began
         self._forwards_at_backward = 0.0  # _forwards_total then
         self._backward_seconds: float | None = None
-        self._handles = [
-            optimizer.register_step_pre_hook(self._before_step),
-            optimizer.register_step_post_hook(self._after_step),
-        ]
+        self._handles: list[Any] = []
+        self._timing: list[Any] = []  # the section timer's two hooks (also in _handles)
+        try:
+            self._add_hooks()
+        except BaseException:
+            self.unwatch()  # nothing half-hooked stays behind
+            raise
+
+    def _add_hooks(self) -> None:
+        if self.optimizer is not None:
+            self._handles += [
+                self.optimizer.register_step_pre_hook(self._before_step),
+                self.optimizer.register_step_post_hook(self._after_step),
+            ]
+        else:
+            self._handles += [
+                p.register_post_accumulate_grad_hook(self._gradient_accumulated)
+                for p in self._model_groups[0]["params"]
+            ]
         # The inner module of a DDP/FSDP wrapper: its forward is the user's compute, without
         # the wrapper's own pre-forward work (buffer broadcasts, bucket rebuilds).
-        timed = getattr(model, "module", model)
-        self._timing: list[Any] = []  # the section timer's two hooks (also in _handles)
+        timed = getattr(self.model, "module", self.model)
         if hasattr(timed, "register_forward_pre_hook"):
             self._timing = [
                 timed.register_forward_pre_hook(self._forward_begins),
@@ -101,7 +128,10 @@ class Watcher:
 
     # -- public ------------------------------------------------------------------
     def unwatch(self) -> None:
-        """Remove every hook; the model and optimizer are as they were."""
+        """Remove every hook; the model and optimizer are as they were. Without an
+        optimizer, the step whose gradients are final is recorded first."""
+        if self._gradients_final:
+            self._end_step(timed=False)
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -122,6 +152,8 @@ class Watcher:
 
     # -- section timing (every forward: keep these small) --------------------------------
     def _forward_begins(self, module: Any, args: Any) -> None:
+        if self._gradients_final:  # only without an optimizer: maybe the next step's forward
+            self._next_forward(module)
         self._forward_started = time.perf_counter()
 
     def _forward_ends(self, module: Any, args: Any, output: Any) -> None:
@@ -146,6 +178,55 @@ class Watcher:
             self._backward_started = time.perf_counter()
             self._forwards_at_backward = self._forwards_total
 
+    # -- steps without an optimizer ----------------------------------------------------
+    def _gradient_accumulated(self, param: Any) -> None:
+        """A parameter's gradient is accumulated: the first of a backward asks the autograd
+        engine to call back when the whole backward is done."""
+        if self._in_backward:
+            return
+        try:
+            self._torch.autograd.Variable._execution_engine.queue_callback(self._backward_ends)
+            self._in_backward = True
+        except Exception as exc:
+            internal.record(exc, "watch: backward")
+
+    def _backward_ends(self) -> None:
+        """Gradients are final (and not yet clipped): their norms, and the weights before
+        the update, are taken now; the step is recorded at the next training forward."""
+        self._in_backward = False
+        if self._backward_started is not None:
+            forwards = self._forwards_total - self._forwards_at_backward
+            self._backward_seconds = time.perf_counter() - self._backward_started - forwards
+        first = not self._gradients_final
+        self._gradients_final = True
+        # Clip calls seen so far came before this backward: not this step's.
+        self._clip_coefficients = {}
+        self._clips = []
+        try:
+            with self._torch.no_grad():
+                self._collect_before_step(histograms=first)
+        except Exception as exc:
+            self._pending = None
+            internal.record(exc, "watch: backward end")
+
+    def _next_forward(self, module: Any) -> None:
+        """A forward with gradients on, in training mode, after a backward: the update is
+        done, so the previous step ends here. Evaluation forwards leave it open."""
+        try:
+            if self._torch.is_grad_enabled() and getattr(module, "training", True):
+                self._end_step(timed=True)
+        except Exception as exc:
+            internal.record(exc, "watch: step end")
+
+    def _end_step(self, timed: bool) -> None:
+        self._gradients_final = False
+        self._backward_started = None
+        self._clip_coefficients = {}
+        self._clips = []
+        if not timed:
+            self._last_step_end = None  # unwatch: the time since the last step is no step's
+        self._after_step(None, (), {})
+
     # -- optimizer hooks --------------------------------------------------------------
     def _due(self, every: int, step: int) -> bool:
         return every > 0 and step % every == 0
@@ -168,7 +249,7 @@ class Watcher:
             self._clip_coefficients = {}
             self._clips = []
 
-    def _collect_before_step(self) -> None:
+    def _collect_before_step(self, histograms: bool = True) -> None:
         step = self.step
         layers = self._due(self.layer_every, step)
         if self._due(self.log_every, step) or layers:
@@ -186,7 +267,7 @@ class Watcher:
             self._previous = list(self._torch._foreach_mul([p.detach() for p in params], 1.0))
             layout = self._layout(params)
             self._weight_norms = (self._stack(self._previous, layout), layout)
-        if self._due(self.hist_every, step):
+        if histograms and self._due(self.hist_every, step):
             names, samples = [], []
             limit = values.HISTOGRAM_SAMPLE
             for param in self._params():
@@ -233,11 +314,12 @@ class Watcher:
             body["backward_seconds"] = self._backward_seconds
             self._backward_seconds = None
         if self._due(self.log_every, step):
-            groups = self.optimizer.param_groups
-            body["lr"] = _number(groups[0]["lr"])
-            if len(groups) > 1:
-                for index, group in enumerate(groups):
-                    body[f"lr/group{index}"] = _number(group["lr"])
+            if self.optimizer is not None:
+                groups = self.optimizer.param_groups
+                body["lr"] = _number(groups[0]["lr"])
+                if len(groups) > 1:
+                    for index, group in enumerate(groups):
+                        body[f"lr/group{index}"] = _number(group["lr"])
             body.update(self._cuda_memory())
         sections: list[_Section] = []
         tensors: list[Any] = []
@@ -284,8 +366,12 @@ class Watcher:
             self._submit(protocol.SCALARS, step, body)
 
     # -- statistics (all on device) ---------------------------------------------------
+    def _param_groups(self) -> list[Any]:
+        """The optimizer's param groups, or the model's trainable parameters as one group."""
+        return self.optimizer.param_groups if self.optimizer is not None else self._model_groups
+
     def _params(self) -> list[Any]:
-        return [p for group in self.optimizer.param_groups for p in group["params"]]
+        return [p for group in self._param_groups() for p in group["params"]]
 
     def _gradient_norms(self) -> tuple[Any, _Layout] | None:
         """Each parameter's gradient norm before any clipping: one float vector, and its layout.
@@ -302,7 +388,7 @@ class Watcher:
         torch = self._torch
         params = [
             p
-            for group in self.optimizer.param_groups
+            for group in self._param_groups()
             for p in group["params"]
             if p.grad is not None and not p.grad.is_sparse
         ]
@@ -326,7 +412,7 @@ class Watcher:
 
     def _layout(self, params: list[Any]) -> _Layout:
         """Names and param groups of a vector with one entry per tensor of ``params``."""
-        groups = self.optimizer.param_groups
+        groups = self._param_groups()
         key = (len(groups), *map(id, params))
         layout = self._layouts.get(key)
         if layout is None:
@@ -348,7 +434,7 @@ class Watcher:
         """Allocator counters of the device the model trains on (its first parameter's):
         host-side bookkeeping, no device sync. One read of the allocator's stats, not
         ``memory_allocated()`` and friends, each of which flattens and sorts all of them."""
-        first = next((p for group in self.optimizer.param_groups for p in group["params"]), None)
+        first = next((p for group in self._param_groups() for p in group["params"]), None)
         if first is None or not first.is_cuda:
             return {}
         stats = self._torch.cuda.memory_stats_as_nested_dict(first.device)
@@ -648,3 +734,38 @@ def _root_sum_squares(norms: list[float]) -> float:
 
 
 _clip_patch = _ClipPatch()
+
+
+# Attributes under which training frameworks keep the optimizer they wrap: accelerate's
+# AcceleratedOptimizer and DeepSpeed's engine (``optimizer``), Lightning's
+# LightningOptimizer (``_optimizer``).
+_WRAPPED_AS = ("optimizer", "_optimizer")
+
+
+def find_optimizer(optimizer: Any, levels: int = 4) -> Any:
+    """The torch optimizer that runs step hooks: ``optimizer`` itself, or the one it wraps
+    (``levels`` deep at most); None when there is none. A wrapper that subclasses
+    ``torch.optim.Optimizer`` without running its ``__init__`` (accelerate's) has the
+    hook methods but would never call the hooks: it is looked through."""
+    for _ in range(levels + 1):
+        if optimizer is None:
+            return None
+        if _runs_step_hooks(optimizer):
+            return optimizer
+        optimizer = next(
+            (
+                inner
+                for name in _WRAPPED_AS
+                if (inner := getattr(optimizer, name, None)) is not None
+            ),
+            None,
+        )
+    return None
+
+
+def _runs_step_hooks(optimizer: Any) -> bool:
+    return (
+        callable(getattr(optimizer, "register_step_pre_hook", None))
+        and isinstance(getattr(optimizer, "_optimizer_step_pre_hooks", None), dict)
+        and isinstance(getattr(optimizer, "param_groups", None), list)
+    )
