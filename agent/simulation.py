@@ -83,12 +83,13 @@ class Curves:
         healthy = self.offset + spread
         lengths = self.rng.uniform(6.0, 10.0, size=(FEATURE_ROWS, 1))
         keep = max(1.0 - collapsed, 0.01)
-        rows = keep * healthy + (1.0 - keep) * lengths * self.direction
+        rows: np.ndarray = keep * healthy + (1.0 - keep) * lengths * self.direction
         return rows.astype(np.float32)
 
 
 def _unit(vector: np.ndarray) -> np.ndarray:
-    return vector / np.linalg.norm(vector)
+    unit: np.ndarray = vector / np.linalg.norm(vector)
+    return unit
 
 
 def simulate(

@@ -46,11 +46,7 @@ class FeatureSampler:
             return rows
         key = (pair or name, step)
         index = self._rows.pop(key, None) if pair else None
-        if (
-            not values.is_tensor(index)
-            or index.device != rows.device
-            or int(index.numel()) != limit
-        ):
+        if index is None or index.device != rows.device or int(index.numel()) != limit:
             index = torch.randperm(rows.shape[0], device=rows.device)[:limit]
             if len(self._rows) > 64:
                 self._rows.clear()  # pairs not taken up; keep the cache bounded
