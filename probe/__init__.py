@@ -180,7 +180,8 @@ def features(
     max_rows: int = DEFAULT_MAX_ROWS,
     pair: str | None = None,
 ) -> None:
-    """Ship a representation batch (rows = samples) for rank, collapse and t-SNE.
+    """Ship a representation batch (rows = samples, a tensor or numpy array) for rank,
+    collapse and t-SNE.
 
     Every ``every`` steps (or calls, without ``step``), at most ``max_rows``
     rows chosen on the tensor's device. ``pair="student"`` on a teacher's
@@ -195,7 +196,7 @@ def features(
         rows = _features.sample(name, tensor, step, max_rows, pair)
         body: dict[str, Any] = {
             "name": name,
-            "value": values.capture_tensor(rows),
+            "value": values.capture_tensor(rows) if values.is_tensor(rows) else rows,
             "as": "features",
         }
         if pair is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from probe import protocol
+from probe import protocol, values
 
 DEFAULT_MAX_ROWS = 2048
 
@@ -32,7 +32,10 @@ class FeatureSampler:
     def sample(
         self, name: str, tensor: Any, step: int | None, max_rows: int, pair: str | None
     ) -> Any:
-        """The rows to ship, as a float32 2-d tensor on the original device."""
+        """The rows to ship, as a float32 2-d tensor on the original device (a float32
+        numpy copy for a numpy array, so a trainer without torch can ship features too)."""
+        if not values.is_tensor(tensor):
+            return self._sample_array(name, tensor, step, max_rows, pair)
         import torch
 
         rows = tensor.detach().reshape(-1, tensor.shape[-1])
@@ -49,3 +52,22 @@ class FeatureSampler:
                 self._rows.clear()  # pairs not taken up; keep the cache bounded
             self._rows[(name, step)] = index
         return rows.index_select(0, index)
+
+    def _sample_array(
+        self, name: str, array: Any, step: int | None, max_rows: int, pair: str | None
+    ) -> Any:
+        import numpy as np
+
+        rows = np.asarray(array, dtype=np.float32)
+        rows = rows.reshape(-1, rows.shape[-1])
+        limit = max(1, min(max_rows, protocol.MAX_TENSOR_BYTES // (4 * rows.shape[1])))
+        if rows.shape[0] <= limit:
+            return rows.copy()
+        key = (pair or name, step)
+        index = self._rows.pop(key, None) if pair else None
+        if not isinstance(index, np.ndarray) or index.size != limit:
+            index = np.random.default_rng().permutation(rows.shape[0])[:limit]
+            if len(self._rows) > 64:
+                self._rows.clear()
+            self._rows[(name, step)] = index
+        return rows[index]

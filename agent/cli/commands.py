@@ -14,7 +14,7 @@ import orjson
 
 from agent import config as agent_config
 from agent.aggregation.config import DEFAULT_PORT
-from agent.cli import jobs, launcher
+from agent.cli import jobs, launcher, simulate
 from agent.config import AgentConfig
 from agent.store.disk import check_runs_dir, describe
 from agent.store.runs import RunNotFound, list_runs, resolve, summarise
@@ -444,6 +444,7 @@ def _row(cells: tuple[Any, ...], widths: tuple[int, ...]) -> str:
 
 
 main.add_command(jobs.aggregator)
+main.add_command(simulate.simulate_command())
 
 
 @main.command("config")

@@ -1,0 +1,170 @@
+"""A synthetic training run, healthy or broken on purpose, logged through the real probe.
+
+``outrider simulate`` runs this module as its trainer, so the records take the
+path a real run's take (probe, socket, agent, run store, statistics, alerts,
+sinks) without torch, a model or a GPU. The curves are what a language model's
+run looks like: a noisy loss decaying to a floor, a warm-up then cosine
+learning rate, the gradient norm, step time and throughput, ``val/loss`` and a
+64-d feature batch every 50 steps. One failure is injected at ``--at``.
+
+    python -P -m agent.simulation --failure spike --steps 2000 --at 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+import probe
+
+EVAL_EVERY = 50
+FEATURES_EVERY = 50
+FEATURE_DIM = 64
+FEATURE_ROWS = 256
+TOKENS_PER_STEP = 8 * 1024
+PEAK_LR = 3e-4
+NOISE = 0.05  # sigma of the log-normal noise on the loss, clipped to 3 sigma
+
+
+@dataclass(frozen=True)
+class Failure:
+    """What a failure does to the run, and the built-in alert that should catch it."""
+
+    does: str
+    raises: str | None
+
+
+FAILURES: dict[str, Failure] = {
+    "healthy": Failure("nothing goes wrong", None),
+    "spike": Failure("one step's loss x20, then back on the curve", "loss_spike"),
+    "divergence": Failure("lr and loss climb 2% a step from then on", "loss_divergence"),
+    "nan": Failure("loss, val/loss, grad_norm NaN from then on", "nonfinite"),
+    "collapse": Failure("feature rows converge on one direction", "representation_collapse"),
+    "stall": Failure("no records for longer than `stalled` waits", "stalled"),
+}
+
+
+class Curves:
+    """The run's noiseless shapes and their noise, step by step (one seeded generator)."""
+
+    def __init__(self, steps: int, seed: int) -> None:
+        self.steps = steps
+        self.rng = np.random.default_rng(seed)
+        self.tau = max(20.0, steps / 8)  # the loss is near its floor by a third of the run
+        self.warmup = max(1, steps // 20)
+        self.offset = 4.0 * _unit(self.rng.normal(size=FEATURE_DIM))
+        self.scales = self.rng.uniform(0.5, 1.5, size=FEATURE_DIM)
+        self.direction = _unit(self.rng.normal(size=FEATURE_DIM))
+
+    def noise(self, sigma: float) -> float:
+        return math.exp(sigma * float(np.clip(self.rng.normal(), -3.0, 3.0)))
+
+    def loss(self, step: int) -> float:
+        return 1.6 + 3.0 * math.exp(-step / self.tau)
+
+    def lr(self, step: int) -> float:
+        """Linear warm-up over 5% of the run, then cosine to a tenth of the peak."""
+        if step < self.warmup:
+            return PEAK_LR * (step + 1) / self.warmup
+        progress = (step - self.warmup) / max(1, self.steps - self.warmup)
+        return PEAK_LR * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    def grad_norm(self, step: int) -> float:
+        return 0.8 + 2.0 * math.exp(-step / self.tau)
+
+    def features(self, collapsed: float) -> np.ndarray:
+        """Rows with a shared offset and per-dimension spread; ``collapsed`` in [0, 1] pulls
+        every row onto one direction (only its length still varies)."""
+        spread = self.rng.normal(size=(FEATURE_ROWS, FEATURE_DIM)) * self.scales
+        healthy = self.offset + spread
+        lengths = self.rng.uniform(6.0, 10.0, size=(FEATURE_ROWS, 1))
+        keep = max(1.0 - collapsed, 0.01)
+        rows: np.ndarray = keep * healthy + (1.0 - keep) * lengths * self.direction
+        return rows.astype(np.float32)
+
+
+def _unit(vector: np.ndarray) -> np.ndarray:
+    unit: np.ndarray = vector / np.linalg.norm(vector)
+    return unit
+
+
+def simulate(
+    failure: str,
+    steps: int,
+    steps_per_second: float,
+    at: int,
+    seed: int,
+    stall_seconds: float,
+) -> None:
+    """Log ``steps`` steps paced at ``steps_per_second``, ``failure`` injected at step ``at``."""
+    curves = Curves(steps, seed)
+    step_seconds = 1.0 / steps_per_second
+    probe.init()
+    probe.config({"simulated": True, "failure": failure, "at": at, "steps": steps, "seed": seed})
+    started = time.perf_counter()
+    for step in range(steps):
+        broken = failure != "healthy" and step >= at
+        if broken and step == at:
+            probe.event("failure_injected", step=step, failure=failure)
+            if failure == "stall":
+                probe.flush(2.0)
+                time.sleep(stall_seconds)
+                started += stall_seconds
+        shape = curves.loss(step)
+        lr = curves.lr(step)
+        grad_norm = curves.grad_norm(step) * curves.noise(0.1)
+        if broken and failure == "divergence":
+            climb = 1.02 ** (step - at)
+            shape, lr, grad_norm = curves.loss(at) * climb, curves.lr(at) * climb, grad_norm * climb
+        loss = shape * curves.noise(NOISE)
+        val = 1.05 * shape * curves.noise(0.01)  # averaged over many batches: little noise
+        if broken and failure == "nan":
+            loss = grad_norm = val = math.nan
+        elif failure == "spike" and step == at:
+            loss *= 20.0
+        step_time = step_seconds * curves.noise(0.05)
+        probe.log(
+            {
+                "loss": loss,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "step_time_seconds": step_time,
+                "tokens_per_second": TOKENS_PER_STEP / step_time,
+            },
+            step=step,
+        )
+        if step % EVAL_EVERY == EVAL_EVERY - 1:
+            probe.log({"val/loss": val}, step=step)
+        if step % FEATURES_EVERY == 0:
+            collapsed = 0.0
+            if broken and failure == "collapse":
+                collapsed = 1.0 - math.exp(-(step - at + 1) / 15)
+            probe.features("hidden", curves.features(collapsed), step=step, every=FEATURES_EVERY)
+        time.sleep(max(0.0, started + (step + 1) * step_seconds - time.perf_counter()))
+    probe.event("training_done", step=steps - 1)
+    probe.finish()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="A synthetic training run through the probe.")
+    parser.add_argument("--failure", choices=list(FAILURES), default="healthy")
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--steps-per-second", type=float, default=20.0)
+    parser.add_argument("--at", type=int, default=None, help="failure step (default: half-way)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stall-seconds", type=float, default=310.0)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    at = args.steps // 2 if args.at is None else args.at
+    simulate(args.failure, args.steps, args.steps_per_second, at, args.seed, args.stall_seconds)
+
+
+if __name__ == "__main__":
+    main()
