@@ -10,6 +10,7 @@ import binascii
 import os
 import socket
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from probe import protocol
@@ -33,6 +34,25 @@ def host_name() -> str:
     """The host this process reports: OUTRIDER_HOST, else the hostname (a Pod's is its own
     name; the node's comes in through the downward API)."""
     return os.environ.get(protocol.ENV_HOST) or socket.gethostname()
+
+
+def trainer_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The variables that shape how this trainer runs (protocol.TRAINER_ENV_PREFIXES), for
+    run.json: sorted, at most MAX_TRAINER_ENV_VARS, values cut, nothing named like a secret."""
+    source = os.environ if environ is None else environ
+    kept: dict[str, str] = {}
+    for name in sorted(source):
+        if len(kept) >= protocol.MAX_TRAINER_ENV_VARS:
+            break
+        upper = name.upper()
+        if not upper.startswith(protocol.TRAINER_ENV_PREFIXES):
+            continue
+        if any(marker in upper for marker in protocol.SECRET_ENV_MARKERS):
+            continue
+        value = source[name]
+        if isinstance(value, str):
+            kept[name] = value[: protocol.MAX_TRAINER_ENV_CHARS]
+    return kept
 
 
 def new_stream_id() -> str:

@@ -75,6 +75,39 @@ MAX_RECORDS_PER_MESSAGE: Final = 4096
 MAX_METRICS_PER_RECORD: Final = 1024
 MAX_HISTOGRAM_BINS: Final = 512  # W&B's limit, and plenty for TensorBoard
 
+#: The trainer's environment variables its hello carries (run.json ``environment``): those
+#: that set how it runs on its devices and in its job, matched by name prefix. A name that
+#: looks like a credential is never sent, whatever its prefix; values are cut to a length.
+TRAINER_ENV_PREFIXES: Final = (
+    "CUDA_",
+    "CUDNN_",
+    "CUBLAS_",
+    "NCCL_",
+    "NVIDIA_",
+    "TORCH_",
+    "PYTORCH_",
+    "TORCHELASTIC_",
+    "OMP_",
+    "MKL_",
+    "KMP_",
+    "WORLD_SIZE",
+    "RANK",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "SLURM_JOB_",
+    "SLURM_NNODES",
+    "SLURM_NTASKS",
+    "SLURM_PROCID",
+    "SLURM_LOCALID",
+    "SLURM_NODEID",
+)
+SECRET_ENV_MARKERS: Final = ("TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "AUTH")
+MAX_TRAINER_ENV_VARS: Final = 64
+MAX_TRAINER_ENV_CHARS: Final = 256
+
 # Environment variables set by `outrider run` and read by `probe.init()`.
 ENV_ENDPOINT: Final = "OUTRIDER_ENDPOINT"
 ENV_RUN_ID: Final = "OUTRIDER_RUN_ID"

@@ -25,7 +25,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from probe import internal, protocol, values
 from probe.blocks import to_blocks
-from probe.identity import Identity
+from probe.identity import Identity, trainer_environment
 
 logger = logging.getLogger("outrider.probe")
 
@@ -101,6 +101,7 @@ class Sender:
         self._stop = False
         self._thread: threading.Thread | None = None
         self._envelope = identity.envelope()
+        self._environment = trainer_environment()
         self._packer = msgpack.Packer(use_bin_type=True)
         self.connected = False
         self._ever_connected = False
@@ -228,7 +229,7 @@ class Sender:
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.connected = True
                 # Every (re)connection gets the run metadata: the agent may be a new one.
-                self._emit_control(protocol.HELLO, hello_body())
+                self._emit_control(protocol.HELLO, hello_body(self._environment))
                 if self._warned_no_agent:
                     self._warned_no_agent = False
                     logger.warning("outrider probe: agent at %s reached", self.endpoint)
@@ -378,8 +379,8 @@ class Sender:
             self.drained.notify_all()
 
 
-def hello_body() -> dict[str, Any]:
-    """Run metadata only the trainer's process knows."""
+def hello_body(environment: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run metadata only the trainer's process knows; ``environment`` is read once, at init."""
     torch = sys.modules.get("torch")
     return {
         "argv": list(sys.argv),
@@ -388,4 +389,5 @@ def hello_body() -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": getattr(torch, "__version__", None),
         "probe_version": protocol.VERSION,
+        "environment": environment if environment is not None else trainer_environment(),
     }

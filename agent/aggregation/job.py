@@ -28,6 +28,7 @@ from agent.aggregation.ledger import UplinkLedger
 from agent.aggregation.stragglers import StragglerDetector
 from agent.aggregation.windows import JobWindow, JobWindows
 from agent.analysis.summaries import STEP_TIME
+from agent.store import runinfo
 from agent.store.run_store import RunStore
 from probe import protocol
 from sinks import schema
@@ -225,7 +226,8 @@ class JobView:
         if kind == protocol.CONFIG and isinstance(record.get("params"), dict):
             self.store.info.setdefault("config", {}).update(record["params"])
         elif kind == protocol.HELLO and body.get("rank") == 0 and "trainer" not in self.store.info:
-            self.store.info["trainer"] = record
+            self.store.info["trainer"] = {k: v for k, v in record.items() if k != "environment"}
+            self.store.info["environment"] = runinfo.environment_from_hello(record)
         elif kind == protocol.RUN_END:
             self.store.info.setdefault("node_exits", {})[str(body.get("host"))] = record.get(
                 "exit_status"

@@ -1,8 +1,8 @@
 """The runs the agent has open: one RunStore each, opened on a run's first record.
 
 The number of open runs is bounded, so a flood of made-up run ids costs a
-counter, not a directory each. A run's environment (git, NVML, packages) is
-collected on a helper thread, never on the receive thread. A run whose
+counter, not a directory each. A run's environment (git and its patch, NVML,
+packages) is collected on a helper thread, never on the receive thread. A run whose
 directory cannot be written is still opened: its records are counted as not
 stored until the disk takes them again.
 """
@@ -60,7 +60,7 @@ class OpenRuns:
         meta = dict(self.meta) if run_id == self.declared_run else None
         store = RunStore(self.runs_dir, run_id, meta, self.histogram_bins)
         cwd = self.meta.get("cwd") if meta is not None else None
-        store.collect_info_later(lambda: runinfo.collect(cwd))
+        store.collect_info_later(lambda: runinfo.collect(cwd, store.dir))
         self.stores[run_id] = store
         store.write_info()
         return store
@@ -75,7 +75,7 @@ class OpenRuns:
         if "git" not in store.info and isinstance(hello.get("cwd"), str):
             store.info["git"] = None  # asked once per run, even outside a repository
             cwd = hello["cwd"]
-            store.collect_info_later(lambda: {"git": runinfo.git_info(cwd)})
+            store.collect_info_later(lambda: {"git": runinfo.git_info(cwd, store.dir)})
 
     def flush(self) -> list[RunStore]:
         """Write every run's pending lines; returns the runs that could not store them all."""

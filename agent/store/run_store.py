@@ -29,7 +29,7 @@ import orjson
 
 from agent.ingest.accounting import StreamLedger
 from agent.ingest.decode import Record, ScalarRows
-from agent.store import histograms
+from agent.store import histograms, runinfo
 from agent.store.disk import (
     RESERVE_BYTES,
     STORE_ERROR,
@@ -315,7 +315,8 @@ class RunStore:
     def _note(self, kind: str, body: dict[str, Any], envelope: dict[str, Any]) -> None:
         """Records that change run.json."""
         if kind == protocol.HELLO and envelope["rank"] == 0 and "trainer" not in self.info:
-            self.info["trainer"] = body
+            self.info["trainer"] = {k: v for k, v in body.items() if k != "environment"}
+            self.info["environment"] = runinfo.environment_from_hello(body)
             self.dirty = True
         elif kind == protocol.CONFIG:
             self.info["config"].update(body.get("params", {}))

@@ -173,7 +173,19 @@ def test_run_stores_run_with_metadata_from_dir_with_own_agent_py(tmp_path: Path)
     assert info["host"] == socket.gethostname()
     assert info["python"] == platform.python_version()
     branch = git(work, "rev-parse", "--abbrev-ref", "HEAD")
-    assert info["git"] == {"commit": commit, "branch": branch, "dirty": True}
+    patch = (runs / "basic" / "git.patch").read_text()
+    untracked = info["git"].pop("untracked")
+    assert set(untracked) <= {"ran"}  # the trainer writes it, maybe before git is read
+    assert info["git"] == {
+        "commit": commit,
+        "branch": branch,
+        "dirty": True,
+        "untracked_count": len(untracked),
+        "patch": "git.patch",
+        "patch_bytes": len(patch),
+        "truncated": False,
+    }
+    assert "+# an uncommitted change\n" in patch
     assert info["trainer"]["argv"] == ["train.py", "3,1,2"]
 
     [stream] = trainer_streams(info)
@@ -183,6 +195,43 @@ def test_run_stores_run_with_metadata_from_dir_with_own_agent_py(tmp_path: Path)
     losses = [line["metrics"]["loss"] for line in stored if line["kind"] == "scalars"]
     assert losses == [3.0, 1.0, 2.0]
     assert [line["name"] for line in stored if line["kind"] == "event"] == ["done"]
+
+
+def test_run_records_trainer_environment_packages_and_untracked_files(tmp_path: Path) -> None:
+    """The trainer's NCCL/CUDA settings reach run.json through its hello, secrets never do;
+    requirements.txt pins the packages; an untracked file is named in run.json's git."""
+    work = trainer_dir(tmp_path / "work", {"train.py": TRAIN})
+    git_repo(work)
+    (work / "scratch.py").write_text("print('not committed')\n")
+    runs = tmp_path / "runs"
+    env = clean_env(
+        NCCL_DEBUG="INFO",
+        CUDA_LAUNCH_BLOCKING="1",
+        OMP_NUM_THREADS="2",
+        HF_TOKEN="hf_do_not_store",
+        MY_SECRET_KEY="do_not_store",
+        NCCL_IB_AUTH_TOKEN="do_not_store",
+    )
+    done = outrider(
+        "run", "--runs-dir", str(runs), "--run-id", "env", "--", "python", "train.py", "1",
+        cwd=work,
+        env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert_clean_start(done)
+    info = run_info(runs / "env")
+    environment = info["environment"]
+    assert environment["NCCL_DEBUG"] == "INFO"
+    assert environment["CUDA_LAUNCH_BLOCKING"] == "1"
+    assert environment["OMP_NUM_THREADS"] == "2"
+    assert "environment" not in info["trainer"]
+    assert "do_not_store" not in (runs / "env" / "run.json").read_text()
+    assert "hf_do_not_store" not in (runs / "env" / "run.json").read_text()
+    assert (info["git"]["dirty"], info["git"]["patch"]) == (False, None)
+    assert "scratch.py" in info["git"]["untracked"]
+    pins = (runs / "env" / "requirements.txt").read_text().splitlines()
+    assert any(pin.startswith("msgpack==") for pin in pins)
+    assert info["packages"]["count"] == len(pins)
 
 
 def test_exit_status_is_propagated_and_recorded(tmp_path: Path) -> None:
