@@ -5,6 +5,8 @@ The one line a trainer needs is ``probe.init()`` (it reads the environment
 Every function here is safe to call at any time: none raises into the
 trainer, none waits on the agent, a socket, a disk or the GPU.
 
+``probe.checkpoint.save`` / ``load`` write and find checkpoints atomically.
+
 ``import probe`` imports neither torch, numpy nor wandb.
 """
 
@@ -15,12 +17,13 @@ import threading
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-from probe import internal, protocol, values
+from probe import checkpoint, internal, protocol, values
 from probe.client import DEFAULT_EXIT_TIMEOUT, DEFAULT_QUEUE_SIZE, Client
 from probe.features import DEFAULT_MAX_ROWS, FeatureSampler
 from probe.identity import Identity
 
 __all__ = [
+    "checkpoint",
     "config",
     "evaluate_lm",
     "event",

@@ -21,8 +21,16 @@ from typing import Any
 
 from agent.alerts.rules import PROCESS_GONE, RECORD
 from agent.analysis import tasks
+from agent.analysis.checkpoints import (
+    CHECKPOINT_FAILED,
+    CHECKPOINT_SKIPPED,
+    CHECKPOINT_VERIFIED,
+    CheckpointChecks,
+)
 from agent.analysis.features import FeatureStreams
 from agent.analysis.messages import (
+    CheckpointChecked,
+    CheckpointSaved,
     Close,
     DashboardDrawn,
     Derived,
@@ -37,6 +45,7 @@ from agent.analysis.messages import (
 from agent.analysis.workers import StatsJobs
 from agent.config import AgentConfig
 from probe import protocol
+from probe.checkpoint import CHECKPOINT_EVENT
 from probe.identity import host_name
 from sinks import schema
 from sinks.health import ActiveAlert, AnalysisHealth, FiredAlert
@@ -135,6 +144,7 @@ class Analysis:
         self._live_streams: dict[str, set[str]] = {}
         # results arrive on worker threads; taken at the next wake-up (a tick at most)
         self.features = FeatureStreams(settings, self.jobs, self._results.append)
+        self.checkpoints = CheckpointChecks(self._results.append)
         self._last_dashboard: dict[str, float] = {}
         self._last_step: dict[str, int] = {}
         self.sampler = (
@@ -222,6 +232,7 @@ class Analysis:
         self._wake.set()
         self._thread.join(max(0.0, deadline - self.clock()))
         self.jobs.close(max(0.0, deadline - self.clock()))
+        self.checkpoints.close(max(0.0, deadline - self.clock()))
         self._process_results()
         self._publish_alerts()
         if self.alerts is not None:
@@ -331,6 +342,8 @@ class Analysis:
                 )
             elif kind == protocol.EVENT:
                 self.summaries.observe_event(run, rank, entry.get("step"), str(entry.get("name")))
+                if entry.get("name") == CHECKPOINT_EVENT and source.host == self.host:
+                    self._checkpoint_saved(run, rank, entry)
             elif kind == protocol.HELLO:
                 if source.host == self.host and source.pid > 0:
                     self._pids[source.pid] = (run, rank)
@@ -362,12 +375,52 @@ class Analysis:
                 name = result.batch.name
                 metrics = {f"features/{name}/{key}": value for key, value in result.metrics.items()}
                 self._derive(result.batch.run, result.batch.rank, result.batch.step, metrics)
+            elif isinstance(result, CheckpointChecked):
+                self._checkpoint_checked(result)
             elif isinstance(result, FeatureMapDrawn):
                 batch = result.batch
                 name = f"features/{batch.name}/{result.method}"
                 self._image(batch.run, batch.rank, batch.step, name, result.path)
             else:
                 self._image(result.run, 0, result.step, "dashboard", result.path)
+
+    def _checkpoint_saved(self, run: str, rank: int, entry: Mapping[str, Any]) -> None:
+        """A local trainer saved a checkpoint: checked on the checkpoint thread."""
+        attrs = entry.get("attrs") or {}
+        path, size, step = attrs.get("path"), attrs.get("size"), entry.get("step")
+        if not isinstance(path, str) or not path:
+            return
+        size = size if isinstance(size, int) and not isinstance(size, bool) else None
+        step = step if isinstance(step, int) else None
+        self.checkpoints.submit(CheckpointSaved(run, rank, step, path, size))
+
+    def _checkpoint_checked(self, result: CheckpointChecked) -> None:
+        """Stored as a ``checkpoint_verified`` (with the sha256), ``checkpoint_skipped``
+        or ``checkpoint_failed`` event; a failure also goes to the rules."""
+        saved = result.saved
+        attrs: dict[str, Any] = {"path": saved.path, "size": saved.size}
+        if result.rotated:
+            name = CHECKPOINT_SKIPPED
+            attrs["reason"] = "deleted by its saver's rotation before the check"
+        elif result.problem is None:
+            name = CHECKPOINT_VERIFIED
+            attrs["sha256"] = result.sha256
+        else:
+            name = CHECKPOINT_FAILED
+            attrs["problem"] = result.problem
+            if self.alerts is not None:
+                message = f"step {saved.step}: {result.problem}"
+                alert_attrs = {"path": saved.path, "step": saved.step, "message": message}
+                self.alerts.observe_event(saved.run, saved.rank, CHECKPOINT_FAILED, alert_attrs)
+        entry = {
+            "kind": protocol.EVENT,
+            "step": saved.step,
+            "rank": saved.rank,
+            "t": self.wall_clock(),
+            "name": name,
+            "attrs": attrs,
+        }
+        self._outbox.append(Derived(saved.run, entry))
 
     def _derive(self, run: str, rank: int, step: int | None, metrics: dict[str, float]) -> None:
         """Derived scalars: to the store and sinks, and fed back to summaries and alerts."""

@@ -109,4 +109,29 @@ class DashboardDrawn:
     path: Path
 
 
-JobResult = FeatureStatistics | FeatureMapDrawn | DashboardDrawn
+@dataclass(frozen=True)
+class CheckpointSaved:
+    """A ``checkpoint`` event: the file a trainer saved, and the size it saw."""
+
+    run: str
+    rank: int
+    step: int | None
+    path: str
+    size: int | None
+
+
+@dataclass(frozen=True)
+class CheckpointChecked:
+    """What the check of a saved checkpoint found: its sha256, or the problem.
+
+    ``rotated``: the file was gone, deleted by its saver's rotation before the
+    check came to it (no longer in its directory's index.json): not a failure.
+    """
+
+    saved: CheckpointSaved
+    sha256: str | None
+    problem: str | None
+    rotated: bool = False
+
+
+JobResult = FeatureStatistics | FeatureMapDrawn | DashboardDrawn | CheckpointChecked

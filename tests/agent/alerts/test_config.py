@@ -330,6 +330,16 @@ BUILTIN_DEFAULTS: dict[str, dict[str, Any]] = {
         "event": "store_failed",
         "key_attr": None,
     },
+    "checkpoint_failed": {
+        "type": "event",
+        "severity": "error",
+        "cooldown": 300.0,
+        "message": "checkpoint failed its check: {detail} (run {run}, rank {rank})",
+        "destinations": None,
+        "enabled": True,
+        "event": "checkpoint_failed",
+        "key_attr": "path",
+    },
 }
 
 
