@@ -241,7 +241,8 @@ def benchmark_inference(
 
     Runs on the caller's thread and waits for every forward: a benchmark the user
     asks for, outside the training loop (docs/inference.md). ``example_input``
-    (batch first, batch 1) is repeated along dim 0 for each batch size. A model
+    (batch first, often batch 1) is repeated along dim 0 for each batch size; int8
+    outputs are compared with fp32 on all its rows. A model
     that fails leaves ``error`` in the result instead of raising; bad arguments
     raise ``ValueError``.
     """

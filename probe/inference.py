@@ -42,8 +42,9 @@ def benchmark_inference(
     """Benchmark ``model`` on batches built from ``example_input``; log and return the figures.
 
     ``example_input`` is a tensor, a tuple/list of positional tensors or a dict of
-    keyword tensors, batch first (batch 1 is typical); each batch size repeats it
-    along dim 0. Figures go to ``inference/...`` scalars and one
+    keyword tensors, batch first (batch 1 is typical); each batch size takes its
+    first rows, repeated along dim 0 as needed. The int8 outputs are compared with
+    the fp32 ones on all its rows. Figures go to ``inference/...`` scalars and one
     ``inference_benchmark`` event holding the whole result.
     """
     result: dict[str, Any] = {"warmup": warmup, "iters": iters, "batches": []}
@@ -118,11 +119,9 @@ def _timed(
 
     cuda = device.type == "cuda"
     memory = None if cuda else _RssPeak()
-    base = 0
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
     latencies = []
     for i in range(warmup + iters):
         start = time.perf_counter()
@@ -134,7 +133,7 @@ def _timed(
             memory.sample()
         if i >= warmup:
             latencies.append(elapsed)
-    peak = memory.growth() if memory is not None else torch.cuda.max_memory_allocated(device) - base
+    peak = memory.growth() if memory is not None else torch.cuda.max_memory_allocated(device)
     ordered = sorted(latencies)
     return {
         "batch_size": batch_size,
@@ -149,7 +148,8 @@ def _timed(
 def _quantized(
     model: Any, example_input: Any, device: Any, warmup: int, iters: int
 ) -> dict[str, Any]:
-    """Dynamic int8 quantization on CPU: size, batch-1 latency and output agreement."""
+    """Dynamic int8 quantization on CPU: size, batch-1 latency, and output agreement on
+    every row of ``example_input`` (one row gives a top-1 agreement of 0 or 1)."""
     import torch
 
     if device.type != "cpu":
@@ -171,9 +171,9 @@ def _quantized(
     except Exception as exc:
         return _skipped(f"quantize_dynamic failed: {type(exc).__name__}: {exc}")
     batch = _batch(example_input, 1)
-    reference = _first_tensor(_call(model, batch))
+    reference = _first_tensor(_call(model, example_input))
     try:
-        output = _first_tensor(_call(quantized, batch))
+        output = _first_tensor(_call(quantized, example_input))
         int8 = _timed(quantized, batch, 1, device, warmup, iters)["latency_p50_seconds"]
     except ModelFailed as exc:
         cause = exc.__cause__ or exc
@@ -225,10 +225,12 @@ def percentile(ordered: Sequence[float], q: float) -> float:
 
 
 class _RssPeak:
-    """The process's resident memory, sampled after each forward: growth over the start.
+    """The process's resident memory, sampled after each forward: its growth over the
+    RSS before the first one.
 
-    Memory allocated and freed inside one forward is not seen; the allocator
-    usually keeps it mapped, so the next sample does.
+    A lower bound on what the forwards need: memory the allocator already holds
+    from earlier work is reused without growing RSS, and memory freed back to the
+    system inside one forward is not seen.
     """
 
     def __init__(self) -> None:
