@@ -56,11 +56,12 @@ def check_figures(result: dict[str, Any], batch_sizes: tuple[int, ...]) -> None:
 
 @pytest.mark.parametrize(
     ("make", "shape"),
-    [(mlp, (1, 32)), (TinyLSTM, (1, 12, 16))],
+    [(mlp, (16, 32)), (TinyLSTM, (16, 12, 16))],
     ids=["mlp", "lstm"],
 )
 def test_figures_and_int8_agreement(make: Any, shape: tuple[int, ...]) -> None:
-    """Latency percentiles ordered, throughput positive, int8 smaller and close to fp32."""
+    """Latency percentiles ordered, throughput positive, int8 smaller and close to fp32
+    on all 16 example rows (batch sizes take the first rows)."""
     model = make().train()
     example = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
     result = probe.benchmark_inference(model, example, batch_sizes=(1, 4), warmup=1, iters=5)
@@ -74,7 +75,7 @@ def test_figures_and_int8_agreement(make: Any, shape: tuple[int, ...]) -> None:
     with torch.no_grad():
         scale = float(model.eval()(example).abs().max())
     assert quantized["max_abs_diff"] < 0.05 * scale
-    assert quantized["top1_agreement"] == 1.0
+    assert quantized["top1_agreement"] >= 0.9
 
 
 def test_eval_mode_is_kept_and_quantize_can_be_off() -> None:
@@ -183,8 +184,7 @@ def test_figures_reach_the_run_store_and_show(agent, endpoint: str, runs_dir: Pa
         "MS",
         "SAMPLES/S",
         "PEAK",
-        "MEM",
-        "MB",
+        "MIB",
     ]
     assert [row.split()[0] for row in section[2:4]] == ["1", "8"]
     p50_ms = float(section[3].split()[1])
