@@ -93,6 +93,8 @@ def _measure(
 ) -> None:
     import torch
 
+    if not isinstance(model, torch.nn.Module):
+        raise ModelFailed from TypeError(f"needs a torch.nn.Module, got {type(model).__name__}")
     device = _device(model)
     result["device"] = str(device)
     result["memory_source"] = (

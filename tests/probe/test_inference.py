@@ -127,6 +127,12 @@ def test_a_failing_model_is_reported_not_raised() -> None:
     assert internal.error_count() == before  # internal.RAISE is on: a recorded bug would raise
 
 
+def test_not_a_module_is_reported_not_raised() -> None:
+    """A plain function instead of an nn.Module: `error` names what is needed."""
+    result = probe.benchmark_inference(lambda x: x * 2, torch.randn(1, 4))
+    assert result["error"] == "TypeError: needs a torch.nn.Module, got function"
+
+
 @pytest.mark.parametrize(
     "arguments", [{"iters": 0}, {"warmup": -1}, {"batch_sizes": ()}, {"batch_sizes": (1, 0)}]
 )
