@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from probe import checkpoint, internal, protocol, values
@@ -23,6 +23,7 @@ from probe.features import DEFAULT_MAX_ROWS, FeatureSampler
 from probe.identity import Identity
 
 __all__ = [
+    "benchmark_inference",
     "checkpoint",
     "config",
     "evaluate_lm",
@@ -226,6 +227,42 @@ def evaluate_lm(
     from probe.evaluation import evaluate_lm as run
 
     return run(model, batches, log=log, step=step, prefix=prefix, ignore_index=ignore_index)
+
+
+def benchmark_inference(
+    model: Any,
+    example_input: Any,
+    *,
+    batch_sizes: Sequence[int] = (1, 8, 32),
+    warmup: int = 3,
+    iters: int = 20,
+    quantize: bool = True,
+    step: int | None = None,
+) -> dict[str, Any]:
+    """Latency p50/p90/p99, throughput and peak memory per batch size, and the effect of
+    dynamic int8 quantization (CPU), logged under ``inference/`` and returned.
+
+    Runs on the caller's thread and waits for every forward: a benchmark the user
+    asks for, outside the training loop (docs/inference.md). ``example_input``
+    (batch first, often batch 1) is repeated along dim 0 for each batch size; int8
+    outputs are compared with fp32 on all its rows. A model
+    that fails leaves ``error`` in the result instead of raising; bad arguments
+    raise ``ValueError``.
+    """
+    from probe import inference  # the module imports torch only when called
+
+    inference.check_arguments(batch_sizes, warmup, iters)
+    return inference.benchmark_inference(
+        model,
+        example_input,
+        log=log,
+        event=event,
+        batch_sizes=batch_sizes,
+        warmup=warmup,
+        iters=iters,
+        quantize=quantize,
+        step=step,
+    )
 
 
 def _submit_tensor(name: str, value: Any, step: int | None, extra: dict[str, Any]) -> None:

@@ -42,6 +42,9 @@ KINDS: Final = frozenset(
     {HELLO, SCALARS, TENSOR, TEXT, EVENT, CONFIG, HEARTBEAT, PROBE_STATS, BYE, RUN_END}
 )
 
+#: the event ``probe.benchmark_inference`` logs its whole result in; `outrider show` reads it
+INFERENCE_EVENT: Final = "inference_benchmark"
+
 # Envelope keys: what identifies a stream (one sender in one process).
 ENVELOPE_KEYS: Final = ("run", "stream", "rank", "local_rank", "world_size", "host", "pid")
 #: Envelope keys a probe may leave out, with the value an agent assumes. ``restart`` is

@@ -394,8 +394,54 @@ def show(run_name: str, runs_dir: Path | None, as_json: bool) -> None:
         for alert in summary["last_alerts"]:
             step = "" if alert["step"] is None else f" @ step {alert['step']}"
             click.echo(f"  {alert['severity']:<8} {alert['name']}{step}: {alert['message']}")
+    if summary["inference"]:
+        for line in _inference_lines(summary["inference"]):
+            click.echo(line)
     if summary["dashboard"]:
         click.echo(f"\ndashboard {summary['dashboard']}")
+
+
+def _inference_lines(result: dict[str, Any]) -> list[str]:
+    """The last ``probe.benchmark_inference`` result: a row per batch size, then int8."""
+    step = "" if result.get("step") is None else f" @ step {result['step']}"
+    lines = [
+        f"\nINFERENCE{step}  device {result.get('device', '?')}, "
+        f"{result.get('iters', '?')} iters, memory: {result.get('memory_source', '?')}"
+    ]
+    widths = (6, 11, 11, 11, 12, 12)
+    lines.append(_row(("BATCH", "P50 MS", "P90 MS", "P99 MS", "SAMPLES/S", "PEAK MIB"), widths))
+    batches = result.get("batches")
+    for row in batches if isinstance(batches, list) else []:
+        if isinstance(row, dict):
+            cells = [_scaled(row.get(f"latency_{p}_seconds"), 1e3) for p in ("p50", "p90", "p99")]
+            speed = _scaled(row.get("samples_per_second"), 1, ".0f")
+            memory = _scaled(row.get("peak_memory_bytes"), 1 / 2**20)
+            lines.append(_row((row.get("batch_size", "?"), *cells, speed, memory), widths))
+    quantized = result.get("quantized")
+    if isinstance(quantized, dict) and quantized.get("status") == "done":
+        q = quantized
+        agreement = q.get("top1_agreement")
+        lines.append(
+            f"int8 dynamic ({q.get('engine')}): size {_scaled(q.get('size_bytes_fp32'), 1 / 2**20)}"
+            f" -> {_scaled(q.get('size_bytes_int8'), 1 / 2**20)} MiB"
+            f" (x{_scaled(q.get('size_ratio'), 1)}), batch-1 p50"
+            f" {_scaled(q.get('latency_p50_seconds_fp32'), 1e3)}"
+            f" -> {_scaled(q.get('latency_p50_seconds_int8'), 1e3)} ms,"
+            f" max abs diff {_scaled(q.get('max_abs_diff'), 1)}"
+            + ("" if agreement is None else f", top-1 agreement {_scaled(agreement, 100)}%")
+        )
+    elif isinstance(quantized, dict):
+        lines.append(f"int8 dynamic: skipped ({quantized.get('reason')})")
+    if result.get("error"):
+        lines.append(f"error: {result['error']}")
+    return lines
+
+
+def _scaled(value: Any, factor: float, spec: str = ".4g") -> str:
+    """A stored number in display units; "-" for anything that is not a number."""
+    if type(value) not in (int, float):
+        return "-"
+    return format(value * factor, spec)
 
 
 def _overview(info: dict[str, Any], run_dir: Path) -> list[tuple[str, str]]:

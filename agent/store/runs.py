@@ -130,6 +130,7 @@ class RunSummary:
     agent_kinds: dict[str, int] = field(default_factory=dict)
     alerts: list[dict[str, Any]] = field(default_factory=list)
     dashboard: str | None = None
+    inference: dict[str, Any] | None = None
     corrupt_lines: int = 0
 
     def as_dict(self) -> dict[str, Any]:
@@ -141,13 +142,14 @@ class RunSummary:
             "last_texts": self.texts,
             "last_alerts": self.alerts,
             "dashboard": self.dashboard,
+            "inference": self.inference,
             "corrupt_lines": self.corrupt_lines,
         }
 
 
 def summarise(run_dir: Path, keep_texts: int = 3, keep_alerts: int = 10) -> RunSummary:
     """Last/min/max of each metric (the trainer's and the agent's statistics), counts per
-    record kind, the last texts and alerts, from metrics.jsonl."""
+    record kind, the last texts and alerts and inference benchmark, from metrics.jsonl."""
     summary = RunSummary(load_info(run_dir))
     path = run_dir / METRICS
     if not path.exists():
@@ -178,6 +180,8 @@ def summarise(run_dir: Path, keep_texts: int = 3, keep_alerts: int = 10) -> RunS
                     if metric is None:
                         metric = summary.metrics[name] = MetricSummary()
                     metric.add(float(value), step)
+            elif kind == protocol.EVENT and entry.get("name") == protocol.INFERENCE_EVENT:
+                summary.inference = {"step": entry.get("step"), **(entry.get("attrs") or {})}
             elif kind == protocol.TEXT:
                 summary.texts.append(
                     {
