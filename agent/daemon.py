@@ -25,7 +25,7 @@ from agent.analysis.engine import Analysis, Derived
 from agent.analysis.messages import SinkAlarm
 from agent.config import AgentConfig
 from agent.fanout import Fanout
-from agent.health import agent_health
+from agent.health import agent_health, read_retrying
 from agent.ingest.counters import AgentCounters
 from agent.ingest.decode import Record, Rejected, decode
 from agent.ingest.names import MetricNameCap
@@ -319,16 +319,13 @@ class Agent:
 
     def stats(self) -> AgentHealth:
         """The agent's health, as the Prometheus sink exposes it (safe from other threads)."""
-        for _ in range(3):
-            try:
-                analysis = self.analysis.stats() if self.analysis is not None else None
-                tier = self.forwarder.health() if self.forwarder is not None else None
-                return agent_health(
-                    self.counters, self.fanout, analysis, self.runs.items(), tier=tier
-                )
-            except RuntimeError:  # a dict changed size under us; read again
-                continue
-        return agent_health(self.counters)
+
+        def build() -> AgentHealth:
+            analysis = self.analysis.stats() if self.analysis is not None else None
+            tier = self.forwarder.health() if self.forwarder is not None else None
+            return agent_health(self.counters, self.fanout, analysis, self.runs.items(), tier=tier)
+
+        return read_retrying(build, lambda: agent_health(self.counters))
 
     def _check_parent(self, now: float) -> None:
         """A launcher that died without stopping us: finish once the trainers are done."""

@@ -8,7 +8,7 @@ run.json are made from.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from agent.fanout import Fanout
 from agent.ingest.counters import AgentCounters
@@ -63,3 +63,16 @@ def _streams(store: RunStore) -> tuple[StreamHealth, ...]:
         )
         for ledger in list(store.streams.values())
     )
+
+
+def read_retrying(
+    build: Callable[[], AgentHealth], fallback: Callable[[], AgentHealth]
+) -> AgentHealth:
+    """``build()``, read again if a dict changed size under it (another thread's scrape of a
+    loop that keeps running), ``fallback()`` after three tries."""
+    for _ in range(3):
+        try:
+            return build()
+        except RuntimeError:
+            continue
+    return fallback()

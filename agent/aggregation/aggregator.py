@@ -23,7 +23,7 @@ from agent.aggregation.job import JobView, Out
 from agent.aggregation.listener import Listener
 from agent.config import AgentConfig
 from agent.fanout import Fanout
-from agent.health import agent_health
+from agent.health import agent_health, read_retrying
 from agent.ingest.counters import AgentCounters
 from agent.store.registry import MAX_OPEN_RUNS, OpenRuns
 from probe.identity import host_name
@@ -246,18 +246,17 @@ class Aggregator:
 
     def stats(self) -> AgentHealth:
         """The aggregator's health, as /metrics and run.json show it (safe from any thread)."""
-        for _ in range(3):
-            try:
-                tier = TierHealth(
-                    role="aggregator",
-                    handshake_failures=self.listener.counters()["handshake_failures"],
-                    nodes=len({node for job in list(self.jobs.values()) for node in job.nodes}),
-                    jobs=len(self.jobs),
-                )
-                return agent_health(self.counters, self.fanout, tier=tier)
-            except RuntimeError:  # a dict changed size under us; read again
-                continue
-        return agent_health(self.counters, self.fanout)
+
+        def build() -> AgentHealth:
+            tier = TierHealth(
+                role="aggregator",
+                handshake_failures=self.listener.counters()["handshake_failures"],
+                nodes=len({node for job in list(self.jobs.values()) for node in job.nodes}),
+                jobs=len(self.jobs),
+            )
+            return agent_health(self.counters, self.fanout, tier=tier)
+
+        return read_retrying(build, lambda: agent_health(self.counters, self.fanout))
 
     # -- signals -----------------------------------------------------------------------
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:

@@ -94,6 +94,11 @@ class NodeState:
     streams: dict[str, dict[str, Any]] = field(default_factory=dict)  # probe stream -> summary
     last_seen: float = 0.0
 
+    @property
+    def complete(self) -> bool:
+        """Every uplink stream of the node said bye."""
+        return bool(self.uplinks) and all(u.said_bye for u in self.uplinks.values())
+
     def accounting(self) -> dict[str, Any]:
         """Both tiers' sums: the node's probe streams, and its uplink to the aggregator."""
         tier1 = {"sent": 0, "received": 0, "dropped": 0, "lost": 0, "not_stored": 0}
@@ -113,7 +118,7 @@ class NodeState:
         return {
             "records": tier1,
             "uplink": tier2,
-            "complete": bool(uplinks) and all(u["complete"] for u in uplinks),
+            "complete": self.complete,
             "streams": list(self.streams.values()),
             "uplinks": uplinks,
         }
@@ -303,7 +308,7 @@ class JobView:
         outs = []
         for name, node in self.nodes.items():
             quiet = now - node.last_seen
-            if name in self._silent or quiet < limit or node.accounting()["complete"]:
+            if name in self._silent or quiet < limit or node.complete:
                 continue
             self._silent.add(name)
             alert = self.store.add_alert(node_silent_alert(self.job, name, quiet))
@@ -374,9 +379,7 @@ class JobView:
         self._view_written = now
 
     def all_said_bye(self) -> bool:
-        return bool(self.nodes) and all(
-            ledger.said_bye for node in self.nodes.values() for ledger in node.uplinks.values()
-        )
+        return bool(self.nodes) and all(node.complete for node in self.nodes.values())
 
     def view(self) -> dict[str, Any]:
         """run.json's job keys: ranks, nodes with both tiers' accounting, the slowest ranks."""

@@ -121,6 +121,19 @@ def wait_ready(fd: int, timeout: float, agent: subprocess.Popen[bytes]) -> bool:
     return False
 
 
+def start_and_wait_ready(
+    argv: Callable[[int], list[str]], timeout: float
+) -> tuple[subprocess.Popen[bytes], bool]:
+    """Start ``argv(ready_fd)`` in its own session and wait (bounded) until it writes
+    'ready' on that descriptor; returns the process and whether it did."""
+    read_fd, write_fd = os.pipe()
+    process = subprocess.Popen(argv(write_fd), pass_fds=(write_fd,), start_new_session=True)
+    os.close(write_fd)
+    ready = wait_ready(read_fd, timeout, process)
+    os.close(read_fd)
+    return process, ready
+
+
 def send_run_end(endpoint: str, run_id: str, exit_status: int) -> None:
     """Tell the agent how the trainer ended; it goes into run.json."""
     context = zmq.Context()
@@ -219,15 +232,10 @@ def run(
             aggregator = _start_aggregator(
                 job_tier, runs_dir / JOBS_DIR, drain_timeout, start_timeout, aggregator_args, say
             )
-    read_fd, write_fd = os.pipe()
-    agent = subprocess.Popen(
-        agent_command(endpoint, runs_dir, run_id, meta, write_fd, drain_timeout, extra),
-        pass_fds=(write_fd,),
-        start_new_session=True,
+    agent, ready = start_and_wait_ready(
+        lambda fd: agent_command(endpoint, runs_dir, run_id, meta, fd, drain_timeout, extra),
+        start_timeout,
     )
-    os.close(write_fd)
-    ready = wait_ready(read_fd, start_timeout, agent)
-    os.close(read_fd)
 
     env = dict(os.environ)
     if host:
@@ -284,28 +292,27 @@ def _start_aggregator(
 ) -> subprocess.Popen[bytes] | None:
     """The job aggregator beside this node's agent, or None (said why) if it did not start:
     the node agents then hold their backlog and the job runs as it would without it."""
-    read_fd, write_fd = os.pipe()
-    argv = [
-        *OUTRIDER,
-        "aggregator",
-        "--bind",
-        tier.forward_to,
-        "--runs-dir",
-        str(jobs_dir),
-        "--ready-fd",
-        str(write_fd),
-        "--parent-pid",
-        str(os.getpid()),
-        "--drain-timeout",
-        str(drain_timeout),
-        *(["--keys", str(tier.keys_dir)] if tier.keys_dir is not None else []),
-        *(["--insecure"] if tier.insecure else []),
-        *(options or []),
-    ]
-    aggregator = subprocess.Popen(argv, pass_fds=(write_fd,), start_new_session=True)
-    os.close(write_fd)
-    ready = wait_ready(read_fd, start_timeout, aggregator)
-    os.close(read_fd)
+
+    def argv(ready_fd: int) -> list[str]:
+        return [
+            *OUTRIDER,
+            "aggregator",
+            "--bind",
+            tier.forward_to,
+            "--runs-dir",
+            str(jobs_dir),
+            "--ready-fd",
+            str(ready_fd),
+            "--parent-pid",
+            str(os.getpid()),
+            "--drain-timeout",
+            str(drain_timeout),
+            *(["--keys", str(tier.keys_dir)] if tier.keys_dir is not None else []),
+            *(["--insecure"] if tier.insecure else []),
+            *(options or []),
+        ]
+
+    aggregator, ready = start_and_wait_ready(argv, start_timeout)
     if not ready:
         _stop_agent(aggregator, 0.0)
         say(f"the job aggregator did not start at {tier.forward_to}; this node keeps its view")
