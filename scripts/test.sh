@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # The test command: set up, lint, type-check and run the whole suite.
-# The Prometheus tests need Debian's `prometheus` package (server and promtool);
-# it is installed here when missing and we are root (as on CI).
+# The Prometheus tests need Debian's `prometheus` package (server and promtool), the
+# dashboard tests Debian's `chromium`; both are installed here when missing and we are
+# root (as on CI).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! command -v promtool >/dev/null || ! [ -x /usr/bin/prometheus ]; then
+missing=()
+command -v promtool >/dev/null && [ -x /usr/bin/prometheus ] || missing+=(prometheus)
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   else
-    echo "note: install Debian's 'prometheus' package for the Prometheus tests" >&2
+    echo "note: install Debian's ${missing[*]} package(s) for the tests that need them" >&2
   fi
 fi
 bash scripts/setup.sh
