@@ -21,7 +21,9 @@ from agent.reports.convergence import (
     SPIKE_SIGMAS,
     Convergence,
     Validation,
+    analyse,
     growth,
+    validation,
 )
 from agent.store.series import RunLog
 
@@ -47,6 +49,9 @@ OVERFIT_RISE = 0.03
 #: fewer system samples than this and the resource rules stay silent
 MIN_SAMPLES = 5
 
+#: the training loss, by the first of these names the run logged (a job view has the last)
+LOSS_NAMES = ("loss", "train/loss", "job/loss/mean")
+VALIDATION_LOSSES = ("val/loss", "eval/loss", "validation/loss")
 SEVERITIES = ("critical", "warning", "info")
 _GPU = re.compile(r"^system/gpu(\d+)/(util_percent|memory_used_bytes|memory_total_bytes)$")
 _CHILDREN = re.compile(r"^system/process/\d+/children$")
@@ -71,15 +76,34 @@ class Recommendation:
 
 @dataclass
 class Evidence:
-    """What the rules read: the stored run, its run.json, and the loss curve's analysis."""
+    """What the rules read: the stored run, its run.json, and the loss curves' analysis."""
 
     log: RunLog
     info: Mapping[str, Any]
-    loss: Convergence | None = None
-    loss_metric: str = "loss"
+    loss_metric: str | None = None
     rank: int = 0
+    loss: Convergence | None = None
+    val_metric: str | None = None
     val: Validation | None = None
     found: dict[str, Recommendation] = field(default_factory=dict)
+
+    @classmethod
+    def gather(cls, log: RunLog, info: Mapping[str, Any]) -> Evidence:
+        """The loss (first of LOSS_NAMES logged) and validation loss of the lowest rank that
+        logged the loss, analysed."""
+        loss_metric = next((n for n in LOSS_NAMES if n in log.series), None)
+        names = [loss_metric] if loss_metric else [n for n in log.series if "/" not in n]
+        ranks = {r for n in names for r in log.series[n].ranks if r >= 0}
+        rank = min(ranks) if ranks else 0
+        evidence = cls(log, info, loss_metric, rank)
+        if loss_metric is not None:
+            steps, times, values = log.series[loss_metric].arrays(rank)
+            evidence.loss = analyse(steps, values, times)
+        evidence.val_metric = next((n for n in VALIDATION_LOSSES if n in log.series), None)
+        if evidence.val_metric is not None:
+            steps, _, values = log.series[evidence.val_metric].arrays(rank)
+            evidence.val = validation(steps, values)
+        return evidence
 
     def values(self, name: str, rank: int | None = None) -> np.ndarray:
         """A metric's finite values in arrival order (of one rank when given)."""
@@ -278,7 +302,7 @@ def nonfinite(e: Evidence) -> Recommendation | None:
         "nonfinite",
         "critical",
         "The loss went NaN/inf",
-        f"{loss.nonfinite} {e.loss_metric} value(s) were not finite, the first at step "
+        f"{loss.nonfinite} {e.loss_metric or 'loss'} value(s) were not finite, the first at step "
         f"{_step(loss.first_nonfinite_step)}.",
         "Restart from the last checkpoint before that step with a lower learning rate or "
         "gradient clipping; prefer bf16 to fp16; torch.autograd.detect_anomaly() on a short "

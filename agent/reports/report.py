@@ -46,8 +46,6 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("convergence", "Convergence analysis"),
     ("recommendations", "Recommendations"),
 )
-#: the training loss, by the first of these names the run logged (a job view has the last)
-LOSS_NAMES = ("loss", "train/loss", "job/loss/mean")
 VALIDATION_PREFIXES = ("val/", "eval/", "validation/")
 THROUGHPUT = ("tokens_per_second", "samples_per_second", "steps_per_second")
 #: metric rows in the progress and validation tables at most
@@ -117,26 +115,17 @@ def build(run_dir: Path) -> Report:
     info = load_info(run_dir)
     log = RunLog.read(run_dir)
     missing: dict[str, list[str]] = {}
-    loss_metric = next((n for n in LOSS_NAMES if n in log.series), None)
-    rank = _primary_rank(log, loss_metric)
-    loss = val = None
-    if loss_metric is not None:
-        steps, times, values = log.series[loss_metric].arrays(rank)
-        loss = convergence.analyse(steps, values, times)
-    else:
+    evidence = Evidence.gather(log, info)
+    loss_metric, rank, loss = evidence.loss_metric, evidence.rank, evidence.loss
+    if loss_metric is None:
         missing.setdefault("progress", []).append(HOW_TO_LOG["loss"])
-    val_metric = next((n for n in log.series if n in ("val/loss", "eval/loss")), None)
-    if val_metric is not None:
-        steps, _, values = log.series[val_metric].arrays(rank)
-        val = convergence.validation(steps, values)
-    evidence = Evidence(log, info, loss, loss_metric or "loss", rank, val)
     recommendations = recommend(evidence)
     report = Report(
         run_id=str(info.get("run_id", run_dir.name)),
         run_dir=run_dir,
         summary={},
         progress=_progress(log, loss_metric, rank, missing),
-        validation=_validation(log, val_metric, val, loss, missing),
+        validation=_validation(log, evidence.val_metric, evidence.val, loss, missing),
         resources=_resources(log, info, rank, missing),
         alerts=_alerts(log),
         convergence=_convergence(loss, log, rank, loss_metric, missing),
@@ -170,13 +159,6 @@ def write(report: Report, out_dir: Path) -> list[Path]:
 
 
 # -- sections ----------------------------------------------------------------------------
-
-
-def _primary_rank(log: RunLog, loss_metric: str | None) -> int:
-    """The lowest trainer rank that logged the loss (else any scalar): the curves shown."""
-    names = [loss_metric] if loss_metric else [n for n in log.series if "/" not in n]
-    ranks = {r for n in names for r in log.series[n].ranks if r >= 0}
-    return min(ranks) if ranks else 0
 
 
 def _summary(report: Report, loss: convergence.Convergence | None) -> dict[str, Any]:
