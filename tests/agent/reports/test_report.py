@@ -1,0 +1,150 @@
+"""``outrider report`` on a real stored run: `outrider simulate --failure spike` through the
+real probe and agent, then the report's HTML, PNGs, JSON and errors, and the page in Chromium."""
+
+from __future__ import annotations
+
+import base64
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+
+from agent.reports.report import SECTIONS, render_html
+from tests.helpers import outrider
+
+#: the rules' and statistics' CPU kept to what the run needs, as tests/agent/cli/test_simulate.py
+AGENT_CONFIG = """\
+stats:
+  cpu_share: 0
+  idle: false
+  feature_map: "off"
+  dashboard_seconds: 0
+"""
+PNG = b"\x89PNG\r\n\x1a\n"
+CHARTS = ("progress", "validation", "resources", "convergence")
+SPIKE_AT = 150
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A 300-step simulated run whose loss spikes x20 at step 150, stored as run `sim`."""
+    base = tmp_path_factory.mktemp("report")
+    config = base / "agent.yaml"
+    config.write_text(AGENT_CONFIG)
+    result = outrider(
+        "simulate",
+        "--failure",
+        "spike",
+        "--at",
+        str(SPIKE_AT),
+        "--steps",
+        "300",
+        "--steps-per-second",
+        "200",
+        "--sinks",
+        "none",
+        "--config",
+        str(config),
+        "--runs-dir",
+        str(base / "runs"),
+        "--run-id",
+        "sim",
+        cwd=base,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    yield base / "runs"
+
+
+@pytest.mark.slow
+def test_report_writes_a_self_contained_page_and_its_pngs(runs: Path, tmp_path: Path) -> None:
+    """report.html has every section, the alert, and each PNG embedded byte for byte."""
+    out = tmp_path / "out"
+    result = outrider("report", "sim", "--runs-dir", str(runs), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    for name in ("report.html", *(f"{chart}.png" for chart in CHARTS)):
+        assert name in result.stdout
+    page = (out / "report.html").read_text()
+    for key, title in SECTIONS:
+        assert f'<section id="{key}"><h2>{title}</h2>' in page
+    embedded = [
+        base64.b64decode(data) for data in re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    ]
+    assert embedded == [(out / f"{chart}.png").read_bytes() for chart in CHARTS]
+    assert all(png.startswith(PNG) for png in embedded)
+    assert not re.search(r"<script|<link|src=\"(?!data:)|url\(", page)  # nothing to fetch
+    alerts = page[page.index('id="alerts"') : page.index('id="convergence"')]
+    assert "loss_spike" in alerts and "step 150" in alerts
+    assert "RECOMMENDATIONS" in result.stdout and "Loss spikes that recovered" in result.stdout
+
+
+@pytest.mark.slow
+def test_report_json_has_the_figures(runs: Path, tmp_path: Path) -> None:
+    """--json: the spike found at its step by the analysis and the alert, the recommendation
+    with its numbers, what the run did not log, and the files written."""
+    out = tmp_path / "json-out"
+    result = outrider("report", "sim", "--runs-dir", str(runs), "--out", str(out), "--json")
+    assert result.returncode == 0, result.stderr
+    report = orjson.loads(result.stdout)
+    assert report["run_id"] == "sim" and report["summary"]["status"] == "finished"
+    assert report["summary"]["last_step"] == 299
+    convergence = report["convergence"]
+    assert convergence["metric"] == "loss" and convergence["points"] == 300
+    assert convergence["spike_steps"] == [SPIKE_AT]
+    assert 0.4 < convergence["reduction"] < 0.8
+    assert convergence["per_1k_steps"] > 0 and convergence["per_minute"] > 0
+    assert report["alerts"]["by_name"] == {"loss_spike": 1}
+    rules = {r["rule"]: r for r in report["recommendations"]}
+    assert rules["loss_spikes"]["figures"]["spike_steps"] == [SPIKE_AT]
+    assert not rules.keys() & {"lr_too_high", "input_bound", "nonfinite"}
+    assert report["validation"]["best"]["evaluations"] == 6
+    assert any("data_wait_seconds" in note for note in report["missing"]["resources"])
+    assert sorted(Path(f).name for f in report["files"]) == sorted(
+        ["report.html", *(f"{chart}.png" for chart in CHARTS)]
+    )
+
+
+@pytest.mark.slow
+def test_render_html_page_loads_offline_in_chromium(runs: Path, tmp_path: Path) -> None:
+    """render_html (what the dashboard serves) in a real browser: every chart decodes, every
+    section shows, and the page asks for nothing beyond itself."""
+    from playwright.sync_api import sync_playwright
+
+    path = tmp_path / "report.html"
+    path.write_text(render_html(runs / "sim"))
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path="/usr/bin/chromium", args=["--no-sandbox"]
+        )
+        try:
+            page = browser.new_page()
+            requests: list[str] = []
+            page.on("request", lambda request: requests.append(request.url))
+            page.goto(path.as_uri())
+            widths = page.evaluate("Array.from(document.images).map(i => i.naturalWidth)")
+            headings = page.evaluate(
+                "Array.from(document.querySelectorAll('section h2')).map(h => h.textContent)"
+            )
+        finally:
+            browser.close()
+    assert len(widths) == len(CHARTS) and all(width > 0 for width in widths)
+    assert headings == [title for _, title in SECTIONS]
+    assert requests == [path.as_uri()]
+
+
+@pytest.mark.slow
+def test_report_errors_are_one_line(runs: Path, tmp_path: Path) -> None:
+    """An unknown run and an out dir that cannot be made: one line each, exit 1."""
+    unknown = outrider("report", "nope", "--runs-dir", str(runs))
+    assert unknown.returncode == 1
+    assert unknown.stderr.strip().splitlines() == [
+        f"Error: no run 'nope' in {runs} (see `outrider runs`)"
+    ]
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    unwritable = outrider("report", "sim", "--runs-dir", str(runs), "--out", str(blocker / "x"))
+    assert unwritable.returncode == 1
+    lines = unwritable.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Error: cannot write the report to {blocker}")
