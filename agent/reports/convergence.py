@@ -36,6 +36,8 @@ IMPROVING_CHANGE = 0.01
 RISING_CHANGE = 0.02
 #: the rolling median's window: n / 25 points, odd, between these bounds
 TREND_WINDOW = (5, 201)
+#: validation is judged on rolling medians of this many evaluations (or a tenth of them)
+VALIDATION_WINDOW = 3
 #: spike steps kept in the result
 MAX_SPIKES_LISTED = 20
 #: rows of the rolling window computed at a time (bounded memory on long runs)
@@ -76,14 +78,21 @@ class Convergence:
 
 @dataclass(frozen=True)
 class Validation:
-    """A validation metric's best and last evaluation, and how far the last is above the best."""
+    """A validation metric's best and last evaluation, and how far its recent evaluations
+    sit above its best stretch: ``above_best`` compares the median of the last
+    ``window`` evaluations with the lowest rolling median of ``window`` evaluations, so
+    one lucky or unlucky evaluation moves neither."""
 
     evaluations: int
     best: float
     best_step: float
     last: float
     last_step: float
-    above_best: float  # (last - best) / |best|
+    window: int
+    smoothed_best: float
+    smoothed_best_step: float
+    recent: float
+    above_best: float  # (recent - smoothed_best) / |smoothed_best|
 
     def as_dict(self) -> dict[str, Any]:
         return _finite(asdict(self))
@@ -147,15 +156,32 @@ def analyse(
 
 
 def validation(steps: npt.ArrayLike, values: npt.ArrayLike) -> Validation | None:
-    """Best and last of a validation metric (lower is better); None without a finite value."""
+    """Best, last and recent level of a validation metric (lower is better); None without a
+    finite value."""
     x, y, _ = _ordered(steps, values, None)
     keep = np.isfinite(y)
     x, y = x[keep], y[keep]
     if not len(y):
         return None
     best = int(np.argmin(y))
-    above = float((y[-1] - y[best]) / abs(y[best])) if y[best] else 0.0
-    return Validation(len(y), float(y[best]), float(x[best]), float(y[-1]), float(x[-1]), above)
+    window = max(VALIDATION_WINDOW, len(y) // 10)
+    window = min(window if window % 2 else window + 1, len(y) if len(y) % 2 else len(y) - 1)
+    smooth = rolling_median(y, window)
+    low = int(np.argmin(smooth))
+    recent = float(np.median(y[-window:]))
+    above = (recent - float(smooth[low])) / abs(float(smooth[low])) if smooth[low] else 0.0
+    return Validation(
+        evaluations=len(y),
+        best=float(y[best]),
+        best_step=float(x[best]),
+        last=float(y[-1]),
+        last_step=float(x[-1]),
+        window=window,
+        smoothed_best=float(smooth[low]),
+        smoothed_best_step=float(x[low]),
+        recent=recent,
+        above_best=above,
+    )
 
 
 def growth(values: npt.ArrayLike) -> float | None:

@@ -435,11 +435,18 @@ def overfitting(e: Evidence) -> Recommendation | None:
         "overfitting",
         "warning",
         "Validation loss rising from its best",
-        f"the last validation loss {val.last:.4g} (step {_step(val.last_step)}) is "
-        f"{val.above_best:.1%} above its best {val.best:.4g} (step {_step(val.best_step)}).",
+        f"the median of the last {val.window} validation losses, {val.recent:.4g}, is "
+        f"{val.above_best:.1%} above the best stretch's {val.smoothed_best:.4g} (around step "
+        f"{_step(val.smoothed_best_step)}); the single best was {val.best:.4g} at step "
+        f"{_step(val.best_step)}.",
         "Stop early and keep the checkpoint of the best validation step; add regularisation "
         "(weight decay, dropout, augmentation), more data or a smaller model.",
-        {"above_best": val.above_best, "best_step": val.best_step, "threshold": OVERFIT_RISE},
+        {
+            "above_best": val.above_best,
+            "best_step": val.smoothed_best_step,
+            "window": val.window,
+            "threshold": OVERFIT_RISE,
+        },
     )
 
 

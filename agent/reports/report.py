@@ -670,7 +670,12 @@ def _validation_html(report: Report) -> str:
             ("evaluations", str(best["evaluations"])),
             ("best", f"{_num(best['best'])} at step {_num(best['best_step'])}"),
             ("last", f"{_num(best['last'])} at step {_num(best['last_step'])}"),
-            ("last above best", f"{best['above_best']:.1%}"),
+            (
+                "recent vs best stretch",
+                f"median of the last {best['window']}: {_num(best['recent'])}, "
+                f"{best['above_best']:+.1%} against the lowest rolling median "
+                f"{_num(best['smoothed_best'])} (around step {_num(best['smoothed_best_step'])})",
+            ),
         ]
         if v.get("gap_to_train") is not None:
             rows.append(("last minus final train loss", _num(v["gap_to_train"])))

@@ -102,11 +102,18 @@ def test_rolling_median_in_chunks_matches_one_pass(monkeypatch: pytest.MonkeyPat
 
 
 def test_growth_and_validation() -> None:
-    """A doubling gradient norm grows x2, a flat one x1; validation's best and rise."""
+    """A doubling gradient norm grows x2, a flat one x1; validation's best, and its rise judged
+    on rolling medians."""
     assert convergence.growth(np.r_[np.ones(30), np.full(10, 2.0)]) == pytest.approx(2.0)
     assert convergence.growth(np.ones(40)) == pytest.approx(1.0)
     assert convergence.growth(np.ones(4)) is None
-    val = convergence.validation([50, 100, 150, 200], [2.0, 1.5, 1.6, 1.8])
+    val = convergence.validation(range(50, 401, 50), [3.0, 2.0, 1.5, 1.5, 1.6, 1.8, 1.9, 2.0])
     assert val is not None
-    assert (val.best, val.best_step, val.last_step) == (1.5, 100, 200)
-    assert val.above_best == pytest.approx(0.2)
+    assert (val.best, val.best_step, val.last, val.last_step) == (1.5, 150, 2.0, 400)
+    # rolling medians of 3: lowest 1.5 around step 150; the last three's median 1.9
+    assert (val.window, val.smoothed_best, val.smoothed_best_step, val.recent) == (3, 1.5, 150, 1.9)
+    assert val.above_best == pytest.approx(0.4 / 1.5)
+    noisy = convergence.validation(
+        range(400), 1.6 * np.exp(0.01 * np.random.default_rng(3).normal(size=400))
+    )
+    assert noisy is not None and abs(noisy.above_best) < 0.01  # noise around a floor is not a rise

@@ -148,3 +148,12 @@ def test_report_errors_are_one_line(runs: Path, tmp_path: Path) -> None:
     assert unwritable.returncode == 1
     lines = unwritable.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"Error: cannot write the report to {blocker}")
+
+
+def test_report_help_names_the_sections_and_options() -> None:
+    """`outrider report --help` says what the report holds and where it goes."""
+    done = outrider("report", "--help")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("Usage: outrider report [OPTIONS] RUN")
+    for words in ("convergence analysis", "recommendations", "--out", "--json", "--runs-dir"):
+        assert words in done.stdout
