@@ -89,12 +89,13 @@ class Evidence:
 
     @classmethod
     def gather(cls, log: RunLog, info: Mapping[str, Any]) -> Evidence:
-        """The loss (first of LOSS_NAMES logged) and validation loss of the lowest rank that
-        logged the loss, analysed."""
+        """The loss (first of LOSS_NAMES logged) and validation loss of the lowest trainer
+        rank that logged the loss (else the job view's own, rank -1), analysed."""
         loss_metric = next((n for n in LOSS_NAMES if n in log.series), None)
         names = [loss_metric] if loss_metric else [n for n in log.series if "/" not in n]
-        ranks = {r for n in names for r in log.series[n].ranks if r >= 0}
-        rank = min(ranks) if ranks else 0
+        ranks = {r for n in names for r in log.series[n].ranks}
+        trainers = {r for r in ranks if r >= 0}  # a job view's own scalars are rank -1
+        rank = min(trainers or ranks or {0})
         evidence = cls(log, info, loss_metric, rank)
         if loss_metric is not None:
             steps, times, values = log.series[loss_metric].arrays(rank)

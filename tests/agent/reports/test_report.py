@@ -157,3 +157,35 @@ def test_report_help_names_the_sections_and_options() -> None:
     assert done.stdout.startswith("Usage: outrider report [OPTIONS] RUN")
     for words in ("convergence analysis", "recommendations", "--out", "--json", "--runs-dir"):
         assert words in done.stdout
+
+
+def test_report_of_a_job_view_names_the_straggler(tmp_path: Path) -> None:
+    """A job view (`jobs/<id>`, as the aggregator stores it: its scalars on rank -1, the
+    stragglers in run.json's `job`): the job's loss is analysed and the straggler named."""
+    view = tmp_path / "runs" / "jobs" / "job7"
+    view.mkdir(parents=True)
+    job = {
+        "ranks": [
+            {"rank": 0, "host": "node0", "relative_score": 1.0, "straggler": False},
+            {"rank": 5, "host": "node1", "relative_score": 0.58, "straggler": True},
+        ],
+        "stragglers": [5],
+    }
+    info = {"run_id": "job7", "start_time": 1000.0, "end_time": 1100.0, "status": "finished"}
+    (view / "run.json").write_bytes(orjson.dumps({**info, "job": job}))
+    lines = [
+        {"kind": "scalars", "step": step, "rank": -1, "t": 1000.0 + step, "stream": "agent",
+         "metrics": {"job/loss/mean": 4.0 - step / 50}}
+        for step in range(99, 100 * 99, 100)
+    ]  # fmt: skip
+    (view / "metrics.jsonl").write_bytes(b"".join(orjson.dumps(line) + b"\n" for line in lines))
+    done = outrider(
+        "report", "jobs/job7", "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "o"),
+        "--json",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = orjson.loads(done.stdout)
+    assert report["convergence"]["metric"] == "job/loss/mean"
+    assert report["convergence"]["points"] == 99
+    straggler = next(r for r in report["recommendations"] if r["rule"] == "straggler")
+    assert straggler["figures"]["ranks"] == [5] and "rank 5 on node1" in straggler["finding"]
