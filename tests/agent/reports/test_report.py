@@ -11,7 +11,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from agent.reports.report import SECTIONS, render_html
+from agent.reports.report import SECTIONS, build, html, render_charts, render_html
 from tests.helpers import outrider
 
 #: the rules' and statistics' CPU kept to what the run needs, as tests/agent/cli/test_simulate.py
@@ -189,3 +189,19 @@ def test_report_of_a_job_view_names_the_straggler(tmp_path: Path) -> None:
     assert report["convergence"]["points"] == 99
     straggler = next(r for r in report["recommendations"] if r["rule"] == "straggler")
     assert straggler["figures"]["ranks"] == [5] and "rank 5 on node1" in straggler["finding"]
+
+
+def test_a_run_without_data_still_has_every_section_saying_what_to_log(tmp_path: Path) -> None:
+    """run.json alone: every section is there, each missing piece says how to log it, and
+    the JSON is plain data."""
+    (tmp_path / "run.json").write_bytes(orjson.dumps({"run_id": "bare", "status": "running"}))
+    report = build(tmp_path)
+    page = html(report, render_charts(report))
+    for key, title in SECTIONS:
+        assert f'<section id="{key}"><h2>{title}</h2>' in page
+    assert "<code>probe.log({&#x27;loss&#x27;: loss}, step=step)</code>" in page
+    assert "probe.evaluate_lm" in page and "no system samples" in page
+    assert "No alerts fired" in page and "Nothing to change" in page
+    data = orjson.loads(orjson.dumps(report.as_dict()))
+    assert data["convergence"] == {"metric": None}
+    assert set(data["missing"]) == {"progress", "validation", "resources", "convergence"}
