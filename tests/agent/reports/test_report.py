@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from agent.reports.report import SECTIONS, build, html, render_charts, render_html
-from tests.helpers import outrider
+from tests.helpers import PYTHON, outrider
 
 #: the rules' and statistics' CPU kept to what the run needs, as tests/agent/cli/test_simulate.py
 AGENT_CONFIG = """\
@@ -205,3 +205,50 @@ def test_a_run_without_data_still_has_every_section_saying_what_to_log(tmp_path:
     data = orjson.loads(orjson.dumps(report.as_dict()))
     assert data["convergence"] == {"metric": None}
     assert set(data["missing"]) == {"progress", "validation", "resources", "convergence"}
+
+
+#: a real trainer whose loader takes 20 ms a batch against a step of well under a millisecond
+INPUT_BOUND_TRAINER = """\
+import time
+import torch
+import probe
+
+def slow_loader(batches):
+    for _ in range(batches):
+        time.sleep(0.02)
+        yield torch.randn(8, 16), torch.randn(8, 1)
+
+probe.init()
+model = torch.nn.Linear(16, 1)
+optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+watcher = probe.watch(model, optimizer)
+for step, (x, y) in enumerate(watcher.data(slow_loader(60))):
+    loss = torch.nn.functional.mse_loss(model(x), y)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    probe.log({"loss": loss.detach()}, step=step)
+"""
+
+
+@pytest.mark.slow
+def test_input_bound_trainer_gets_the_loader_recommendation(tmp_path: Path) -> None:
+    """A real torch trainer under `outrider run`, its batches slow to arrive: the data wait
+    probe.watch stored makes the report recommend more loader workers, with the share."""
+    (tmp_path / "train.py").write_text(INPUT_BOUND_TRAINER)
+    (tmp_path / "agent.yaml").write_text(AGENT_CONFIG)
+    runs = tmp_path / "runs"
+    ran = outrider(
+        "run", "--runs-dir", str(runs), "--run-id", "slow", "--config", "agent.yaml",
+        "--require-agent", "--", PYTHON, "train.py",
+        cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    done = outrider("report", "slow", "--runs-dir", str(runs), "--json")
+    assert done.returncode == 0, done.stderr
+    report = orjson.loads(done.stdout)
+    rules = {r["rule"]: r for r in report["recommendations"]}
+    loader = rules["input_bound"]
+    assert loader["figures"]["rank"] == 0 and loader["figures"]["data_wait_share"] > 0.5
+    assert "num_workers" in loader["action"]
+    assert report["resources"]["data_wait_share"]["0"] > 0.5
