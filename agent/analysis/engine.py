@@ -426,7 +426,7 @@ class Analysis:
         """Derived scalars: to the store and sinks, and fed back to summaries and alerts."""
         clean = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
         t = self.wall_clock()
-        self.summaries.observe(run, rank, step, t, clean)
+        self.summaries.observe(run, rank, step, t, clean, derived=True)
         if self.alerts is not None:
             self.alerts.observe(run, rank, step, t, clean)
         stored = {k: schema.encode_number(v) for k, v in clean.items()}

@@ -407,9 +407,20 @@ class Summaries:
     # ----------------------------------------------------------------- input
 
     def observe(
-        self, run: str, rank: int, step: int | None, t: float, metrics: Mapping[str, float]
+        self,
+        run: str,
+        rank: int,
+        step: int | None,
+        t: float,
+        metrics: Mapping[str, float],
+        *,
+        derived: bool = False,
     ) -> None:
-        """Take one scalars line. Windows close here when ``step`` passes the open one."""
+        """Take one scalars line. Windows close here when ``step`` passes the open one.
+
+        ``derived``: a statistic the agent computed later for an earlier step (a feature
+        batch's): it joins the open window and the history at its own step, but neither
+        closes nor times the window, whose steps and times are the trainer's."""
         stream = self._streams.get((run, rank))
         if stream is None or stream.closed:
             stream = self._open_stream(run, rank)
@@ -419,7 +430,7 @@ class Summaries:
         if stream.unstarted:
             self._start_scopes(stream, t)
         window = stream.window
-        if step is not None and step != stream.last_step:
+        if not derived and step is not None and step != stream.last_step:
             end = stream.win_end
             if end is None:
                 self._align(stream, step)
@@ -438,8 +449,9 @@ class Summaries:
             if step > epoch.last_step:
                 epoch.last_step, epoch.last_step_t = step, t
         stream.lines += 1
-        stream.t_last = t
-        x = stream.last_step
+        if not derived:
+            stream.t_last = t
+        x = step if derived and step is not None else stream.last_step
         if x is None:
             x = self._run_step(run)
         known = stream.metrics

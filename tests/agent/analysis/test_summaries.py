@@ -158,6 +158,24 @@ def test_window_throughput_from_t() -> None:
     assert "window/samples_per_second" not in entries[1]["metrics"]
 
 
+def test_a_derived_statistic_for_an_earlier_step_neither_closes_nor_times_the_window() -> None:
+    """Feature statistics come back from the workers later, at their batch's step: the
+    window keeps the trainer's steps and times. (Taken as a trainer line, a step this far
+    back read as a restart and cut the window in two, whose halves came out with the
+    throughput of a few steps between two lines microseconds apart.)"""
+    s = Summaries(window_steps=10)
+    for step in range(30, 40):
+        s.observe("r", 0, step, 100.0 + 0.5 * step, {"loss": 1.0})
+        if step == 35:  # the statistics of step 5's features, computed now
+            s.observe("r", 0, 5, 500.0, {"features/h/rank": 3.0}, derived=True)
+    s.observe("r", 0, 40, 120.0, {"loss": 1.0})
+    (window,) = summaries_of(s.take(), "window")
+    assert (window["first_step"], window["last_step"]) == (30, 39)
+    assert window["derived"]["window/steps_per_second"] == pytest.approx(2.0)
+    assert window["metrics"]["features/h/rank"]["count"] == 1
+    assert window["t_end"] == pytest.approx(119.5)
+
+
 def test_late_line_folded_and_restart_opens_new_window() -> None:
     """A line one window late joins the open window; a restart far back closes it."""
     s = Summaries(window_steps=10)
