@@ -32,9 +32,9 @@ from agent.alerts.rules.base import (
     finite_number,
     integer,
 )
-from agent.analysis.checkpoints import CHECKPOINT_FAILED
 from probe import protocol
 from probe.checkpoint import CHECKPOINT_EVENT
+from sinks.schema import CHECKPOINT_FAILED
 
 __all__ = ["CheckpointMissingRule", "CheckpointMissingSpec"]
 

@@ -145,7 +145,9 @@ step, deadline, after = 0, time.monotonic() + 30.0, None
 while step < 300 or (after is None and last_save < 300 and time.monotonic() < deadline):
     probe.log({"loss": 1.0 / (step + 1)}, step=step)
     if step % 20 == 0 and step <= last_save:
-        checkpoint.save({"step": step}, folder, step, every_steps=20)
+        checkpoint.save(
+            {"step": step}, folder, step, every_steps=20, best_metric="m", best_value=step % 40
+        )
     if after is None and alerts.exists() and b"checkpoint_missing" in alerts.read_bytes():
         after = step  # training goes on a while after the alert: it must not fire again
     if after is not None and step >= after + 100:
@@ -166,7 +168,8 @@ def test_a_run_that_stops_saving_raises_checkpoint_missing_once(
     agent: Any, endpoint: str, runs_dir: Path, tmp_path: Path
 ) -> None:
     """Saves declared every 20 steps stop at step 60: one checkpoint_missing warning while
-    training goes on; a run that saves every 20 steps to its end raises none."""
+    training goes on; a run that saves every 20 steps to its end raises none, and its
+    verified checkpoints say which save was the best."""
     for run_id, last_save in (("stops-saving", 60), ("saves-on-time", 1000)):
         done = run_trainer(
             CADENCE_TRAINER,
@@ -188,3 +191,5 @@ def test_a_run_that_stops_saving_raises_checkpoint_missing_once(
     assert len(saves) == 15 and all(e["attrs"]["every_steps"] == 20 for e in saves)
     outcomes = checked.get("checkpoint_verified", []) + checked.get("checkpoint_skipped", [])
     assert len(outcomes) == 15  # skipped: rotated away (keep_last=3) before the check
+    best = [e["step"] for e in checked["checkpoint_verified"] if e["attrs"].get("best")]
+    assert best == [0]  # m = step % 40: step 0's 0 is never beaten, only tied
