@@ -139,7 +139,7 @@ class AlertEngine:
             return
         step = integer(step)
         if step is not None and rank >= 0:
-            info = self._ranks.get((run, rank)) or self._rank(run, rank)
+            info = self._rank(run, rank)
             if info is not None:
                 if info.first_step is None:
                     info.first_step = step

@@ -120,11 +120,13 @@ class CheckpointMissingRule(Rule[CheckpointMissingSpec]):
                         save.failed = True
 
     def on_tick(self, ctx: Context, now: float) -> None:
+        configured = self.spec.every_steps is not None or self.spec.every_seconds is not None
+        if not configured and not self._runs:
+            return  # no cadence anywhere: nothing to judge
         by_run: dict[str, list[tuple[int, RankInfo]]] = {}
         for (run, rank), info in ctx.ranks.items():
             if rank >= 0:
                 by_run.setdefault(run, []).append((rank, info))
-        configured = self.spec.every_steps is not None or self.spec.every_seconds is not None
         for run, ranks in by_run.items():
             saves = self._runs.get(run)
             if saves is None:
