@@ -48,6 +48,8 @@ def save(
     best_metric: str | None = None,
     best_value: float | None = None,
     mode: Literal["min", "max"] = "min",
+    every_steps: int | None = None,
+    every_seconds: float | None = None,
 ) -> Path:
     """Save ``obj`` as ``<directory>/ckpt-<step>.pt`` atomically; returns its path.
 
@@ -55,8 +57,10 @@ def save(
     leaves either the whole checkpoint or none. The newest ``keep_last`` are kept,
     and, given ``best_metric`` and ``best_value``, the best by that metric
     (lowest with ``mode="min"``); older ones are deleted. ``index.json`` lists
-    what is kept, ``latest`` names the newest. Errors of the save itself (a full
-    disk) raise, as ``torch.save``'s would; the telemetry never does.
+    what is kept, ``latest`` names the newest. ``every_steps`` / ``every_seconds``
+    tell the agent how often this trainer saves, so it can alert when saves stop
+    (``checkpoint_missing``). Errors of the save itself (a full disk) raise, as
+    ``torch.save``'s would; the telemetry never does.
     """
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"step must be a non-negative int, got {step!r}")
@@ -66,6 +70,16 @@ def save(
         raise ValueError(f'mode must be "min" or "max", got {mode!r}')
     if (best_metric is None) != (best_value is None):
         raise ValueError("best_metric and best_value go together: give both or neither")
+    if every_steps is not None and (
+        isinstance(every_steps, bool) or not isinstance(every_steps, int) or every_steps < 1
+    ):
+        raise ValueError(f"every_steps must be a positive int, got {every_steps!r}")
+    if every_seconds is not None and not (
+        isinstance(every_seconds, int | float)
+        and not isinstance(every_seconds, bool)
+        and 0 < every_seconds < float("inf")
+    ):
+        raise ValueError(f"every_seconds must be a positive number, got {every_seconds!r}")
     import torch
 
     folder = Path(directory)
@@ -81,6 +95,7 @@ def save(
         entry["value"] = float(best_value)  # type: ignore[arg-type]  # checked with best_metric
     previous = [e for e in _read_index(folder) if e.get("step") != step]
     kept, dropped = _retain([*previous, entry], keep_last, best_metric, mode)
+    best = best_metric is not None and _best(kept, best_metric, mode) is entry
     index = {"latest": path.name, "checkpoints": kept}
     _write_atomically(folder / INDEX, lambda file: file.write(json.dumps(index).encode()))
     _write_atomically(folder / LATEST, lambda file: file.write(path.name.encode() + b"\n"))
@@ -91,7 +106,11 @@ def save(
 
     attrs: dict[str, Any] = {"path": str(path.resolve()), "size": size}
     if best_metric is not None:
-        attrs.update(metric=best_metric, value=entry["value"])
+        attrs.update(metric=best_metric, value=entry["value"], best=best)
+    if every_steps is not None:
+        attrs["every_steps"] = every_steps
+    if every_seconds is not None:
+        attrs["every_seconds"] = float(every_seconds)
     probe.event(CHECKPOINT_EVENT, step=step, **attrs)
     return path
 
@@ -157,13 +176,21 @@ def _retain(
     """(kept, dropped): the newest ``keep_last`` plus the best by ``metric``, oldest first."""
     newest = _by_step(entries)
     keep = {id(e) for e in newest[:keep_last]}
-    scored = [e for e in entries if e.get("metric") == metric and _is_number(e.get("value"))]
-    if metric is not None and scored:
-        pick = min if mode == "min" else max
-        keep.add(id(pick(scored, key=lambda e: float(e["value"]))))
+    best = _best(entries, metric, mode)
+    if best is not None:
+        keep.add(id(best))
     kept = [e for e in reversed(newest) if id(e) in keep]
     dropped = [e for e in newest if id(e) not in keep]
     return kept, dropped
+
+
+def _best(entries: list[dict[str, Any]], metric: str | None, mode: str) -> dict[str, Any] | None:
+    """The entry with the best value of ``metric`` (lowest with ``mode="min"``), if any."""
+    scored = [e for e in entries if e.get("metric") == metric and _is_number(e.get("value"))]
+    if metric is None or not scored:
+        return None
+    pick = min if mode == "min" else max
+    return pick(scored, key=lambda e: float(e["value"]))
 
 
 def _is_number(value: Any) -> bool:

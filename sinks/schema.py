@@ -42,6 +42,11 @@ TRAINER_KINDS: Final = frozenset(
     }
 )
 
+#: the ``event`` entries the agent stores for each checked checkpoint (docs/checkpoints.md)
+CHECKPOINT_VERIFIED: Final = "checkpoint_verified"  # whole: path, size, sha256 (best)
+CHECKPOINT_FAILED: Final = "checkpoint_failed"  # missing, another size, not a torch archive
+CHECKPOINT_SKIPPED: Final = "checkpoint_skipped"  # rotated away by its saver before the check
+
 #: the stream id of entries the agent made itself (alerts, summaries, derived statistics)
 AGENT_STREAM: Final = "agent"
 

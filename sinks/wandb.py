@@ -50,6 +50,7 @@ ALERTS_KEY = "outrider/alerts"
 TEXT_ROWS = 200  # rows kept per text table (the newest)
 TABLE_INTERVAL = 10.0  # seconds between re-logs of a changing table (each one is a new file)
 MAX_HISTOGRAM_BINS = 512  # wandb.Histogram's own limit
+CHECKPOINT_MAX_BYTES = 2 * 1024**3  # the default cap on a checkpoint logged as an artifact
 ALERT_TITLE_CHARS = 63  # run.alert wants a title under 64 characters
 # W&B has no level above ERROR: the agent's critical alerts go out as ERROR.
 ALERT_LEVELS = {"info": "INFO", "warning": "WARN", "error": "ERROR", "critical": "ERROR"}
@@ -316,6 +317,18 @@ class WandbSink(Sink):
         alerts: bool = pydantic.Field(
             default=True, description="Send alert entries as W&B alerts (online runs only)."
         )
+        checkpoints_as_artifacts: bool = pydantic.Field(
+            default=False,
+            description="Log each checkpoint the agent verified as a W&B artifact of type "
+            "model (aliases latest, and best for the best save so far). W&B copies the file "
+            "into its staging directory until it is uploaded (or synced, offline).",
+        )
+        checkpoint_max_bytes: int = pydantic.Field(
+            default=CHECKPOINT_MAX_BYTES,
+            ge=1,
+            description="Checkpoints larger than this are not logged as artifacts (counted "
+            "and logged as skipped).",
+        )
 
         @pydantic.field_validator("ranks", mode="before")
         @classmethod
@@ -335,6 +348,8 @@ class WandbSink(Sink):
         self.skipped = 0  # bad entries, and single bad values inside scalars entries
         self.dropped: dict[str, int] = {}  # reason -> entries never delivered
         self.abandoned = 0  # runs whose finish outlasted finish_timeout
+        self.checkpoint_artifacts = 0  # checkpoints logged as artifacts
+        self.checkpoints_skipped: dict[str, int] = {}  # reason -> checkpoints not logged
         self._mode: Mode | None = None
         self._warned: set[str] = set()
         # The kinds that become W&B data, each with what it becomes; every other kind is not.
@@ -348,6 +363,8 @@ class WandbSink(Sink):
             schema.ALERT: self._alert,
             protocol.RUN_END: self._run_end,
         }
+        if self.options.checkpoints_as_artifacts:
+            self._handlers[protocol.EVENT] = self._checkpoint
 
     # -- the Sink contract -------------------------------------------------------------------
     def counters(self) -> dict[str, int]:
@@ -355,6 +372,10 @@ class WandbSink(Sink):
         counts = {f"dropped_{reason}": n for reason, n in self.dropped.items()}
         counts["skipped"] = self.skipped
         counts["abandoned_runs"] = self.abandoned
+        if self.options.checkpoints_as_artifacts:
+            counts["checkpoint_artifacts"] = self.checkpoint_artifacts
+            for reason, n in self.checkpoints_skipped.items():
+                counts[f"checkpoint_artifacts_skipped_{reason}"] = n
         return counts
 
     def prepare(self) -> None:
@@ -611,6 +632,45 @@ class WandbSink(Sink):
         table.step, table.dirty = step, True
         if state.mode == "online" and self.options.alerts:
             state.run.alert(title=name[:ALERT_TITLE_CHARS], text=message, level=level)
+
+    def _checkpoint(self, state: _Run, batch: Batch, entry: Mapping[str, Any], prefix: str) -> None:
+        """A checkpoint the agent verified, as a ``model`` artifact of the run: on this sink's
+        thread, where W&B's hashing and copying of the file cost the agent, not the trainer."""
+        attrs = entry.get("attrs")
+        if entry.get("name") != schema.CHECKPOINT_VERIFIED or not isinstance(attrs, dict):
+            return
+        import wandb
+
+        path = Path(_string(attrs, "path"))
+        step = _step(entry)
+        try:
+            size = path.stat().st_size
+        except OSError as exc:
+            self._skip_checkpoint("missing", f"{path} is gone ({exc.strerror})")
+            return
+        limit = self.options.checkpoint_max_bytes
+        if size > limit:
+            self._skip_checkpoint(
+                "too_large", f"{path} is {size} bytes, over checkpoint_max_bytes ({limit})"
+            )
+            return
+        metadata = {"step": step, "size": size, "path": str(path)}
+        if isinstance(attrs.get("sha256"), str):
+            metadata["sha256"] = attrs["sha256"]
+        suffix = f"-{prefix.rstrip('/')}" if prefix else ""
+        artifact = wandb.Artifact(f"model-{state.run.id}{suffix}", type="model", metadata=metadata)
+        try:
+            artifact.add_file(str(path), name=path.name)  # a copy: rotation may delete the file
+        except (OSError, ValueError) as exc:
+            self._skip_checkpoint("missing", f"{path} could not be read ({exc})")
+            return
+        aliases = ["latest", "best"] if attrs.get("best") is True else ["latest"]
+        state.run.log_artifact(artifact, aliases=aliases)
+        self.checkpoint_artifacts += 1
+
+    def _skip_checkpoint(self, reason: str, detail: str) -> None:
+        self.checkpoints_skipped[reason] = self.checkpoints_skipped.get(reason, 0) + 1
+        logger.warning("outrider sink wandb: checkpoint not logged as an artifact: %s", detail)
 
     def _run_end(self, state: _Run, batch: Batch, entry: Mapping[str, Any], prefix: str) -> None:
         status = entry.get("exit_status")

@@ -51,6 +51,17 @@ def _put(target: dict[str, Any], item: Any) -> None:
 
 
 @dataclass
+class OfflineArtifact:
+    """An artifact the run logged: its manifest's files as (size, the staged copy's path)."""
+
+    name: str
+    type: str
+    aliases: list[str]
+    metadata: dict[str, Any]
+    files: dict[str, tuple[int, Path]]
+
+
+@dataclass
 class OfflineRun:
     """What a finished offline run holds, as wandb recorded it."""
 
@@ -61,6 +72,7 @@ class OfflineRun:
     step_metrics: dict[str, str] = field(default_factory=dict)
     run_id: str = ""
     exit_code: int | None = None
+    artifacts: list[OfflineArtifact] = field(default_factory=list)
 
     def series(self, name: str) -> list[tuple[Any, Any]]:
         """(trainer/step, value) of every history row that has ``name``."""
@@ -121,6 +133,13 @@ def _read_offline_run(directory: Path) -> OfflineRun:
                 _put(run.summary, item)
         elif kind == "metric" and record.metric.glob_name:
             run.step_metrics[record.metric.glob_name] = record.metric.step_metric
+        elif kind == "artifact":
+            art = record.artifact
+            files = {f.path: (f.size, Path(f.local_path)) for f in art.manifest.contents}
+            metadata = json.loads(art.metadata) if art.metadata else {}
+            run.artifacts.append(
+                OfflineArtifact(art.name, art.type, list(art.aliases), metadata, files)
+            )
         elif kind == "exit":
             run.exit_code = record.exit.exit_code
     return run

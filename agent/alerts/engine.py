@@ -135,9 +135,17 @@ class AlertEngine:
         self, run: str, rank: int, step: int | None, t: float, metrics: Mapping[str, float]
     ) -> None:
         """Numeric samples of one record (rank -1: system samples)."""
-        if not self._metric_rules or run in self._ended:
+        if run in self._ended:
             return
         step = integer(step)
+        if step is not None and rank >= 0:
+            info = self._rank(run, rank)
+            if info is not None:
+                if info.first_step is None:
+                    info.first_step = step
+                info.last_step = step
+        if not self._metric_rules:
+            return
         t = float(t) if isinstance(t, int | float) and math.isfinite(t) else time.time()
         record_rules: dict[Rule[Any], None] = {}
         for name, raw in metrics.items():
@@ -176,6 +184,7 @@ class AlertEngine:
             if info is not None:
                 info.pid = integer(attrs.get("pid"))
                 info.said_bye, info.last_record = False, None  # a (re)started rank: a new clock
+                info.first_step = info.last_step = None
         elif kind == protocol.BYE:
             info = self._rank(run, rank)
             if info is not None:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from agent.analysis.messages import CheckpointChecked, CheckpointSaved
 from probe.checkpoint import INDEX
+from sinks.schema import CHECKPOINT_FAILED, CHECKPOINT_SKIPPED, CHECKPOINT_VERIFIED
 
 __all__ = [
     "CHECKPOINT_FAILED",
@@ -34,10 +35,6 @@ __all__ = [
 
 logger = logging.getLogger("outrider.agent")
 
-#: the events the agent stores for each check (``checkpoint_failed`` is an alert rule's too)
-CHECKPOINT_VERIFIED = "checkpoint_verified"
-CHECKPOINT_SKIPPED = "checkpoint_skipped"
-CHECKPOINT_FAILED = "checkpoint_failed"
 QUEUE_LIMIT = 1_000  # checkpoints waiting for their check; more are counted as not checked
 CHUNK = 1 << 20  # bytes hashed per read; hashlib releases the GIL on chunks this size
 

@@ -342,8 +342,8 @@ class Analysis:
                 )
             elif kind == protocol.EVENT:
                 self.summaries.observe_event(run, rank, entry.get("step"), str(entry.get("name")))
-                if entry.get("name") == CHECKPOINT_EVENT and source.host == self.host:
-                    self._checkpoint_saved(run, rank, entry)
+                if entry.get("name") == CHECKPOINT_EVENT:
+                    self._checkpoint_saved(run, rank, entry, local=source.host == self.host)
             elif kind == protocol.HELLO:
                 if source.host == self.host and source.pid > 0:
                     self._pids[source.pid] = (run, rank)
@@ -384,15 +384,25 @@ class Analysis:
             else:
                 self._image(result.run, 0, result.step, "dashboard", result.path)
 
-    def _checkpoint_saved(self, run: str, rank: int, entry: Mapping[str, Any]) -> None:
-        """A local trainer saved a checkpoint: checked on the checkpoint thread."""
+    def _checkpoint_saved(
+        self, run: str, rank: int, entry: Mapping[str, Any], *, local: bool
+    ) -> None:
+        """A trainer saved a checkpoint: a save for the rules (checkpoint_missing), and, from
+        a trainer on this host, a file to check on the checkpoint thread."""
         attrs = entry.get("attrs") or {}
         path, size, step = attrs.get("path"), attrs.get("size"), entry.get("step")
         if not isinstance(path, str) or not path:
             return
         size = size if isinstance(size, int) and not isinstance(size, bool) else None
         step = step if isinstance(step, int) else None
-        self.checkpoints.submit(CheckpointSaved(run, rank, step, path, size))
+        if self.alerts is not None:
+            cadence = {k: attrs.get(k) for k in ("every_steps", "every_seconds")}
+            self.alerts.observe_event(
+                run, rank, CHECKPOINT_EVENT, {"path": path, "step": step, **cadence}
+            )
+        if local:
+            best = attrs.get("best") is True
+            self.checkpoints.submit(CheckpointSaved(run, rank, step, path, size, best))
 
     def _checkpoint_checked(self, result: CheckpointChecked) -> None:
         """Stored as a ``checkpoint_verified`` (with the sha256), ``checkpoint_skipped``
@@ -405,6 +415,8 @@ class Analysis:
         elif result.problem is None:
             name = CHECKPOINT_VERIFIED
             attrs["sha256"] = result.sha256
+            if saved.best:
+                attrs["best"] = True
         else:
             name = CHECKPOINT_FAILED
             attrs["problem"] = result.problem

@@ -118,6 +118,7 @@ class CheckpointSaved:
     step: int | None
     path: str
     size: int | None
+    best: bool = False  # the best so far by the saver's metric
 
 
 @dataclass(frozen=True)

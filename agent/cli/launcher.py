@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -323,16 +323,22 @@ def _start_aggregator(
 
 def _wait_forwarding(child: subprocess.Popen[bytes]) -> int:
     """Wait for the command, passing it the signals we get; returns its returncode."""
+    return wait_forwarding([child])[0]
+
+
+def wait_forwarding(children: Sequence[subprocess.Popen[bytes]]) -> list[int]:
+    """Wait for each child, passing them all the signals we get; their returncodes."""
 
     def forward(signum: int, frame: FrameType | None) -> None:
         if signum == signal.SIGINT and _foreground():
-            return  # the terminal already sent it to the child
-        with contextlib.suppress(ProcessLookupError):
-            child.send_signal(signum)
+            return  # the terminal already sent it to the children
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                child.send_signal(signum)
 
     previous = {signum: signal.signal(signum, forward) for signum in FORWARDED}
     try:
-        return child.wait()
+        return [child.wait() for child in children]
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

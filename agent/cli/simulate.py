@@ -4,6 +4,7 @@ sinks, alerts and webhooks without a trainer or a GPU."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,10 +15,15 @@ from agent.cli import launcher
 from agent.config import AgentConfig
 from agent.simulation import FAILURES
 from probe import protocol
+from probe.identity import new_run_id
 
 #: seconds the stalled trainer stays quiet beyond the rule's threshold: the rule is checked on
 #: the agent's beat, and a margin keeps a loaded machine from ending the stall just short of it
 STALL_MARGIN = 5.0
+#: node agents of a simulated job: the ranks are split between them, the straggler on the last
+JOB_NODES = 2
+#: where the other nodes' run stores go, under the runs directory (node 0 uses it directly)
+NODES_DIR = "nodes"
 
 
 def _failures_help() -> str:
@@ -35,9 +41,16 @@ def stall_seconds(config: AgentConfig) -> float:
 
 
 def trainer_command(
-    failure: str, steps: int, steps_per_second: float, at: int | None, seed: int, stall: float
+    failure: str,
+    steps: int,
+    steps_per_second: float,
+    at: int | None,
+    seed: int,
+    stall: float,
+    *node: str,
 ) -> list[str]:
-    """The simulated trainer, started with ``python -P`` like the agent."""
+    """The simulated trainer, started with ``python -P`` like the agent; ``node``: the options
+    that make it one node of a job (``job_node_options``)."""
     return [
         sys.executable,
         "-P",
@@ -54,7 +67,21 @@ def trainer_command(
         "--stall-seconds",
         str(stall),
         *(["--at", str(at)] if at is not None else []),
+        *node,
     ]
+
+
+def job_nodes(ranks: int) -> list[range]:
+    """The global ranks of each node of a simulated job, in node order."""
+    per_node = -(-ranks // JOB_NODES)  # ceil
+    return [range(first, min(first + per_node, ranks)) for first in range(0, ranks, per_node)]
+
+
+def free_loopback_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def simulate_command() -> click.Command:
@@ -75,12 +102,17 @@ and a 64-d feature batch (`hidden`) every 50 steps, and the event
 {_failures_help()}
 \b
 `stall` is quiet for the config's `stalled` after_seconds plus {STALL_MARGIN:.0f} s
-(300 s by default, so about 5 minutes). A job's `straggler` needs several
-ranks and a job aggregator and is not simulated.
+(300 s by default, so about 5 minutes). `straggler` runs a job: --ranks
+processes (default 4) split over {JOB_NODES} node agents (`outrider run --aggregator`)
+that forward to a job aggregator beside node 0; the last rank's compute
+section is twice as slow from --at, and the aggregator's `straggler` alert
+names it (3 windows of stats.window_steps after --at) in the job view,
+`outrider show jobs/<run id>`.
 
 \b
   outrider simulate --failure spike            # own agent, default sinks
   outrider simulate --endpoint tcp://127.0.0.1:9500 --failure nan
+  outrider simulate --failure straggler --ranks 8
   outrider show latest                         # ... ALERTS
 """
     )
@@ -103,6 +135,11 @@ ranks and a job aggregator and is not simulated.
         "--at", type=click.IntRange(min=0), help="Step the failure starts [default: half-way]."
     )
     @click.option("--seed", type=int, default=0, show_default=True, help="Noise seed.")
+    @click.option(
+        "--ranks",
+        type=click.IntRange(min=1),
+        help="Ranks of a simulated job (straggler only) [default: 4].",
+    )
     @click.option("--run-id", help="Run id to use (default: a new timestamped id).")
     @click.option(
         "--endpoint",
@@ -118,6 +155,7 @@ ranks and a job aggregator and is not simulated.
         steps_per_second: float,
         at: int | None,
         seed: int,
+        ranks: int | None,
         run_id: str | None,
         endpoint: str | None,
         quiet: bool,
@@ -129,6 +167,18 @@ ranks and a job aggregator and is not simulated.
             raise click.BadParameter(
                 f"the run has {steps} steps (0..{steps - 1})", param_hint="--at"
             )
+        job = FAILURES[failure].ranks > 1
+        if ranks is not None and not job:
+            raise click.BadParameter(
+                "only the straggler failure runs several ranks", param_hint="--ranks"
+            )
+        world = (ranks or FAILURES[failure].ranks) if job else 1
+        if job and world < 2:
+            raise click.BadParameter("a straggler needs at least 2 ranks", param_hint="--ranks")
+        if job and endpoint is not None:
+            raise click.BadParameter(
+                f"{failure} starts its own node agents and job aggregator", param_hint="--endpoint"
+            )
         config = load_config(config_path, sinks)
         command = trainer_command(failure, steps, steps_per_second, at, seed, stall_seconds(config))
         if endpoint is not None:
@@ -136,6 +186,17 @@ ranks and a job aggregator and is not simulated.
         agent_args = ["--config", str(config_path.resolve())] if config_path else []
         if sinks is not None:
             agent_args += ["--sinks", sinks]
+        if world > 1:
+            sys.exit(
+                _job(
+                    command,
+                    world,
+                    resolve_runs_dir(runs_dir, config),
+                    run_id or new_run_id(),
+                    agent_args,
+                    quiet,
+                )
+            )
         status = launcher.run(
             command,
             runs_dir=resolve_runs_dir(runs_dir, config),
@@ -150,6 +211,52 @@ ranks and a job aggregator and is not simulated.
         sys.exit(status)
 
     return simulate
+
+
+def _job(
+    command: list[str],
+    ranks: int,
+    runs_dir: Path,
+    run_id: str,
+    agent_args: list[str],
+    quiet: bool,
+) -> int:
+    """A job on this machine: one `outrider run` per node, each a node agent forwarding to the
+    job aggregator that node 0 serves on a free loopback port; the worst node's status."""
+    from agent.cli.commands import resolve_runs_dir
+
+    where = f"127.0.0.1:{free_loopback_port()}"
+    nodes = job_nodes(ranks)
+    slow_rank = ranks - 1
+
+    def say(message: str) -> None:
+        if not quiet:
+            click.echo(f"outrider: {message}", err=True)
+
+    say(
+        f"simulated job {run_id}: {ranks} ranks on {len(nodes)} node agents, job aggregator at "
+        f"{where}; rank {slow_rank} (node{len(nodes) - 1}) is the straggler"
+    )
+    processes: list[subprocess.Popen[bytes]] = []
+    for index, node in enumerate(nodes):
+        node_runs = runs_dir if index == 0 else runs_dir / NODES_DIR / f"node{index}"
+        ranks_option = ["--ranks", str(ranks), "--first-rank", str(node.start)]
+        trainer = [*command, *ranks_option, "--local-ranks", str(len(node))]
+        trainer += ["--slow-rank", str(slow_rank)]
+        processes.append(
+            subprocess.Popen(
+                [
+                    sys.executable, "-P", "-m", "agent", "run", "--runs-dir", str(node_runs),
+                    "--run-id", run_id, "--host", f"node{index}", "--aggregator", where,
+                    "--serve-aggregator" if index == 0 else "--no-serve-aggregator",
+                    "--require-agent", *(["-q"] if quiet else []), *agent_args, "--", *trainer,
+                ]
+            )
+        )  # fmt: skip
+    statuses = [launcher.exit_code(status) for status in launcher.wait_forwarding(processes)]
+    where_flag = "" if runs_dir == resolve_runs_dir(None) else f" --runs-dir {runs_dir}"
+    say(f"job view: outrider show jobs/{run_id}{where_flag}")
+    return max(statuses)
 
 
 def _feed(endpoint: str, run_id: str | None, command: list[str]) -> int:

@@ -115,15 +115,21 @@ def test_bad_arguments_raise_value_error(tmp_path: Path) -> None:
         checkpoint.save({}, tmp_path, 1, mode="lowest")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="together"):
         checkpoint.save({}, tmp_path, 1, best_metric="loss")
+    with pytest.raises(ValueError, match="every_steps"):
+        checkpoint.save({}, tmp_path, 1, every_steps=0)
+    with pytest.raises(ValueError, match="every_seconds"):
+        checkpoint.save({}, tmp_path, 1, every_seconds=float("nan"))
 
 
 def test_each_save_sends_a_checkpoint_event(
     agent: Any, endpoint: str, runs_dir: Path, tmp_path: Path
 ) -> None:
-    """The agent stores a checkpoint event per save with its path, step, size and metric."""
+    """The agent stores a checkpoint event per save with its path, step, size, metric, whether
+    it is the best so far, and the cadence the trainer declared."""
     assert probe.init(endpoint, run_id="ckpt-event")
     folder = tmp_path / "ckpts"
-    checkpoint.save({"step": 3}, folder, 3, best_metric="loss", best_value=0.5)
+    checkpoint.save({"step": 3}, folder, 3, best_metric="loss", best_value=0.5, every_steps=3)
+    checkpoint.save({"step": 6}, folder, 6, best_metric="loss", best_value=0.7, every_steps=3)
     assert probe.finish(5.0)
     assert stop_agent(agent) == 0
     events = [
@@ -131,11 +137,13 @@ def test_each_save_sends_a_checkpoint_event(
         for e in lines(runs_dir / "ckpt-event")
         if e["kind"] == "event" and e["name"] == "checkpoint"
     ]
-    assert len(events) == 1
-    assert events[0]["step"] == 3
+    assert [e["step"] for e in events] == [3, 6]
     assert events[0]["attrs"] == {
         "path": str((folder / "ckpt-3.pt").resolve()),
         "size": (folder / "ckpt-3.pt").stat().st_size,
         "metric": "loss",
         "value": 0.5,
+        "best": True,
+        "every_steps": 3,
     }
+    assert events[1]["attrs"]["best"] is False

@@ -260,6 +260,64 @@ def test_bad_entries_are_skipped_and_the_rest_kept(tmp_path: Path) -> None:
     assert not [row for row in run.history if {"b", "h", "t", "i"} & row.keys()]
 
 
+def verified(step: int, path: Path, rank: int = 0, **attrs: Any) -> dict[str, Any]:
+    """The agent's checkpoint_verified event for a file (as agent/analysis/engine.py stores it)."""
+    body = {"path": str(path), "size": path.stat().st_size if path.exists() else 1, **attrs}
+    return entry("event", step, rank, name="checkpoint_verified", attrs=body)
+
+
+def test_verified_checkpoints_become_model_artifacts_when_asked(tmp_path: Path) -> None:
+    """checkpoints_as_artifacts: each verified checkpoint is a model artifact with its file,
+    step and sha256, aliased latest (and best when the save was the best); a file gone or
+    over checkpoint_max_bytes is skipped, counted by reason; other events are not data."""
+    run_dir = tmp_path / "run-ckpt"
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    small, best, large = (folder / f"ckpt-{n}.pt" for n in (10, 20, 30))
+    small.write_bytes(b"a" * 1000)
+    best.write_bytes(b"b" * 1500)
+    large.write_bytes(b"c" * 5000)
+    entries = [
+        scalars(10, loss=1.0),
+        verified(10, small, sha256="aa"),
+        entry("event", 15, name="checkpoint", attrs={"path": str(small)}),
+        verified(20, best, sha256="bb", best=True),
+        verified(25, folder / "ckpt-25.pt", sha256="cc"),  # deleted since the check
+        verified(30, large, sha256="dd"),
+    ]
+    sink, worker = run_sink(
+        tmp_path,
+        [Batch(source("run-ckpt"), entries, str(run_dir))],
+        checkpoints_as_artifacts=True,
+        checkpoint_max_bytes=4096,
+    )
+    assert worker.stats.failures == 0 and sink.skipped == 0
+    assert sink.counters()["checkpoint_artifacts"] == 2
+    assert sink.checkpoints_skipped == {"missing": 1, "too_large": 1}
+    run = read_offline_run(run_dir)
+    assert [(a.name, a.type) for a in run.artifacts] == [("model-run-ckpt", "model")] * 2
+    first, second = run.artifacts
+    assert first.aliases == ["latest"] and sorted(second.aliases) == ["best", "latest"]
+    assert first.metadata == {"step": 10, "size": 1000, "path": str(small), "sha256": "aa"}
+    assert second.metadata["step"] == 20 and second.metadata["sha256"] == "bb"
+    ((name, (size, staged)),) = second.files.items()
+    assert (name, size) == ("ckpt-20.pt", 1500)
+    best.unlink()  # rotation deletes the checkpoint: W&B's staged copy is what it uploads
+    assert staged.read_bytes() == b"b" * 1500
+
+
+def test_checkpoints_are_not_artifacts_by_default(tmp_path: Path) -> None:
+    """Without checkpoints_as_artifacts a verified checkpoint is not W&B data."""
+    run_dir = tmp_path / "run-plain"
+    path = tmp_path / "ckpt-1.pt"
+    path.write_bytes(b"x" * 10)
+    batch = Batch(source("run-plain"), [scalars(1, loss=1.0), verified(1, path)], str(run_dir))
+    sink, _ = run_sink(tmp_path, [batch])
+    assert "checkpoint_artifacts" not in sink.counters()
+    run = read_offline_run(run_dir)
+    assert run.series("loss") == [(1, 1.0)] and run.artifacts == []
+
+
 def test_non_finite_derived_statistics_reach_wandb_in_either_spelling(tmp_path: Path) -> None:
     """Derived statistics stored as "nan"/"inf"/"-inf" (earlier agents) or "NaN"/"Infinity"/
     "-Infinity" (the run store now) are logged as those floats, none skipped."""

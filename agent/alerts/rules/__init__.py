@@ -3,8 +3,9 @@
 By family: ``metrics`` (threshold, rate, zscore, nonfinite: any metric),
 ``training`` (plateau, overfitting, collapse, trend, input_bound: what a
 training run's metrics mean), ``divergence`` (a loss climbing away from its
-best), ``events`` (stalled, run_died, probe_drops,
-event: liveness and passed-through alarms); ``base`` holds what they share.
+best), ``checkpoints`` (checkpoint_missing: saves that stopped), ``events``
+(stalled, run_died, probe_drops, event: liveness and passed-through alarms);
+``base`` holds what they share.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from agent.alerts.rules.base import (
     Severity,
     least_squares_slope,
 )
+from agent.alerts.rules.checkpoints import CheckpointMissingRule, CheckpointMissingSpec
 from agent.alerts.rules.divergence import DivergenceRule, DivergenceSpec
 from agent.alerts.rules.events import (
     EventRule,
@@ -76,6 +78,7 @@ AnySpec = (
     | RunDiedSpec
     | ProbeDropsSpec
     | EventSpec
+    | CheckpointMissingSpec
 )
 
 #: the rule class that runs each ``type``
@@ -94,6 +97,7 @@ RULE_TYPES: Mapping[str, type[Rule[Any]]] = {
     "run_died": RunDiedRule,
     "probe_drops": ProbeDropsRule,
     "event": EventRule,
+    "checkpoint_missing": CheckpointMissingRule,
 }
 
 __all__ = [
@@ -102,6 +106,8 @@ __all__ = [
     "RECORD",
     "RULE_TYPES",
     "AnySpec",
+    "CheckpointMissingRule",
+    "CheckpointMissingSpec",
     "CollapseRule",
     "CollapseSpec",
     "Context",

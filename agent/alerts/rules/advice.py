@@ -69,6 +69,10 @@ DEFAULT_ADVICE: Mapping[str, str] = {
         "agent keeps up."
     ),
     "event": "Read the message: it comes from the component that raised it.",
+    "checkpoint_missing": (
+        "Check that the trainer still reaches its save call and that saves pass the agent's "
+        "check; if saves are meant to be rarer now, pass the new cadence to checkpoint.save."
+    ),
 }
 
 

@@ -147,6 +147,8 @@ class RankInfo:
     pid: int | None = None
     last_record: float | None = None
     said_bye: bool = False
+    first_step: int | None = None  # the first and the latest step of its scalars
+    last_step: int | None = None
 
 
 class Context(Protocol):

@@ -340,6 +340,19 @@ BUILTIN_DEFAULTS: dict[str, dict[str, Any]] = {
         "event": "checkpoint_failed",
         "key_attr": "path",
     },
+    "checkpoint_missing": {
+        "type": "checkpoint_missing",
+        "severity": "warning",
+        "cooldown": 1800.0,
+        "message": "checkpoint missing: no good checkpoint for {value:.0f} {unit} (expected "
+        "every {every:g} {unit}, {source}); last good: {since} (run {run}, rank {rank}, step "
+        "{step})",
+        "destinations": None,
+        "enabled": True,
+        "every_steps": None,
+        "every_seconds": None,
+        "factor": 1.5,
+    },
 }
 
 

@@ -132,3 +132,64 @@ def test_the_agent_verifies_each_saved_checkpoint_and_alerts_on_a_bad_one(
     messages = sorted(a["message"] for a in fired)
     assert "its check: step 2:" in messages[0] and "ckpt-2.pt" in messages[0]
     assert "its check: step 4:" in messages[1] and "does not exist" in messages[1]
+
+
+CADENCE_TRAINER = """
+import os, pathlib, time, torch, probe
+from probe import checkpoint
+probe.init()
+folder = pathlib.Path(os.environ["CKPT_DIR"])
+last_save = int(os.environ["LAST_SAVE"])
+alerts = pathlib.Path(os.environ["RUN_DIR"]) / "alerts.jsonl"
+step, deadline, after = 0, time.monotonic() + 30.0, None
+while step < 300 or (after is None and last_save < 300 and time.monotonic() < deadline):
+    probe.log({"loss": 1.0 / (step + 1)}, step=step)
+    if step % 20 == 0 and step <= last_save:
+        checkpoint.save(
+            {"step": step}, folder, step, every_steps=20, best_metric="m", best_value=step % 40
+        )
+    if after is None and alerts.exists() and b"checkpoint_missing" in alerts.read_bytes():
+        after = step  # training goes on a while after the alert: it must not fire again
+    if after is not None and step >= after + 100:
+        break
+    step += 1
+    time.sleep(0.01)
+probe.finish()
+"""
+
+
+def missing_alerts(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "alerts.jsonl"
+    found = [orjson.loads(line) for line in path.read_bytes().splitlines()] if path.exists() else []
+    return [a for a in found if a["name"] == "checkpoint_missing"]
+
+
+def test_a_run_that_stops_saving_raises_checkpoint_missing_once(
+    agent: Any, endpoint: str, runs_dir: Path, tmp_path: Path
+) -> None:
+    """Saves declared every 20 steps stop at step 60: one checkpoint_missing warning while
+    training goes on; a run that saves every 20 steps to its end raises none, and its
+    verified checkpoints say which save was the best."""
+    for run_id, last_save in (("stops-saving", 60), ("saves-on-time", 1000)):
+        done = run_trainer(
+            CADENCE_TRAINER,
+            endpoint,
+            run_id,
+            CKPT_DIR=str(tmp_path / run_id),
+            LAST_SAVE=str(last_save),
+            RUN_DIR=str(runs_dir / run_id),
+        )
+        assert done.returncode == 0, done.stderr
+    assert stop_agent(agent) == 0
+    (alert,) = missing_alerts(runs_dir / "stops-saving")
+    assert alert["severity"] == "warning" and alert["rank"] == 0
+    assert alert["attrs"]["value"] > 30 and alert["attrs"]["threshold"] == 30
+    assert "last good: step 60 (ckpt-60.pt)" in alert["message"]
+    assert missing_alerts(runs_dir / "saves-on-time") == []
+    checked = checkpoint_events(runs_dir / "saves-on-time")
+    saves = checked["checkpoint"]
+    assert len(saves) == 15 and all(e["attrs"]["every_steps"] == 20 for e in saves)
+    outcomes = checked.get("checkpoint_verified", []) + checked.get("checkpoint_skipped", [])
+    assert len(outcomes) == 15  # skipped: rotated away (keep_last=3) before the check
+    best = [e["step"] for e in checked["checkpoint_verified"] if e["attrs"].get("best")]
+    assert best == [0]  # m = step % 40: step 0's 0 is never beaten, only tied

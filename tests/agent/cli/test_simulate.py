@@ -64,7 +64,9 @@ def simulate(tmp_path: Path, failure: str) -> tuple[list[dict[str, object]], str
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("failure", [name for name, f in FAILURES.items() if f.raises])
+@pytest.mark.parametrize(
+    "failure", [name for name, f in FAILURES.items() if f.raises and f.ranks == 1]
+)
 def test_failure_raises_its_alert(tmp_path: Path, failure: str) -> None:
     """Each simulated failure fires the built-in alert its --help names, at or after --at."""
     alerts, stderr = simulate(tmp_path, failure)
@@ -98,4 +100,47 @@ def test_failure_step_past_the_run_is_a_usage_error(tmp_path: Path) -> None:
     result = outrider("simulate", "--failure", "nan", "--steps", "10", "--at", "10", cwd=tmp_path)
     assert result.returncode == 2
     assert "--at" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "outrider-runs").exists()
+
+
+#: a job's windows of 10 steps, so that the straggler is judged within the short run
+JOB_CONFIG = """\
+stats: {window_steps: 10, feature_map: "off", dashboard_seconds: 0}
+system: {enabled: false}
+aggregation: {window_wait_seconds: 5, accounting_seconds: 1, heartbeat_seconds: 0.5}
+"""
+
+
+@pytest.mark.slow
+def test_straggler_runs_a_job_whose_aggregator_names_the_slow_rank(tmp_path: Path) -> None:
+    """--failure straggler: 4 rank processes under 2 node agents forwarding to a job
+    aggregator; the last rank's compute slows at step 30 and the job view's straggler alert
+    names it (and only it), with the command that shows the job view."""
+    config = tmp_path / "agent.yaml"
+    config.write_text(JOB_CONFIG)
+    runs = tmp_path / "runs"
+    result = outrider(
+        "simulate", "--failure", "straggler", "--steps", "120", "--steps-per-second", "50",
+        "--at", "30", "--sinks", "none", "--config", str(config), "--runs-dir", str(runs),
+        "--run-id", "job", cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert f"outrider show jobs/job --runs-dir {runs}" in result.stderr
+    alerts = [orjson.loads(line) for line in (runs / "jobs" / "job" / "alerts.jsonl").open("rb")]
+    stragglers = [a for a in alerts if a["name"] == "straggler"]
+    assert stragglers, [a["name"] for a in alerts]
+    assert {(a["rank"], a["attrs"]["host"]) for a in stragglers} == {(3, "node1")}
+    assert stragglers[0]["step"] >= 30
+    info = orjson.loads((runs / "jobs" / "job" / "run.json").read_bytes())
+    assert sorted(r["rank"] for r in info["job"]["ranks"]) == [0, 1, 2, 3]
+    assert info["job"]["stragglers"] == [3]
+    assert (runs / "job").is_dir() and (runs / "nodes" / "node1" / "job").is_dir()
+
+
+def test_ranks_belong_to_the_straggler_job_only(tmp_path: Path) -> None:
+    """--ranks with a one-process failure, or a straggler of one rank, is a usage error."""
+    for failure, ranks in (("spike", "4"), ("straggler", "1")):
+        result = outrider("simulate", "--failure", failure, "--ranks", ranks, cwd=tmp_path)
+        assert result.returncode == 2 and "--ranks" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
     assert not (tmp_path / "outrider-runs").exists()
