@@ -11,6 +11,7 @@ bounded, so a flood of input costs statistics (counted), never the run store.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import math
 import threading
@@ -70,6 +71,9 @@ FALLBACK_TICKS = 1.5
 WAKE_ENTRIES = 5_000
 #: the kinds that end a stream or a run: a batch of only these does not open a run again
 _ENDING = frozenset((protocol.BYE, protocol.RUN_END))
+#: how long a run's end waits for the statistics of its last feature batches, so that
+#: the rules judge them (a collapse seen in the last batch) before the run is closed
+END_WAIT_SECONDS = 15.0
 SLICE_SECONDS = 0.005  # analysis work between two pauses (about the interpreter's switch interval)
 
 
@@ -142,6 +146,9 @@ class Analysis:
         self._open_runs: dict[str, Path] = {}
         # streams of each open run that have not said bye: the last bye ends the run here
         self._live_streams: dict[str, set[str]] = {}
+        # runs that ended while their feature statistics were still being computed:
+        # run -> (deadline, the run_end's (rank, attrs), or None when every stream said bye)
+        self._ending: dict[str, tuple[float, tuple[int, dict[str, Any]] | None]] = {}
         # results arrive on worker threads; taken at the next wake-up (a tick at most)
         self.features = FeatureStreams(settings, self.jobs, self._results.append)
         self.checkpoints = CheckpointChecks(self._results.append)
@@ -250,6 +257,8 @@ class Analysis:
             while self._inbox and not closing:
                 closing = self._work_a_slice()
             self._process_results()
+            if self._ending:
+                self._settle_endings()
             now = self.clock()
             if now - last_tick >= EARLY_TICK * TICK_SECONDS or closing:
                 last_tick = now
@@ -306,9 +315,10 @@ class Analysis:
         source = batch.source
         run, rank = source.run, source.rank
         run_dir = Path(batch.run_dir)
-        if run not in self._open_runs and any(
-            entry.get("kind") not in _ENDING for entry in batch.entries
-        ):
+        opens = any(entry.get("kind") not in _ENDING for entry in batch.entries)
+        if opens and run in self._ending:
+            self._settle_endings(force=run)  # a restarted trainer: the old end comes first
+        if run not in self._open_runs and opens:
             self._open_runs[run] = run_dir
             # The first dashboard comes one interval in, when there is a curve to draw;
             # drawing one at the start would cost the trainer CPU for an empty picture.
@@ -358,15 +368,43 @@ class Analysis:
                 if engine is not None:
                     engine.observe_event(run, rank, protocol.BYE, {})
             elif kind == protocol.RUN_END:
-                if engine is not None:
-                    engine.observe_event(
-                        run, rank, protocol.RUN_END, {"exit_status": entry.get("exit_status")}
-                    )
-                self._end_run(run)
+                self._request_end(run, (rank, {"exit_status": entry.get("exit_status")}))
         if trainer_record and engine is not None:
             engine.observe_event(run, rank, RECORD, {})
         if said_bye and not self._live_streams.get(run):
-            self._end_run(run)  # every stream of the run has finished: it is over here
+            self._request_end(run, None)  # every stream has finished: it is over here
+
+    def _request_end(self, run: str, run_end: tuple[int, dict[str, Any]] | None) -> None:
+        """End ``run`` now, or once the statistics of its feature batches are back (at most
+        END_WAIT_SECONDS): the rules judge those before the run is forgotten."""
+        pending = self._ending.get(run)
+        if pending is not None:
+            self._ending[run] = (pending[0], run_end or pending[1])
+            return
+        if self.jobs.busy_with(functools.partial(_feature_statistic_of, run=run)):
+            self._ending[run] = (self.clock() + END_WAIT_SECONDS, run_end)
+            return
+        self._finish_end(run, run_end)
+
+    def _settle_endings(self, force: str | None = None) -> None:
+        """End the waiting runs whose statistics are back or whose wait ran out (``force``:
+        that run at once)."""
+        now = self.clock()
+        for run, (deadline, run_end) in list(self._ending.items()):
+            if (
+                run == force
+                or now >= deadline
+                or not self.jobs.busy_with(functools.partial(_feature_statistic_of, run=run))
+            ):
+                del self._ending[run]
+                self._process_results()
+                self._finish_end(run, run_end)
+
+    def _finish_end(self, run: str, run_end: tuple[int, dict[str, Any]] | None) -> None:
+        if run_end is not None and self.alerts is not None:
+            rank, attrs = run_end
+            self.alerts.observe_event(run, rank, protocol.RUN_END, attrs)
+        self._end_run(run)
 
     def _process_results(self) -> None:
         while self._results:
@@ -534,6 +572,8 @@ class Analysis:
             del self._open_runs[run]
 
     def _finish_runs(self) -> None:
+        for run in list(self._ending):
+            self._settle_endings(force=run)
         for run in list(self._open_runs):
             self._end_run(run)
 
@@ -556,3 +596,15 @@ class Analysis:
         self._alerts_fired = tuple(
             FiredAlert(name, severity, count) for (name, severity), count in engine.counts().items()
         )
+
+
+def _feature_statistic_of(key: Any, run: str) -> bool:
+    """Whether a statistics job key is a feature batch's statistics for ``run``: its
+    ``(run, rank, name)`` or the pair's ``(run, rank, name, "pair")`` (maps and dashboards
+    are pictures, which no rule reads)."""
+    return (
+        isinstance(key, tuple)
+        and bool(key)
+        and key[0] == run
+        and (len(key) == 3 or (len(key) == 4 and key[3] == "pair"))
+    )

@@ -206,6 +206,11 @@ class StatsJobs:
         with self._wake:
             return len(self._pending)
 
+    def busy_with(self, wanted: Callable[[Any], bool]) -> bool:
+        """Whether a job whose key is ``wanted`` is waiting or running."""
+        with self._wake:
+            return any(wanted(key) for key in (*self._pending, *self._running_keys))
+
     def wait_idle(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         with self._wake:

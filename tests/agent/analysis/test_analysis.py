@@ -323,3 +323,46 @@ def test_a_statistic_that_fails_is_counted_and_the_rest_go_on(tmp_path: Path) ->
     names = {n for e in _agent_lines(run_dir, "scalars") for n in e["metrics"]}
     assert not any(n.startswith("features/bad/") for n in names)
     assert sum(e["kind"] == "scalars" for e in lines(run_dir)) == 1  # the trainer's record kept
+
+
+COLLAPSE_AT_THE_END = """
+import json, os, pathlib, time, torch, probe
+probe.init()
+torch.manual_seed(0)
+store = pathlib.Path(os.environ["RUNS_DIR"]) / os.environ["OUTRIDER_RUN_ID"] / "metrics.jsonl"
+
+def judged():
+    return sum(
+        1 for e in map(json.loads, store.read_text().splitlines())
+        if e.get("stream") == "agent" and e["kind"] == "scalars"
+        and "features/h/collapse_ratio" in e["metrics"]
+    ) if store.exists() else 0
+
+for batch in range(6):  # the baseline: each batch's statistics stored before the next
+    probe.features("h", torch.randn(128, 16), step=batch, every=1)
+    probe.log({"loss": 1.0}, step=batch)
+    deadline = time.monotonic() + 30
+    while judged() <= batch and time.monotonic() < deadline:
+        time.sleep(0.02)
+for stream in range(4):  # wide batches that keep the statistics worker busy a while
+    probe.features(f"wide{stream}", torch.randn(512, 4096), step=6, every=1)
+probe.features("h", torch.ones(128, 16) + 1e-3 * torch.randn(128, 16), step=6, every=1)
+probe.finish()  # at once: the last batch's statistics come back after the run's end
+"""
+
+
+def test_the_last_batch_is_judged_even_when_its_statistics_come_after_the_end(
+    tmp_path: Path,
+) -> None:
+    """A collapse in the run's very last feature batch still raises its alert: the run's
+    end waits for the statistics of the batches already taken."""
+    config = tmp_path / "agent.yaml"
+    config.write_text("stats: {feature_map: off}\nsystem: {enabled: false}\n")
+    endpoint = short_ipc_endpoint()
+    runs = tmp_path / "runs"
+    agent = start_agent(endpoint, runs, "--config", str(config), sinks="none")
+    done = run_trainer(COLLAPSE_AT_THE_END, endpoint, "late-collapse", RUNS_DIR=str(runs))
+    assert done.returncode == 0, done.stderr
+    assert stop_agent(agent, timeout=60) == 0
+    alerts = [e for e in _agent_lines(runs / "late-collapse", "alert")]
+    assert [(a["name"], a["step"]) for a in alerts] == [("representation_collapse", 6)]
