@@ -176,6 +176,7 @@ class CallbackBody:
         self.watcher: Any = None
         self._loss: Any = None  # the micro-batch losses of the step so far (accumulation)
         self._global_step = 0
+        self._watch_due = False  # watch at the next training batch
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         """Start the probe with the trainer's ranks (Lightning's launcher sets no ``RANK``)."""
@@ -194,13 +195,20 @@ class CallbackBody:
             internal.record(exc, "lightning")
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        """Watch the model and the torch optimizer, counting steps as Lightning's loggers do."""
-        if not self.active:
+        self._stop_watching()
+        self._loss = None
+        self._global_step = trainer.global_step
+        self._watch_due = True
+
+    def on_train_batch_start(
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Watch the model and the torch optimizer before the first batch, counting steps
+        as Lightning's loggers do (final here, also in a fit resumed from a checkpoint)."""
+        if not (self.active and self._watch_due):
             return
+        self._watch_due = False
         try:
-            self._stop_watching()
-            self._loss = None
-            self._global_step = trainer.global_step
             if self.automatic and probe._watchers:
                 return  # the trainer watches the model itself
             optimizers = trainer.optimizers

@@ -149,6 +149,7 @@ def test_a_fit_stores_lightnings_scalars_the_loss_the_watch_and_the_hyperparamet
         assert metrics["lr"] == pytest.approx(0.05)
         assert metrics["grad_norm"] == pytest.approx(float(model.grad_norms[step]), rel=1e-5)
         assert metrics["grad_norm"] > 0.01  # so the clip changed the gradients
+        assert metrics.keys() >= {"forward_seconds", "backward_seconds"}
     assert info["config"] == {"lr": 0.05, "width": 8}
     assert [e["attrs"]["status"] for e in events(entries, "trainer_end")] == ["success"]
     assert [s["rank"] for s in trainer_streams(info)] == [0]
@@ -170,6 +171,72 @@ def test_gradient_accumulation_logs_one_loss_per_optimizer_step(
         mean = (float(model.losses[2 * step]) + float(model.losses[2 * step + 1])) / 2
         assert metrics["loss"] == pytest.approx(mean, rel=1e-6)
         assert "grad_norm" in metrics
+
+
+class TwoOptimizers(Regression):
+    """Manual optimization with two optimizers, one per layer: two steps per batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = nn.functional.mse_loss(self(x), y)
+        self.losses.append(loss.detach())
+        self.log("train_loss", loss)
+        for optimizer in self.optimizers():  # type: ignore[union-attr]
+            optimizer.zero_grad()
+        self.manual_backward(loss)
+        for optimizer in self.optimizers():  # type: ignore[union-attr]
+            optimizer.step()
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        first, last = self.net[0], self.net[2]
+        return [
+            torch.optim.SGD(first.parameters(), lr=0.05),
+            torch.optim.SGD(last.parameters(), lr=0.01),
+        ]
+
+
+def test_manual_optimization_with_two_optimizers_counts_batches_that_stepped(
+    agent: Any, endpoint: str, runs_dir: Path
+) -> None:
+    """global_step counts both optimizers' steps; the loss and the first optimizer's
+    watched steps are numbered by batch, as Lightning numbers log_metrics."""
+    probe.init(endpoint, run_id="manual")
+    torch.manual_seed(0)
+    model = TwoOptimizers()
+    fit_trainer = trainer(logger=OutriderLogger(), callbacks=[OutriderCallback()])
+    fit_trainer.fit(model, loader())
+    entries, _ = stored(agent, runs_dir, "manual")
+    assert fit_trainer.global_step == STEPS  # max_steps counts both optimizers' steps
+    batches = STEPS // 2
+    steps = scalars_by_step(entries)
+    assert sorted(steps) == list(range(batches))
+    for step, metrics in steps.items():
+        assert metrics["loss"] == pytest.approx(float(model.losses[step]), rel=1e-6)
+        assert metrics["train_loss"] == metrics["loss"]
+        assert metrics["lr"] == pytest.approx(0.05)  # the first optimizer's
+
+
+def test_a_resumed_fit_goes_on_from_the_checkpoints_step(
+    agent: Any, endpoint: str, runs_dir: Path, tmp_path: Path
+) -> None:
+    """Resuming from a Lightning checkpoint, the watcher and the loss go on at Lightning's
+    step, not from 0."""
+    probe.init(endpoint, run_id="resume")
+    folder = tmp_path / "ckpts"
+    saver = ModelCheckpoint(dirpath=folder, every_n_train_steps=2, save_top_k=-1)
+    fit(callbacks=[OutriderCallback(), saver], enable_checkpointing=True, max_steps=2)
+    torch.manual_seed(0)
+    resumed = trainer(callbacks=[OutriderCallback()], max_steps=STEPS)
+    resumed.fit(Regression(), loader(), ckpt_path=str(folder / "epoch=0-step=2.ckpt"))
+    entries, _ = stored(agent, runs_dir, "resume")
+    steps = scalars_by_step(entries)
+    assert sorted(steps) == list(range(STEPS))
+    assert all(metrics.keys() >= {"loss", "grad_norm"} for metrics in steps.values())
 
 
 def test_each_saved_checkpoint_is_an_event_the_agent_verifies(
@@ -201,6 +268,47 @@ def test_each_saved_checkpoint_is_an_event_the_agent_verifies(
         for attrs in saved.values()
     }
     assert events(entries, "checkpoint_failed") == []
+
+
+def test_the_pytorch_lightning_package_gets_classes_of_its_own(
+    agent: Any, endpoint: str, runs_dir: Path
+) -> None:
+    """probe.integrations.pytorch_lightning's logger and callback work in a
+    pytorch_lightning Trainer, which takes only its own package's classes."""
+    import pytorch_lightning
+
+    from probe.integrations import pytorch_lightning as outrider_pl
+
+    class Module(pytorch_lightning.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Linear(4, 1)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            loss = nn.functional.mse_loss(self.net(x), y)
+            self.log("train_loss", loss)
+            return loss
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    probe.init(endpoint, run_id="pl")
+    assert not issubclass(outrider_pl.OutriderCallback, pl.Callback)
+    pytorch_lightning.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        log_every_n_steps=1,
+        logger=outrider_pl.OutriderLogger(),
+        callbacks=[outrider_pl.OutriderCallback()],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    ).fit(Module(), loader())
+    entries, _ = stored(agent, runs_dir, "pl")
+    steps = scalars_by_step(entries)
+    assert sorted(steps) == [0, 1]
+    assert all(m.keys() >= {"train_loss", "loss", "grad_norm"} for m in steps.values())
 
 
 def test_hyperparameters_become_one_level_of_json_like_values() -> None:
@@ -436,6 +544,8 @@ def test_ddp_only_rank_zero_logs_lightnings_scalars_and_every_rank_reports(
     for rank in (0, 1):
         steps = scalars_by_step(entries, rank)
         assert sorted(steps) == [0, 1, 2], (rank, steps)
-        assert all({"loss", "grad_norm", "lr"} <= metrics.keys() for metrics in steps.values())
+        assert all(
+            m.keys() >= {"loss", "grad_norm", "lr", "forward_seconds"} for m in steps.values()
+        )
         lightning_logged = [s for s, metrics in steps.items() if "train_loss" in metrics]
         assert lightning_logged == ([0, 1, 2] if rank == 0 else [])
