@@ -1,12 +1,12 @@
 """PyTorch Lightning: the scalars Lightning logs, the model watched, the step loss.
 
 ``OutriderLogger`` takes what Lightning hands its loggers (the metrics of
-``self.log``, already reduced across ranks and turned into floats by Lightning,
-the hyperparameters, each saved checkpoint) on global rank 0, as Lightning's
-own loggers do. ``OutriderCallback`` starts the probe with the trainer's ranks,
-calls ``probe.watch`` on the model and its torch optimizer when training starts,
-and logs every rank's step loss as a tensor. Neither reads a tensor on the host
-nor adds a collective.
+``self.log``, already turned into floats by Lightning and reduced across ranks
+where ``sync_dist=True``; the hyperparameters; each saved checkpoint) on global
+rank 0, as Lightning's own loggers do. ``OutriderCallback`` starts the probe
+with the trainer's ranks, calls ``probe.watch`` on the model and its torch
+optimizer when training starts, and logs every rank's step loss as a tensor.
+Neither reads a tensor on the host nor adds a collective.
 
 ``callbacks_factory`` is Lightning's ``lightning.pytorch.callbacks_factory``
 entry point: under ``outrider run`` every Trainer gets the callback without a
@@ -65,16 +65,17 @@ class LoggerBody:
         return self._version if self._version is not None else os.environ.get(protocol.ENV_RUN_ID)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        """The floats Lightning already reduced and converted: passed on as they are."""
+        """The floats Lightning converted (reduced with ``sync_dist``), passed on as they are."""
         probe.log(metrics, step=step)
 
     def log_hyperparams(
         self, params: Mapping[str, Any] | Namespace, *args: Any, **kwargs: Any
     ) -> None:
         """Into run.json: nested maps flattened to ``a/b``, anything not JSON-like as text."""
-        if isinstance(params, Namespace):
-            params = vars(params)
-        probe.config(plain_params(params))
+        try:
+            probe.config(plain_params(vars(params) if isinstance(params, Namespace) else params))
+        except Exception as exc:
+            internal.record(exc, "lightning: hyperparameters")
 
     def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
         """A ``checkpoint`` event for the file just saved, which the agent checks.
