@@ -231,8 +231,35 @@ class Watcher:
     def _due(self, every: int, step: int) -> bool:
         return every > 0 and step % every == 0
 
-    def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        """Gradients are final here (accumulated, unscaled, maybe clipped)."""
+    def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> Any:
+        """Gradients are final here (accumulated, unscaled, maybe clipped), unless the step
+        is given a closure (Lightning's, LBFGS's): the closure runs the forward and the
+        backward inside ``step``, so the gradients are taken when it first returns."""
+        try:
+            closed = _with_closure(optimizer, args, kwargs, self._measured)
+        except Exception as exc:
+            closed = None
+            internal.record(exc, "watch: closure")
+        if closed is not None:
+            return closed
+        self._gradients_ready()
+        return None
+
+    def _measured(self, closure: Callable[..., Any]) -> Callable[..., Any]:
+        """``closure``, followed on its first call by what ``_before_step`` does."""
+        first = True
+
+        def measured(*args: Any, **kwargs: Any) -> Any:
+            nonlocal first
+            result = closure(*args, **kwargs)
+            if first:
+                first = False
+                self._gradients_ready()
+            return result
+
+        return measured
+
+    def _gradients_ready(self) -> None:
         if self._backward_started is not None:
             # From the first backward to now, less the forwards in between (accumulation,
             # evaluation).
@@ -734,6 +761,20 @@ def _root_sum_squares(norms: list[float]) -> float:
 
 
 _clip_patch = _ClipPatch()
+
+
+def _with_closure(
+    optimizer: Any, args: tuple[Any, ...], kwargs: dict[str, Any], wrap: Callable[[Any], Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """A step pre-hook's new ``(args, kwargs)`` with the step's closure (keyword, or the
+    first argument after the optimizer itself, which torch passes first) wrapped; None
+    when the step has no closure."""
+    if callable(kwargs.get("closure")):
+        return args, {**kwargs, "closure": wrap(kwargs["closure"])}
+    first = 1 if args and args[0] is optimizer else 0
+    if len(args) > first and callable(args[first]):
+        return (*args[:first], wrap(args[first]), *args[first + 1 :]), kwargs
+    return None
 
 
 # Attributes under which training frameworks keep the optimizer they wrap: accelerate's

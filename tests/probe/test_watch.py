@@ -638,6 +638,41 @@ def test_gradient_accumulation_records_once_per_optimizer_step(
         assert close(line["metrics"]["grad_norm"], expected[step])
 
 
+@pytest.mark.parametrize("passed_as", ["positional", "keyword"])
+def test_a_closure_step_logs_the_gradients_its_closure_computed(
+    agent: Any, endpoint: str, runs_dir: Path, passed_as: str
+) -> None:
+    """optimizer.step(closure) (Lightning, LBFGS) runs the backward inside the step: the
+    norms, the update ratio and the section times are of that backward, a clip inside the
+    closure undone."""
+    probe.init(endpoint, run_id="closure")
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    probe.watch(model, opt, layer_every=1)
+    expected = []
+    for step in range(3):
+
+        def closure(step: int = step) -> torch.Tensor:
+            x, y = batch(step)
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            expected.append(norm([p.grad for p in model.parameters()]))
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01)
+            return loss
+
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.step(closure) if passed_as == "positional" else opt.step(closure=closure)
+        moved = norm([p.detach() - b for p, b in zip(model.parameters(), before, strict=True)])
+        assert moved == pytest.approx(0.05 * 0.01, rel=1e-3), "the closure's clip applies"
+    steps = by_step(stored_run(agent, runs_dir, "closure")[0])
+    assert sorted(steps) == [0, 1, 2]
+    for step, metrics in steps.items():
+        assert close(metrics["grad_norm"], expected[step]), step
+        assert metrics["update_ratio/group0"] > 0
+        assert metrics.keys() >= SECTIONS, step
+
+
 def _cpu_grad_scaler() -> Any:
     try:
         return torch.amp.GradScaler("cpu")
