@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import shutil
 from pathlib import Path
 from typing import Any
@@ -37,15 +38,21 @@ def expected_loss(run: str, step: int) -> float:
 
 @pytest.fixture(scope="session")
 def stored(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Two finished runs, ``lr-small`` and ``lr-large``, stored by one real agent."""
+    """Two finished runs, ``lr-small`` and ``lr-large``, trained side by side under one
+    real agent."""
     base = tmp_path_factory.mktemp("stored")
     runs_dir = base / "runs"
     endpoint = short_ipc_endpoint()
     agent = start_agent(endpoint, runs_dir)
     try:
-        for run_id, (lr, steps) in RUNS.items():
-            done = run_trainer(TRAIN.format(lr=lr, steps=steps), endpoint, run_id)
-            assert done.returncode == 0, done.stderr
+        with concurrent.futures.ThreadPoolExecutor(len(RUNS)) as pool:
+            trainers = [
+                pool.submit(run_trainer, TRAIN.format(lr=lr, steps=steps), endpoint, run_id)
+                for run_id, (lr, steps) in RUNS.items()
+            ]
+            for trainer in trainers:
+                done = trainer.result()
+                assert done.returncode == 0, done.stderr
     finally:
         assert stop_agent(agent) == 0
         shutil.rmtree(Path(endpoint.removeprefix("ipc://")).parent, ignore_errors=True)
