@@ -112,3 +112,52 @@ def test_live_only_sinks_and_a_second_copy_are_refused_in_one_line(
     done = replay(stored, "lr-small", "--set", "logdir")
     assert done.returncode == 2 and "SINK.OPTION=VALUE" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_sources_follow_the_stored_streams_and_a_failing_sink_is_named(
+    stored: dict[str, Any],
+) -> None:
+    """Batches carry each stream's announced source, run_end comes last, the run can be
+    renamed; a sink that keeps failing is retried, given up and named, the others go on."""
+    from agent.reports.replay import SinkReplay, replay
+    from sinks.memory import MemorySink
+    from tests.faulty_sinks import RaisingSink
+
+    memory, raising = MemorySink(), RaisingSink()
+    targets = [SinkReplay("memory", memory, "memory"), SinkReplay("raising", raising, "x")]
+    done = replay(stored["runs"] / "lr-small", targets, run_id="renamed", sleep=lambda _: None)
+    stored_lines = lines(stored["runs"] / "lr-small", agent_lines=True)
+    assert memory.entries() == stored_lines and memory.closed
+    trainer = [b for b in memory.batches if b.source.stream != "agent"]
+    announced = stored_lines[0]["source"]
+    assert {b.source.run for b in memory.batches} == {"renamed"}
+    assert {(b.source.stream, b.source.pid, b.source.rank) for b in trainer} == {
+        (announced["stream"], announced["pid"], 0)
+    }
+    assert done.sinks[1].error == "ConnectionError: the collector is down"
+    assert raising.calls == 4 and done.sinks[1].retries == 3  # then given up
+
+
+def test_a_job_views_lines_get_the_aggregators_sources(tmp_path: Path) -> None:
+    """A job view's rank lines go out as the aggregator sent them live: stream `node`, the
+    rank's host, the job's world size; its own lines as stream `aggregator`."""
+    from agent.reports.replay import SinkReplay, replay
+    from sinks.memory import MemorySink
+
+    job_dir = tmp_path / "jobs" / "job7"
+    job_dir.mkdir(parents=True)
+    info = {"run_id": "job7", "status": "finished", "job": {"ranks": [{"rank": 0}, {"rank": 1}]}}
+    (job_dir / "run.json").write_bytes(orjson.dumps(info))
+    entries = [
+        {"kind": "scalars", "stream": "agent", "rank": r, "host": f"n{r}", "step": 99, "t": 1.0,
+         "metrics": {"loss": 1.0}}
+        for r in (0, 1)
+    ] + [{"kind": "scalars", "stream": "agent", "rank": -1, "step": 99, "t": 2.0,
+          "metrics": {"job/slowest_rank": 1}}]  # fmt: skip
+    (job_dir / "metrics.jsonl").write_bytes(b"".join(orjson.dumps(e) + b"\n" for e in entries))
+    memory = MemorySink()
+    replay(job_dir, [SinkReplay("memory", memory, "memory")])
+    sources = [(b.source.stream, b.source.rank, b.source.host, b.source.world_size)
+               for b in memory.batches]  # fmt: skip
+    assert sources == [("node", 0, "n0", 2), ("node", 1, "n1", 2), ("aggregator", -1, "", 2)]
+    assert {b.source.run for b in memory.batches} == {"job7"}
