@@ -95,3 +95,40 @@ def test_unknown_and_single_runs_fail_clearly(stored: dict[str, Any]) -> None:
 def test_best_rule_follows_the_name(name: str, rule: str) -> None:
     """Loss-like names are best low, accuracy-like ones high, the rest have no best."""
     assert rule_for(name) == rule
+
+
+def test_html_page_renders_offline_in_a_real_browser(
+    stored: dict[str, Any], tmp_path: Path
+) -> None:
+    """Headless chromium shows the page with the network cut off: every curve image
+    decodes, the tables hold the runs, and the page asked for nothing but itself."""
+    from playwright.sync_api import Route, sync_playwright
+
+    page_file = tmp_path / "compare.html"
+    done = compare(stored, "lr-small", "lr-large", "--html", str(page_file))
+    assert done.returncode == 0, done.stderr
+    requested: list[str] = []
+
+    def only_the_file(route: Route) -> None:
+        requested.append(route.request.url)
+        if route.request.url.startswith("file:"):
+            route.continue_()
+        else:
+            route.abort()
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", headless=True)
+        try:
+            page = browser.new_page()
+            page.route("**/*", only_the_file)
+            page.goto(page_file.as_uri())
+            images = page.eval_on_selector_all(
+                "img", "els => els.map(e => [e.alt, e.complete && e.naturalWidth])"
+            )
+            text = page.inner_text("body")
+        finally:
+            browser.close()
+    assert {"grad_norm", "loss", "lr", "val/acc"} <= {alt for alt, _ in images}
+    assert images and all(width == 640 for _, width in images)
+    assert "lr-small" in text and "lr-large" in text and "Config differences" in text
+    assert requested == [page_file.as_uri()]
