@@ -16,6 +16,7 @@ def apply_settings(config: AgentConfig, assignments: tuple[str, ...]) -> AgentCo
     import yaml
 
     from agent.reports.replay import with_options
+    from sinks import registry
 
     sinks = dict(config.sinks)
     for assignment in assignments:
@@ -24,6 +25,11 @@ def apply_settings(config: AgentConfig, assignments: tuple[str, ...]) -> AgentCo
         if not (equals and dot and name and option):
             raise click.BadParameter(
                 f"{assignment!r} is not SINK.OPTION=VALUE (e.g. tensorboard.logdir=/tmp/tb)",
+                param_hint="--set",
+            )
+        if name not in sinks and name not in registry.known_names():
+            raise click.BadParameter(
+                f"unknown sink {name!r}; known: {', '.join(registry.known_names())}",
                 param_hint="--set",
             )
         try:

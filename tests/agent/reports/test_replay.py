@@ -111,6 +111,8 @@ def test_live_only_sinks_and_a_second_copy_are_refused_in_one_line(
         own.rmdir()
     done = replay(stored, "lr-small", "--set", "logdir")
     assert done.returncode == 2 and "SINK.OPTION=VALUE" in done.stderr
+    done = replay(stored, "lr-small", "--set", "tensorbored.logdir=x")
+    assert done.returncode == 2 and "unknown sink 'tensorbored'" in done.stderr
     assert "Traceback" not in done.stderr
 
 
