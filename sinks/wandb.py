@@ -47,6 +47,7 @@ logger = logging.getLogger("outrider.sinks.wandb")
 
 STEP_KEY = "trainer/step"  # the custom x-axis: any step order is fine, no monotonic warnings
 ALERTS_KEY = "outrider/alerts"
+TIME_KEY = "_timestamp"  # a history row's wall time; W&B keeps one given, else takes its own
 TEXT_ROWS = 200  # rows kept per text table (the newest)
 TABLE_INTERVAL = 10.0  # seconds between re-logs of a changing table (each one is a new file)
 MAX_HISTOGRAM_BINS = 512  # wandb.Histogram's own limit
@@ -557,20 +558,26 @@ class WandbSink(Sink):
         metrics, step = entry.get("metrics"), _step(entry)
         if not isinstance(metrics, dict):
             raise _Skip("metrics is not a map")
+        t = entry.get("t")
         if plain_numbers(metrics.values()) and all(isinstance(n, str) and n for n in metrics):
             # A copy: the entry is every sink's, and the row gets the step key added.
-            state.add(step, {prefix + n: v for n, v in metrics.items()} if prefix else {**metrics})
-            return
-        values: dict[str, Any] = {}
-        for name, value in metrics.items():
-            number = _number(value)
-            if number is None or not isinstance(name, str) or not name:
-                self.skipped += 1
-                self._warn_once(f"value:{name}", f"skipped scalar {name!r}: {value!r} is no number")
-                continue
-            values[prefix + name] = number
-        if values:
-            state.add(step, values)
+            values = {prefix + n: v for n, v in metrics.items()} if prefix else {**metrics}
+        else:
+            values = {}
+            for name, value in metrics.items():
+                number = _number(value)
+                if number is None or not isinstance(name, str) or not name:
+                    self.skipped += 1
+                    self._warn_once(
+                        f"value:{name}", f"skipped scalar {name!r}: {value!r} is no number"
+                    )
+                    continue
+                values[prefix + name] = number
+            if not values:
+                return
+        if type(t) is float and math.isfinite(t):
+            values[TIME_KEY] = t  # the trainer's time, not the sink's: a replay keeps its times
+        state.add(step, values)
 
     def _histogram(self, state: _Run, batch: Batch, entry: Mapping[str, Any], prefix: str) -> None:
         import numpy as np

@@ -14,7 +14,7 @@ import orjson
 
 from agent import config as agent_config
 from agent.aggregation.config import DEFAULT_PORT
-from agent.cli import jobs, launcher, report, simulate
+from agent.cli import compare, jobs, launcher, replay, report, simulate, top
 from agent.config import AgentConfig
 from agent.store.disk import check_runs_dir, describe
 from agent.store.runs import RunNotFound, list_runs, resolve, summarise
@@ -491,6 +491,9 @@ def _row(cells: tuple[Any, ...], widths: tuple[int, ...]) -> str:
 
 main.add_command(jobs.aggregator)
 main.add_command(simulate.simulate_command())
+main.add_command(top.top_command())
+main.add_command(compare.compare_command())
+main.add_command(replay.replay_command())
 main.add_command(report.report_command())
 
 
