@@ -165,7 +165,7 @@ class RunLog:
         """The trainer's config records merged in order (later keys win)."""
         merged: dict[str, Any] = {}
         for entry in self.configs:
-            values = entry.get("config")
+            values = entry.get("params")
             if isinstance(values, dict):
                 merged.update(values)
         return merged

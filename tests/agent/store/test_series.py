@@ -31,8 +31,8 @@ def test_reads_series_per_metric_with_ranks_and_non_finite(tmp_path: Path) -> No
             "cpu_percent": 50.0,
             "gpus": [{"index": 0, "util_percent": 9}],
         },
-        {"kind": "config", "config": {"lr": 0.1}},
-        {"kind": "config", "config": {"batch": 8}},
+        {"kind": "config", "params": {"lr": 0.1}},
+        {"kind": "config", "params": {"batch": 8}},
     ]
     (tmp_path / "metrics.jsonl").write_bytes(b"".join(map(_line, lines)) + b"not json\n")
     log = RunLog.read(tmp_path)
