@@ -17,6 +17,7 @@ from tests.helpers import (
     PYTHON,
     lines,
     outrider,
+    run_info,
     short_ipc_endpoint,
     start_agent,
     stop_agent,
@@ -56,7 +57,12 @@ def test_top_shows_a_live_run_with_its_numbers(tmp_path: Path) -> None:
     try:
         run_dir = runs_dir / "live-1"
         wait_for(lambda: len(lines(run_dir)) >= STEPS + 1, 30, "the trainer's steps stored")
-        wait_for(lambda: (run_dir / "run.json").exists(), 10, "run.json")
+        wait_for(
+            lambda: (run_dir / "run.json").exists()
+            and any(s.get("pid") for s in run_info(run_dir).get("streams") or []),
+            20,
+            "run.json naming the trainer's stream (it is rewritten every few seconds)",
+        )
         done = outrider("top", "--json", "--runs-dir", str(runs_dir))
         assert done.returncode == 0, done.stderr
         [run] = orjson.loads(done.stdout)["runs"]
