@@ -1,6 +1,7 @@
 """Hugging Face ``Trainer`` telemetry: ``Trainer(..., callbacks=[OutriderCallback()])``.
 
-The callback adds no work of its own to a training step. What the Trainer
+The callback adds almost nothing to a training step (one attribute set
+before the optimizer step). What the Trainer
 logs reaches ``on_log`` as floats it has already gathered and read (its own
 ``.item()``), and is forwarded as it is; the model and the torch optimizer
 under accelerate's wrapper are watched with ``probe.watch``, whose hooks do
@@ -41,8 +42,8 @@ class OutriderCallback(TrainerCallback):
     ``watch_options`` go to ``probe.watch`` (``log_every``, ``layer_every``,
     ``hist_every``, ``activations_every``, ``tokens_per_step``); ``watch=False``
     forwards the Trainer's logs alone. ``flush_timeout`` bounds the wait at
-    the end of training for what is still queued (the rest is counted as
-    dropped, never waited for beyond it).
+    the end of training for what is still queued; what is not sent by then
+    goes on in the background (and is counted as dropped if exit cuts it off).
     """
 
     def __init__(
