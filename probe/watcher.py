@@ -549,17 +549,22 @@ def _activation_hook(watcher: Watcher, name: str) -> Callable[..., None]:
 
 
 class _ClipPatch:
-    """Sees ``clip_grad_norm_`` calls, so the logged norm is the one before clipping.
+    """Sees ``clip_grad_norm_`` and ``clip_grads_with_norm_`` calls, so the logged norm is
+    the one before clipping.
 
     ``torch.nn.utils.clip_grad_norm_`` returns the pre-clip total norm (a tensor,
     no sync); the watcher whose parameters were clipped keeps it for its step.
-    Installed while any watcher exists; code that imported the function by name
+    ``torch.nn.utils.clip_grads_with_norm_`` (what accelerate's
+    ``clip_grad_norm_``, and so the Hugging Face Trainer, clips with, after
+    ``get_total_norm``) is given that norm: the factor it scales by is kept.
+    Installed while any watcher exists; code that imported a function by name
     before ``probe.watch`` keeps the original (documented).
     """
 
     def __init__(self) -> None:
         self.watchers: weakref.WeakSet[Watcher] = weakref.WeakSet()
         self.original: Any = None
+        self.original_with_norm: Any = None  # None too on a torch without it (< 2.6)
 
     def add(self, watcher: Watcher) -> None:
         self.watchers.add(watcher)
@@ -570,6 +575,10 @@ class _ClipPatch:
             self.original = torch.nn.utils.clip_grad_norm_
             torch.nn.utils.clip_grad_norm_ = self._clip
             torch.nn.utils.clip_grad.clip_grad_norm_ = self._clip
+            # Only the public name: torch's own clip_grad_norm_ calls the private one.
+            self.original_with_norm = getattr(torch.nn.utils, "clip_grads_with_norm_", None)
+            if self.original_with_norm is not None:
+                torch.nn.utils.clip_grads_with_norm_ = self._clip_with_norm
 
     def discard(self, watcher: Watcher) -> None:
         self.watchers.discard(watcher)
@@ -579,7 +588,9 @@ class _ClipPatch:
 
             torch.nn.utils.clip_grad_norm_ = self.original
             torch.nn.utils.clip_grad.clip_grad_norm_ = self.original
-            self.original = None
+            if self.original_with_norm is not None:
+                torch.nn.utils.clip_grads_with_norm_ = self.original_with_norm
+            self.original = self.original_with_norm = None
 
     def _clip(self, parameters: Any, max_norm: float, *args: Any, **kwargs: Any) -> Any:
         import torch
@@ -592,8 +603,29 @@ class _ClipPatch:
             if total is not None:
                 return total
         total = self.original(parameters, max_norm, *args, **kwargs)
+        self._note_factor(parameters, max_norm, total)
+        return total
+
+    def _clip_with_norm(
+        self, parameters: Any, max_norm: float, total_norm: Any, *args: Any, **kwargs: Any
+    ) -> None:
+        """``clip_grads_with_norm_`` as torch does it, keeping the factor it scaled by."""
+        import torch
+
+        if isinstance(parameters, torch.Tensor):
+            parameters = [parameters]
+        parameters = list(parameters)
+        self.original_with_norm(parameters, max_norm, total_norm, *args, **kwargs)
+        self._note_factor(parameters, max_norm, total_norm)
+
+    def _note_factor(self, parameters: list[Any], max_norm: float, total: Any) -> None:
+        """The factor a clip scaled ``parameters``' gradients by (torch's formula), as a
+        tensor (no sync), for each watcher that has them to undo."""
+        import torch
+
         try:
-            # The factor clip_grad_norm_ applied, as a tensor: no sync.
+            if not isinstance(total, torch.Tensor):
+                total = torch.tensor(float(total))
             factor = torch.clamp(float(max_norm) / (total.detach().float() + 1e-6), max=1.0)
             for watcher in list(self.watchers):
                 for param in parameters:
@@ -601,7 +633,6 @@ class _ClipPatch:
                         watcher._clip_coefficients[id(param)] = factor
         except Exception as exc:
             internal.record(exc, "watch: clip")
-        return total
 
     def _clip_reusing_norms(self, parameters: list[Any], max_norm: float) -> Any:
         """``clip_grad_norm_(parameters, max_norm)`` as torch computes it (2-norm: one
@@ -611,7 +642,7 @@ class _ClipPatch:
         devices or dtypes, sparse ones, or a torch without ``clip_grads_with_norm_``."""
         import torch
 
-        clip_with_norm = getattr(torch.nn.utils, "clip_grads_with_norm_", None)
+        clip_with_norm = self.original_with_norm
         with_grad = [p for p in parameters if p.grad is not None]
         if clip_with_norm is None or not with_grad:
             return None

@@ -202,6 +202,37 @@ def test_other_clip_calls_still_log_pre_clip_norms(
             assert close(steps[step][f"grad_norm/layer/{name}"], value), (step, name)
 
 
+def test_clip_with_a_given_norm_logs_pre_clip_norms(
+    agent: Any, endpoint: str, runs_dir: Path
+) -> None:
+    """accelerate's clip (and so the Hugging Face Trainer's): get_total_norm, then
+    clip_grads_with_norm_ with that norm; the logged norms are those before it, and
+    unwatch puts torch's function back."""
+    original = torch.nn.utils.clip_grads_with_norm_
+    probe.init(endpoint, run_id="clip-with-norm")
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    watcher = probe.watch(model, opt, layer_every=1)
+    assert torch.nn.utils.clip_grads_with_norm_ is not original
+    expected = []
+    for step in range(3):
+        backward(model, opt, step)
+        layers = {name: norm([p.grad]) for name, p in model.named_parameters()}
+        params = list(model.parameters())
+        total = torch.nn.utils.get_total_norm([p.grad for p in params])
+        torch.nn.utils.clip_grads_with_norm_(params, 0.01, total)
+        assert norm([p.grad for p in params]) == pytest.approx(0.01, rel=1e-3), "must clip"
+        expected.append((float(total), layers))
+        opt.step()
+    watcher.unwatch()
+    assert torch.nn.utils.clip_grads_with_norm_ is original
+    steps = by_step(stored_run(agent, runs_dir, "clip-with-norm")[0])
+    for step, (total, layers) in enumerate(expected):
+        assert close(steps[step]["grad_norm"], total), step
+        for name, value in layers.items():
+            assert close(steps[step][f"grad_norm/layer/{name}"], value), (step, name)
+
+
 def test_one_clip_over_two_models_logs_only_the_watched_models_norms(
     agent: Any, endpoint: str, runs_dir: Path
 ) -> None:
