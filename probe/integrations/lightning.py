@@ -28,6 +28,7 @@ from typing import Any
 import probe
 from probe import internal, protocol
 from probe.checkpoint import CHECKPOINT_EVENT
+from probe.integrations.plain import plain_config
 from probe.watcher import check_every
 
 __all__ = ["PACKAGE", "OutriderCallback", "OutriderLogger", "callbacks_factory"]
@@ -107,39 +108,23 @@ class LoggerBody:
         probe.event(TRAINER_END_EVENT, status=status)
 
 
-def plain_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Hyperparameters as the agent takes them: one level of string keys, JSON-like values.
+def plain_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Hyperparameters as the agent takes them: nested maps flattened to ``a/b``, values
+    made plain (``plain_config``: a tensor described by its shape and dtype, never read)."""
+    return plain_config(_flattened(params, ""))
 
-    A tensor is described by its type, shape and dtype: reading its values would be
-    a host sync.
-    """
+
+def _flattened(params: Mapping[str, Any], prefix: str) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in params.items():
         name = f"{prefix}{key}"
         if isinstance(value, Namespace):
             value = vars(value)
         if isinstance(value, Mapping):
-            flat.update(plain_params(value, f"{name}/"))
+            flat.update(_flattened(value, f"{name}/"))
         else:
-            flat[name] = _plain_value(value)
+            flat[name] = value
     return flat
-
-
-def _plain_value(value: Any) -> Any:
-    if value is None or type(value) in (str, int, float, bool):
-        return value
-    if type(value) in (list, tuple) and all(
-        item is None or type(item) in (str, int, float, bool) for item in value
-    ):
-        return list(value)
-    shape = getattr(value, "shape", None)
-    if shape is not None and hasattr(value, "dtype"):
-        return f"{type(value).__name__}(shape={list(shape)}, dtype={value.dtype})"
-    if callable(value):
-        return (
-            getattr(value, "__qualname__", None) or getattr(value, "__name__", None) or repr(value)
-        )
-    return str(value)
 
 
 class CallbackBody:

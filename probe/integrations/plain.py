@@ -3,8 +3,9 @@
 The agent refuses a whole config record that holds anything but strings,
 numbers, booleans, None, lists and string-keyed maps, nested at most 8 deep,
 and a message with a container over 4,096 entries. Framework configs hold
-enums, dtypes, paths and tuples, so they are turned into plain values here,
-and what is too large is cut, rather than the run's configuration lost.
+enums, dtypes, paths, tuples and tensors, so they are turned into plain values
+here (a tensor described by its shape and dtype, never read), and what is too
+large is cut, rather than the run's configuration lost.
 """
 
 from __future__ import annotations
@@ -41,7 +42,12 @@ def _plain(value: Any, depth: int) -> Any:
         items = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value
         return [_plain(item, depth + 1) for item in list(items)[:MAX_ITEMS]]
     converted = _number(value)
-    return converted if converted is not None else _text(value)
+    if converted is not None:
+        return converted
+    shape = getattr(value, "shape", None)
+    if shape is not None and hasattr(value, "dtype"):  # reading its values: a host sync
+        return f"{type(value).__name__}(shape={list(shape)}, dtype={value.dtype})"
+    return _text(value)
 
 
 def _plain_map(values: Mapping[Any, Any], depth: int) -> dict[str, Any]:
@@ -63,10 +69,12 @@ def _number(value: Any) -> int | float | None:
 
 
 def _text(value: Any) -> str:
-    """An enum by its value, anything else by ``str``."""
+    """An enum by its value, a function or class by its name, anything else by ``str``."""
     inner = getattr(value, "value", None)
     if isinstance(inner, (str, int, float)) and type(value).__module__ != "builtins":
         return str(inner)[:MAX_CHARS]
+    if callable(value) and isinstance(getattr(value, "__qualname__", None), str):
+        return str(value.__qualname__)[:MAX_CHARS]
     try:
         return str(value)[:MAX_CHARS]
     except Exception:

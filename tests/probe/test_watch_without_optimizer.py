@@ -233,12 +233,14 @@ def probe_agent_again(agent: Any, endpoint: str, runs_dir: Path) -> Any:
 
 def test_the_real_accelerated_optimizer_is_looked_through() -> None:
     """accelerate's own AcceleratedOptimizer, where accelerate is installed."""
-    accelerate = pytest.importorskip("accelerate.optimizer")
+    accelerate = pytest.importorskip("accelerate")
     from probe.watcher import find_optimizer
 
     model = nn.Linear(4, 4)
     inner = torch.optim.SGD(model.parameters(), lr=0.1)
-    assert find_optimizer(accelerate.AcceleratedOptimizer(inner)) is inner
+    wrapped = accelerate.Accelerator(cpu=True).prepare_optimizer(inner)
+    assert isinstance(wrapped, accelerate.optimizer.AcceleratedOptimizer)
+    assert find_optimizer(wrapped) is inner
 
 
 @pytest.mark.parametrize(

@@ -58,8 +58,10 @@ def test_top_shows_a_live_run_with_its_numbers(tmp_path: Path) -> None:
         run_dir = runs_dir / "live-1"
         wait_for(lambda: len(lines(run_dir)) >= STEPS + 1, 30, "the trainer's steps stored")
         wait_for(
-            lambda: (run_dir / "run.json").exists()
-            and any(s.get("pid") for s in run_info(run_dir).get("streams") or []),
+            lambda: (
+                (run_dir / "run.json").exists()
+                and any(s.get("pid") for s in run_info(run_dir).get("streams") or [])
+            ),
             20,
             "run.json naming the trainer's stream (it is rewritten every few seconds)",
         )
