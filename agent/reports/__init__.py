@@ -1,0 +1,1 @@
+"""Reading stored runs back out: export, compare, replay, reports."""
