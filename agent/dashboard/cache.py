@@ -73,8 +73,10 @@ class RunView:
     last_read: float = 0.0
 
     def refresh(self) -> None:
-        """Take what the agent appended since the last call."""
-        while self.log.update():
+        """Take what the agent had appended when the call began (a run growing faster than
+        it is read never keeps a page waiting: the rest comes with the next refresh)."""
+        end = stored_size(self.run_dir)
+        while self.log.offset < end and self.log.update():
             for name, series in self.log.series.items():
                 if not series.values:
                     continue

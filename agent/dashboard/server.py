@@ -51,6 +51,7 @@ TAIL_BYTES = 256 << 10
 RUNS_DIR = web.AppKey("runs_dir", Path)
 CACHE = web.AppKey("cache", RunCache)
 CLOSING = web.AppKey("closing", asyncio.Event)
+READING = web.AppKey("reading", asyncio.Lock)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -61,6 +62,7 @@ def make_app(runs_dir: Path, token: str | None = None) -> web.Application:
     app[RUNS_DIR] = Path(runs_dir).resolve()
     app[CACHE] = RunCache()
     app[CLOSING] = asyncio.Event()
+    app[READING] = asyncio.Lock()
 
     async def closing(app: web.Application) -> None:
         app[CLOSING].set()
@@ -140,8 +142,11 @@ def _run_id(request: web.Request, run_dir: Path) -> str:
     return run_dir.relative_to(request.app[RUNS_DIR]).as_posix()
 
 
-def _view(request: web.Request, run_dir: Path) -> RunView:
-    return request.app[CACHE].get(run_dir)
+async def _view(request: web.Request, run_dir: Path) -> RunView:
+    """The run brought up to date, read on a worker thread so the event streams of other
+    pages keep going while a long run is read the first time; one reader at a time."""
+    async with request.app[READING]:
+        return await asyncio.to_thread(request.app[CACHE].get, run_dir)
 
 
 def _number(request: web.Request, key: str) -> float | None:
@@ -233,7 +238,7 @@ def _alert_counts(alerts: list[dict[str, Any]]) -> dict[str, int]:
 # -- one run --------------------------------------------------------------------------------------
 async def _run(request: web.Request) -> web.Response:
     run_dir = _run_dir(request)
-    view = _view(request, run_dir)
+    view = await _view(request, run_dir)
     try:
         info = load_info(run_dir)
     except (OSError, orjson.JSONDecodeError):
@@ -272,7 +277,7 @@ def _event(entry: dict[str, Any]) -> dict[str, Any]:
 
 async def _series(request: web.Request) -> web.Response:
     run_dir = _run_dir(request)
-    view = _view(request, run_dir)
+    view = await _view(request, run_dir)
     names = request.query.getall("names", [])
     buckets = _buckets(request)
     lo, hi = _number(request, "lo"), _number(request, "hi")
@@ -296,7 +301,7 @@ async def _compare(request: web.Request) -> web.Response:
     series = {}
     for name in request.query.getall("runs", [])[:20]:
         run_dir = _run_dir(request, name)
-        one = _view(request, run_dir).series(metric, buckets, lo, hi)
+        one = (await _view(request, run_dir)).series(metric, buckets, lo, hi)
         if one is not None:
             series[_run_id(request, run_dir)] = one
     return _json({"metric": metric, "series": series})
@@ -333,7 +338,7 @@ async def _image(request: web.Request) -> web.StreamResponse:
     run_dir = _run_dir(request)
     name = request.query.get("name")
     path = None
-    for image in reversed(_view(request, run_dir).log.images):
+    for image in reversed((await _view(request, run_dir)).log.images):
         if image.get("name") == name and isinstance(image.get("path"), str):
             path = Path(image["path"]).resolve()
             break

@@ -104,6 +104,8 @@ def test_finished_run_compare_alerts_and_downloads(browser: Any, agent: tuple[An
     page = open_page(browser, base + "/run?id=finished")
     # loss has one NaN (a gap, not a point); val/loss is logged every 20 steps
     assert chart_points(page, "loss") == STEPS - 1 + STEPS // 20
+    # the alert is stored by the agent's analysis thread, maybe after the page opened: live
+    page.locator("#alert-timeline tr").nth(1).wait_for()
     assert page.locator("#alert-timeline tr").count() == 2  # a header and the nonfinite alert
     with page.expect_download() as download:
         page.click("a[data-download=csv]")
@@ -115,5 +117,6 @@ def test_finished_run_compare_alerts_and_downloads(browser: Any, agent: tuple[An
     assert chart_points(compare, "compare loss") == STEPS - 1 + 10
 
     alerts = open_page(browser, base + "/alerts")
+    alerts.locator("#alert-history tr").nth(1).wait_for()
     assert alerts.locator("#alert-history tr").count() == 2
     assert probe.finish(5.0)
