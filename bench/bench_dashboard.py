@@ -16,6 +16,10 @@ metrics.jsonl holds every line), under three conditions, interleaved round by ro
 The table gives the median of the rounds: stored values/s, the agent's CPU seconds, the
 dashboard process's CPU seconds, and how many page refreshes the 5 pages made.
 
+Then a run of a million steps (5 metrics a step, written as the agent stores them): how
+long ``outrider dashboard`` takes to answer a run page's first chart request (the whole
+run read once), a later one, and a zoomed one, and how many points each answer holds.
+
     python bench/bench_dashboard.py            # 3 rounds, ~1.5 min
     python bench/bench_dashboard.py --quick    # 1 round
 """
@@ -23,10 +27,12 @@ dashboard process's CPU seconds, and how many page refreshes the 5 pages made.
 from __future__ import annotations
 
 import argparse
+import math
 import multiprocessing as mp
 import shutil
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -37,6 +43,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import orjson
 import psutil
 from _common import (
     SCALAR_NAMES,
@@ -183,17 +190,89 @@ def _cpu(process: psutil.Process | None) -> float:
     return float(times.user + times.system)
 
 
+def long_run(tmp: Path, steps: int) -> list[list[str]]:
+    """First, warm and zoomed chart answers over a run of ``steps`` steps."""
+    run = tmp / "long" / "runs" / "long"
+    run.mkdir(parents=True)
+    (run / "run.json").write_bytes(orjson.dumps({"run_id": "long", "status": "running"}))
+    with open(run / "metrics.jsonl", "wb") as lines:
+        for step in range(steps):
+            loss = 50.0 if step == steps // 3 else 2.0 + math.sin(step / 1000) * 0.1
+            metrics = {
+                "loss": loss,
+                "lr": 1e-3,
+                "grad_norm": 1.0,
+                "tokens_per_second": 1e5,
+                "step_time_seconds": 0.1,
+            }
+            entry = {
+                "kind": "scalars",
+                "step": step,
+                "rank": 0,
+                "t": 1e9 + step,
+                "metrics": metrics,
+            }
+            lines.write(orjson.dumps(entry) + b"\n")
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-P",
+            "-m",
+            "agent",
+            "dashboard",
+            "--runs-dir",
+            str(run.parent),
+            "--bind",
+            f"127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}/api/series?run=long&names=loss&buckets=600"
+    rows = []
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/runs", timeout=5).read()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        for label, url in (
+            ("first chart request (reads the run)", base),
+            ("next chart request", base),
+            ("zoomed to 1,000 steps", f"{base}&lo={steps // 3 - 500}&hi={steps // 3 + 500}"),
+        ):
+            t0 = time.perf_counter()
+            with urllib.request.urlopen(url, timeout=300) as response:
+                body = orjson.loads(response.read())
+            seconds = time.perf_counter() - t0
+            loss = body["series"]["loss"]
+            spike = "yes" if 50.0 in loss["y"] else "no"
+            rows.append([label, f"{seconds * 1000:,.0f} ms", f"{len(loss['x']):,}", spike])
+        rss = psutil.Process(server.pid).memory_info().rss / 2**20
+        rows.append(["dashboard RSS after reading it", f"{rss:,.0f} MiB", "", ""])
+    finally:
+        server.terminate()
+        server.wait(10)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="one round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--records", type=int, default=500_000, help="records per round")
+    parser.add_argument("--long-steps", type=int, default=1_000_000, help="steps of the long run")
     args = parser.parse_args()
     rounds = 1 if args.quick else args.rounds
     print(machine(), f"load {load_average()}", file=sys.stderr)
     tmp = Path(tempfile.mkdtemp(prefix="bdash-"))
     figures: dict[str, list[dict[str, float]]] = {condition: [] for condition in CONDITIONS}
     try:
+        long_rows = long_run(tmp, args.long_steps)
         one_round(tmp, CONDITIONS[0], args.records // 10)  # warm-up (imports, page cache)
         for index in range(rounds):
             order = CONDITIONS[index % 3 :] + CONDITIONS[: index % 3]
@@ -228,6 +307,8 @@ def main() -> None:
         ["condition", "values/s", "vs off", "agent CPU s", "dashboard CPU s", "page refreshes"],
         rows,
     )
+    print(f"\na run of {args.long_steps:,} steps x 5 metrics, served by `outrider dashboard`")
+    print_table(["request", "time", "points", "spike kept"], long_rows)
 
 
 if __name__ == "__main__":
