@@ -60,6 +60,7 @@ def trainer_command(
 def simulate_command() -> click.Command:
     """The `simulate` command; built on call, as its options are `agent.cli.commands`' own."""
     from agent.cli.commands import config_options, load_config, resolve_runs_dir, runs_dir_option
+    from agent.cli.dashboard import dashboard_option, dashboard_settings
 
     @click.command(
         help=f"""Feed an agent a synthetic training run, healthy or broken at --at.
@@ -111,6 +112,7 @@ ranks and a job aggregator and is not simulated.
     )
     @click.option("-q", "--quiet", is_flag=True, help="No outrider lines on stderr.")
     @runs_dir_option
+    @dashboard_option
     @config_options
     def simulate(
         failure: str,
@@ -122,6 +124,7 @@ ranks and a job aggregator and is not simulated.
         endpoint: str | None,
         quiet: bool,
         runs_dir: Path | None,
+        dashboard: str | None,
         config_path: Path | None,
         sinks: str | None,
     ) -> None:
@@ -136,6 +139,9 @@ ranks and a job aggregator and is not simulated.
         agent_args = ["--config", str(config_path.resolve())] if config_path else []
         if sinks is not None:
             agent_args += ["--sinks", sinks]
+        board = dashboard_settings(config, dashboard)
+        if dashboard is not None:
+            agent_args += ["--dashboard", dashboard]
         status = launcher.run(
             command,
             runs_dir=resolve_runs_dir(runs_dir, config),
@@ -143,6 +149,7 @@ ranks and a job aggregator and is not simulated.
             run_id=run_id,
             quiet=quiet,
             require_agent=True,
+            dashboard_url=launcher.dashboard_url(board),
             close_allowance=config.sink_close_timeout
             + config.stats.close_timeout
             + launcher.CLOSE_SLACK,
