@@ -47,6 +47,8 @@ def dashboard_settings(config: AgentConfig, value: str | None) -> DashboardSetti
         settings.enabled = True
         settings.host = host.strip("[]") or "127.0.0.1"
         settings.port = int(port)
+    if settings.token is not None and len(settings.token) < 8:
+        raise click.UsageError(f"{process.TOKEN_ENV} is too short: give 8 characters or more")
     if settings.enabled and not settings.token and not process.is_loopback(settings.host):
         raise click.UsageError(
             f"the dashboard on {settings.host} is reachable from other machines: set a token "

@@ -19,6 +19,7 @@ import hmac
 import importlib
 import io
 import math
+import os
 import time
 from collections.abc import Awaitable, Callable
 from importlib import resources
@@ -30,7 +31,7 @@ from aiohttp import web
 
 from agent.dashboard.cache import RunCache, RunView, stored_size
 from agent.reports import export
-from agent.store.runs import RunNotFound, list_runs, load_info, resolve
+from agent.store.runs import JOBS_DIR, RunNotFound, list_runs, load_info, resolve
 from agent.store.series import name_filter
 
 STATIC = Path(str(resources.files("agent.dashboard") / "static"))
@@ -358,11 +359,7 @@ async def _events(request: web.Request) -> web.StreamResponse:
     def size() -> int:
         if run_dir is not None:
             return stored_size(run_dir)
-        total = 0
-        for row in list_runs(runs_dir):
-            path = runs_dir / str(row["run_id"])
-            total += stored_size(path) + _mtime_ns(path / "run.json")
-        return total
+        return _signature(runs_dir)
 
     response = web.StreamResponse(
         headers={
@@ -391,6 +388,21 @@ async def _events(request: web.Request) -> web.StreamResponse:
     except (ConnectionResetError, ConnectionError):
         pass
     return response
+
+
+def _signature(runs_dir: Path) -> int:
+    """A number that changes when any run (or job view) is added, grows or is rewritten:
+    file sizes and times only, so a runs page costs no parsing while nothing happens."""
+    total = 0
+    for parent in (runs_dir, runs_dir / JOBS_DIR):
+        try:
+            entries = list(os.scandir(parent))
+        except OSError:
+            continue
+        for entry in entries:
+            path = Path(entry.path)
+            total += stored_size(path) + _mtime_ns(path / "run.json")
+    return total
 
 
 def _mtime_ns(path: Path) -> int:

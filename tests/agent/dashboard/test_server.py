@@ -192,13 +192,17 @@ def test_a_taken_port_is_one_warning_and_the_agent_goes_on(tmp_path: Path) -> No
     assert len(said) == 1 and "dashboard not started" in said[0], agent.stderr()
 
 
-def test_off_loopback_needs_a_token(tmp_path: Path) -> None:
-    """A dashboard reachable from other machines without a token is a one-line usage error."""
-    done = outrider(
-        "agent", "--runs-dir", str(tmp_path / "runs"), "--dashboard", "0.0.0.0:8080", timeout=30
-    )
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [("0.0.0.0:8080", "set a token"), ("somewhere", "is not HOST:PORT, PORT or off")],
+)
+def test_a_dashboard_address_it_cannot_use_is_a_usage_error(
+    tmp_path: Path, value: str, says: str
+) -> None:
+    """Off loopback without a token, or not an address: a one-line usage error."""
+    done = outrider("agent", "--runs-dir", str(tmp_path / "runs"), "--dashboard", value, timeout=30)
     assert done.returncode == 2
-    assert "set a token" in done.stderr and "Traceback" not in done.stderr
+    assert says in done.stderr and "Traceback" not in done.stderr
 
 
 def test_a_token_is_required_when_set(runs_dir: Path) -> None:
