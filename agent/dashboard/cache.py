@@ -71,6 +71,7 @@ class RunView:
     log: RunLog
     columns: dict[str, Columns] = field(default_factory=dict)
     last_read: float = 0.0
+    _ranks: tuple[int, list[int]] | None = None
 
     def refresh(self) -> None:
         """Take what the agent had appended when the call began (a run growing faster than
@@ -91,6 +92,16 @@ class RunView:
             for kept in (self.log.texts, self.log.images, self.log.events):
                 del kept[:-KEEP]
         self.last_read = time.monotonic()
+
+    def ranks(self) -> list[int]:
+        """The trainer ranks (0 and up) that stored points."""
+        size = sum(columns.size for columns in self.columns.values())
+        if self._ranks is None or self._ranks[0] != size:
+            found: set[int] = set()
+            for columns in self.columns.values():
+                found.update(int(r) for r in np.unique(columns.view()[3]) if r >= 0)
+            self._ranks = (size, sorted(found))
+        return self._ranks[1]
 
     def names(self) -> list[str]:
         return sorted(self.columns)
@@ -119,6 +130,9 @@ class RunView:
         steps, times, values, ranks = columns.view()
         chosen = int(ranks[0]) if rank is None else rank
         keep = ranks == chosen
+        if not keep.any():  # host samples (rank -1) on a page that shows one rank
+            chosen = int(ranks[0])
+            keep = ranks == chosen
         by_step = not math.isnan(steps[0])
         x = (steps if by_step else times)[keep]
         y = values[keep]

@@ -253,6 +253,7 @@ async def _run(request: web.Request) -> web.Response:
             "run_id": _run_id(request, run_dir),
             "info": info,
             "metrics": view.names(),
+            "ranks": view.ranks(),
             "config": view.log.config(),
             "texts": [_text(t) for t in view.log.texts[-10:]],
             "images": sorted(latest_images.values(), key=lambda image: image["name"]),

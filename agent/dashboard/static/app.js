@@ -294,6 +294,15 @@ async function runPage(params) {
   const facts = el("div", { class: "facts" });
   const grid = el("div", { class: "grid" });
   const extra = el("div", { class: "grid" });
+  let rank = params.get("rank");
+  const rankPicker = el("select", { id: "rank", hidden: "" });
+  rankPicker.addEventListener("change", () => {
+    rank = rankPicker.value;
+    const url = new URL(location.href);
+    url.searchParams.set("rank", rank);
+    history.replaceState(null, "", url);
+    for (const chart of charts) chart.refresh();
+  });
   const picker = el("select", { id: "add-metric" }, el("option", { value: "" }, "add a chart for a metric..."));
   const maps = el("div", { class: "images" });
   const texts = el("div", {});
@@ -305,14 +314,15 @@ async function runPage(params) {
     el("a", { href: "/download/report?run=" + encodeURIComponent(run), download: "",
               "data-download": "report" }, "HTML report"),
     el("a", { href: "/export?run=" + encodeURIComponent(run) }, "more export options"));
-  main.replaceChildren(el("h1", {}, "Run ", run), facts, downloads, grid,
+  main.replaceChildren(el("h1", {}, "Run ", run), facts, downloads,
+    el("div", { class: "row" }, rankPicker), grid,
     el("div", { class: "row" }, picker), extra,
     el("h2", {}, "Alerts"), alerts, el("h2", {}, "Latest maps and images"), maps,
     el("h2", {}, "Text samples"), texts);
   let alertMarks = [];
   const marks = () => alertMarks;
   const charts = RUN_CHARTS.map(([title, names, options]) => new Chart(grid, title,
-    async (range) => (await api("/api/series", { run, names, lo: range?.[0], hi: range?.[1],
+    async (range) => (await api("/api/series", { run, names, rank, lo: range?.[0], hi: range?.[1],
       buckets: 600 })).series, { ...(options || {}), marks }));
   const seen = new Set();
   picker.addEventListener("change", () => {
@@ -320,7 +330,7 @@ async function runPage(params) {
     picker.value = "";
     if (!name || outrider.charts[name]) return;
     const chart = new Chart(extra, name, async (range) => (await api("/api/series",
-      { run, names: [name], lo: range?.[0], hi: range?.[1], buckets: 600 })).series, { marks });
+      { run, names: [name], rank, lo: range?.[0], hi: range?.[1], buckets: 600 })).series, { marks });
     charts.push(chart);
     chart.refresh();
   });
@@ -332,6 +342,12 @@ async function runPage(params) {
       ["dropped", i.dropped], ["lost", i.lost], ["started", when(i.start_time)],
       ["host", i.host], ["command", (i.command || []).join(" ")],
     ].map(([k, v]) => el("span", {}, el("b", {}, k), v ?? "-")));
+    if (info.ranks.length > 1 && rankPicker.options.length !== info.ranks.length) {
+      rankPicker.replaceChildren(...info.ranks.map((r) => el("option", { value: r }, `rank ${r}`)));
+      rank = rank ?? String(info.ranks[0]);
+      rankPicker.value = rank;
+      rankPicker.hidden = false;
+    }
     for (const name of info.metrics) {
       if (!seen.has(name)) { seen.add(name); picker.append(el("option", { value: name }, name)); }
     }

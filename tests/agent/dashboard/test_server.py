@@ -162,6 +162,47 @@ def test_a_million_points_become_a_few_thousand_and_keep_the_spike(tmp_path: Pat
         process.wait(10)
 
 
+def test_each_rank_has_its_own_series(tmp_path: Path) -> None:
+    """A run of two ranks lists both; a chart shows one rank's points, rank 0 by default,
+    and host samples (rank -1) still show on a page of rank 1."""
+    run = tmp_path / "runs" / "ranks"
+    run.mkdir(parents=True)
+    (run / "run.json").write_bytes(orjson.dumps({"run_id": "ranks", "status": "running"}))
+    with open(run / "metrics.jsonl", "wb") as lines:
+        for step in range(10):
+            for rank in (0, 1):
+                entry = {
+                    "kind": "scalars",
+                    "step": step,
+                    "rank": rank,
+                    "t": step,
+                    "metrics": {"loss": rank * 100.0 + step},
+                }
+                lines.write(orjson.dumps(entry) + b"\n")
+            host = {"kind": "system", "step": None, "rank": -1, "t": step, "cpu_percent": 50.0}
+            lines.write(orjson.dumps(host) + b"\n")
+    port = free_port()
+    process = subprocess.Popen(
+        [OUTRIDER, "dashboard", "--runs-dir", str(run.parent), "--bind", f"127.0.0.1:{port}"],
+        env=clean_env(),
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_for(lambda: answers(base + "/api/runs"), 20, "the dashboard to answer")
+        assert get_json(base + "/api/run?run=ranks")["ranks"] == [0, 1]
+        first = get_json(base + "/api/series?run=ranks&names=loss")["series"]["loss"]
+        assert first["rank"] == 0 and first["y"] == [float(step) for step in range(10)]
+        url = base + "/api/series?run=ranks&names=loss&names=system/cpu_percent&rank=1"
+        second = get_json(url)["series"]
+        assert second["loss"]["y"] == [100.0 + step for step in range(10)]
+        assert second["system/cpu_percent"]["axis"] == "time"
+        assert len(second["system/cpu_percent"]["y"]) == 10
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
 def test_the_agent_serves_it_and_stops_it(tmp_path: Path) -> None:
     """`outrider agent --dashboard HOST:PORT` starts the dashboard and stops it at exit."""
     port = free_port()
