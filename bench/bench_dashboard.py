@@ -16,6 +16,11 @@ metrics.jsonl holds every line), under three conditions, interleaved round by ro
 The table gives the median of the rounds: stored values/s, the agent's CPU seconds, the
 dashboard process's CPU seconds, and how many page refreshes the 5 pages made.
 
+Then the live latency: a real agent with its dashboard, a run page open in a real browser
+(Playwright, Debian's chromium, headless), and ``probe.log`` of one step a second from
+this process: the time from the ``probe.log`` call until the page's loss chart holds the
+new point (skipped without chromium).
+
 Then a run of a million steps (5 metrics a step, written as the agent stores them): how
 long ``outrider dashboard`` takes to answer a run page's first chart request (the whole
 run read once), a later one, and a zoomed one, and how many points each answer holds.
@@ -72,6 +77,7 @@ CHARTS = (
     ["features/*/effective_rank"],
     ["features/*/mean_pairwise_cosine", "features/*/collapse_ratio"],
 )
+CHROMIUM = Path("/usr/bin/chromium")
 CONDITIONS = ("dashboard off", "dashboard, 0 pages", f"dashboard, {PAGES} pages")
 
 
@@ -260,6 +266,53 @@ def long_run(tmp: Path, steps: int) -> list[list[str]]:
     return rows
 
 
+def live_latency(tmp: Path, samples: int) -> list[float]:
+    """Seconds from ``probe.log`` to the point drawn in an open run page, ``samples`` times."""
+    from playwright.sync_api import sync_playwright
+
+    import probe
+
+    work = Path(tempfile.mkdtemp(dir=tmp))
+    endpoint = short_ipc_endpoint(tmp)
+    port = free_port()
+    agent = start_agent(
+        endpoint,
+        work / "runs",
+        work / "agent.log",
+        options=("--sinks", "none", "--dashboard", f"127.0.0.1:{port}"),
+    )
+    seconds = []
+    try:
+        probe.init(endpoint, run_id="live")
+        probe.log({"loss": 1.0}, step=0)
+        probe.flush(10)
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", headless=True)
+            page = browser.new_page()
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    page.goto(f"http://127.0.0.1:{port}/run?id=live")
+                    page.wait_for_function("window.outrider.charts.loss.points === 1", timeout=5000)
+                    break
+                except Exception:
+                    if time.monotonic() > deadline:
+                        raise
+            for step in range(1, samples + 1):
+                time.sleep(1.0)
+                t0 = time.perf_counter()
+                probe.log({"loss": 1.0 / step}, step=step)
+                page.wait_for_function(
+                    f"window.outrider.charts.loss.points === {step + 1}", polling="raf"
+                )
+                seconds.append(time.perf_counter() - t0)
+            browser.close()
+        probe.finish(5)
+    finally:
+        stop_agent(agent)
+    return seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="one round")
@@ -272,6 +325,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bdash-"))
     figures: dict[str, list[dict[str, float]]] = {condition: [] for condition in CONDITIONS}
     try:
+        latency = live_latency(tmp, 10 if args.quick else 20) if CHROMIUM.exists() else []
         long_rows = long_run(tmp, args.long_steps)
         one_round(tmp, CONDITIONS[0], args.records // 10)  # warm-up (imports, page cache)
         for index in range(rounds):
@@ -307,6 +361,13 @@ def main() -> None:
         ["condition", "values/s", "vs off", "agent CPU s", "dashboard CPU s", "page refreshes"],
         rows,
     )
+    if latency:
+        ordered = sorted(latency)
+        print(
+            f"\nprobe.log -> point drawn in an open run page (chromium), {len(ordered)} records "
+            f"a second apart: median {statistics.median(ordered) * 1000:.0f} ms, "
+            f"max {ordered[-1] * 1000:.0f} ms"
+        )
     print(f"\na run of {args.long_steps:,} steps x 5 metrics, served by `outrider dashboard`")
     print_table(["request", "time", "points", "spike kept"], long_rows)
 
