@@ -105,7 +105,7 @@ def _token_middleware(token: str) -> Any:
                 text="this dashboard needs its token: open it as /?token=TOKEN\n"
             )
         response = await handler(request)
-        if matches(from_query):
+        if matches(from_query) and not response.prepared:
             response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="Strict")
         return response
 

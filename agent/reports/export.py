@@ -68,6 +68,8 @@ def _wide(log: RunLog, rank: int | None) -> Table:
         row = rows.get((step, point_rank))
         if row is None:
             row = rows[(step, point_rank)] = [_step(step), point_rank, t, *([None] * len(names))]
+        elif t < row[2]:
+            row[2] = t  # the row's time: when its first value was logged
         row[column[name]] = value
     ordered = [rows[key] for key in sorted(rows)]
     return Table(["step", "rank", "time", *names], ordered)

@@ -222,7 +222,7 @@ class Chart {
           label: name,
           stroke: COLORS[index % COLORS.length],
           width: 1.25,
-          spanGaps: true,
+          spanGaps: false, // a NaN (null) is a gap; join() fills other series' steps with undefined, which is spanned
           points: { show: false },
           value: (u, v) => fmt(v),
         })),
