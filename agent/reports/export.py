@@ -125,8 +125,8 @@ def _json(data: Table, out: IO[bytes]) -> None:
 
 def _parquet(data: Table, out: IO[bytes]) -> None:
     try:
-        import pyarrow as pa  # type: ignore[import-untyped]  # pyarrow ships no stubs
-        import pyarrow.parquet as pq  # type: ignore[import-untyped]
+        import pyarrow as pa
+        import pyarrow.parquet as pq
     except ImportError:
         raise ExportError(
             "parquet needs pyarrow: pip install 'outrider[parquet]' (or use --format csv|json)"
