@@ -102,7 +102,6 @@ function panZoomPlugin(onRange) {
           const at = u.posToVal(event.offsetX, "x");
           const factor = event.deltaY < 0 ? 0.8 : 1.25;
           u.setScale("x", { min: at - (at - min) * factor, max: at + (max - at) * factor });
-          onRange(u);
         }, { passive: false });
         u.root.addEventListener("mousedown", (event) => {
           if (!(event.shiftKey || event.button === 1)) return;
@@ -118,7 +117,6 @@ function panZoomPlugin(onRange) {
           const up = () => {
             document.removeEventListener("mousemove", move);
             document.removeEventListener("mouseup", up);
-            onRange(u);
           };
           document.addEventListener("mousemove", move);
           document.addEventListener("mouseup", up);
@@ -188,6 +186,10 @@ class Chart {
       names = names.filter((name) => unit(name) === unit(names[0]));
     }
     names = names.slice(0, MAX_LINES);
+    if (this.range === null) {
+      const xs = names.map((name) => series[name].x).filter((x) => x.length);
+      this.extent = [Math.min(...xs.map((x) => x[0])), Math.max(...xs.map((x) => x[x.length - 1]))];
+    }
     const data = names.length === 1
       ? [series[names[0]].x, series[names[0]].y]
       : uPlot.join(names.map((name) => [series[name].x, series[name].y]));
@@ -229,8 +231,14 @@ class Chart {
       ],
       cursor: { drag: { x: true, y: false, setScale: true } },
       hooks: {
-        setSelect: [(u) => {
-          if (u.select.width > 0) onRange(u);
+        // Any change of the x range the page did not make itself (drag, wheel, pan)
+        setScale: [(u, key) => {
+          if (key !== "x" || u.scales.x.min === null) return;
+          const { min, max } = u.scales.x;
+          const same = (a, b) => Math.abs(a - b) <= 1e-9 * Math.max(1, Math.abs(a), Math.abs(b));
+          if (this.range && same(min, this.range[0]) && same(max, this.range[1])) return;
+          if (!this.range && this.extent && min <= this.extent[0] && max >= this.extent[1]) return;
+          onRange(u);
         }],
       },
       plugins: [panZoomPlugin(onRange), marksPlugin(this.options.marks || (() => []))],

@@ -65,6 +65,31 @@ def open_page(browser: Any, url: str) -> Any:
     return page
 
 
+def zoom_and_pan(page: Any, title: str) -> None:
+    """The wheel zooms the x range, shift-drag moves it keeping its width, a double click
+    shows the whole run again."""
+    box = page.locator(f"[data-chart='{title}'] .u-over").bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    chart = f"window.outrider.charts[{title!r}]"
+    whole = page.evaluate(f"[{chart}.plot.scales.x.min, {chart}.plot.scales.x.max]")
+    page.mouse.move(x, y)
+    for _ in range(4):
+        page.mouse.wheel(0, -100)
+    page.wait_for_function(f"{chart}.range !== null")
+    low, high = page.evaluate(f"{chart}.range")
+    assert whole[0] < low < high < whole[1]
+    page.keyboard.down("Shift")
+    page.mouse.down()
+    page.mouse.move(x + 100, y, steps=5)
+    page.mouse.up()
+    page.keyboard.up("Shift")
+    page.wait_for_function(f"{chart}.range[0] < {low}")
+    moved = page.evaluate(f"{chart}.range")
+    assert moved[1] - moved[0] == pytest.approx(high - low)
+    page.mouse.dblclick(x, y)
+    page.wait_for_function(f"{chart}.range === null")
+
+
 def test_a_live_run_its_charts_and_a_new_record(browser: Any, agent: tuple[Any, str]) -> None:
     """The run page of a live run draws its logged points, and a record stored after the
     page opened shows in the chart without a reload."""
@@ -92,8 +117,8 @@ def test_a_live_run_its_charts_and_a_new_record(browser: Any, agent: tuple[Any, 
 
 
 def test_finished_run_compare_alerts_and_downloads(browser: Any, agent: tuple[Any, str]) -> None:
-    """A finished run's charts hold all its points, its NaN alert is on the timeline, compare
-    draws the metric of two runs, and the CSV download is the run's table."""
+    """A finished run's charts hold all its points and zoom and pan, its NaN alert is on the
+    timeline, compare draws the metric of two runs, and the CSV download is the run's table."""
     process, base = agent
     assert probe.init(process.endpoint, run_id="other")
     for step in range(10):
@@ -107,6 +132,7 @@ def test_finished_run_compare_alerts_and_downloads(browser: Any, agent: tuple[An
     # the alert is stored by the agent's analysis thread, maybe after the page opened: live
     page.locator("#alert-timeline tr").nth(1).wait_for()
     assert page.locator("#alert-timeline tr").count() == 2  # a header and the nonfinite alert
+    zoom_and_pan(page, "loss")
     with page.expect_download() as download:
         page.click("a[data-download=csv]")
     rows = list(csv.reader(io.StringIO(Path(download.value.path()).read_text())))
