@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 import probe
@@ -118,7 +119,8 @@ def test_a_live_run_its_charts_and_a_new_record(browser: Any, agent: tuple[Any, 
 
 def test_finished_run_compare_alerts_and_downloads(browser: Any, agent: tuple[Any, str]) -> None:
     """A finished run's charts hold all its points and zoom and pan, its NaN alert is on the
-    timeline, compare draws the metric of two runs, and the CSV download is the run's table."""
+    timeline, compare draws the metric of two runs, and the CSV and JSON downloads are the
+    run's table."""
     process, base = agent
     assert probe.init(process.endpoint, run_id="other")
     for step in range(10):
@@ -141,6 +143,15 @@ def test_finished_run_compare_alerts_and_downloads(browser: Any, agent: tuple[An
     compare = open_page(browser, base + "/compare?runs=finished&runs=other&metric=loss")
     compare.wait_for_function("window.outrider.charts['compare loss'].points > 0")
     assert chart_points(compare, "compare loss") == STEPS - 1 + 10
+
+    export = open_page(browser, base + "/export?run=finished")
+    export.select_option("select[name=format]", "json")
+    export.fill("input[name=metrics]", "loss")
+    export.dispatch_event("input[name=metrics]", "input")
+    with export.expect_download() as download:
+        export.click("#export-link")
+    rows = orjson.loads(Path(download.value.path()).read_bytes())
+    assert len(rows) == STEPS and set(rows[0]) == {"step", "rank", "time", "loss"}
 
     alerts = open_page(browser, base + "/alerts")
     alerts.locator("#alert-history tr").nth(1).wait_for()
