@@ -69,6 +69,13 @@ system:
   enabled: true
   interval: 1.0             # seconds
 
+# The live web dashboard (docs/dashboard.md), served read-only by a process of its own.
+dashboard:
+  enabled: true
+  host: 127.0.0.1           # loopback only unless you say otherwise (then a token is required)
+  port: 8080                # in use: one warning, and the agent goes on without a dashboard
+  token: null               # or env OUTRIDER_DASHBOARD_TOKEN; pages open as /?token=TOKEN
+
 # The job tier (docs/aggregation.md): node agents forward to one job aggregator.
 aggregation:
   forward_to: null          # HOST:PORT of the aggregator (`outrider run` fills it for torchrun)
@@ -168,6 +175,17 @@ class SystemSettings(pydantic.BaseModel):
     interval: float = pydantic.Field(default=1.0, gt=0)
 
 
+class DashboardSettings(pydantic.BaseModel):
+    """Where the live dashboard listens; off loopback it needs a token."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = pydantic.Field(default=8080, ge=0, le=65535)
+    token: str | None = pydantic.Field(default=None, min_length=8)
+
+
 class AgentConfig(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid")
 
@@ -181,6 +199,7 @@ class AgentConfig(pydantic.BaseModel):
     system: SystemSettings = pydantic.Field(default_factory=SystemSettings)
     alerts: AlertsConfig = pydantic.Field(default_factory=AlertsConfig)
     aggregation: AggregationSettings = pydantic.Field(default_factory=AggregationSettings)
+    dashboard: DashboardSettings = pydantic.Field(default_factory=DashboardSettings)
     sinks: dict[str, SinkSettings] = pydantic.Field(default_factory=dict)
 
     def only_sinks(self, names: list[str]) -> AgentConfig:

@@ -14,6 +14,10 @@ import probe
 from probe import internal
 from tests.helpers import short_ipc_endpoint, start_agent, stop_agent
 
+# Agents started by tests serve no dashboard: hundreds of them would contend for port 8080.
+# The dashboard's own tests turn it on, each on a port of its own.
+os.environ["OUTRIDER_DASHBOARD"] = "off"
+
 pytest_plugins = ["tests.small_disk"]  # the small_disk fixture (a 1 MiB filesystem)
 
 # Property tests are the same every run (derandomized, no example database), so CI is

@@ -41,11 +41,12 @@ def short_ipc_endpoint() -> str:
 def clean_env(**extra: str) -> dict[str, str]:
     """The test's environment without OUTRIDER_* settings, with the venv's bin first on PATH.
 
-    Sinks are off (the run store alone) unless a test asks for them.
+    Sinks and the dashboard are off (the run store alone) unless a test asks for them.
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith("OUTRIDER_")}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["OUTRIDER_SINKS"] = "none"
+    env["OUTRIDER_DASHBOARD"] = "off"
     env.update(extra)
     return env
 

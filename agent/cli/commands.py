@@ -15,6 +15,13 @@ import orjson
 from agent import config as agent_config
 from agent.aggregation.config import DEFAULT_PORT
 from agent.cli import compare, jobs, launcher, replay, report, simulate, top
+from agent.cli.dashboard import (
+    dashboard_command,
+    dashboard_option,
+    dashboard_settings,
+    start_dashboard,
+)
+from agent.cli.export import export_command
 from agent.config import AgentConfig
 from agent.store.disk import check_runs_dir, describe
 from agent.store.runs import RunNotFound, list_runs, resolve, summarise
@@ -132,6 +139,7 @@ def main() -> None:
     help="Start the job aggregator beside this node's agent [default: on node rank 0].",
 )
 @jobs.keys_options
+@dashboard_option
 @config_options
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def run(
@@ -148,6 +156,7 @@ def run(
     serve_aggregator: bool | None,
     keys_dir: Path | None,
     insecure: bool,
+    dashboard: str | None,
     command: tuple[str, ...],
 ) -> None:
     """Run COMMAND (e.g. `python train.py` or `torchrun ...`) with an agent beside it.
@@ -171,6 +180,9 @@ def run(
     agent_args = ["--config", str(config_path.resolve())] if config_path else []
     if sinks is not None:
         agent_args += ["--sinks", sinks]
+    board = dashboard_settings(config, dashboard)
+    if dashboard is not None:
+        agent_args += ["--dashboard", dashboard]
 
     def say(message: str) -> None:
         if not quiet:
@@ -186,7 +198,10 @@ def run(
                 "several nodes make one job only if they share a run id: give every node the "
                 "same --run-id (or torchrun's --rdzv-id)"
             )
-    aggregator_args = agent_args if tier is not None and tier.serve else None
+    # The agent's dashboard lists the job views in jobs/ too: the aggregator needs none.
+    aggregator_args = (
+        [*agent_args, "--dashboard", "off"] if tier is not None and tier.serve else None
+    )
     status = launcher.run(
         argv,
         runs_dir=resolve_runs_dir(runs_dir, config),
@@ -199,6 +214,7 @@ def run(
         drain_timeout=drain_timeout,
         require_agent=require_agent,
         quiet=quiet,
+        dashboard_url=launcher.dashboard_url(board),
         close_allowance=config.sink_close_timeout
         + config.stats.close_timeout
         + launcher.CLOSE_SLACK,
@@ -240,6 +256,7 @@ def run(
     help="Forward window summaries, alerts and accounting to this job aggregator.",
 )
 @jobs.keys_options
+@dashboard_option
 @config_options
 def agent(
     runs_dir: Path | None,
@@ -255,6 +272,7 @@ def agent(
     forward_to: str | None,
     keys_dir: Path | None,
     insecure: bool,
+    dashboard: str | None,
     config_path: Path | None,
     sinks: str | None,
 ) -> None:
@@ -271,6 +289,7 @@ def agent(
     if endpoint and tcp:
         raise click.UsageError("give --endpoint or --tcp, not both")
     config = load_config(config_path, sinks)
+    board = dashboard_settings(config, dashboard)
     try:
         meta_dict = orjson.loads(meta) if meta else None
     except orjson.JSONDecodeError as exc:
@@ -311,7 +330,13 @@ def agent(
             os.write(ready_fd, b"ready\n")
             os.close(ready_fd)
 
-    sys.exit(daemon.serve(ready))
+    web = start_dashboard(board, store_dir)
+    try:
+        status = daemon.serve(ready)
+    finally:
+        if web is not None:
+            web.stop()
+    sys.exit(status)
 
 
 @main.command()
@@ -495,6 +520,8 @@ main.add_command(top.top_command())
 main.add_command(compare.compare_command())
 main.add_command(replay.replay_command())
 main.add_command(report.report_command())
+main.add_command(export_command)
+main.add_command(dashboard_command)
 
 
 @main.command("config")

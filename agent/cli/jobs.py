@@ -15,6 +15,7 @@ from agent.aggregation import torchrun
 from agent.aggregation.config import DEFAULT_PORT
 from agent.aggregation.endpoint import is_loopback, split_host_port, tcp_url
 from agent.aggregation.forwarding import Forwarder
+from agent.cli.dashboard import dashboard_option, dashboard_settings, start_dashboard
 from agent.cli.launcher import JobTier
 from agent.config import AgentConfig, SinkSettings
 
@@ -186,6 +187,7 @@ def job_run_id(command: list[str], run_id: str | None) -> str | None:
 )
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--sinks", metavar="NAME[,NAME...]", help="Only these sinks; `none` for none.")
+@dashboard_option
 def aggregator(
     bind: str | None,
     runs_dir: Path | None,
@@ -197,6 +199,7 @@ def aggregator(
     log_level: str,
     config_path: Path | None,
     sinks: str | None,
+    dashboard: str | None,
 ) -> None:
     """Run a job aggregator: the one view of a job whose nodes each run an agent.
 
@@ -213,6 +216,7 @@ def aggregator(
 
     logging.basicConfig(level=log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = load_config(config_path, sinks)
+    board = dashboard_settings(config, dashboard)
     settings = config.aggregation
     where = bind or settings.bind
     try:
@@ -251,7 +255,13 @@ def aggregator(
             os.write(ready_fd, b"ready\n")
             os.close(ready_fd)
 
-    sys.exit(daemon.serve(ready))
+    web = start_dashboard(board, store_dir)
+    try:
+        status = daemon.serve(ready)
+    finally:
+        if web is not None:
+            web.stop()
+    sys.exit(status)
 
 
 def _job_sinks(config: AgentConfig) -> dict[str, Any]:

@@ -27,6 +27,7 @@ import msgpack
 import orjson
 import zmq
 
+from agent.config import DashboardSettings
 from agent.ingest.endpoint import private_ipc_dir
 from agent.store.disk import check_runs_dir
 from agent.store.runs import JOBS_DIR
@@ -169,6 +170,15 @@ def where_to_look(run_dir: Path) -> list[str]:
     return lines
 
 
+def dashboard_url(settings: DashboardSettings) -> str | None:
+    """Where the agent's dashboard will be, for the banner; None when it is off."""
+    if not settings.enabled:
+        return None
+    from agent.dashboard.process import url
+
+    return url(settings.host, settings.port)
+
+
 def exit_code(returncode: int) -> int:
     """A child killed by signal N exits the launcher with 128+N, as a shell would."""
     return 128 - returncode if returncode < 0 else returncode
@@ -197,6 +207,7 @@ def run(
     host: str | None = None,
     job_tier: JobTier | None = None,
     aggregator_args: list[str] | None = None,
+    dashboard_url: str | None = None,
 ) -> int:
     """Start the agent, run ``command`` with the probe's environment, stop the agent.
 
@@ -244,6 +255,8 @@ def run(
     env[protocol.ENV_RUN_ID] = run_id
     if ready:
         say(f"run {run_id}: agent listening at {endpoint}, storing in {runs_dir / run_id}")
+        if dashboard_url is not None:
+            say(f"dashboard: {dashboard_url}run?id={run_id}")
     else:
         _stop_agent(agent, 0.0)
         if require_agent:

@@ -87,6 +87,7 @@ def free_loopback_port() -> int:
 def simulate_command() -> click.Command:
     """The `simulate` command; built on call, as its options are `agent.cli.commands`' own."""
     from agent.cli.commands import config_options, load_config, resolve_runs_dir, runs_dir_option
+    from agent.cli.dashboard import dashboard_option, dashboard_settings
 
     @click.command(
         help=f"""Feed an agent a synthetic training run, healthy or broken at --at.
@@ -148,6 +149,7 @@ names it (3 windows of stats.window_steps after --at) in the job view,
     )
     @click.option("-q", "--quiet", is_flag=True, help="No outrider lines on stderr.")
     @runs_dir_option
+    @dashboard_option
     @config_options
     def simulate(
         failure: str,
@@ -160,6 +162,7 @@ names it (3 windows of stats.window_steps after --at) in the job view,
         endpoint: str | None,
         quiet: bool,
         runs_dir: Path | None,
+        dashboard: str | None,
         config_path: Path | None,
         sinks: str | None,
     ) -> None:
@@ -186,6 +189,9 @@ names it (3 windows of stats.window_steps after --at) in the job view,
         agent_args = ["--config", str(config_path.resolve())] if config_path else []
         if sinks is not None:
             agent_args += ["--sinks", sinks]
+        board = dashboard_settings(config, dashboard)
+        if dashboard is not None:
+            agent_args += ["--dashboard", dashboard]
         if world > 1:
             sys.exit(
                 _job(
@@ -204,6 +210,7 @@ names it (3 windows of stats.window_steps after --at) in the job view,
             run_id=run_id,
             quiet=quiet,
             require_agent=True,
+            dashboard_url=launcher.dashboard_url(board),
             close_allowance=config.sink_close_timeout
             + config.stats.close_timeout
             + launcher.CLOSE_SLACK,
@@ -249,7 +256,8 @@ def _job(
                     sys.executable, "-P", "-m", "agent", "run", "--runs-dir", str(node_runs),
                     "--run-id", run_id, "--host", f"node{index}", "--aggregator", where,
                     "--serve-aggregator" if index == 0 else "--no-serve-aggregator",
-                    "--require-agent", *(["-q"] if quiet else []), *agent_args, "--", *trainer,
+                    "--require-agent", *(["-q"] if quiet else []), *agent_args,
+                    *([] if index == 0 else ["--dashboard", "off"]), "--", *trainer,
                 ]
             )
         )  # fmt: skip

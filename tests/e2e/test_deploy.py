@@ -471,6 +471,7 @@ def test_launch_script_runs_torchrun_under_outrider(tmp_path: Path) -> None:
         NPROC_PER_NODE="2",
         RUN_ID="launch-test",
         OUTRIDER_SINKS="none",
+        OUTRIDER_DASHBOARD="off",
         OUTRIDER_RUNS_DIR=str(runs),
         OMP_NUM_THREADS="1",
     )
