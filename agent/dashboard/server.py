@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import importlib
 import io
 import math
 import os
@@ -450,13 +449,9 @@ def _export_bytes(
 
 
 async def _report(request: web.Request) -> web.StreamResponse:
+    from agent.reports.report import render_html  # matplotlib: only when a report is asked
+
     run_dir = _run_dir(request)
-    try:  # an optional part: installations without it answer 501
-        render_html = importlib.import_module("agent.reports.report").render_html
-    except (ImportError, AttributeError):
-        raise web.HTTPNotImplemented(
-            text="the HTML report is not available in this installation of outrider\n"
-        ) from None
     html = await asyncio.to_thread(render_html, run_dir)
     run_id = _run_id(request, run_dir).replace("/", "-")
     return web.Response(

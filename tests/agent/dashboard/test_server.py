@@ -115,6 +115,16 @@ def test_export_download_is_the_cli_table(board: str, runs_dir: Path) -> None:
     assert body.decode() == cli.stdout
 
 
+def test_the_report_download_is_the_self_contained_html_report(board: str) -> None:
+    """The export page's report: `outrider report`'s page, charts embedded, the alert in it."""
+    status, body, headers = get(board + "/download/report?run=first")
+    assert status == 200
+    assert headers["Content-Disposition"] == 'attachment; filename="first-report.html"'
+    page = body.decode()
+    assert page.startswith("<!DOCTYPE html>") and "data:image/png;base64," in page
+    assert "nonfinite" in page and "Convergence" in page
+
+
 @pytest.mark.parametrize(
     "path",
     ["/api/run?run=../..", "/api/run?run=nothing", "/api/image?run=first&name=../../run.json"],
