@@ -149,6 +149,7 @@ class Analysis:
         # runs that ended while their feature statistics were still being computed:
         # run -> (deadline, the run_end's (rank, attrs), or None when every stream said bye)
         self._ending: dict[str, tuple[float, tuple[int, dict[str, Any]] | None]] = {}
+        self._close_deadline = -math.inf  # set by close()
         # results arrive on worker threads; taken at the next wake-up (a tick at most)
         self.features = FeatureStreams(settings, self.jobs, self._results.append)
         self.checkpoints = CheckpointChecks(self._results.append)
@@ -233,6 +234,8 @@ class Analysis:
     def close(self, timeout: float) -> None:
         """Finish what is queued (final windows, dashboards) within ``timeout``."""
         deadline = self.clock() + timeout
+        # half of it for the statistics of the last feature batches, so the rules see them
+        self._close_deadline = self.clock() + min(END_WAIT_SECONDS, timeout / 2)
         if self.sampler is not None:
             self.sampler.close(min(2.0, timeout))
         self._inbox.append(Close())
@@ -572,6 +575,11 @@ class Analysis:
             del self._open_runs[run]
 
     def _finish_runs(self) -> None:
+        """At exit: the statistics of the feature batches taken (within the close budget),
+        then every run ended."""
+        while self.jobs.busy_with(_any_feature_statistic) and self.clock() < self._close_deadline:
+            time.sleep(0.02)
+        self._process_results()
         for run in list(self._ending):
             self._settle_endings(force=run)
         for run in list(self._open_runs):
@@ -596,6 +604,10 @@ class Analysis:
         self._alerts_fired = tuple(
             FiredAlert(name, severity, count) for (name, severity), count in engine.counts().items()
         )
+
+
+def _any_feature_statistic(key: Any) -> bool:
+    return isinstance(key, tuple) and bool(key) and _feature_statistic_of(key, key[0])
 
 
 def _feature_statistic_of(key: Any, run: str) -> bool:

@@ -344,10 +344,8 @@ for batch in range(6):  # the baseline: each batch's statistics stored before th
     deadline = time.monotonic() + 30
     while judged() <= batch and time.monotonic() < deadline:
         time.sleep(0.02)
-for stream in range(4):  # wide batches that keep the statistics worker busy a while
-    probe.features(f"wide{stream}", torch.randn(512, 4096), step=6, every=1)
 probe.features("h", torch.ones(128, 16) + 1e-3 * torch.randn(128, 16), step=6, every=1)
-probe.finish()  # at once: the last batch's statistics come back after the run's end
+probe.finish()  # and exit: `outrider run`'s run_end comes before this batch's statistics
 """
 
 
@@ -355,14 +353,24 @@ def test_the_last_batch_is_judged_even_when_its_statistics_come_after_the_end(
     tmp_path: Path,
 ) -> None:
     """A collapse in the run's very last feature batch still raises its alert: the run's
-    end waits for the statistics of the batches already taken."""
+    end (the launcher's run_end) waits for the statistics of the batches already taken."""
+    import subprocess
+
+    from tests.helpers import OUTRIDER, PYTHON, clean_env
+
     config = tmp_path / "agent.yaml"
     config.write_text("stats: {feature_map: off}\nsystem: {enabled: false}\n")
-    endpoint = short_ipc_endpoint()
     runs = tmp_path / "runs"
-    agent = start_agent(endpoint, runs, "--config", str(config), sinks="none")
-    done = run_trainer(COLLAPSE_AT_THE_END, endpoint, "late-collapse", RUNS_DIR=str(runs))
+    done = subprocess.run(
+        [
+            *(OUTRIDER, "run", "--runs-dir", str(runs), "--run-id", "late-collapse"),
+            *("--config", str(config), "--", PYTHON, "-c", COLLAPSE_AT_THE_END),
+        ],
+        env=clean_env(RUNS_DIR=str(runs)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
-    assert stop_agent(agent, timeout=60) == 0
-    alerts = [e for e in _agent_lines(runs / "late-collapse", "alert")]
+    alerts = _agent_lines(runs / "late-collapse", "alert")
     assert [(a["name"], a["step"]) for a in alerts] == [("representation_collapse", 6)]
