@@ -37,6 +37,8 @@ sinks:
     enabled: true
     mode: offline
 """
+#: the same, with W&B's offline run written as the run goes (its service beside the trainer)
+LIVE_WANDB_SINKS_CONFIG = DEFAULT_SINKS_CONFIG + "    offline_at_end: false\n"
 
 
 def short_ipc_endpoint(base: Path, name: str = "agent.sock") -> str:

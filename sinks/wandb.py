@@ -162,13 +162,14 @@ Row = tuple[int | None, dict[str, Any]]
 
 
 def fold_rows(rows: Sequence[Row]) -> Row:
-    """Rows of several steps as one: each metric's latest value, at the latest known step."""
+    """Rows of several steps as one: each metric's latest value, at the newest step (the
+    agent's statistics of an earlier step arrive after the trainer's newer ones)."""
     step: int | None = None
     folded: dict[str, Any] = {}
     for row_step, values in rows:
         folded.update(values)
         if row_step is not None:
-            step = row_step
+            step = row_step if step is None else max(step, row_step)
     return step, folded
 
 
@@ -240,6 +241,7 @@ class _Run:
     exit_status: int | None = None
     ending: bool = False
     rows_logged_at: float = -math.inf
+    record_t: float = -math.inf  # the newest record time seen (rows fold by it from the store)
 
     def add(self, step: int | None, values: dict[str, Any]) -> None:
         """Values of one step coalesce into one history row."""
@@ -311,6 +313,13 @@ class WandbSink(Sink):
             "metric's latest value at the latest step. 0: a row for every step. The run store "
             "and TensorBoard keep every step either way.",
         )
+        offline_at_end: bool = pydantic.Field(
+            default=True,
+            description="Offline, write each W&B run once its outrider run ends, from the run "
+            "store, instead of keeping W&B's service busy beside the trainer (it wakes about "
+            "100 times a second). The offline run, and what `wandb sync` uploads, is the same; "
+            "rows are folded by the records' own times. false: write as the run goes.",
+        )
         tags: list[str] = pydantic.Field(default_factory=list, description="W&B run tags.")
         group: str | None = pydantic.Field(
             default=None, description="W&B run group, e.g. to gather a distributed sweep."
@@ -353,6 +362,9 @@ class WandbSink(Sink):
         self.checkpoints_skipped: dict[str, int] = {}  # reason -> checkpoints not logged
         self._mode: Mode | None = None
         self._warned: set[str] = set()
+        # offline_at_end: the runs to write from their run store, by outrider run id
+        self.deferred: dict[str, Path] = {}
+        self._from_store = False  # writing a deferred run: rows fold by the records' times
         # The kinds that become W&B data, each with what it becomes; every other kind is not.
         self._handlers: dict[str, _Handler] = {
             protocol.SCALARS: self._scalars,
@@ -398,12 +410,18 @@ class WandbSink(Sink):
     def export(self, batches: Sequence[Batch]) -> None:
         if self.mode == "disabled":
             return
+        defer = self.writes_at_end and not self._from_store
         for batch in batches:
             run_id = batch.source.run
             if run_id in self.ended or run_id in self.failed:
                 reason = "after_run_end" if run_id in self.ended else "init_failed"
                 wanted = sum(1 for e in batch.entries if e.get("kind") in self._handlers)
                 self._drop(reason, wanted)
+                continue
+            if defer:
+                self.deferred.setdefault(run_id, Path(batch.run_dir))
+                if any(entry.get("kind") == protocol.RUN_END for entry in batch.entries):
+                    self._write_from_store(run_id)
                 continue
             for entry in batch.entries:
                 self._entry(batch, entry)
@@ -413,13 +431,40 @@ class WandbSink(Sink):
         for state in self.runs.values():
             self._log_rows(state)
 
+    @property
+    def writes_at_end(self) -> bool:
+        """Whether runs are written from the run store at their end (offline_at_end)."""
+        return self.options.offline_at_end and self.mode == "offline"
+
+    def _write_from_store(self, run_id: str) -> None:
+        """The deferred run, from its stored lines (sinks/stored.py), as if it came live; its
+        rows are folded by the records' own times. A run without its run_end in the store
+        (the agent stopping first) is left open, for ``close`` to finish."""
+        from sinks import stored
+
+        run_dir = self.deferred.pop(run_id)
+        sources = stored.Sources(stored.load_info(run_dir), run_id)
+        self._from_store = True
+        try:
+            lines = stored.run_end_last(stored.iter_lines(run_dir))
+            for batch in stored.batches(lines, sources, run_dir):
+                self.export([batch])
+        finally:
+            self._from_store = False
+
     def flush(self, timeout: float) -> None:
         for state in self.runs.values():
             self._log_rows(state)
             self._log_tables(state, TABLE_INTERVAL)
 
     def close(self, timeout: float) -> None:
-        """Finish every open run; each may take up to ``finish_timeout`` (in parallel)."""
+        """Write the deferred runs from their run store, then finish every open run; each
+        may take up to ``finish_timeout`` (in parallel)."""
+        for run_id in list(self.deferred):
+            try:
+                self._write_from_store(run_id)
+            except Exception as exc:
+                logger.warning("outrider sink wandb: run %s not written: %s", run_id, exc)
         for run_id, state in self.runs.items():
             try:
                 self._log_rows(state, last=True)
@@ -577,7 +622,10 @@ class WandbSink(Sink):
                 return
         if type(t) is float and math.isfinite(t):
             values[TIME_KEY] = t  # the trainer's time, not the sink's: a replay keeps its times
+            state.record_t = max(state.record_t, t)
         state.add(step, values)
+        if self._from_store:  # a batch of stored lines spans more than one row's interval
+            self._log_rows(state)
 
     def _histogram(self, state: _Run, batch: Batch, entry: Mapping[str, Any], prefix: str) -> None:
         import numpy as np
@@ -692,7 +740,7 @@ class WandbSink(Sink):
         if not state.rows:
             return
         rate = self.options.rows_per_second
-        now = time.monotonic()
+        now = state.record_t if self._from_store else time.monotonic()
         if rate > 0 and not last and now - state.rows_logged_at < 1.0 / rate:
             return
         rows, state.rows = state.rows, []

@@ -1,12 +1,8 @@
 """A stored run sent into sinks later (``outrider replay``): an offline run to W&B online,
 a run to a new TensorBoard directory, any run to a sink added after it ended.
 
-The sinks get what they would have got live: ``schema.Batch`` objects of the stored
-lines, in their stored order, grouped by the stream each came from (its ``source``, which
-the stream's first line carries), with the original steps and times; only the launcher's
-``run_end`` comes last, so the lines the agent stored after it (its last summaries and
-images) reach sinks that close a run at its end. The agent's own
-lines get the source the agent gave them live. Sinks are built by the agent's config
+The sinks get what they would have got live: the stored lines as batches again, with the
+original steps and times (sinks/stored.py says how). Sinks are built by the agent's config
 machinery and called directly, one batch list at a time, then flushed and closed.
 """
 
@@ -14,17 +10,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from agent.config import AgentConfig, SinkSettings
 from agent.store.runs import load_info
-from agent.store.series import iter_lines
-from probe import protocol
-from sinks import registry, schema
-from sinks.base import Batch, Sink, Source
+from sinks import registry
+from sinks.base import Batch, Sink
+from sinks.stored import Sources, batches, iter_lines, run_end_last
 
 logger = logging.getLogger("outrider.replay")
 
@@ -35,11 +30,6 @@ REFUSED = {
     "otlp": "the OTLP sink pushes each series' latest value stamped with the push's time, "
     "so a replay would deliver only final values, at the wrong time",
 }
-#: the stream names the job aggregator gives its sinks' batches (agent.aggregation.aggregator)
-JOB_RANK_STREAM = "node"
-JOB_OWN_STREAM = "aggregator"
-
-BATCH_ENTRIES = 512  # most entries in one rebuilt batch
 EXPORT_BATCHES = 64  # batches handed to a sink per export call
 RETRIES = 3
 BACKOFF = 0.25
@@ -59,6 +49,11 @@ def replay_config(config: AgentConfig) -> AgentConfig:
         base = settings.model_copy() if settings is not None else SinkSettings()
         extra = dict(base.model_extra or {})
         extra["rows_per_second"] = 0
+        sinks["wandb"] = with_options(base, extra)
+    if settings is None or "offline_at_end" not in settings.options():
+        base = sinks["wandb"]
+        extra = dict(base.model_extra or {})
+        extra["offline_at_end"] = False  # the replay is that write; the sink need not read
         sinks["wandb"] = with_options(base, extra)
     return config.model_copy(update={"sinks": sinks})
 
@@ -187,80 +182,6 @@ def build_sinks(
             raise ReplayError(f"sink {name}: cannot start: {type(exc).__name__}: {exc}") from None
         built.append(SinkReplay(name, sink, target_of(name, sink, run_id, run_dir)))
     return built
-
-
-class Sources:
-    """The ``Source`` of each stored line, as the agent (or job aggregator) gave it live."""
-
-    def __init__(self, info: dict[str, Any], run_id: str) -> None:
-        self.run_id = run_id
-        self.host = str(info.get("host") or "")
-        self.streams: dict[str, Source] = {}
-        for stream in info.get("streams") or []:
-            if isinstance(stream, dict):
-                source = self._from(stream)
-                if source is not None:
-                    self.streams[source.stream] = source
-        job = info.get("job")
-        self.job_ranks = len(job.get("ranks") or []) if isinstance(job, dict) else None
-
-    def _from(self, fields: dict[str, Any]) -> Source | None:
-        try:
-            values = {key: fields[key] for key in protocol.ENVELOPE_KEYS if key != "run"}
-            return Source(run=self.run_id, **values)
-        except (KeyError, TypeError):
-            return None
-
-    def of(self, entry: dict[str, Any]) -> Source:
-        stream = entry.get("stream")
-        rank = entry.get("rank")
-        rank = rank if isinstance(rank, int) and not isinstance(rank, bool) else -1
-        if stream == schema.AGENT_STREAM:
-            named = entry.get("host")
-            host = named if isinstance(named, str) else self.host
-            if self.job_ranks is not None:  # a job view: the aggregator's sources
-                name = JOB_RANK_STREAM if rank >= 0 else JOB_OWN_STREAM
-                return Source(self.run_id, name, rank, -1, max(self.job_ranks, 1), host, 0)
-            return Source(self.run_id, schema.AGENT_STREAM, rank, -1, 0, host, 0)
-        announced = entry.get("source")
-        if isinstance(announced, dict):
-            source = self._from(announced)
-            if source is not None:
-                self.streams[source.stream] = source
-                return source
-        known = self.streams.get(str(stream))
-        if known is not None:
-            return known
-        source = Source(self.run_id, str(stream), rank, rank, 1, self.host, 0)
-        self.streams[source.stream] = source
-        return source
-
-
-def batches(lines: Iterable[dict[str, Any]], sources: Sources, run_dir: Path) -> Iterator[Batch]:
-    """Consecutive lines of one source as one batch, in stored order."""
-    current: Source | None = None
-    entries: list[dict[str, Any]] = []
-    for entry in lines:
-        source = sources.of(entry)
-        if entries and (source != current or len(entries) >= BATCH_ENTRIES):
-            yield Batch(current, entries, str(run_dir))  # type: ignore[arg-type]
-            entries = []
-        current = source
-        entries.append(entry)
-    if entries:
-        yield Batch(current, entries, str(run_dir))  # type: ignore[arg-type]
-
-
-def run_end_last(lines: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    """The lines in order, but the launcher's ``run_end`` after every other: sinks close a
-    run at its run_end, and the agent stores its last summaries and images after it."""
-    held = []
-    for entry in lines:
-        if entry.get("kind") == protocol.RUN_END:
-            held.append(entry)
-        else:
-            yield entry
-    yield from held
 
 
 def _export(target: SinkReplay, chunk: list[Batch], sleep: Callable[[float], None]) -> None:

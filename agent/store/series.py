@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -209,18 +209,3 @@ def downsample(y: np.ndarray, buckets: int) -> np.ndarray:
             chosen.add(start + int(bad[0]))
         keep.append(np.fromiter(sorted(chosen), dtype=int))
     return np.concatenate(keep)
-
-
-def iter_lines(run_dir: Path) -> Iterator[dict[str, Any]]:
-    """Every parseable stored entry, in order (corrupt lines skipped)."""
-    path = Path(run_dir) / METRICS
-    if not path.exists():
-        return
-    with open(path, "rb") as lines:
-        for line in lines:
-            try:
-                entry = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                continue
-            if isinstance(entry, dict):
-                yield entry

@@ -170,28 +170,34 @@ def report_direct_cost(variants: Sequence[str], runs: Runs) -> None:
 
 def report_agent_tree(variants: Sequence[str], runs: Runs) -> None:
     """The agent tree's CPU per trainer step (agent, statistics workers, W&B's service), run
-    store only against the default sinks, side by side per placement: what the sinks add."""
+    store only against the default sinks (and against them with W&B written live, when that
+    was run), side by side per placement: what the sinks add."""
+
+    def per_step(arm: str) -> tuple[float, float, float]:
+        figures = [1000 * r.result["agent_loop_cpu_s"] / len(r.step_times) for r in runs[arm]]
+        return statistics.median(figures), min(figures), max(figures)
+
     rows = []
     for placement in ("sep", "shared"):
-        arms = [f"{kind}:{placement}" for kind in ("outrider", "outrider+sinks")]
-        if not all(arm in variants for arm in arms):
+        if f"outrider:{placement}" not in variants:
             continue
-        figures = []
-        for arm in arms:
-            per_step = [1000 * r.result["agent_loop_cpu_s"] / len(r.step_times) for r in runs[arm]]
-            figures.append((statistics.median(per_step), min(per_step), max(per_step)))
-        (none, none_lo, none_hi), (sinks, sinks_lo, sinks_hi) = figures
+        none, none_lo, none_hi = per_step(f"outrider:{placement}")
         base = 1000 * median_step(runs[f"base:{placement}"])
-        rows.append(
-            [
-                placement,
-                f"{none:.2f} ({none_lo:.2f}-{none_hi:.2f})",
-                f"{sinks:.2f} ({sinks_lo:.2f}-{sinks_hi:.2f})",
-                f"{sinks - none:+.2f}",
-                f"{sinks / none:.2f}x" if none > 0 else "-",
-                f"{100 * (sinks - none) / base:+.2f}%",
-            ]
-        )
+        for kind in ("outrider+sinks", "outrider+sinks-live"):
+            if f"{kind}:{placement}" not in variants:
+                continue
+            sinks, sinks_lo, sinks_hi = per_step(f"{kind}:{placement}")
+            rows.append(
+                [
+                    placement,
+                    kind,
+                    f"{none:.2f} ({none_lo:.2f}-{none_hi:.2f})",
+                    f"{sinks:.2f} ({sinks_lo:.2f}-{sinks_hi:.2f})",
+                    f"{sinks - none:+.2f}",
+                    f"{sinks / none:.2f}x" if none > 0 else "-",
+                    f"{100 * (sinks - none) / base:+.2f}%",
+                ]
+            )
     if not rows:
         return
     print()
@@ -202,8 +208,9 @@ def report_agent_tree(variants: Sequence[str], runs: Runs) -> None:
     print_table(
         [
             "placement",
+            "variant",
             "sinks none",
-            "default sinks",
+            "with sinks",
             "the sinks add",
             "ratio",
             "added / base p50 step",

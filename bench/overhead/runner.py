@@ -19,7 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from _common import ROOT, short_ipc_endpoint, start_run_agent, stop_agent, stream_accounting
+from _common import (
+    DEFAULT_SINKS_CONFIG,
+    LIVE_WANDB_SINKS_CONFIG,
+    ROOT,
+    short_ipc_endpoint,
+    start_run_agent,
+    stop_agent,
+    stream_accounting,
+)
 
 from overhead.counters import agent_cpu_s
 from overhead.placement import AGENT_CPU
@@ -92,7 +100,10 @@ def run_variant(variant: str, args: argparse.Namespace, tmp: Path, index: int) -
             runs_dir,
             run_id,
             workdir,
-            sinks=kind == "outrider+sinks",
+            sinks=kind.startswith("outrider+sinks"),
+            config_text=LIVE_WANDB_SINKS_CONFIG
+            if kind == "outrider+sinks-live"
+            else DEFAULT_SINKS_CONFIG,
             cpus={AGENT_CPU} if placement == "sep" else None,
         )
         command += ["--endpoint", endpoint, "--run-id", run_id, "--agent-pid", str(agent.pid)]

@@ -6,10 +6,21 @@ chosen variant brings its baseline along.
 
 from __future__ import annotations
 
-KINDS = ("base", "outrider-log", "outrider", "outrider+sinks", "wandb", "tensorboard")
+KINDS = (
+    "base",
+    "outrider-log",
+    "outrider",
+    "outrider+sinks",
+    "outrider+sinks-live",
+    "wandb",
+    "tensorboard",
+)
 PLACEMENTS = ("sep", "shared")
 ALL_VARIANTS = tuple(f"{kind}:{place}" for place in PLACEMENTS for kind in KINDS)
-DEFAULT_VARIANTS = tuple(v for v in ALL_VARIANTS if v != "outrider-log:shared")
+#: outrider+sinks-live (W&B's offline run written as the run goes) only when asked for
+DEFAULT_VARIANTS = tuple(
+    v for v in ALL_VARIANTS if v != "outrider-log:shared" and "sinks-live" not in v
+)
 #: a core to spare, or sharing the trainer's cores (docs/performance.md, the budget)
 BUDGETS = {
     "outrider:sep": "<= 1%",

@@ -29,6 +29,7 @@ TELEMETRY: dict[str, type[Telemetry]] = {
     "outrider-log": OutriderTelemetry,
     "outrider": OutriderTelemetry,
     "outrider+sinks": OutriderTelemetry,
+    "outrider+sinks-live": OutriderTelemetry,
     "wandb": WandbTelemetry,
     "tensorboard": TensorBoardTelemetry,
 }

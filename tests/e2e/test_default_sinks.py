@@ -59,12 +59,9 @@ def test_demo_run_reaches_every_default_sink(tmp_path: Path) -> None:
     )  # fmt: skip
     try:
         poll(lambda: prometheus.query('outrider_loss{run="demo"}'), 60, "loss in Prometheus")
-        # W&B's service (Go) runs with one scheduler thread: the agent's environment says so.
-        cores = [
-            p for p in psutil.Process(launcher.pid).children(recursive=True)
-            if p.name() == "wandb-core"
-        ]  # fmt: skip
-        assert [p.environ().get("GOMAXPROCS") for p in cores] == ["1"]
+        # No W&B service beside the trainer: an offline run is written at its end.
+        tree = psutil.Process(launcher.pid).children(recursive=True)
+        assert [p for p in tree if p.name() == "wandb-core"] == []
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
             exposition = reply.read().decode()
         check = promtool("check", "metrics", stdin=exposition)

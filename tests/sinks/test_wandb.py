@@ -8,6 +8,7 @@ leveldb-style record framing wandb writes, decoded with wandb's protobuf
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -48,8 +49,10 @@ def scalars(step: int | None, rank: int = 0, **metrics: Any) -> dict[str, Any]:
 
 def run_sink(runs_dir: Path, batches: list[Batch], **options: Any) -> tuple[WandbSink, SinkWorker]:
     """Everything through a real SinkWorker, then a clean close; a W&B row for every step
-    unless ``rows_per_second`` is given (these tests check what each entry becomes)."""
+    unless ``rows_per_second`` is given, written as it comes unless ``offline_at_end`` is
+    given (these tests check what each entry becomes)."""
     options.setdefault("rows_per_second", 0)
+    options.setdefault("offline_at_end", False)
     sink = WandbSink(WandbSink.Options(**options), SinkContext(runs_dir))
     worker = SinkWorker(sink, flush_interval=0.2)
     for batch in batches:
@@ -368,9 +371,43 @@ def test_rows_per_second_folds_steps_into_fewer_rows_and_keeps_every_metric(
     assert norm == 3.0
 
 
+def test_offline_runs_are_written_from_the_run_store_at_their_end(tmp_path: Path) -> None:
+    """By default an offline run costs nothing while it goes: no W&B run (and no W&B
+    service) until its run_end; then the run is written from its stored lines, rows folded
+    by the records' own times, the agent's lines stored after the run_end included."""
+    run_dir = tmp_path / "run-s"
+    run_dir.mkdir()
+    (run_dir / "run.json").write_text(json.dumps({"run_id": "run-s", "host": "node-a"}))
+    trainer = source("run-s")
+    first = {**scalars(0, loss=1.0), "t": 1000.0, "source": dataclasses.asdict(trainer)}
+    stored = [first] + [
+        {**scalars(step, loss=1.0 / (step + 1)), "t": 1000.0 + 0.5 * step} for step in range(1, 100)
+    ]
+    run_end = entry("run_end", None, rank=-1, exit_status=0)
+    after = {**scalars(99, **{"window/steps_per_second": 2.0}), "stream": "agent", "rank": 0}
+    lines = [*stored, run_end, after]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
+    sink = WandbSink(WandbSink.Options(rows_per_second=0.2), SinkContext(tmp_path))
+    worker = SinkWorker(sink, flush_interval=0.05)
+    worker.submit(Batch(trainer, stored, str(run_dir)))
+    wait_for(lambda: worker.snapshot().exported_batches == 1, 30, "the batch taken")
+    sink.flush(1.0)  # the worker's periodic flush, at once
+    assert sink.runs == {} and not (run_dir / "wandb").exists()
+    worker.submit(Batch(source("run-s", rank=-1, stream="launcher"), [run_end], str(run_dir)))
+    assert worker.close(timeout=60), "the wandb sink did not close"
+    run = read_offline_run(run_dir)
+    losses = run.series("loss")
+    assert 9 <= len(losses) <= 12  # 49.5 s of records at a row per 5 s
+    assert losses[-1] == (99, 1.0 / 100)
+    assert [step for step, _ in losses] == sorted(step for step, _ in losses)
+    assert run.series("window/steps_per_second") == [(99, 2.0)]
+    assert run.exit_code == 0
+
+
 def test_a_hanging_finish_is_abandoned_within_finish_timeout(tmp_path: Path) -> None:
     """close() gives every run finish_timeout in all (in parallel), then abandons it."""
-    sink = WandbSink(WandbSink.Options(finish_timeout=1.0), SinkContext(tmp_path))
+    options = WandbSink.Options(finish_timeout=1.0, offline_at_end=False)
+    sink = WandbSink(options, SinkContext(tmp_path))
     worker = SinkWorker(sink, flush_interval=0.2)
     names = ("run-h1", "run-h2", "run-h3")
     for name in names:
