@@ -257,6 +257,37 @@ class _Run:
         return table
 
 
+@dataclass
+class _Deferred:
+    """A run to write from its run store once it is over: at its ``run_end`` (the
+    launcher's, which ``outrider run`` sends last) or, for trainers that reached the agent
+    without a launcher (a long-lived agent), once every stream seen, and at least as many
+    as the run has ranks, said bye."""
+
+    run_dir: Path
+    streams: set[str] = field(default_factory=set)
+    byes: set[str] = field(default_factory=set)
+    world_size: int = 1  # the most ranks a stream announced: that many must say bye
+    launched: bool = False
+
+    def take(self, batch: Batch) -> bool:
+        """Note the batch; True once the run is over."""
+        source = batch.source
+        if source.stream == schema.AGENT_STREAM:
+            return False
+        kinds = {entry.get("kind") for entry in batch.entries}
+        if protocol.RUN_END in kinds:
+            return True
+        if source.rank < 0:  # the launcher's stream: its run_end will say when
+            self.launched = True
+            return False
+        self.streams.add(source.stream)
+        self.world_size = max(self.world_size, source.world_size)
+        if protocol.BYE in kinds:
+            self.byes.add(source.stream)
+        return not self.launched and self.streams <= self.byes and len(self.byes) >= self.world_size
+
+
 #: turns one entry of a run into W&B data: (run, batch, entry, name prefix of its rank)
 _Handler = Callable[[_Run, Batch, Mapping[str, Any], str], None]
 
@@ -363,7 +394,7 @@ class WandbSink(Sink):
         self._mode: Mode | None = None
         self._warned: set[str] = set()
         # offline_at_end: the runs to write from their run store, by outrider run id
-        self.deferred: dict[str, Path] = {}
+        self.deferred: dict[str, _Deferred] = {}
         self._from_store = False  # writing a deferred run: rows fold by the records' times
         # The kinds that become W&B data, each with what it becomes; every other kind is not.
         self._handlers: dict[str, _Handler] = {
@@ -419,8 +450,10 @@ class WandbSink(Sink):
                 self._drop(reason, wanted)
                 continue
             if defer:
-                self.deferred.setdefault(run_id, Path(batch.run_dir))
-                if any(entry.get("kind") == protocol.RUN_END for entry in batch.entries):
+                deferred = self.deferred.get(run_id)
+                if deferred is None:
+                    deferred = self.deferred[run_id] = _Deferred(Path(batch.run_dir))
+                if deferred.take(batch):
                     self._write_from_store(run_id)
                 continue
             for entry in batch.entries:
@@ -437,18 +470,20 @@ class WandbSink(Sink):
         return self.options.offline_at_end and self.mode == "offline"
 
     def _write_from_store(self, run_id: str) -> None:
-        """The deferred run, from its stored lines (sinks/stored.py), as if it came live; its
-        rows are folded by the records' own times. A run without its run_end in the store
-        (the agent stopping first) is left open, for ``close`` to finish."""
+        """The deferred run, from its stored lines (sinks/stored.py), as if it came live,
+        then finished; its rows are folded by the records' own times."""
         from sinks import stored
 
-        run_dir = self.deferred.pop(run_id)
+        run_dir = self.deferred.pop(run_id).run_dir
         sources = stored.Sources(stored.load_info(run_dir), run_id)
         self._from_store = True
         try:
             lines = stored.run_end_last(stored.iter_lines(run_dir))
             for batch in stored.batches(lines, sources, run_dir):
                 self.export([batch])
+            state = self.runs.get(run_id)
+            if state is not None:  # no run_end stored: over all the same (every bye, a stop)
+                self._end(run_id, state)
         finally:
             self._from_store = False
 

@@ -404,6 +404,36 @@ def test_offline_runs_are_written_from_the_run_store_at_their_end(tmp_path: Path
     assert run.exit_code == 0
 
 
+def test_without_a_launcher_a_deferred_run_is_written_once_every_stream_said_bye(
+    tmp_path: Path,
+) -> None:
+    """Trainers sending to a long-lived agent have no launcher to send a run_end: the run
+    is written when its last stream says bye, not when the agent stops."""
+    run_dir = tmp_path / "run-b"
+    run_dir.mkdir()
+    ranks = [source("run-b", rank=rank, stream=f"s{rank}") for rank in (0, 1)]
+    lines = {
+        rank: [
+            {**scalars(0, rank=rank, loss=1.0), "source": dataclasses.asdict(ranks[rank])},
+            {**entry("bye", None, rank=rank), "stream": f"s{rank}"},
+        ]
+        for rank in (0, 1)
+    }
+    stored = [*lines[0], *lines[1]]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in stored))
+    sink = WandbSink(WandbSink.Options(rows_per_second=0), SinkContext(tmp_path))
+    worker = SinkWorker(sink, flush_interval=0.05)
+    try:
+        worker.submit(Batch(ranks[0], lines[0], str(run_dir)))
+        wait_for(lambda: worker.snapshot().exported_batches == 1, 30, "rank 0's batch")
+        assert "run-b" not in sink.ended  # rank 1 has not said bye
+        worker.submit(Batch(ranks[1], lines[1], str(run_dir)))
+        wait_for(lambda: "run-b" in sink.ended, 60, "the run written at the last bye")
+    finally:
+        assert worker.close(timeout=60), "the wandb sink did not close"
+    assert read_offline_run(run_dir).series("loss") == [(0, 1.0)]
+
+
 def test_a_hanging_finish_is_abandoned_within_finish_timeout(tmp_path: Path) -> None:
     """close() gives every run finish_timeout in all (in parallel), then abandons it."""
     options = WandbSink.Options(finish_timeout=1.0, offline_at_end=False)
