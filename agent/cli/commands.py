@@ -19,7 +19,7 @@ from agent.cli.dashboard import (
     dashboard_command,
     dashboard_option,
     dashboard_settings,
-    start_dashboard,
+    serve_beside,
 )
 from agent.cli.export import export_command
 from agent.config import AgentConfig
@@ -330,13 +330,7 @@ def agent(
             os.write(ready_fd, b"ready\n")
             os.close(ready_fd)
 
-    web = start_dashboard(board, store_dir)
-    try:
-        status = daemon.serve(ready)
-    finally:
-        if web is not None:
-            web.stop()
-    sys.exit(status)
+    sys.exit(serve_beside(board, store_dir, lambda: daemon.serve(ready)))
 
 
 @main.command()

@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
+from agent.aggregation.endpoint import is_loopback
 from agent.config import AgentConfig, DashboardSettings
 from agent.dashboard import process
 
@@ -49,13 +51,24 @@ def dashboard_settings(config: AgentConfig, value: str | None) -> DashboardSetti
         settings.port = int(port)
     if settings.token is not None and len(settings.token) < 8:
         raise click.UsageError(f"{process.TOKEN_ENV} is too short: give 8 characters or more")
-    if settings.enabled and not settings.token and not process.is_loopback(settings.host):
+    if settings.enabled and not settings.token and not is_loopback(settings.host):
         raise click.UsageError(
             f"the dashboard on {settings.host} is reachable from other machines: set a token "
             f"(env {process.TOKEN_ENV} or config dashboard.token, 8+ characters) or keep it on "
             "127.0.0.1"
         )
     return settings
+
+
+def serve_beside(settings: DashboardSettings, runs_dir: Path, serve: Callable[[], int]) -> int:
+    """``serve()`` (an agent's or aggregator's loop) with its dashboard beside it, stopped
+    with it."""
+    web = start_dashboard(settings, runs_dir)
+    try:
+        return serve()
+    finally:
+        if web is not None:
+            web.stop()
 
 
 def start_dashboard(settings: DashboardSettings, runs_dir: Path) -> process.Dashboard | None:

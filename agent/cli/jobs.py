@@ -15,7 +15,7 @@ from agent.aggregation import torchrun
 from agent.aggregation.config import DEFAULT_PORT
 from agent.aggregation.endpoint import is_loopback, split_host_port, tcp_url
 from agent.aggregation.forwarding import Forwarder
-from agent.cli.dashboard import dashboard_option, dashboard_settings, start_dashboard
+from agent.cli.dashboard import dashboard_option, dashboard_settings, serve_beside
 from agent.cli.launcher import JobTier
 from agent.config import AgentConfig, SinkSettings
 
@@ -255,13 +255,7 @@ def aggregator(
             os.write(ready_fd, b"ready\n")
             os.close(ready_fd)
 
-    web = start_dashboard(board, store_dir)
-    try:
-        status = daemon.serve(ready)
-    finally:
-        if web is not None:
-            web.stop()
-    sys.exit(status)
+    sys.exit(serve_beside(board, store_dir, lambda: daemon.serve(ready)))
 
 
 def _job_sinks(config: AgentConfig) -> dict[str, Any]:

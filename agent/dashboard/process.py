@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import os
 import signal
 import socket
@@ -28,15 +27,6 @@ NICE = 5
 TOKEN_ENV = "OUTRIDER_DASHBOARD_TOKEN"
 #: how often the child checks that its parent is still there
 PARENT_CHECK_SECONDS = 1.0
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def url(host: str, port: int) -> str:
