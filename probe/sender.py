@@ -206,7 +206,8 @@ class Sender:
                     continue  # give the agent its start-up moment; the queue buffers
                 self._warn_no_agent()  # also when the trainer ends within the grace
             try:
-                self._send_pending(sock)
+                # Heartbeat and stats records go in the same message as the queued
+                # records: one wake-up of the agent, not two.
                 self._maybe_control()
                 self._send_pending(sock)
             except Exception as exc:

@@ -18,6 +18,7 @@ from agent.ingest.decode import TENSOR_DTYPES
 from probe import protocol
 
 MAX_BINS = protocol.MAX_HISTOGRAM_BINS
+_FLOAT_MAX = float(np.finfo(np.float64).max)
 
 
 def from_tensor(body: dict[str, Any], data: bytes, bins: int) -> dict[str, Any]:
@@ -49,20 +50,23 @@ def _bins(body: dict[str, Any], default: int) -> int:
 
 
 def _fields(name: str, values: Any, bins: int) -> dict[str, Any]:
-    finite = values[np.isfinite(values)]
+    with np.errstate(over="ignore", invalid="ignore"):  # past the float range: inf, stored null
+        total = float(values.sum())
+        # A finite sum means every value is finite: the mask pass is skipped on the common path.
+        finite = values if math.isfinite(total) else values[np.isfinite(values)]
+        if finite is not values:
+            total = float(finite.sum())
+        squares = float(np.dot(finite, finite))
     if finite.size:
         low, high = float(finite.min()), float(finite.max())
         if math.isfinite(high - low):
-            # The range np.histogram would take itself: the same bins, two passes fewer.
-            counts, edges = np.histogram(finite, bins=bins, range=(low, high))
+            counts, edges = _binned(finite, low, high, bins)
         else:  # wider than the largest float (-1e308 and 1e308): binned at half scale
-            counts, edges = np.histogram(finite / 2, bins=bins, range=(low / 2, high / 2))
+            counts, edges = _binned(finite / 2, low / 2, high / 2, bins)
             edges = edges * 2
     else:
         counts, edges = np.zeros(bins, dtype=np.int64), np.linspace(0.0, 1.0, bins + 1)
         low = high = 0.0
-    with np.errstate(over="ignore"):  # past the float range: inf, stored as null
-        total, squares = float(finite.sum()), float(np.dot(finite, finite))
     return {
         "name": name,
         "edges": edges.tolist(),
@@ -74,3 +78,47 @@ def _fields(name: str, values: Any, bins: int) -> dict[str, Any]:
         "count": int(finite.size),
         "non_finite": int(values.size - finite.size),
     }
+
+
+def _binned(values: Any, low: float, high: float, bins: int) -> tuple[Any, Any]:
+    """np.histogram's counts and edges over ``[low, high]``, the sample's own range.
+
+    The same arithmetic as np.histogram's equal-width path, bin for bin, without the
+    passes it needs for values outside the range (there are none) and in one block.
+    A range that holds fewer floats than bins (np.histogram raises there) is widened
+    to the fewest floats that make every bin finite-sized, instead of losing the record.
+    """
+    if low == high:
+        low, high = low - 0.5, high + 0.5
+    edges = _edges(low, high, bins)
+    if not (edges[1:] > edges[:-1]).all():
+        pad = math.ulp(max(abs(low), abs(high))) * bins
+        low, high = max(low - pad, -_FLOAT_MAX), min(high + pad, _FLOAT_MAX)
+        edges = _edges(low, high, bins)
+    scaled = np.subtract(values, low)
+    scaled /= high - low
+    scaled *= bins
+    indices = scaled.astype(np.intp)
+    np.minimum(indices, bins - 1, out=indices)  # the top edge belongs to the last bin
+    # Within a ulp of an edge the division may land one bin off; the edges decide. The
+    # last bin's upper bound is infinite: it holds its right edge, nothing moves past it.
+    bounds = edges.copy()
+    bounds[-1] = math.inf
+    indices -= values < bounds[indices]
+    indices += values >= bounds[indices + 1]
+    return np.bincount(indices, minlength=bins), edges
+
+
+def _edges(low: float, high: float, bins: int) -> Any:
+    """np.linspace(low, high, bins + 1), as np.histogram takes its edges."""
+    ramp = np.arange(bins + 1, dtype=np.float64)
+    step = (high - low) / bins
+    with np.errstate(over="ignore"):  # the last edge may round past the float max: set below
+        if step == 0:  # subnormal ranges: np.linspace scales before multiplying
+            ramp /= bins
+            ramp *= high - low
+        else:
+            ramp *= step
+        ramp += low
+    ramp[-1] = high
+    return ramp

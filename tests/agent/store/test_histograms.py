@@ -7,13 +7,18 @@ line per histogram. Checked against ``np.histogram`` and a resumed run store.
 
 from __future__ import annotations
 
+import itertools
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 
 from agent.ingest.decode import Record
 from agent.store import histograms
@@ -133,3 +138,65 @@ def test_bins_that_are_not_a_small_integer_fall_back_or_are_clamped(bins: Any) -
     fields = histograms.from_tensor(body, np.ones(3, dtype=np.float32).tobytes(), 16)
     expected = {2**40: 512, -3: 1}.get(bins, 16) if isinstance(bins, int) else 16
     assert len(fields["counts"]) == expected
+
+
+def _reference(sample: np.ndarray, bins: int) -> tuple[list[int], list[float]] | None:
+    """np.histogram over the sample's finite values; None where np.histogram refuses."""
+    finite = sample[np.isfinite(sample)]
+    with np.errstate(over="ignore"):
+        if finite.size and not np.isfinite(finite.max() - finite.min()):
+            return None  # past the float max: np.histogram's edges are NaN
+        try:
+            counts, edges = np.histogram(finite, bins=bins)
+        except ValueError:  # a range holding fewer floats than bins
+            return None
+    return counts.tolist(), edges.tolist()
+
+
+@given(
+    sample=arrays(
+        np.float64,
+        st.integers(0, 300),
+        elements=st.floats(allow_nan=True, allow_infinity=True, width=64)
+        | st.floats(-10, 10)
+        | st.sampled_from([0.0, -0.0, 1.0, 5e-324, 1e16]),
+    ),
+    bins=st.integers(1, protocol.MAX_HISTOGRAM_BINS),
+)
+def test_binning_is_np_histogram_bin_for_bin(sample: np.ndarray, bins: int) -> None:
+    """Any sample and bin count: the counts and edges np.histogram gives, wherever it gives
+    any; elsewhere every finite value is counted, in edges that increase."""
+    body = {"name": "p", "dtype": "float64", "shape": [sample.size]}
+    fields = histograms.from_tensor(body, sample.tobytes(), bins)
+    expected = _reference(sample, bins)
+    if expected is not None:
+        assert (fields["counts"], fields["edges"]) == expected
+    assert sum(fields["counts"]) == fields["count"] == int(np.isfinite(sample).sum())
+    assert len(fields["edges"]) == bins + 1
+
+
+@pytest.mark.parametrize(
+    "sample",
+    [
+        [1.7976931348623157e308] * 3,
+        [-1.7976931348623157e308, -1.7976931348623157e308],
+        [5e-324, 1e-323, 5e-324],
+        [4.5e15] * 4,
+        [1e16, np.nextafter(1e16, np.inf)],
+        [1.0, np.nextafter(1.0, 2.0)],
+    ],
+    ids=["float-max", "float-min", "subnormal", "large-constant", "two-adjacent", "two-ulps"],
+)
+def test_a_range_of_fewer_floats_than_bins_is_widened_not_refused(sample: list[float]) -> None:
+    """np.histogram raises on these ("too many bins"); the agent bins them in edges that
+    increase and keep every value, without a warning."""
+    data = np.array(sample, dtype=np.float64)
+    body = {"name": "n", "dtype": "float64", "shape": [data.size]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fields = histograms.from_tensor(body, data.tobytes(), 64)
+    edges = fields["edges"]
+    assert all(a < b for a, b in itertools.pairwise(edges))
+    assert edges[0] <= min(sample) and max(sample) <= edges[-1]
+    assert sum(fields["counts"]) == len(sample)
+    assert (fields["min"], fields["max"]) == (min(sample), max(sample))
