@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import zmq
 
 import probe
+from agent.ingest.decode import Record, decode
 from probe import internal
 from tests.helpers import lines, run_info, stop_agent, trainer_streams
 
@@ -148,3 +150,36 @@ def test_init_after_finish_starts_a_new_stream(agent, endpoint: str, runs_dir: P
         assert [line["metrics"]["loss"] for line in stored if line["kind"] == "scalars"] == [loss]
         [stream] = trainer_streams(run_info(runs_dir / run_id))
         assert stream["complete"] and stream["lost"] == 0
+
+
+def test_control_records_ride_in_the_steps_message(tmp_path: Path) -> None:
+    """The probe's counters and heartbeat go in the same message as the step's records, so
+    the agent wakes once a step, not twice. A real PULL socket reads what the probe sends."""
+    endpoint = f"ipc://{tmp_path}/pull.sock"
+    context = zmq.Context()
+    pull = context.socket(zmq.PULL)
+    pull.bind(endpoint)
+    try:
+        # Counters due at every wake-up: a step of 0.1 s, as a trainer's.
+        probe.init(endpoint=endpoint, run_id="one-message", stats_interval=0.01)
+        steps = 6
+        for step in range(steps):
+            time.sleep(0.1)
+            probe.log({"loss": 1.0 / (step + 1)}, step=step)
+        probe.finish()
+        kinds = []
+        while pull.poll(2000):
+            message = decode(pull.recv())
+            kinds.append({r.kind if isinstance(r, Record) else "scalars" for r in message.records})
+    finally:
+        pull.close(linger=0)
+        context.term()
+    with_scalars = [k for k in kinds if "scalars" in k]
+    assert len(with_scalars) == steps
+    # Counters after a step's send changed: each later step's message carries them.
+    assert sum("probe_stats" in k for k in with_scalars) >= steps - 1
+    # Between the steps no message of control records alone (at the end the final
+    # counters may go by themselves, before the bye).
+    last_step = max(i for i, k in enumerate(kinds) if "scalars" in k)
+    alone = [k for k in kinds[:last_step] if k <= {"probe_stats", "heartbeat"}]
+    assert alone == [], kinds
