@@ -121,6 +121,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=10,
         help="probe.watch per-layer norms (default 10, watch's own default)",
     )
+    p.add_argument(
+        "--flush-interval",
+        type=float,
+        default=0.02,
+        help="the probe's flush_interval, seconds (default 0.02, the probe's default; "
+        "longer merges steps into fewer messages)",
+    )
     # The demo's model and data (examples/train_charlm.py defaults).
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
@@ -160,7 +167,7 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(
         f"variants: {', '.join(variants)}; {args.repeats} repeats x ({args.warmup} warm-up + "
-        f"{args.steps} timed steps)"
+        f"{args.steps} timed steps); the probe's flush_interval {args.flush_interval:g} s"
     )
     load_start = load_average()
     started = time.perf_counter()

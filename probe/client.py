@@ -18,10 +18,12 @@ from typing import Any
 
 from probe import internal, protocol
 from probe.identity import Identity
-from probe.sender import Counters, Record, Sender
+from probe.sender import DEFAULT_FLUSH_INTERVAL, Counters, Record, Sender
 
 DEFAULT_QUEUE_SIZE = 10_000
 DEFAULT_EXIT_TIMEOUT = 2.0
+#: a longer window would hold records past the agent's view of a live run
+MAX_FLUSH_INTERVAL = 5.0
 
 
 class Client:
@@ -34,15 +36,20 @@ class Client:
         *,
         queue_size: int = DEFAULT_QUEUE_SIZE,
         exit_timeout: float = DEFAULT_EXIT_TIMEOUT,
+        flush_interval: float = DEFAULT_FLUSH_INTERVAL,
         **sender_options: Any,
     ) -> None:
         if queue_size < 1:
             raise ValueError(f"queue_size must be at least 1, got {queue_size}")
+        if not 0.0 <= flush_interval <= MAX_FLUSH_INTERVAL:  # NaN fails too
+            raise ValueError(
+                f"flush_interval must be 0 to {MAX_FLUSH_INTERVAL:g} seconds, got {flush_interval}"
+            )
         self.endpoint = endpoint
         self.identity = identity
         self.capacity = queue_size
         self.exit_timeout = exit_timeout
-        self._sender_options = sender_options
+        self._sender_options = {**sender_options, "flush_interval": flush_interval}
         self._reset()
         atexit.register(_finish_at_exit, weakref.ref(self))
         os.register_at_fork(after_in_child=_forget_in_child(weakref.ref(self)))

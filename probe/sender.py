@@ -31,6 +31,9 @@ logger = logging.getLogger("outrider.probe")
 
 Record = tuple[str, int, float, "int | None", Any]
 
+#: how long the sender lets a step's records gather before sending them as one message:
+#: short enough for the 50 ms latency budget, long enough for one step's records
+DEFAULT_FLUSH_INTERVAL = 0.02
 IDLE_INTERVAL = 1.0  # the longest the sender sleeps with nothing queued (probe stats, heartbeats)
 #: seconds after start during which records wait in the queue for a slow-starting agent
 CONNECT_GRACE = 2.0
@@ -74,7 +77,7 @@ class Sender:
         seq: Callable[[], int],
         counters: Counters,
         *,
-        flush_interval: float = 0.02,
+        flush_interval: float = DEFAULT_FLUSH_INTERVAL,
         max_batch: int = 512,
         connect_grace: float = CONNECT_GRACE,
         heartbeat_interval: float = 5.0,

@@ -25,7 +25,10 @@ class OutriderTelemetry(Telemetry):
 
         args = self.args
         self.probe = probe
-        if not probe.init(endpoint=args.endpoint, run_id=args.run_id):
+        started = probe.init(
+            endpoint=args.endpoint, run_id=args.run_id, flush_interval=args.flush_interval
+        )
+        if not started:
             raise RuntimeError("probe.init() did not start: no agent?")
         probe.config({"bench": "bench_overhead", "steps": args.steps, "warmup": args.warmup})
         self.log_only = args.kind == "outrider-log"

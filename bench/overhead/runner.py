@@ -42,6 +42,7 @@ WORKER_OPTIONS = (
     "rank_every",
     "text_every",
     "layer_every",
+    "flush_interval",
     "seed",
     "batch_size",
     "context",

@@ -102,10 +102,19 @@ def test_tensor_records_round_trip_to_the_store(agent, endpoint: str, runs_dir: 
     assert stream["dropped"] == {"too_large": 1}
 
 
-def test_bad_init_arguments_raise_at_set_up() -> None:
+def test_bad_init_arguments_raise_at_set_up(monkeypatch: pytest.MonkeyPatch) -> None:
     """Set-up mistakes raise ValueError at init, the only place the probe raises."""
     with pytest.raises(ValueError, match="queue_size"):
         probe.init("ipc:///tmp/nowhere.sock", queue_size=0)
+    for bad in (-0.1, 5.5, float("nan")):
+        with pytest.raises(ValueError, match="flush_interval must be 0 to 5 seconds"):
+            probe.init("ipc:///tmp/nowhere.sock", flush_interval=bad)
+    monkeypatch.setenv("OUTRIDER_FLUSH_INTERVAL", "fast")
+    with pytest.raises(ValueError, match="OUTRIDER_FLUSH_INTERVAL must be a number of seconds"):
+        probe.init("ipc:///tmp/nowhere.sock")
+    monkeypatch.setenv("OUTRIDER_FLUSH_INTERVAL", "60")
+    with pytest.raises(ValueError, match="flush_interval"):
+        probe.init("ipc:///tmp/nowhere.sock")
 
 
 def test_disabled_probe_is_a_no_op(endpoint: str) -> None:
@@ -183,3 +192,54 @@ def test_control_records_ride_in_the_steps_message(tmp_path: Path) -> None:
     last_step = max(i for i, k in enumerate(kinds) if "scalars" in k)
     alone = [k for k in kinds[:last_step] if k <= {"probe_stats", "heartbeat"}]
     assert alone == [], kinds
+
+
+def _message_kinds(pull: zmq.Socket[bytes], quiet_ms: int = 2000) -> list[list[str]]:
+    """What each message read from ``pull`` until ``quiet_ms`` pass without one held: its
+    records' kinds, a block as its rows."""
+    kinds = []
+    while pull.poll(quiet_ms):
+        message = decode(pull.recv())
+        kinds.append(
+            [
+                kind
+                for r in message.records
+                for kind in ([r.kind] if isinstance(r, Record) else ["scalars"] * len(r))
+            ]
+        )
+    return kinds
+
+
+@pytest.mark.parametrize("source", ["argument", "environment"])
+def test_a_longer_flush_interval_merges_steps_into_one_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str
+) -> None:
+    """With flush_interval 2 s, four steps logged 50 ms apart go as one message; flush()
+    still sends at once rather than waiting out the window."""
+    endpoint = f"ipc://{tmp_path}/pull.sock"
+    context = zmq.Context()
+    pull = context.socket(zmq.PULL)
+    pull.bind(endpoint)
+    # no counters or heartbeats between the steps: the messages are the steps'
+    options = {"stats_interval": 60.0, "heartbeat_interval": 60.0}
+    if source == "argument":
+        options["flush_interval"] = 2.0
+    else:
+        monkeypatch.setenv("OUTRIDER_FLUSH_INTERVAL", "2")
+    try:
+        probe.init(endpoint=endpoint, run_id="merged", **options)
+        assert probe.flush(timeout=10.0)  # connected, hello sent
+        _message_kinds(pull, quiet_ms=300)
+        for step in range(4):
+            probe.log({"loss": 1.0 / (step + 1)}, step=step)
+            time.sleep(0.05)
+        started = time.monotonic()
+        assert probe.flush(timeout=10.0)
+        flushed_in = time.monotonic() - started
+        merged = _message_kinds(pull, quiet_ms=300)
+        probe.finish()
+    finally:
+        pull.close(linger=0)
+        context.term()
+    assert [kinds.count("scalars") for kinds in merged] == [4], merged
+    assert flushed_in < 1.0
