@@ -76,7 +76,7 @@ def init(
     ``flush_interval`` (seconds, default 0.02) is how long a step's records
     gather before they go to the agent as one message. Each message wakes the
     probe's and the agent's threads; on cores the trainer shares, with steps
-    under ~90 ms, 0.2 merges a few steps a message and takes the telemetry's
+    under ~100 ms, 0.2 merges a few steps a message and takes the telemetry's
     CPU down by about a fifth, at the price of records reaching the agent up
     to that much later (docs/performance.md).
     """

@@ -22,7 +22,7 @@ from probe.sender import DEFAULT_FLUSH_INTERVAL, Counters, Record, Sender
 
 DEFAULT_QUEUE_SIZE = 10_000
 DEFAULT_EXIT_TIMEOUT = 2.0
-#: a longer window would hold records past the agent's view of a live run
+#: a longer window would hold heartbeats past their 5 s interval: a live trainer would look silent
 MAX_FLUSH_INTERVAL = 5.0
 
 
