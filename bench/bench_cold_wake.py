@@ -69,14 +69,14 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bcw-"))
     load_start = load_average()
     try:
-        messages = captured_messages(tmp, calls + 10)
+        messages = captured_messages(tmp, 2 * calls + 10)  # each ingested once
         agent = Agent(short_ipc_endpoint(tmp), tmp / "runs")
         agent.ingest(messages[0])  # the run store opens outside the timing
         agent.runs.flush()
         fd = os.open(tmp / "append.bin", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         line = b"x" * 200
         sample = messages[1]
-        feed = iter(messages[1:] * 2)
+        feed = iter(messages[1:])
 
         def ingest() -> None:
             agent.ingest(next(feed))
