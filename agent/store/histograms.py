@@ -10,6 +10,7 @@ every sink draws the same histogram.
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,6 @@ from agent.ingest.decode import TENSOR_DTYPES
 from probe import protocol
 
 MAX_BINS = protocol.MAX_HISTOGRAM_BINS
-_FLOAT_MAX = float(np.finfo(np.float64).max)
 
 
 def from_tensor(body: dict[str, Any], data: bytes, bins: int) -> dict[str, Any]:
@@ -53,8 +53,9 @@ def _fields(name: str, values: Any, bins: int) -> dict[str, Any]:
     with np.errstate(over="ignore", invalid="ignore"):  # past the float range: inf, stored null
         total = float(values.sum())
         # A finite sum means every value is finite: the mask pass is skipped on the common path.
-        finite = values if math.isfinite(total) else values[np.isfinite(values)]
-        if finite is not values:
+        finite = values
+        if not math.isfinite(total):
+            finite = values[np.isfinite(values)]
             total = float(finite.sum())
         squares = float(np.dot(finite, finite))
     if finite.size:
@@ -93,7 +94,7 @@ def _binned(values: Any, low: float, high: float, bins: int) -> tuple[Any, Any]:
     edges = _edges(low, high, bins)
     if not (edges[1:] > edges[:-1]).all():
         pad = math.ulp(max(abs(low), abs(high))) * bins
-        low, high = max(low - pad, -_FLOAT_MAX), min(high + pad, _FLOAT_MAX)
+        low, high = max(low - pad, -sys.float_info.max), min(high + pad, sys.float_info.max)
         edges = _edges(low, high, bins)
     scaled = np.subtract(values, low)
     scaled /= high - low

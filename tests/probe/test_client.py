@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -161,37 +162,15 @@ def test_init_after_finish_starts_a_new_stream(agent, endpoint: str, runs_dir: P
         assert stream["complete"] and stream["lost"] == 0
 
 
-def test_control_records_ride_in_the_steps_message(tmp_path: Path) -> None:
-    """The probe's counters and heartbeat go in the same message as the step's records, so
-    the agent wakes once a step, not twice. A real PULL socket reads what the probe sends."""
-    endpoint = f"ipc://{tmp_path}/pull.sock"
+@pytest.fixture
+def pull(endpoint: str) -> Iterator[tuple[str, zmq.Socket[bytes]]]:
+    """A real PULL socket bound where the probe will send: its endpoint and the socket."""
     context = zmq.Context()
-    pull = context.socket(zmq.PULL)
-    pull.bind(endpoint)
-    try:
-        # Counters due at every wake-up: a step of 0.1 s, as a trainer's.
-        probe.init(endpoint=endpoint, run_id="one-message", stats_interval=0.01)
-        steps = 6
-        for step in range(steps):
-            time.sleep(0.1)
-            probe.log({"loss": 1.0 / (step + 1)}, step=step)
-        probe.finish()
-        kinds = []
-        while pull.poll(2000):
-            message = decode(pull.recv())
-            kinds.append({r.kind if isinstance(r, Record) else "scalars" for r in message.records})
-    finally:
-        pull.close(linger=0)
-        context.term()
-    with_scalars = [k for k in kinds if "scalars" in k]
-    assert len(with_scalars) == steps
-    # Counters after a step's send changed: each later step's message carries them.
-    assert sum("probe_stats" in k for k in with_scalars) >= steps - 1
-    # Between the steps no message of control records alone (at the end the final
-    # counters may go by themselves, before the bye).
-    last_step = max(i for i, k in enumerate(kinds) if "scalars" in k)
-    alone = [k for k in kinds[:last_step] if k <= {"probe_stats", "heartbeat"}]
-    assert alone == [], kinds
+    socket = context.socket(zmq.PULL)
+    socket.bind(endpoint)
+    yield endpoint, socket
+    socket.close(linger=0)
+    context.term()
 
 
 def _message_kinds(pull: zmq.Socket[bytes], quiet_ms: int = 2000) -> list[list[str]]:
@@ -210,36 +189,54 @@ def _message_kinds(pull: zmq.Socket[bytes], quiet_ms: int = 2000) -> list[list[s
     return kinds
 
 
+def test_control_records_ride_in_the_steps_message(
+    pull: tuple[str, zmq.Socket[bytes]],
+) -> None:
+    """The probe's counters and heartbeat go in the same message as the step's records, so
+    the agent wakes once a step, not twice. A real PULL socket reads what the probe sends."""
+    endpoint, socket = pull
+    # Counters due at every wake-up: a step of 0.1 s, as a trainer's.
+    probe.init(endpoint=endpoint, run_id="one-message", stats_interval=0.01)
+    steps = 6
+    for step in range(steps):
+        time.sleep(0.1)
+        probe.log({"loss": 1.0 / (step + 1)}, step=step)
+    probe.finish()
+    kinds = [set(message) for message in _message_kinds(socket)]
+    with_scalars = [k for k in kinds if "scalars" in k]
+    assert len(with_scalars) == steps
+    # Counters after a step's send changed: each later step's message carries them.
+    assert sum("probe_stats" in k for k in with_scalars) >= steps - 1
+    # Between the steps no message of control records alone (at the end the final
+    # counters may go by themselves, before the bye).
+    last_step = max(i for i, k in enumerate(kinds) if "scalars" in k)
+    alone = [k for k in kinds[:last_step] if k <= {"probe_stats", "heartbeat"}]
+    assert alone == [], kinds
+
+
 @pytest.mark.parametrize("source", ["argument", "environment"])
 def test_a_longer_flush_interval_merges_steps_into_one_message(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str
+    pull: tuple[str, zmq.Socket[bytes]], monkeypatch: pytest.MonkeyPatch, source: str
 ) -> None:
     """With flush_interval 2 s, four steps logged 50 ms apart go as one message; flush()
     still sends at once rather than waiting out the window."""
-    endpoint = f"ipc://{tmp_path}/pull.sock"
-    context = zmq.Context()
-    pull = context.socket(zmq.PULL)
-    pull.bind(endpoint)
+    endpoint, socket = pull
     # no counters or heartbeats between the steps: the messages are the steps'
     options = {"stats_interval": 60.0, "heartbeat_interval": 60.0}
     if source == "argument":
         options["flush_interval"] = 2.0
     else:
         monkeypatch.setenv("OUTRIDER_FLUSH_INTERVAL", "2")
-    try:
-        probe.init(endpoint=endpoint, run_id="merged", **options)
-        assert probe.flush(timeout=10.0)  # connected, hello sent
-        _message_kinds(pull, quiet_ms=300)
-        for step in range(4):
-            probe.log({"loss": 1.0 / (step + 1)}, step=step)
-            time.sleep(0.05)
-        started = time.monotonic()
-        assert probe.flush(timeout=10.0)
-        flushed_in = time.monotonic() - started
-        merged = _message_kinds(pull, quiet_ms=300)
-        probe.finish()
-    finally:
-        pull.close(linger=0)
-        context.term()
+    probe.init(endpoint=endpoint, run_id="merged", **options)
+    assert probe.flush(timeout=10.0)  # connected, hello sent
+    _message_kinds(socket, quiet_ms=300)
+    for step in range(4):
+        probe.log({"loss": 1.0 / (step + 1)}, step=step)
+        time.sleep(0.05)
+    started = time.monotonic()
+    assert probe.flush(timeout=10.0)
+    flushed_in = time.monotonic() - started
+    merged = _message_kinds(socket, quiet_ms=300)
+    probe.finish()
     assert [kinds.count("scalars") for kinds in merged] == [4], merged
     assert flushed_in < 1.0
