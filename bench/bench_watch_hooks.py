@@ -15,6 +15,11 @@ is printed twice, as training-thread CPU time: per forward of a tiny module
 whole demo-model step (forward, backward, clip, step), each with the timer's
 hooks removed and in place, interleaved round by round.
 
+Last, the training-thread CPU time inside probe.watch's hooks per demo step,
+with ``hist_every`` and ``activations_every`` at 0 and at 1: what a histogram
+and activation step adds (each parameter's and gradient's sample, every leaf
+module's output statistics and sample), timed inside the hooks.
+
     python bench/bench_watch_hooks.py                 # ~60 s
     python bench/bench_watch_hooks.py --device cuda   # on a GPU: host time of the launches
 
@@ -89,6 +94,7 @@ def main() -> None:
         watcher.unwatch()
     hooks = [w - b for w, b in zip(watched, base, strict=True)]
     sections = section_timer_cost(args, model, opt, x, y, cuda)
+    plain, periodic = periodic_step_cost(args, model, opt, x, y, cuda)
     print(
         f"clip_grad_norm_ + optimizer.step(), median ms per step over {args.rounds} rounds "
         f"x {args.steps} steps (1 torch thread, {device}):"
@@ -105,6 +111,11 @@ def main() -> None:
             f"  {label:<34} without {without:9.2f} us  with {timed:9.2f} us  "
             f"(+{timed - without:.2f} us)"
         )
+    print("probe.watch's hooks, training-thread CPU per demo step:")
+    print(
+        f"  {'every step (grad norms, lr, times)':<34} {plain / 1000:9.2f} ms\n"
+        f"  {'+ histograms + activation stats':<34} {periodic / 1000:9.2f} ms"
+    )
     probe.finish(2.0)
 
 
@@ -114,7 +125,6 @@ def section_timer_cost(
     """Median CPU microseconds of a tiny forward and of a whole demo step, with the
     watcher's section-timing hooks removed and in place (interleaved rounds)."""
     import torch
-    import torch.nn.functional as F
 
     import probe
 
@@ -129,20 +139,6 @@ def section_timer_cost(
             tiny(z)
         return 1e6 * (time.thread_time() - started) / calls
 
-    def demo_step_us() -> float:
-        times = []
-        for _ in range(args.steps):
-            started = time.thread_time()
-            loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
-            opt.zero_grad()
-            loss.backward()  # type: ignore[no-untyped-call]
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            times.append(time.thread_time() - started)
-            if cuda:
-                torch.cuda.synchronize()
-        return 1e6 * statistics.median(times)
-
     results: dict[str, tuple[list[float], list[float]]] = {
         "tiny forward (Linear 8x8), per call": ([], []),
         "demo step (fwd+bwd+clip+step)": ([], []),
@@ -155,7 +151,7 @@ def section_timer_cost(
                 for watcher in watchers:
                     for handle in watcher._timing:
                         handle.remove()
-            tiny_us, step_us = tiny_forward_us(), demo_step_us()
+            tiny_us, step_us = tiny_forward_us(), demo_step_us(args.steps, model, opt, x, y, cuda)
             results["tiny forward (Linear 8x8), per call"][timed].append(tiny_us)
             results["demo step (fwd+bwd+clip+step)"][timed].append(step_us)
             for watcher in watchers:
@@ -164,6 +160,80 @@ def section_timer_cost(
         label: (statistics.median(without), statistics.median(timed))
         for label, (without, timed) in results.items()
     }
+
+
+#: the Watcher methods its hooks call on the training thread: optimizer pre- and post-step,
+#: and each leaf module's forward hook on activation steps
+HOOK_METHODS = ("_gradients_ready", "_after_step", "_take_activation")
+
+
+def periodic_step_cost(
+    args: argparse.Namespace, model: Any, opt: Any, x: Any, y: Any, cuda: bool
+) -> tuple[float, float]:
+    """Median training-thread CPU microseconds per demo step inside probe.watch's hooks,
+    without and with histograms and activation statistics on every step (interleaved
+    rounds). The hooks are timed inside, so the step's own noise stays out."""
+    import torch.nn.functional as F
+
+    import probe
+    from probe.watcher import Watcher
+
+    spent = [0.0]
+
+    def timed(method: Any) -> Any:
+        def run(*call_args: Any, **kwargs: Any) -> Any:
+            started = time.thread_time()
+            try:
+                return method(*call_args, **kwargs)
+            finally:
+                spent[0] += time.thread_time() - started
+
+        return run
+
+    originals = {name: getattr(Watcher, name) for name in HOOK_METHODS}
+    for name, method in originals.items():
+        setattr(Watcher, name, timed(method))
+    results: tuple[list[float], list[float]] = ([], [])
+    try:
+        for _ in range(args.rounds):
+            for periodic in (False, True):
+                every = 1 if periodic else 0
+                watcher: Any = probe.watch(
+                    model, opt, layer_every=0, hist_every=every, activations_every=every
+                )
+                times = []
+                for _ in range(args.steps):
+                    spent[0] = 0.0
+                    loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+                    opt.zero_grad()
+                    loss.backward()  # type: ignore[no-untyped-call]
+                    opt.step()
+                    times.append(spent[0])
+                results[periodic].append(1e6 * statistics.median(times))
+                watcher.unwatch()
+    finally:
+        for name, method in originals.items():
+            setattr(Watcher, name, method)
+    return statistics.median(results[0]), statistics.median(results[1])
+
+
+def demo_step_us(steps: int, model: Any, opt: Any, x: Any, y: Any, cuda: bool) -> float:
+    """Median training-thread CPU microseconds of a demo step: forward, backward, clip, step."""
+    import torch
+    import torch.nn.functional as F
+
+    times = []
+    for _ in range(steps):
+        started = time.thread_time()
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        opt.zero_grad()
+        loss.backward()  # type: ignore[no-untyped-call]
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        times.append(time.thread_time() - started)
+        if cuda:
+            torch.cuda.synchronize()
+    return 1e6 * statistics.median(times)
 
 
 if __name__ == "__main__":

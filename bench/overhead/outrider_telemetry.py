@@ -8,6 +8,8 @@ state, ``probe.log`` of loss and lr, and ``probe.text`` of the demo's sample.
 
 from __future__ import annotations
 
+import sys
+import time
 from typing import TYPE_CHECKING, Any
 
 from overhead.telemetry import StepOutcome, Telemetry, Training
@@ -58,6 +60,25 @@ class OutriderTelemetry(Telemetry):
                 "this is NOT the full-telemetry figure"
             )
         self.hook_hidden()
+        self.time_activation_hooks()
+
+    def time_activation_hooks(self) -> None:
+        """Add probe.watch's activation hooks (forward hooks on activation steps) to the
+        training thread's time in telemetry: each hook's work, timed where it runs."""
+        watcher = sys.modules.get("probe.watcher")  # imported by probe.watch
+        take = getattr(getattr(watcher, "Watcher", None), "_take_activation", None)
+        if watcher is None or take is None:
+            self.notes.append("activation hooks not timed: this probe has no Watcher")
+            return
+
+        def timed(owner: Any, name: str, output: Any) -> None:
+            started = time.perf_counter()
+            try:
+                take(owner, name, output)
+            finally:
+                self.hook_s += time.perf_counter() - started
+
+        watcher.Watcher._take_activation = timed  # this run's process only
 
     def on_hidden(self, output: Tensor) -> None:
         if self.has_features:

@@ -155,8 +155,8 @@ def report_direct_cost(variants: Sequence[str], runs: Runs) -> None:
     )
     print(
         "training thread in telemetry: the telemetry calls after each step, the hidden-state "
-        "hook and the optimizer hooks (probe.watch), timed on the training thread; not "
-        "probe.watch's activation hooks (forward hooks on activation steps). Telemetry "
+        "hook, the optimizer hooks and the activation hooks (probe.watch), timed on the "
+        "training thread. Telemetry "
         "threads: the trainer's threads started after torch's (the probe's sender and "
         "ZeroMQ's, TensorBoard's writer, W&B's), with its child processes (W&B's service); "
         "0 for the baseline unless torch started threads late. Agent CPU: the agent's and "

@@ -396,6 +396,107 @@ def test_activation_stats_match_a_forward_hook(agent: Any, endpoint: str, runs_d
             assert close(got[name], value), (step, name)
 
 
+class Outputs(nn.Module):
+    """Leaf modules whose outputs are the test's tensors, beside a trainable linear layer."""
+
+    def __init__(self, outputs: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 1)
+        self.leaves = nn.ModuleDict({name: Emit(value) for name, value in outputs.items()})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for leaf in self.leaves.values():
+            leaf(x)
+        return self.linear(x)
+
+
+class Emit(nn.Module):
+    def __init__(self, value: torch.Tensor) -> None:
+        super().__init__()
+        self.value = value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.value
+
+
+def test_activation_stats_stay_exact_where_a_sum_of_squares_would_not(
+    agent: Any, endpoint: str, runs_dir: Path
+) -> None:
+    """A saturated sigmoid (std 2e-4 under a mean of 1), a large offset, a constant, half
+    precision and outputs far larger than the sample: each within 1e-4 of float64."""
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn(16, 128, 512, generator=generator)
+    outputs = {
+        "saturated": torch.sigmoid(8 + 0.5 * noise),
+        "offset": 100 + 0.01 * noise,
+        "constant": torch.full((300, 100), 5.0),
+        "bf16": (1 + noise[:4]).bfloat16(),
+        "relu": torch.relu(noise[:2]),
+        "one": torch.tensor([3.0]),
+    }
+    probe.init(endpoint, run_id="activation-precision")
+    model = Outputs(outputs)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    probe.watch(model, opt, activations_every=1)
+    backward(model, opt, 0)
+    opt.step()
+    got = by_step(stored_run(agent, runs_dir, "activation-precision")[0])[0]
+    for name, value in outputs.items():
+        exact = value.double()
+        std = float(exact.std()) if exact.numel() > 1 else 0.0
+        assert close(got[f"act/leaves.{name}/mean"], float(exact.mean()), rel=1e-6), name
+        assert close(got[f"act/leaves.{name}/std"], std, rel=1e-4), name
+        zeros = float((exact == 0).double().mean())
+        assert got[f"act/leaves.{name}/zero_fraction"] == pytest.approx(zeros, abs=1e-7), name
+    assert 0.4 < got["act/leaves.relu/zero_fraction"] < 0.6
+
+
+def test_sampling_leaves_the_trainers_random_numbers_alone(
+    agent: Any, endpoint: str, runs_dir: Path
+) -> None:
+    """Histograms and activation samples every step, with dropout in the model: the same
+    weights, bit for bit, as the same training unwatched."""
+
+    def train(watched: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 4096), nn.Dropout(0.5), nn.Linear(4096, 1))
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        if watched:
+            probe.watch(model, opt, hist_every=1, activations_every=1)
+        for step in range(3):
+            backward(model, opt, step)
+            opt.step()
+        if watched:
+            probe.unwatch()
+        return [p.detach().clone() for p in model.parameters()]
+
+    probe.init(endpoint, run_id="rng")
+    watched = train(True)
+    plain = train(False)
+    assert all(torch.equal(a, b) for a, b in zip(watched, plain, strict=True))
+    stored = stored_run(agent, runs_dir, "rng")[0]
+    sampled = [h for (step, name), h in histograms(stored).items() if name == "weights/0.weight"]
+    assert len(sampled) == 3 and all(h["count"] == 8192 for h in sampled)  # 32,768 sampled
+
+
+def test_histogram_samples_visit_every_column() -> None:
+    """A sample of a (rows, columns) tensor is spread over every column, whatever the
+    shape's powers of two, and is a view: nothing is computed, nothing waits."""
+    from probe import values
+
+    for rows, columns in [(64, 512), (1024, 768), (3, 100_000), (10_000, 1)]:
+        tensor = torch.arange(columns).repeat(rows, 1)
+        sample = values.sample_tensor(tensor, values.HISTOGRAM_SAMPLE)
+        assert sample.numel() == values.HISTOGRAM_SAMPLE
+        assert sample.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr()
+        seen = torch.bincount(sample, minlength=columns)
+        if columns <= values.HISTOGRAM_SAMPLE:
+            assert int((seen == 0).sum()) == 0, (rows, columns)
+            assert int(seen.max()) - int(seen.min()) <= 1, (rows, columns)  # evenly
+        else:
+            assert int((seen > 1).sum()) == 0, (rows, columns)  # no column twice
+
+
 def test_histograms_of_weights_and_gradients(agent: Any, endpoint: str, runs_dir: Path) -> None:
     """weights/, grads/ and activations/ histograms hold every element of small tensors."""
     probe.init(endpoint, run_id="hist")
