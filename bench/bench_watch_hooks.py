@@ -173,8 +173,6 @@ def periodic_step_cost(
     """Median training-thread CPU microseconds per demo step inside probe.watch's hooks,
     without and with histograms and activation statistics on every step (interleaved
     rounds). The hooks are timed inside, so the step's own noise stays out."""
-    import torch.nn.functional as F
-
     import probe
     from probe.watcher import Watcher
 
@@ -204,10 +202,7 @@ def periodic_step_cost(
                 times = []
                 for _ in range(args.steps):
                     spent[0] = 0.0
-                    loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
-                    opt.zero_grad()
-                    loss.backward()  # type: ignore[no-untyped-call]
-                    opt.step()
+                    train_step(model, opt, x, y, clip=False)
                     times.append(spent[0])
                 results[periodic].append(1e6 * statistics.median(times))
                 watcher.unwatch()
@@ -220,20 +215,28 @@ def periodic_step_cost(
 def demo_step_us(steps: int, model: Any, opt: Any, x: Any, y: Any, cuda: bool) -> float:
     """Median training-thread CPU microseconds of a demo step: forward, backward, clip, step."""
     import torch
-    import torch.nn.functional as F
 
     times = []
     for _ in range(steps):
         started = time.thread_time()
-        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
-        opt.zero_grad()
-        loss.backward()  # type: ignore[no-untyped-call]
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        train_step(model, opt, x, y, clip=True)
         times.append(time.thread_time() - started)
         if cuda:
             torch.cuda.synchronize()
     return 1e6 * statistics.median(times)
+
+
+def train_step(model: Any, opt: Any, x: Any, y: Any, *, clip: bool) -> None:
+    """One demo training step: forward, backward, maybe ``clip_grad_norm_``, step."""
+    import torch
+    import torch.nn.functional as F
+
+    loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+    opt.zero_grad()
+    loss.backward()  # type: ignore[no-untyped-call]
+    if clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
 
 
 if __name__ == "__main__":
