@@ -423,7 +423,8 @@ def test_activation_stats_stay_exact_where_a_sum_of_squares_would_not(
     agent: Any, endpoint: str, runs_dir: Path
 ) -> None:
     """A saturated sigmoid (std 2e-4 under a mean of 1), a large offset, a constant, half
-    precision and outputs far larger than the sample: each within 1e-4 of float64."""
+    precision, outputs far larger than the sample and negative zeros: each within 1e-4 of
+    float64."""
     generator = torch.Generator().manual_seed(0)
     noise = torch.randn(16, 128, 512, generator=generator)
     outputs = {
@@ -433,22 +434,28 @@ def test_activation_stats_stay_exact_where_a_sum_of_squares_would_not(
         "bf16": (1 + noise[:4]).bfloat16(),
         "relu": torch.relu(noise[:2]),
         "one": torch.tensor([3.0]),
+        "signed_zeros": torch.tensor([0.0, -0.0, 1.5, -2.0, -0.0]),
     }
     probe.init(endpoint, run_id="activation-precision")
     model = Outputs(outputs)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     probe.watch(model, opt, activations_every=1)
-    backward(model, opt, 0)
-    opt.step()
-    got = by_step(stored_run(agent, runs_dir, "activation-precision")[0])[0]
-    for name, value in outputs.items():
-        exact = value.double()
-        std = float(exact.std()) if exact.numel() > 1 else 0.0
-        assert close(got[f"act/leaves.{name}/mean"], float(exact.mean()), rel=1e-6), name
-        assert close(got[f"act/leaves.{name}/std"], std, rel=1e-4), name
-        zeros = float((exact == 0).double().mean())
-        assert got[f"act/leaves.{name}/zero_fraction"] == pytest.approx(zeros, abs=1e-7), name
-    assert 0.4 < got["act/leaves.relu/zero_fraction"] < 0.6
+    steps = 8  # each step's samples start at random: the centring differs from step to step
+    for step in range(steps):
+        backward(model, opt, step)
+        opt.step()
+    stored = by_step(stored_run(agent, runs_dir, "activation-precision")[0])
+    assert sorted(stored) == list(range(steps))
+    for step, got in stored.items():
+        for name, value in outputs.items():
+            exact = value.double()
+            std = float(exact.std()) if exact.numel() > 1 else 0.0
+            where = f"{name} at step {step}"
+            assert close(got[f"act/leaves.{name}/mean"], float(exact.mean()), rel=1e-6), where
+            assert close(got[f"act/leaves.{name}/std"], std, rel=1e-4), where
+            zeros = float((exact == 0).double().mean())
+            assert got[f"act/leaves.{name}/zero_fraction"] == pytest.approx(zeros, abs=1e-7), where
+        assert 0.4 < got["act/leaves.relu/zero_fraction"] < 0.6
 
 
 def test_sampling_leaves_the_trainers_random_numbers_alone(
