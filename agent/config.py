@@ -17,7 +17,7 @@ import pydantic
 import yaml
 
 from agent.aggregation.config import AggregationSettings
-from agent.alerts.config import DEFAULT_ALERTS_YAML, AlertsConfig
+from agent.alerts.config import DEFAULT_ALERTS_YAML, SAFE_LOADER, AlertsConfig
 from sinks import registry
 
 DEFAULT_SINKS = ("tensorboard", "prometheus", "wandb")
@@ -231,8 +231,8 @@ class _Located:
 
 def _compose(text: str, source: str) -> _Located:
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        root = yaml.compose(text, Loader=SAFE_LOADER)
+        data = yaml.load(text, Loader=SAFE_LOADER)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark is not None else source
@@ -262,8 +262,10 @@ def _line_of(root: yaml.Node | None, path: tuple[Any, ...]) -> int | None:
     return line
 
 
-def parse(text: str, source: str = "<config>") -> AgentConfig:
-    """Parse and validate a config, including every enabled sink's own options."""
+def parse(text: str, source: str = "<config>", sinks: list[str] | None = None) -> AgentConfig:
+    """Parse and validate a config, including every enabled sink's own options; with
+    ``sinks`` (``--sinks``), the options of those sinks only: a sink that will not run is
+    not imported to check them."""
     located = _compose(text, source)
     if not isinstance(located.data, dict):
         raise ConfigError(f"{source}:1: the config must be a mapping of keys to values")
@@ -275,7 +277,7 @@ def parse(text: str, source: str = "<config>") -> AgentConfig:
             path = tuple(error["loc"])
             problems.append(_problem(source, located.root, path, error["msg"]))
         raise ConfigError("\n".join(problems)) from None
-    for name, settings in config.enabled_sinks().items():
+    for name, settings in _sinks_to_check(config, sinks).items():
         try:
             registry.validate_options(name, settings.options(), settings.class_)
         except registry.SinkConfigError as exc:
@@ -287,18 +289,26 @@ def parse(text: str, source: str = "<config>") -> AgentConfig:
     return config
 
 
+def _sinks_to_check(config: AgentConfig, only: list[str] | None) -> dict[str, SinkSettings]:
+    """The enabled sinks, or the named ones (unknown names are only_sinks' to report)."""
+    if only is None:
+        return config.enabled_sinks()
+    known = set(config.sinks) | set(registry.known_names())
+    return {name: config.sinks.get(name, SinkSettings()) for name in only if name in known}
+
+
 def _problem(source: str, root: yaml.Node | None, path: tuple[Any, ...], message: str) -> str:
     line = _line_of(root, path)
     key = ".".join(str(part) for part in path) or "(top level)"
     return f"{source}:{line or 1}: {key}: {message}"
 
 
-def load(path: Path | None) -> AgentConfig:
-    """The config in ``path``, or the defaults when there is none."""
+def load(path: Path | None, sinks: list[str] | None = None) -> AgentConfig:
+    """The config in ``path``, or the defaults when there is none; ``sinks`` as in parse."""
     if path is None:
         return AgentConfig()
     try:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    return parse(text, str(path))
+    return parse(text, str(path), sinks)

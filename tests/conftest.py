@@ -12,11 +12,13 @@ from hypothesis import HealthCheck, settings
 
 import probe
 from probe import internal
-from tests.helpers import short_ipc_endpoint, start_agent, stop_agent
+from tests.helpers import TEST_CONFIG, short_ipc_endpoint, start_agent, stop_agent
 
 # Agents started by tests serve no dashboard: hundreds of them would contend for port 8080.
 # The dashboard's own tests turn it on, each on a port of its own.
 os.environ["OUTRIDER_DASHBOARD"] = "off"
+# ... and draw no dashboard images (tests/agent_config.yaml), unless a test passes --config.
+os.environ["OUTRIDER_CONFIG"] = str(TEST_CONFIG)
 
 pytest_plugins = ["tests.small_disk"]  # the small_disk fixture (a 1 MiB filesystem)
 

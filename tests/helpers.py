@@ -26,6 +26,8 @@ BIN = Path(sys.executable).parent
 OUTRIDER = str(BIN / "outrider")
 PYTHON = sys.executable
 REPO = Path(__file__).resolve().parent.parent
+#: the agents' configuration in tests (no dashboard images); a test's --config replaces it
+TEST_CONFIG = REPO / "tests" / "agent_config.yaml"
 
 
 def short_ipc_dir() -> Path:
@@ -41,12 +43,14 @@ def short_ipc_endpoint() -> str:
 def clean_env(**extra: str) -> dict[str, str]:
     """The test's environment without OUTRIDER_* settings, with the venv's bin first on PATH.
 
-    Sinks and the dashboard are off (the run store alone) unless a test asks for them.
+    Sinks, the dashboard and its images are off (the run store alone) unless a test asks
+    for them.
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith("OUTRIDER_")}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["OUTRIDER_SINKS"] = "none"
     env["OUTRIDER_DASHBOARD"] = "off"
+    env["OUTRIDER_CONFIG"] = str(TEST_CONFIG)
     env.update(extra)
     return env
 

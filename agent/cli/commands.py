@@ -61,13 +61,14 @@ def config_options(function: Any) -> Any:
 
 def load_config(config_path: Path | None, sinks: str | None) -> AgentConfig:
     """The validated config with --sinks applied; a bad file is a usage error naming the line."""
+    names = None if sinks is None else [s for s in sinks.split(",") if s and s != "none"]
     try:
-        config = agent_config.load(config_path)
+        config = agent_config.load(config_path, names)
     except agent_config.ConfigError as exc:
         raise click.ClickException(f"bad config:\n{exc}") from None
-    if sinks is not None:
+    if names is not None:
         try:
-            config = config.only_sinks([s for s in sinks.split(",") if s and s != "none"])
+            config = config.only_sinks(names)
         except agent_config.ConfigError as exc:
             raise click.BadParameter(str(exc), param_hint="--sinks") from None
     return config

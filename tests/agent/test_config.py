@@ -75,6 +75,19 @@ def test_switching_sinks_off_and_only_sinks() -> None:
         parsed.only_sinks(["nope"])
 
 
+def test_sinks_chosen_with_only_their_options_checked() -> None:
+    """With --sinks, only the named sinks' options are checked (the others are not run or
+    imported); a named sink the file switched off is checked too; unknown names are left to
+    only_sinks."""
+    text = "sinks:\n  tensorboard:\n    flush_sec: 2\n  prometheus: {enabled: false, port: x}\n"
+    with pytest.raises(config.ConfigError, match=r"f\.yaml:3: sinks\.tensorboard\.flush_sec"):
+        config.parse(text, "f.yaml")
+    assert list(config.parse(text, "f.yaml", sinks=[]).only_sinks([]).enabled_sinks()) == []
+    assert config.parse(text, "f.yaml", sinks=["wandb", "nope"]).sinks["tensorboard"]
+    with pytest.raises(config.ConfigError, match=r"f\.yaml:4: sinks\.prometheus\.port"):
+        config.parse(text, "f.yaml", sinks=["prometheus"])
+
+
 def test_config_check_command(tmp_path: Path) -> None:
     """`outrider config --check` exits 0 on a good file and 1 with the line on a bad one."""
     good = tmp_path / "good.yaml"
