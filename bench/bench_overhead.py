@@ -23,13 +23,14 @@ Variants (``KIND:PLACEMENT``):
 - ``outrider``: full telemetry through the probe to a real agent process
   (``--sinks none``: the run store only); ``outrider+sinks`` the same with the
   agent's default sinks (TensorBoard, Prometheus on a free port, W&B offline).
-  Full telemetry = ``probe.watch(model, opt, log_every=1, hist_every=50,
-  activations_every=50)`` + ``probe.features`` of the last hidden state every
+  Full telemetry = ``probe.watch(model, opt, log_every=1, hist_every=100,
+  activations_every=100)`` (watch's defaults; ``--hist-every``) +
+  ``probe.features`` of the last hidden state every
   100 steps + ``probe.log`` of loss/lr every step + a ``probe.text`` sample
   every 200 steps.
 - ``wandb``: in-process W&B (offline), the telemetry the way tutorials write
   it: ``.item()`` on loss and grad norm and ``wandb.log`` every step,
-  ``wandb.Histogram`` of every weight and gradient every 50 steps, the
+  ``wandb.Histogram`` of every weight and gradient every 100 steps, the
   effective rank (SVD of the last hidden state) every 100 steps, a text
   sample every 200 steps.
 - ``tensorboard``: the same with torch's ``SummaryWriter``.
@@ -105,8 +106,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--hist-every",
         type=int,
-        default=50,
-        help="weight/grad histograms and activation stats (default 50)",
+        default=100,
+        help="weight/grad histograms and activation stats (default 100, watch's own default)",
     )
     p.add_argument(
         "--rank-every",
