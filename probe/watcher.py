@@ -501,7 +501,7 @@ class Watcher:
         sample = values.sample_tensor(x, values.HISTOGRAM_SAMPLE).to(torch.float32, copy=True)
         self._activation_samples[f"activations/{name}"] = sample
         # Sums the sender thread derives mean, std and zero fraction from: two reductions
-        # and a norm of x less the sample's mean, a fifth of what x.std() and
+        # and a norm of x less the sample's mean, about a quarter of what x.std() and
         # (x == 0).mean() cost. Centring on that mean keeps the std exact when the mean
         # dwarfs it (a saturated sigmoid), where a plain sum of squares would lose it.
         # Non-zeros are counted as |sign(x)| summed: count_nonzero branches per value and,
