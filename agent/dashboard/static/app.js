@@ -74,14 +74,22 @@ function live(run, onGrown) {
   const badge = document.getElementById("live");
   const source = new EventSource("/api/events" + (run ? "?run=" + encodeURIComponent(run) : ""));
   let pending = null;
-  source.addEventListener("hello", () => { badge.textContent = "\u25CF live"; badge.className = "on"; });
-  source.addEventListener("grown", () => {
+  const redraw = (counted) => {
     if (pending) return;
     pending = setTimeout(async () => {
       pending = null;
-      try { await onGrown(); outrider.refreshes++; } catch (error) { console.error(error); }
+      try { await onGrown(); if (counted) outrider.refreshes++; } catch (error) { console.error(error); }
     }, 200);
+  };
+  source.addEventListener("hello", () => {
+    badge.textContent = "\u25CF live";
+    badge.className = "on";
+    // The server counts growth from this connection on: what was stored between the
+    // page's first fetch and now sends no "grown" (a finished run's last alert), so draw
+    // once more. Not counted in refreshes, which count redraws caused by growth.
+    redraw(false);
   });
+  source.addEventListener("grown", () => redraw(true));
   source.onerror = () => { badge.textContent = "\u25CF reconnecting"; badge.className = "off"; };
   return source;
 }
