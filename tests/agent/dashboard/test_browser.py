@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 import probe
-from tests.helpers import AgentProcess, run_trainer
+from tests.helpers import AgentProcess, lines, run_trainer, wait_for
 from tests.prometheus_server import free_port
 from tests.stored_run import STEPS, TRAINER
 
@@ -157,3 +157,33 @@ def test_finished_run_compare_alerts_and_downloads(browser: Any, agent: tuple[An
     alerts.locator("#alert-history tr").nth(1).wait_for()
     assert alerts.locator("#alert-history tr").count() == 2
     assert probe.finish(5.0)
+
+
+def test_a_line_stored_while_the_page_connects_still_shows(
+    browser: Any, agent: tuple[Any, str]
+) -> None:
+    """A line stored after the page's first fetch but before its event stream connects sends
+    no 'grown' (the server counts growth from the connection on): the page draws once more
+    when the stream connects, so a finished run's late line shows without a reload."""
+    process, base = agent
+    metrics = process.run_dir("finished") / "metrics.jsonl"
+    losses = wait_for(
+        lambda: [x for x in lines(metrics.parent) if "loss" in x.get("metrics", {})],
+        10,
+        "the finished run's losses",
+    )
+    last = losses[-1]
+    late = {**last, "step": STEPS + 5, "metrics": {"loss": 0.25}}
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+
+    def connect(route: Any) -> None:  # the page has drawn; its stream is not connected yet
+        if route.request.url.startswith(base + "/api/events"):
+            with metrics.open("ab") as out:
+                out.write(orjson.dumps(late) + b"\n")
+        route.continue_()
+
+    page.route("**/api/events*", connect)
+    page.goto(base + "/run?id=finished")
+    drawn = STEPS - 1 + STEPS // 20  # as in the test above: loss less its NaN, and val/loss
+    page.wait_for_function(f"window.outrider.charts['loss'].points === {drawn + 1}")
+    assert page.evaluate("window.outrider.refreshes") == 0  # no growth after the connection
