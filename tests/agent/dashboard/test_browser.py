@@ -28,6 +28,8 @@ pytestmark = [
 sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright (dev extra)")
 
 LIVE_STEPS = 50
+#: the finished run's points in its "loss" chart: loss less its one NaN, and val/loss
+FINISHED_LOSS_POINTS = STEPS - 1 + STEPS // 20
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +57,12 @@ def chart_points(page: Any, title: str) -> int:
     return int(page.evaluate(f"window.outrider.charts[{title!r}].points"))
 
 
+def new_page(browser: Any) -> Any:
+    return browser.new_page(viewport={"width": 1400, "height": 1000})
+
+
 def open_page(browser: Any, url: str) -> Any:
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page = new_page(browser)
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
     page.goto(url)
@@ -130,7 +136,7 @@ def test_finished_run_compare_alerts_and_downloads(browser: Any, agent: tuple[An
 
     page = open_page(browser, base + "/run?id=finished")
     # loss has one NaN (a gap, not a point); val/loss is logged every 20 steps
-    assert chart_points(page, "loss") == STEPS - 1 + STEPS // 20
+    assert chart_points(page, "loss") == FINISHED_LOSS_POINTS
     # the alert is stored by the agent's analysis thread, maybe after the page opened: live
     page.locator("#alert-timeline tr").nth(1).wait_for()
     assert page.locator("#alert-timeline tr").count() == 2  # a header and the nonfinite alert
@@ -166,24 +172,23 @@ def test_a_line_stored_while_the_page_connects_still_shows(
     no 'grown' (the server counts growth from the connection on): the page draws once more
     when the stream connects, so a finished run's late line shows without a reload."""
     process, base = agent
-    metrics = process.run_dir("finished") / "metrics.jsonl"
+    run_dir = process.run_dir("finished")
     losses = wait_for(
-        lambda: [x for x in lines(metrics.parent) if "loss" in x.get("metrics", {})],
+        lambda: [x for x in lines(run_dir) if "loss" in x.get("metrics", {})],
         10,
         "the finished run's losses",
     )
     last = losses[-1]
     late = {**last, "step": STEPS + 5, "metrics": {"loss": 0.25}}
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page = new_page(browser)
 
     def connect(route: Any) -> None:  # the page has drawn; its stream is not connected yet
         if route.request.url.startswith(base + "/api/events"):
-            with metrics.open("ab") as out:
+            with (run_dir / "metrics.jsonl").open("ab") as out:
                 out.write(orjson.dumps(late) + b"\n")
         route.continue_()
 
     page.route("**/api/events*", connect)
     page.goto(base + "/run?id=finished")
-    drawn = STEPS - 1 + STEPS // 20  # as in the test above: loss less its NaN, and val/loss
-    page.wait_for_function(f"window.outrider.charts['loss'].points === {drawn + 1}")
+    page.wait_for_function(f"window.outrider.charts['loss'].points === {FINISHED_LOSS_POINTS + 1}")
     assert page.evaluate("window.outrider.refreshes") == 0  # no growth after the connection
