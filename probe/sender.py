@@ -21,7 +21,6 @@ from typing import Any
 
 import msgpack
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from probe import internal, protocol, values
 from probe.blocks import to_blocks
@@ -113,14 +112,21 @@ class Sender:
         self._last_heartbeat = 0.0
         self._last_stats = 0.0
         self._last_stats_key: tuple[Any, ...] = ()
+        self._recv_monitor_message: Callable[..., dict[str, Any]]  # set by start()
 
     # -- lifecycle ---------------------------------------------------------
     def start(self) -> bool:
         """Start the thread; False if Python refuses (e.g. at interpreter shutdown)."""
         thread = threading.Thread(target=self._run, name="outrider-probe-sender", daemon=True)
         try:
+            # pyzmq's monitor module imports asyncio (about 40 ms): taken here, not at `import
+            # probe`, and on the caller's thread: an import on the sender's thread while the
+            # trainer forks (DataLoader workers) would leave the child a lock it never gets.
+            from zmq.utils.monitor import recv_monitor_message
+
+            self._recv_monitor_message = recv_monitor_message
             thread.start()
-        except RuntimeError as exc:  # "can't create new thread at interpreter shutdown"
+        except (ImportError, RuntimeError) as exc:  # at interpreter shutdown
             internal.warn_once(
                 "thread-start", "outrider probe: cannot start the sender thread (%s)", exc
             )
@@ -229,7 +235,7 @@ class Sender:
 
     def _poll_monitor(self, monitor: zmq.Socket[Any]) -> None:
         while monitor.poll(0):
-            event = recv_monitor_message(monitor)["event"]
+            event = self._recv_monitor_message(monitor)["event"]
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.connected = True
                 # Every (re)connection gets the run metadata: the agent may be a new one.

@@ -16,6 +16,7 @@ import psutil
 from probe.sender import CONNECT_GRACE
 from tests.helpers import (
     PYTHON,
+    WORKER_CONFIG,
     lines,
     run_info,
     run_trainer,
@@ -285,7 +286,7 @@ def test_second_agent_on_a_live_socket_is_refused(agent, endpoint: str, runs_dir
 def test_killed_agent_leaves_no_statistics_workers_behind(endpoint: str, runs_dir: Path) -> None:
     """SIGKILL (the OOM killer's way) takes the agent's statistics worker processes with it:
     a process pool's workers would otherwise wait on their job queue for ever."""
-    agent = start_agent(endpoint, runs_dir)
+    agent = start_agent(endpoint, runs_dir, "--config", str(WORKER_CONFIG))
     try:
         workers = wait_for(
             lambda: [
