@@ -112,7 +112,7 @@ class Sender:
         self._last_heartbeat = 0.0
         self._last_stats = 0.0
         self._last_stats_key: tuple[Any, ...] = ()
-        self._recv_monitor_message: Callable[..., dict[str, Any]]  # set by start()
+        self._recv_monitor_message: Callable[..., Any]  # set by start()
 
     # -- lifecycle ---------------------------------------------------------
     def start(self) -> bool:
