@@ -311,7 +311,10 @@ class Sender:
             self.counters.drop(protocol.DROP_TOO_LARGE, len(wire))
             return
         try:
-            sock.send(message, zmq.NOBLOCK, copy=len(message) < 65536)
+            # Always a copy: pyzmq's zero-copy sends hand each buffer back through its garbage
+            # thread (one more wake-up), which is stopped by its exit handler before the
+            # probe's exit flush runs; a zero-copy send then fails and its records are lost.
+            sock.send(message, zmq.NOBLOCK, copy=True)
         except zmq.Again:
             self.counters.drop(
                 protocol.DROP_BACKPRESSURE if self.connected else protocol.DROP_NO_AGENT,

@@ -244,6 +244,35 @@ def test_exit_with_unsent_records_delivers_them(agent, endpoint: str, runs_dir: 
     )
 
 
+EXIT_ON_A_LARGE_MESSAGE = """
+import numpy as np, probe, time
+probe.init()
+for step in range(10):
+    probe.log({"loss": 0.5}, step=step)
+    if step in (0, 9):  # over 64 KiB of samples a message: step 0's and, at exit, step 9's
+        for layer in range(6):
+            probe.histogram(f"w{layer}", np.random.randn(8192).astype(np.float32), step=step)
+    if step < 9:
+        time.sleep(0.05)
+"""
+
+
+def test_exit_right_after_a_large_message_delivers_it(agent, endpoint: str, runs_dir: Path) -> None:
+    """A trainer that ends on a histogram step without probe.finish(): its last message is
+    sent by the atexit flush, after pyzmq's own exit handlers have run, and arrives whole."""
+    result = run_trainer(EXIT_ON_A_LARGE_MESSAGE, endpoint, "exit-large")
+    assert result.returncode == 0, result.stderr
+    assert "internal error" not in result.stderr, result.stderr
+    stop_agent(agent)
+    run_dir = runs_dir / "exit-large"
+    stored = lines(run_dir)
+    [stream] = trainer_streams(run_info(run_dir))
+    assert_exact_accounting(stream, stored)
+    assert stream["lost"] == 0 and stream["dropped"] == {}
+    histograms = [(line["step"], line["name"]) for line in stored if line["kind"] == "histogram"]
+    assert sorted(histograms) == [(step, f"w{layer}") for step in (0, 9) for layer in range(6)]
+
+
 def test_exit_is_bounded_when_the_agent_hangs(agent, endpoint: str, runs_dir: Path) -> None:
     """An agent that stops reading (SIGSTOP) cannot hold the trainer's exit past the budget."""
     agent.send_signal(signal.SIGSTOP)
