@@ -68,7 +68,7 @@ BUILTIN_DEFAULTS: dict[str, dict[str, Any]] = {
         "warmup": 50,
         "log": True,
         "direction": "up",
-        "min_std": 0.05,
+        "min_std": 0.4606,
         "above": 10000.0,
     },
     "grad_vanishing": {

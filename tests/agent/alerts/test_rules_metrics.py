@@ -106,6 +106,22 @@ def test_grad_explosion_quiet_on_stable_norm() -> None:
     assert feed(engine, clock, "grad_norm", noisy(0.5, 0.3, 3000, seed=4)) == []
 
 
+def test_grad_explosion_needs_a_tenfold_jump() -> None:
+    """A one-step 3.3x spike of a steady pre-clipping norm (nanoGPT's CPU config at step 283:
+    1.1 -> 3.6, clipped to 1.0, the loss unmoved) is quiet; 9x is quiet, 11x fires."""
+    values = noisy(1.1, 0.1, 400, seed=5)
+    values[283] = 3.6
+    engine, clock = make(keep=["grad_explosion"])
+    assert feed(engine, clock, "grad_norm", values) == []
+    for factor, fires in ((9.0, False), (11.0, True)):
+        values = [1.1] * 300
+        values[200] *= factor
+        engine, clock = make(keep=["grad_explosion"])
+        assert [a["step"] for a in feed(engine, clock, "grad_norm", values)] == (
+            [200] if fires else []
+        ), factor
+
+
 def test_grad_vanishing_needs_a_sustained_span() -> None:
     """grad_norm under 1e-7 fires after a span of 100 steps, not 99; a brief dip is quiet."""
     engine, clock = make(keep=["grad_vanishing"])
