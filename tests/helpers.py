@@ -26,7 +26,8 @@ BIN = Path(sys.executable).parent
 OUTRIDER = str(BIN / "outrider")
 PYTHON = sys.executable
 REPO = Path(__file__).resolve().parent.parent
-#: the agents' configuration in tests (no dashboard images); a test's --config replaces it
+#: the agents' configuration in tests (no dashboard images, statistics on the agent's own
+#: threads); a test's --config replaces it
 TEST_CONFIG = REPO / "tests" / "agent_config.yaml"
 #: the same with statistics worker processes, for the tests of those
 WORKER_CONFIG = REPO / "tests" / "agent_config_workers.yaml"
