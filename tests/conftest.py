@@ -59,9 +59,15 @@ def runs_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def agent(endpoint: str, runs_dir: Path) -> Iterator[object]:
+def agent_options() -> tuple[str, ...]:
+    """Extra `outrider agent` options for the ``agent`` fixture; a test module overrides it."""
+    return ()
+
+
+@pytest.fixture
+def agent(endpoint: str, runs_dir: Path, agent_options: tuple[str, ...]) -> Iterator[object]:
     """A real agent process bound to ``endpoint``, storing in ``runs_dir``."""
-    process = start_agent(endpoint, runs_dir)
+    process = start_agent(endpoint, runs_dir, *agent_options)
     yield process
     if process.poll() is None:
         stop_agent(process)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -12,20 +11,17 @@ import torch
 import torch.nn.functional as F
 
 import probe
-from tests.helpers import lines, run_info, start_agent, stop_agent, trainer_streams
+from tests.helpers import lines, run_info, stop_agent, trainer_streams
 
 
 @pytest.fixture
-def agent(endpoint: str, runs_dir: Path, tmp_path: Path) -> Iterator[object]:
-    """An agent without statistics: these tests check what the probe ships and the run store
-    keeps; a map and the statistics of each batch at the agent's exit only take time (the
-    wide batch's: about 9 s)."""
+def agent_options(tmp_path: Path) -> tuple[str, ...]:
+    """No statistics: these tests check what the probe ships and the run store keeps; a map
+    and the statistics of each batch at the agent's exit only take time (the wide batch's:
+    about 9 s)."""
     config = tmp_path / "agent.yaml"
     config.write_text("stats: {enabled: false}\n")
-    process = start_agent(endpoint, runs_dir, "--config", str(config))
-    yield process
-    if process.poll() is None:
-        stop_agent(process)
+    return ("--config", str(config))
 
 
 def finish(agent, runs_dir: Path, run_id: str) -> list[dict]:
