@@ -26,11 +26,11 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
 import probe
+from agent.failures import FAILURES
 
 EVAL_EVERY = 50
 FEATURES_EVERY = 50
@@ -43,26 +43,6 @@ COMPUTE_SHARE = 0.6  # of a healthy step, the compute section; the rest waits in
 #: the straggler's compute time over its healthy one: a relative score of about 0.5, well
 #: under the aggregator's 0.75 (a GPU throttled to half its clocks)
 STRAGGLER_SLOWDOWN = 2.0
-
-
-@dataclass(frozen=True)
-class Failure:
-    """What a failure does to the run, and the built-in alert that should catch it."""
-
-    does: str
-    raises: str | None
-    ranks: int = 1  # the ranks it needs by default: above 1, a job of two node agents
-
-
-FAILURES: dict[str, Failure] = {
-    "healthy": Failure("nothing goes wrong", None),
-    "spike": Failure("one step's loss x20, then back on the curve", "loss_spike"),
-    "divergence": Failure("lr and loss climb 2% a step from then on", "loss_divergence"),
-    "nan": Failure("loss, val/loss, grad_norm NaN from then on", "nonfinite"),
-    "collapse": Failure("feature rows converge on one direction", "representation_collapse"),
-    "stall": Failure("no records for longer than `stalled` waits", "stalled"),
-    "straggler": Failure("one rank's compute twice as slow (4 ranks)", "straggler", ranks=4),
-}
 
 
 class Curves:

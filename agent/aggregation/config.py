@@ -12,8 +12,36 @@ from pathlib import Path
 
 import pydantic
 
-from agent.aggregation.divergence import DivergenceSettings
-from agent.aggregation.stragglers import StragglerSettings
+#: the section times a straggler is judged on, where a rank reports them
+DEFAULT_SECTIONS = ("compute_seconds", "forward_seconds", "step_time_seconds")
+
+
+class StragglerSettings(pydantic.BaseModel):
+    """The ``stragglers:`` settings of the aggregator (docs/alerts.md, "Job alerts")."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    threshold: float = pydantic.Field(default=0.75, gt=0, le=1)
+    consecutive: int = pydantic.Field(default=3, ge=1)
+    floor_seconds: float = pydantic.Field(default=0.002, ge=0)
+    sections: list[str] = pydantic.Field(
+        default_factory=lambda: list(DEFAULT_SECTIONS), min_length=1
+    )
+
+
+class DivergenceSettings(pydantic.BaseModel):
+    """The ``divergence:`` settings of the aggregator (docs/alerts.md, "Job alerts")."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    metrics: list[str] = pydantic.Field(default_factory=lambda: ["loss", "grad_norm"])
+    threshold: float = pydantic.Field(default=6.0, gt=0)
+    consecutive: int = pydantic.Field(default=2, ge=1)
+    relative_floor: float = pydantic.Field(default=0.01, ge=0)
+    min_ranks: int = pydantic.Field(default=3, ge=3)
+
 
 #: the port a job aggregator listens on when none is named (beside MASTER_ADDR's 29500)
 DEFAULT_PORT = 29460

@@ -30,25 +30,12 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import pydantic
 
+from agent.aggregation.config import DivergenceSettings
 from agent.aggregation.windows import JobWindow
 
 MAD_TO_STD = 1.4826
 TINY = 1e-12
-
-
-class DivergenceSettings(pydantic.BaseModel):
-    """The ``divergence:`` settings of the aggregator (docs/alerts.md, "Job alerts")."""
-
-    model_config = pydantic.ConfigDict(extra="forbid")
-
-    enabled: bool = True
-    metrics: list[str] = pydantic.Field(default_factory=lambda: ["loss", "grad_norm"])
-    threshold: float = pydantic.Field(default=6.0, gt=0)
-    consecutive: int = pydantic.Field(default=2, ge=1)
-    relative_floor: float = pydantic.Field(default=0.01, ge=0)
-    min_ranks: int = pydantic.Field(default=3, ge=3)
 
 
 @dataclass

@@ -45,26 +45,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-import pydantic
-
+from agent.aggregation.config import StragglerSettings
 from agent.aggregation.windows import JobWindow, Summary
 
-DEFAULT_SECTIONS = ("compute_seconds", "forward_seconds", "step_time_seconds")
 BACKWARD = "backward_seconds"
-
-
-class StragglerSettings(pydantic.BaseModel):
-    """The ``stragglers:`` settings of the aggregator (docs/alerts.md, "Job alerts")."""
-
-    model_config = pydantic.ConfigDict(extra="forbid")
-
-    enabled: bool = True
-    threshold: float = pydantic.Field(default=0.75, gt=0, le=1)
-    consecutive: int = pydantic.Field(default=3, ge=1)
-    floor_seconds: float = pydantic.Field(default=0.002, ge=0)
-    sections: list[str] = pydantic.Field(
-        default_factory=lambda: list(DEFAULT_SECTIONS), min_length=1
-    )
 
 
 @dataclass

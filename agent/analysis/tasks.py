@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.analysis.messages import MapMethod
-from agent.store.run_store import TENSORS
+from agent.store.layout import TENSORS
 
 #: what a t-SNE map costs a worker (openTSNE, one thread, about 2 s for 1,000 x 128 points):
 #: under ``stats.cpu_share`` the first map waits as if one had run

@@ -11,7 +11,6 @@ import click
 from agent.reports.export import FORMATS, LAYOUTS, ExportError, Format, Layout, table, write
 from agent.store.disk import describe
 from agent.store.runs import RunNotFound, resolve
-from agent.store.series import RunLog, name_filter
 
 
 @click.command("export")
@@ -73,6 +72,8 @@ def export_command(
     """
     if fmt == "parquet" and out is None:
         raise click.UsageError("--format parquet writes a binary file: give --out FILE")
+    from agent.store.series import RunLog, name_filter  # numpy: imported only to export
+
     try:
         run_dir = resolve(runs_dir, run_name)
         log = RunLog.read(run_dir, name_filter(list(patterns)))

@@ -7,17 +7,19 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from agent.aggregation import torchrun
 from agent.aggregation.config import DEFAULT_PORT
 from agent.aggregation.endpoint import is_loopback, split_host_port, tcp_url
-from agent.aggregation.forwarding import Forwarder
 from agent.cli.dashboard import dashboard_option, dashboard_settings, serve_beside
 from agent.cli.launcher import JobTier
 from agent.config import AgentConfig, SinkSettings
+
+if TYPE_CHECKING:  # the uplink's and run store's imports wait for a node that forwards
+    from agent.aggregation.forwarding import Forwarder
 
 #: sinks only the job aggregator writes when a node forwards to one: one W&B run and one
 #: TensorBoard log per job, not one per node
@@ -86,6 +88,7 @@ def node_forwarder(
     """A node agent's config and its forwarder to the job aggregator at ``forward_to``."""
     import socket
 
+    from agent.aggregation.forwarding import Forwarder
     from agent.aggregation.uplink import Uplink
 
     settings = config.aggregation

@@ -13,7 +13,7 @@ import click
 
 from agent.cli import launcher
 from agent.config import AgentConfig
-from agent.simulation import FAILURES
+from agent.failures import FAILURES
 from probe import protocol
 from probe.identity import new_run_id
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.store.run_store import METRICS
+from agent.store.layout import METRICS
 from agent.store.series import RunLog, downsample
 
 #: runs held in memory at once; the least recently viewed is dropped (and re-read if asked for)

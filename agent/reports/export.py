@@ -16,12 +16,14 @@ import io
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import IO, Any, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 import orjson
 
-from agent.store.series import RunLog
 from sinks import schema
+
+if TYPE_CHECKING:  # the log's reader (and its numpy) is the caller's to import
+    from agent.store.series import RunLog
 
 Format = Literal["csv", "json", "parquet"]
 Layout = Literal["wide", "long"]

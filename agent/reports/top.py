@@ -28,7 +28,7 @@ from typing import Any
 
 import orjson
 
-from agent.store.run_store import METRICS, RUN_JSON
+from agent.store.layout import METRICS, RUN_JSON
 from agent.store.runs import list_runs, load_info, resolve
 from agent.store.series import RunLog, Series
 

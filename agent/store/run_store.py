@@ -38,13 +38,9 @@ from agent.store.disk import (
     describe,
     reason_for,
 )
+from agent.store.layout import ALERTS, METRICS, RUN_JSON, TENSORS
 from probe import protocol
 from sinks import schema
-
-RUN_JSON = "run.json"
-METRICS = "metrics.jsonl"
-ALERTS = "alerts.jsonl"
-TENSORS = "tensors.bin"
 
 _INFO_POOL = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="outrider-runinfo")
 _JSON = orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS

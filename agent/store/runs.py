@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from agent.store.run_store import METRICS, RUN_JSON
+from agent.store.layout import METRICS, RUN_JSON
 from probe import protocol
 from sinks import schema
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from agent.store.run_store import METRICS
+from agent.store.layout import METRICS
 from probe import protocol
 from sinks import schema
 

@@ -9,12 +9,8 @@ import numpy as np
 import pydantic
 import pytest
 
-from agent.aggregation.divergence import (
-    DivergenceDetector,
-    DivergenceFinding,
-    DivergenceSettings,
-    loo_medians,
-)
+from agent.aggregation.config import DivergenceSettings
+from agent.aggregation.divergence import DivergenceDetector, DivergenceFinding, loo_medians
 from agent.aggregation.findings import divergence_alert
 from agent.aggregation.windows import JobWindow
 from tests.agent.aggregation.factory import job_window, stats

@@ -8,8 +8,9 @@ from typing import Any
 import pydantic
 import pytest
 
+from agent.aggregation.config import StragglerSettings
 from agent.aggregation.findings import straggler_alert
-from agent.aggregation.stragglers import StragglerDetector, StragglerFinding, StragglerSettings
+from agent.aggregation.stragglers import StragglerDetector, StragglerFinding
 from agent.aggregation.windows import JobWindow
 from tests.agent.aggregation.factory import job_window
 from tests.agent.alerts.helpers import make

@@ -134,7 +134,7 @@ def test_image_jobs_free_their_figures_at_once(tmp_path: Path) -> None:
 
     from agent.analysis.maps import FeatureMap
     from agent.analysis.tasks import dashboard_job, map_job
-    from agent.store.run_store import TENSORS
+    from agent.store.layout import TENSORS
 
     rows = np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32)
     (tmp_path / TENSORS).write_bytes(rows.tobytes())

@@ -11,7 +11,7 @@ from agent.analysis.features import FeatureStreams
 from agent.analysis.messages import FeatureBatch, FeatureMapDrawn, JobResult
 from agent.analysis.workers import StatsJobs
 from agent.config import StatsSettings
-from agent.store.run_store import TENSORS
+from agent.store.layout import TENSORS
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -580,6 +580,17 @@ def test_import_probe_does_not_import_heavy_modules(tmp_path: Path) -> None:
     assert [m for m in loaded if m != "msgpack"] == []
 
 
+def test_the_command_line_starts_without_numpy(tmp_path: Path) -> None:
+    """`outrider runs`, `show`, the launcher of `outrider run`: none of them needs numpy (about
+    0.1 s of every invocation); the commands that compute import it when they run."""
+    code = "import agent.cli.commands, sys; print('numpy' in sys.modules)"
+    done = subprocess.run(
+        [PYTHON, "-c", code], cwd=tmp_path, env=clean_env(), capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
+
+
 # -- torchrun ------------------------------------------------------------------------
 @pytest.mark.slow
 def test_torchrun_two_ranks_store_two_complete_streams(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from agent.simulation import FAILURES
+from agent.failures import FAILURES
 from tests.helpers import clean_env, outrider
 
 #: the rules that wait for minutes shortened, no maps or dashboards (CPU the rules do not

@@ -12,7 +12,8 @@ import orjson
 import pytest
 
 from agent.ingest.decode import Record, ScalarRows, decode
-from agent.store.run_store import METRICS, RunStore
+from agent.store.layout import METRICS
+from agent.store.run_store import RunStore
 from probe import protocol
 from probe.blocks import to_blocks
 from tests.helpers import envelope, pack, scalars

@@ -16,7 +16,8 @@ import orjson
 
 from agent.ingest.decode import Record
 from agent.store.disk import STORE_ERROR, STORE_FULL
-from agent.store.run_store import ALERTS, METRICS, RUN_JSON, TENSORS, RunStore
+from agent.store.layout import ALERTS, METRICS, RUN_JSON, TENSORS
+from agent.store.run_store import RunStore
 from probe import protocol
 from tests.helpers import envelope
 from tests.small_disk import SmallDisk
