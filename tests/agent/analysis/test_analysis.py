@@ -338,13 +338,13 @@ def judged():
         and "features/h/collapse_ratio" in e["metrics"]
     ) if store.exists() else 0
 
-for batch in range(6):  # the baseline: each batch's statistics stored before the next
+for batch in range(3):  # the baseline: each batch's statistics stored before the next
     probe.features("h", torch.randn(128, 16), step=batch, every=1)
     probe.log({"loss": 1.0}, step=batch)
     deadline = time.monotonic() + 30
     while judged() <= batch and time.monotonic() < deadline:
         time.sleep(0.02)
-probe.features("h", torch.ones(128, 16) + 1e-3 * torch.randn(128, 16), step=6, every=1)
+probe.features("h", torch.ones(128, 16) + 1e-3 * torch.randn(128, 16), step=3, every=1)
 probe.finish()  # and exit: `outrider run`'s run_end comes before this batch's statistics
 """
 
@@ -359,7 +359,10 @@ def test_the_last_batch_is_judged_even_when_its_statistics_come_after_the_end(
     from tests.helpers import OUTRIDER, PYTHON, clean_env
 
     config = tmp_path / "agent.yaml"
-    config.write_text("stats: {feature_map: off}\nsystem: {enabled: false}\n")
+    config.write_text(
+        "stats: {feature_map: off}\nsystem: {enabled: false}\n"
+        "alerts: {rules: {representation_collapse: {baseline_batches: 2}}}\n"
+    )
     runs = tmp_path / "runs"
     done = subprocess.run(
         [
@@ -373,4 +376,4 @@ def test_the_last_batch_is_judged_even_when_its_statistics_come_after_the_end(
     )
     assert done.returncode == 0, done.stderr
     alerts = _agent_lines(runs / "late-collapse", "alert")
-    assert [(a["name"], a["step"]) for a in alerts] == [("representation_collapse", 6)]
+    assert [(a["name"], a["step"]) for a in alerts] == [("representation_collapse", 3)]
