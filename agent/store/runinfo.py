@@ -10,6 +10,7 @@ its hello (``probe.identity.trainer_environment``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.metadata
 import os
 import platform
@@ -109,15 +110,34 @@ def _write_patch(
 def write_requirements(run_dir: Path) -> dict[str, Any]:
     """The installed distributions, ``name==version`` sorted as pip freeze would, into
     run_dir/requirements.txt; run.json keeps the count and whose interpreter they are."""
+    ordered = installed_pins()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / REQUIREMENTS).write_text("".join(f"{pin}\n" for pin in ordered))
+    return {"file": REQUIREMENTS, "count": len(ordered), "python": sys.executable}
+
+
+def installed_pins() -> tuple[str, ...]:
+    """``name==version`` of every distribution this interpreter sees, sorted.
+
+    Reading every distribution's metadata takes about 0.1 s; an agent that opens
+    many runs reads them again only once a directory on ``sys.path`` has changed
+    (a ``pip install`` adds or removes a ``.dist-info`` there).
+    """
+    stamps = []
+    for entry in sys.path:
+        with contextlib.suppress(OSError):
+            stamps.append((entry, os.stat(entry or ".").st_mtime_ns))
+    return _pins(tuple(stamps))
+
+
+@functools.lru_cache(maxsize=1)
+def _pins(stamps: tuple[tuple[str, int], ...]) -> tuple[str, ...]:
     pins = set()
     for dist in importlib.metadata.distributions():
         name = dist.metadata["Name"]
         if name:
             pins.add(f"{name}=={dist.version}")
-    ordered = sorted(pins, key=str.lower)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / REQUIREMENTS).write_text("".join(f"{pin}\n" for pin in ordered))
-    return {"file": REQUIREMENTS, "count": len(ordered), "python": sys.executable}
+    return tuple(sorted(pins, key=str.lower))
 
 
 def environment_from_hello(body: dict[str, Any]) -> dict[str, str]:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import importlib.metadata
 from pathlib import Path
 
+import pytest
+
 from agent.store import runinfo
 from probe import protocol
 from probe.identity import trainer_environment
@@ -109,6 +111,30 @@ def test_requirements_txt_pins_installed_packages(tmp_path: Path) -> None:
     assert info["packages"]["file"] == "requirements.txt"
     assert info["packages"]["count"] == len(lines) > 10
     assert "msgpack" not in str(info)
+
+
+def test_requirements_are_read_again_once_a_package_is_installed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Runs of one agent share the scan of installed packages until sys.path changes: a
+    distribution installed between two runs is in the second run's requirements.txt."""
+    site = tmp_path / "site"
+    site.mkdir()
+    monkeypatch.syspath_prepend(str(site))
+    runinfo.write_requirements(tmp_path / "first")
+    runinfo.write_requirements(tmp_path / "second")
+    first = (tmp_path / "first" / runinfo.REQUIREMENTS).read_text()
+    assert (tmp_path / "second" / runinfo.REQUIREMENTS).read_text() == first
+    assert "outrider-installed-later" not in first
+    dist_info = site / "outrider_installed_later-1.2.dist-info"
+    dist_info.mkdir()  # what pip install leaves: the directory on sys.path changes
+    (dist_info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: outrider-installed-later\nVersion: 1.2\n"
+    )
+    runinfo.write_requirements(tmp_path / "third")
+    third = (tmp_path / "third" / runinfo.REQUIREMENTS).read_text().splitlines()
+    assert "outrider-installed-later==1.2" in third
+    assert len(third) == len(first.splitlines()) + 1
 
 
 def test_trainer_environment_keeps_settings_and_drops_secrets() -> None:
