@@ -17,7 +17,8 @@ import pydantic
 import yaml
 
 from agent.aggregation.config import AggregationSettings
-from agent.alerts.config import DEFAULT_ALERTS_YAML, SAFE_LOADER, AlertsConfig
+from agent.alerts.config import DEFAULT_ALERTS_YAML, AlertsConfig
+from agent.yamltext import SAFE_LOADER
 from sinks import registry
 
 DEFAULT_SINKS = ("tensorboard", "prometheus", "wandb")
@@ -204,7 +205,7 @@ class AgentConfig(pydantic.BaseModel):
 
     def only_sinks(self, names: list[str]) -> AgentConfig:
         """A copy with exactly ``names`` enabled (options kept from this config)."""
-        unknown = [n for n in names if n not in self.sinks and n not in registry.known_names()]
+        unknown = [name for name in names if not self.knows_sink(name)]
         if unknown:
             raise ConfigError(
                 f"unknown sink {', '.join(unknown)}; known: {', '.join(registry.known_names())}"
@@ -215,6 +216,10 @@ class AgentConfig(pydantic.BaseModel):
             settings.enabled = name in names
             sinks[name] = settings
         return self.model_copy(update={"sinks": sinks})
+
+    def knows_sink(self, name: str) -> bool:
+        """A built-in or registered sink, or one this config names (a class of its own)."""
+        return name in self.sinks or name in registry.known_names()
 
     def enabled_sinks(self) -> dict[str, SinkSettings]:
         """Defaults plus the file's sinks, minus the switched-off ones."""
@@ -293,8 +298,9 @@ def _sinks_to_check(config: AgentConfig, only: list[str] | None) -> dict[str, Si
     """The enabled sinks, or the named ones (unknown names are only_sinks' to report)."""
     if only is None:
         return config.enabled_sinks()
-    known = set(config.sinks) | set(registry.known_names())
-    return {name: config.sinks.get(name, SinkSettings()) for name in only if name in known}
+    return {
+        name: config.sinks.get(name, SinkSettings()) for name in only if config.knows_sink(name)
+    }
 
 
 def _problem(source: str, root: yaml.Node | None, path: tuple[Any, ...], message: str) -> str:

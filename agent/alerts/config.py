@@ -19,16 +19,12 @@ import yaml
 
 from agent.alerts.rules import RULE_TYPES, AnySpec
 from agent.alerts.webhooks import validate_url
+from agent.yamltext import SAFE_LOADER
 
 DEFAULTS_FILE = "defaults.yaml"
 BUILTIN_DESTINATIONS = ("log", "store", "sinks")
 DEFAULT_DESTINATIONS = ("log", "store", "sinks")
 MAX_STATE_KEYS = 10_000
-
-
-#: libyaml's safe loader where PyYAML was built with it: ten times faster than the pure
-#: Python one on the defaults, which every agent and `outrider` command parses at start
-SAFE_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def _builtin_rules(text: str) -> Mapping[str, Mapping[str, Any]]:
