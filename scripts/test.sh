@@ -20,4 +20,14 @@ bash scripts/setup.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
-.venv/bin/python -m pytest --durations=15 "$@"
+
+# Two phases. Most tests wait on processes and sockets more than they compute, so two
+# workers share the machine's cores (OUTRIDER_TEST_WORKERS sets how many); the tests
+# marked `serial` keep both cores busy or judge the wall clock, and run alone after.
+run_pytest() {  # exit status 5: this phase selected no test (say, one file was named)
+  local status=0
+  .venv/bin/python -m pytest "$@" || status=$?
+  [ "$status" -eq 0 ] || [ "$status" -eq 5 ] || exit "$status"
+}
+run_pytest -n "${OUTRIDER_TEST_WORKERS:-2}" --dist loadscope -m "not serial" --durations=15 "$@"
+run_pytest -m serial --durations=5 "$@"

@@ -69,6 +69,13 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+#: how long a test waits for a stopped agent to exit: a guard against a hang, not a measure
+#: of the shutdown (the tests of bounded exits time it themselves). An agent runs below the
+#: trainers' priority, and with the other test worker's trainers busy on both cores its
+#: drain and close may take seconds of wall time.
+STOP_SECONDS = 60.0
+
+
 def start_agent(
     endpoint: str,
     runs_dir: Path,
@@ -103,7 +110,7 @@ def start_agent(
     return agent
 
 
-def stop_agent(agent: subprocess.Popen[bytes], timeout: float = 15.0) -> int:
+def stop_agent(agent: subprocess.Popen[bytes], timeout: float = STOP_SECONDS) -> int:
     """SIGTERM and wait: the agent drains, writes run.json and exits."""
     agent.terminate()
     return agent.wait(timeout)
@@ -237,7 +244,7 @@ class AgentProcess:
     def signal(self, signum: int = signal.SIGTERM) -> None:
         self.process.send_signal(signum)
 
-    def stop(self, timeout: float = 15.0) -> int:
+    def stop(self, timeout: float = STOP_SECONDS) -> int:
         """SIGTERM and wait; returns the exit status."""
         if self.alive:
             self.signal(signal.SIGTERM)

@@ -35,6 +35,7 @@ LIVE_FOR = ["--steps", "1000000", "--max-seconds", "12", "--min-steps", "400"]
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_demo_run_reaches_every_default_sink(tmp_path: Path) -> None:
     """Prometheus scrapes the live run; TensorBoard and W&B hold what metrics.jsonl holds."""
     port = free_port()

@@ -22,7 +22,7 @@ CAUGHT = (
     "divergence",
 )
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.slow, pytest.mark.serial, pytest.mark.timeout(900)]
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from tests.helpers import (
 from tests.prometheus_server import free_port
 from tests.wandb_reader import read_offline_run
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
 #: a DDP trainer on gloo; SLOW_RANK sleeps SLOW_SECONDS in its forward each step, and
 #: FAIL_RANK exits at FAIL_STEP on torchrun's first attempt

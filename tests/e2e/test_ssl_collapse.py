@@ -119,6 +119,7 @@ def _alerts(run_dir: Path) -> list[dict[str, Any]]:
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_simsiam_without_stop_gradient_raises_collapse_and_with_it_stays_silent(
     tmp_path: Path,
 ) -> None:

@@ -525,6 +525,7 @@ if __name__ == "__main__":
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_ddp_only_rank_zero_logs_lightnings_scalars_and_every_rank_reports(
     tmp_path: Path,
 ) -> None:
