@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 import urllib.request
 from pathlib import Path
 
@@ -69,14 +70,22 @@ def test_demo_run_reaches_every_default_sink(tmp_path: Path) -> None:
         assert check.returncode == 0 and not check.stdout.strip(), check.stdout + check.stderr
         poll(lambda: prometheus.query("rate(outrider_agent_records_received_total[1m]) > 0"),
              30, "two scrapes of the agent's counters")  # fmt: skip
+
         # Every query must be accepted; every panel needs data from at least one of its
-        # queries (tokens/s or samples/s), except GPU panels here and the quiet ones.
-        has_data: dict[str, bool] = {}
-        for title, expr, requires_gpu in dashboard_exprs():
-            result = prometheus.query(expr)  # raises unless Prometheus accepts the expression
-            if not requires_gpu and title not in QUIET_WHEN_HEALTHY:
-                has_data[title] = has_data.get(title, False) or bool(result)
-        blank = sorted(title for title, data in has_data.items() if not data)
+        # queries (tokens/s or samples/s), except GPU panels here and the quiet ones. Asked
+        # until they all have it: a scrape can catch step 0's loss before step 1 brings the
+        # first step time.
+        def blank_panels() -> list[str]:
+            has_data: dict[str, bool] = {}
+            for title, expr, requires_gpu in dashboard_exprs():
+                result = prometheus.query(expr)  # raises unless Prometheus accepts it
+                if not requires_gpu and title not in QUIET_WHEN_HEALTHY:
+                    has_data[title] = has_data.get(title, False) or bool(result)
+            return sorted(title for title, data in has_data.items() if not data)
+
+        deadline = time.monotonic() + 30
+        while (blank := blank_panels()) and time.monotonic() < deadline:
+            time.sleep(0.5)
         assert not blank, f"dashboard panels without data during the run: {blank}"
     finally:
         _, err = launcher.communicate(timeout=300)
