@@ -70,9 +70,9 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
 
 
 #: how long a test waits for a stopped agent to exit: a guard against a hang, not a measure
-#: of the shutdown (the tests of bounded exits time it themselves). An agent runs below the
-#: trainers' priority, and with the other test worker's trainers busy on both cores its
-#: drain and close may take seconds of wall time.
+#: of the shutdown (the tests of bounded exits time it themselves). With the other test
+#: worker's trainers busy on both cores, an agent's drain and close may take seconds of wall
+#: time, and more for one below the trainers' priority (a test's own config keeps nice 10).
 STOP_SECONDS = 60.0
 
 

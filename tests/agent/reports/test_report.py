@@ -232,6 +232,7 @@ for step, (x, y) in enumerate(watcher.data(slow_loader(60))):
 
 
 @pytest.mark.slow
+@pytest.mark.serial  # the advice reads the host's CPU load: the other worker's would change it
 def test_input_bound_trainer_gets_the_loader_recommendation(tmp_path: Path) -> None:
     """A real torch trainer under `outrider run`, its batches slow to arrive: the data wait
     probe.watch stored makes the report recommend more loader workers, with the share."""
