@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 import urllib.request
 from pathlib import Path
 
@@ -75,18 +74,17 @@ def test_demo_run_reaches_every_default_sink(tmp_path: Path) -> None:
         # queries (tokens/s or samples/s), except GPU panels here and the quiet ones. Asked
         # until they all have it: a scrape can catch step 0's loss before step 1 brings the
         # first step time.
-        def blank_panels() -> list[str]:
+        def every_panel_has_data() -> bool:
             has_data: dict[str, bool] = {}
             for title, expr, requires_gpu in dashboard_exprs():
                 result = prometheus.query(expr)  # raises unless Prometheus accepts it
                 if not requires_gpu and title not in QUIET_WHEN_HEALTHY:
                     has_data[title] = has_data.get(title, False) or bool(result)
-            return sorted(title for title, data in has_data.items() if not data)
+            blank = sorted(title for title, data in has_data.items() if not data)
+            assert not blank, f"dashboard panels without data during the run: {blank}"
+            return True
 
-        deadline = time.monotonic() + 30
-        while (blank := blank_panels()) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert not blank, f"dashboard panels without data during the run: {blank}"
+        poll(every_panel_has_data, 30, "data in every dashboard panel", interval=0.5)
     finally:
         _, err = launcher.communicate(timeout=300)
         prometheus.stop()
