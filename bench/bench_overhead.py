@@ -129,6 +129,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="the probe's flush_interval, seconds (default 0.02, the probe's default; "
         "longer merges steps into fewer messages)",
     )
+    p.add_argument(
+        "--busy-flush-interval",
+        type=float,
+        default=0.25,
+        help="the probe's busy_flush_interval, seconds: its window while every core is busy "
+        "(default 0.25, the probe's default; 0 keeps --flush-interval always)",
+    )
     # The demo's model and data (examples/train_charlm.py defaults).
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
@@ -168,7 +175,8 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(
         f"variants: {', '.join(variants)}; {args.repeats} repeats x ({args.warmup} warm-up + "
-        f"{args.steps} timed steps); the probe's flush_interval {args.flush_interval:g} s"
+        f"{args.steps} timed steps); the probe's flush_interval {args.flush_interval:g} s, "
+        f"busy_flush_interval {args.busy_flush_interval:g} s"
     )
     load_start = load_average()
     started = time.perf_counter()

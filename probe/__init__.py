@@ -21,7 +21,7 @@ from probe import checkpoint, internal, protocol, values
 from probe.client import DEFAULT_EXIT_TIMEOUT, DEFAULT_QUEUE_SIZE, Client
 from probe.features import DEFAULT_MAX_ROWS, FeatureSampler
 from probe.identity import Identity
-from probe.sender import DEFAULT_FLUSH_INTERVAL
+from probe.sender import DEFAULT_BUSY_FLUSH_INTERVAL, DEFAULT_FLUSH_INTERVAL
 
 __all__ = [
     "benchmark_inference",
@@ -60,13 +60,15 @@ def init(
     queue_size: int | None = None,
     exit_timeout: float = DEFAULT_EXIT_TIMEOUT,
     flush_interval: float | None = None,
+    busy_flush_interval: float | None = None,
     enabled: bool | None = None,
     **sender_options: Any,
 ) -> bool:
     """Start the probe; returns True when telemetry is on.
 
     Arguments left out come from ``OUTRIDER_ENDPOINT``, ``OUTRIDER_RUN_ID``,
-    ``OUTRIDER_QUEUE_SIZE``, ``OUTRIDER_FLUSH_INTERVAL``, ``OUTRIDER_DISABLED``
+    ``OUTRIDER_QUEUE_SIZE``, ``OUTRIDER_FLUSH_INTERVAL``,
+    ``OUTRIDER_BUSY_FLUSH_INTERVAL``, ``OUTRIDER_DISABLED``
     and torchrun's ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE``. With no endpoint
     at all, telemetry is off, one warning says so, and every call stays a cheap
     no-op. Calling it again returns the current state (after ``finish()`` it
@@ -75,10 +77,11 @@ def init(
 
     ``flush_interval`` (seconds, default 0.02) is how long a step's records
     gather before they go to the agent as one message. Each message wakes the
-    probe's and the agent's threads; on cores the trainer shares, with steps
-    under ~100 ms, 0.2 merges a few steps a message and takes the telemetry's
-    CPU down by about a fifth, at the price of records reaching the agent up
-    to that much later (docs/performance.md).
+    probe's and the agent's threads, which costs the trainer nothing while a
+    core is idle; while every core of the machine is busy, records gather for
+    ``busy_flush_interval`` instead (default 0.25; 0 keeps ``flush_interval``):
+    a few short steps go as one message, and reach the agent up to that much
+    later (docs/performance.md).
     """
     global _client, _disabled, _finished
     with _init_lock:
@@ -106,6 +109,10 @@ def init(
             queue_size = int(os.environ.get(protocol.ENV_QUEUE_SIZE) or DEFAULT_QUEUE_SIZE)
         if flush_interval is None:
             flush_interval = _seconds_from_env(protocol.ENV_FLUSH_INTERVAL, DEFAULT_FLUSH_INTERVAL)
+        if busy_flush_interval is None:
+            busy_flush_interval = _seconds_from_env(
+                protocol.ENV_BUSY_FLUSH_INTERVAL, DEFAULT_BUSY_FLUSH_INTERVAL
+            )
         identity = Identity.from_env(run_id, rank, local_rank, world_size)
         client = Client(
             endpoint,
@@ -113,6 +120,7 @@ def init(
             queue_size=queue_size,
             exit_timeout=exit_timeout,
             flush_interval=flush_interval,
+            busy_flush_interval=busy_flush_interval,
             **sender_options,
         )
         client.start()
@@ -504,7 +512,8 @@ def finish(timeout: float | None = None) -> bool:
 
 
 def stats() -> dict[str, Any]:
-    """The probe's own counters (sent, dropped by reason, queue depth, errors)."""
+    """The probe's own counters (sent, dropped by reason, queue depth, errors) and its
+    ``flush_window``: the seconds records gather now before they are sent."""
     client = _client
     return client.stats() if client is not None else {}
 

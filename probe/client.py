@@ -18,7 +18,13 @@ from typing import Any
 
 from probe import internal, protocol
 from probe.identity import Identity
-from probe.sender import DEFAULT_FLUSH_INTERVAL, Counters, Record, Sender
+from probe.sender import (
+    DEFAULT_BUSY_FLUSH_INTERVAL,
+    DEFAULT_FLUSH_INTERVAL,
+    Counters,
+    Record,
+    Sender,
+)
 
 DEFAULT_QUEUE_SIZE = 10_000
 DEFAULT_EXIT_TIMEOUT = 2.0
@@ -37,19 +43,28 @@ class Client:
         queue_size: int = DEFAULT_QUEUE_SIZE,
         exit_timeout: float = DEFAULT_EXIT_TIMEOUT,
         flush_interval: float = DEFAULT_FLUSH_INTERVAL,
+        busy_flush_interval: float = DEFAULT_BUSY_FLUSH_INTERVAL,
         **sender_options: Any,
     ) -> None:
         if queue_size < 1:
             raise ValueError(f"queue_size must be at least 1, got {queue_size}")
-        if not 0.0 <= flush_interval <= MAX_FLUSH_INTERVAL:  # NaN fails too
-            raise ValueError(
-                f"flush_interval must be 0 to {MAX_FLUSH_INTERVAL:g} seconds, got {flush_interval}"
-            )
+        for name, seconds in (
+            ("flush_interval", flush_interval),
+            ("busy_flush_interval", busy_flush_interval),
+        ):
+            if not 0.0 <= seconds <= MAX_FLUSH_INTERVAL:  # NaN fails too
+                raise ValueError(
+                    f"{name} must be 0 to {MAX_FLUSH_INTERVAL:g} seconds, got {seconds}"
+                )
         self.endpoint = endpoint
         self.identity = identity
         self.capacity = queue_size
         self.exit_timeout = exit_timeout
-        self._sender_options = {**sender_options, "flush_interval": flush_interval}
+        self._sender_options = {
+            **sender_options,
+            "flush_interval": flush_interval,
+            "busy_flush_interval": busy_flush_interval,
+        }
         self._reset()
         atexit.register(_finish_at_exit, weakref.ref(self))
         os.register_at_fork(after_in_child=_forget_in_child(weakref.ref(self)))
@@ -142,8 +157,11 @@ class Client:
         return done
 
     def stats(self) -> dict[str, Any]:
-        """The probe's own counters, as reported to the agent."""
-        return self.counters.snapshot(produced=-1, queued=len(self.queue))
+        """The probe's own counters, as reported to the agent, and how long records gather
+        before they are sent now (longer while every core is busy)."""
+        stats = self.counters.snapshot(produced=-1, queued=len(self.queue))
+        stats["flush_window"] = self.sender.window
+        return stats
 
 
 def _finish_at_exit(ref: weakref.ReferenceType[Client]) -> None:

@@ -117,6 +117,7 @@ ENV_RUN_ID: Final = "OUTRIDER_RUN_ID"
 ENV_DISABLED: Final = "OUTRIDER_DISABLED"
 ENV_QUEUE_SIZE: Final = "OUTRIDER_QUEUE_SIZE"
 ENV_FLUSH_INTERVAL: Final = "OUTRIDER_FLUSH_INTERVAL"
+ENV_BUSY_FLUSH_INTERVAL: Final = "OUTRIDER_BUSY_FLUSH_INTERVAL"
 #: the `host` label of a trainer's and an agent's series (default: the hostname); in
 #: Kubernetes, the node's name from the downward API
 ENV_HOST: Final = "OUTRIDER_HOST"

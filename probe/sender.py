@@ -24,6 +24,7 @@ import zmq
 
 from probe import internal, protocol, values
 from probe.blocks import to_blocks
+from probe.cores import CoreLoad
 from probe.identity import Identity, trainer_environment
 
 logger = logging.getLogger("outrider.probe")
@@ -33,6 +34,10 @@ Record = tuple[str, int, float, "int | None", Any]
 #: how long the sender lets a step's records gather before sending them as one message:
 #: short enough for the 50 ms latency budget, long enough for one step's records
 DEFAULT_FLUSH_INTERVAL = 0.02
+#: ... and while every core of the machine is busy (probe/cores.py): a few steps of a
+#: short-stepped trainer go as one message, so the threads of both sides wake less often
+DEFAULT_BUSY_FLUSH_INTERVAL = 0.25
+LOAD_INTERVAL = 1.0  # seconds between two readings of the machine's core load
 IDLE_INTERVAL = 1.0  # the longest the sender sleeps with nothing queued (probe stats, heartbeats)
 #: seconds after start during which records wait in the queue for a slow-starting agent
 CONNECT_GRACE = 2.0
@@ -77,6 +82,8 @@ class Sender:
         counters: Counters,
         *,
         flush_interval: float = DEFAULT_FLUSH_INTERVAL,
+        busy_flush_interval: float = DEFAULT_BUSY_FLUSH_INTERVAL,
+        core_load: CoreLoad | None = None,
         max_batch: int = 512,
         connect_grace: float = CONNECT_GRACE,
         heartbeat_interval: float = 5.0,
@@ -90,6 +97,9 @@ class Sender:
         self.next_seq = seq
         self.counters = counters
         self.flush_interval = flush_interval
+        # Never shorter than the quiet window: 0 (or anything under it) turns adapting off.
+        self.busy_flush_interval = max(flush_interval, busy_flush_interval)
+        self.core_load = core_load if core_load is not None else CoreLoad()
         self.max_batch = min(max_batch, protocol.MAX_RECORDS_PER_MESSAGE - 2)
         self.connect_grace = connect_grace
         self.heartbeat_interval = heartbeat_interval
@@ -111,6 +121,7 @@ class Sender:
         self._started_at = 0.0
         self._last_heartbeat = 0.0
         self._last_stats = 0.0
+        self._last_load = 0.0
         self._last_stats_key: tuple[Any, ...] = ()
         self._recv_monitor_message: Callable[..., Any]  # set by start()
 
@@ -205,7 +216,7 @@ class Sender:
                 self.wake.wait(IDLE_INTERVAL)
                 self.wake.clear()
             if self.queue and not self._stop:
-                self.wake.wait(self.flush_interval)
+                self.wake.wait(self.window)
                 self.wake.clear()
             self._poll_monitor(monitor)
             stopping = self._stop
@@ -258,8 +269,17 @@ class Sender:
                 self.endpoint,
             )
 
+    @property
+    def window(self) -> float:
+        """How long records gather now: longer while every core is busy."""
+        return self.busy_flush_interval if self.core_load.busy else self.flush_interval
+
     def _maybe_control(self) -> None:
         now = time.monotonic()
+        adapts = self.busy_flush_interval > self.flush_interval
+        if adapts and now - self._last_load >= LOAD_INTERVAL:
+            self._last_load = now
+            self.core_load.update()
         if now - self._last_heartbeat >= self.heartbeat_interval:
             self._last_heartbeat = now
             self._emit_control(protocol.HEARTBEAT, {})

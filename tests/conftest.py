@@ -19,6 +19,10 @@ from tests.helpers import TEST_CONFIG, short_ipc_endpoint, start_agent, stop_age
 os.environ["OUTRIDER_DASHBOARD"] = "off"
 # ... and draw no dashboard images (tests/agent_config.yaml), unless a test passes --config.
 os.environ["OUTRIDER_CONFIG"] = str(TEST_CONFIG)
+# Probes send on their flush_interval whatever the machine's load: tests run beside each
+# other on busy cores, and their messages must not depend on it. The tests of the longer
+# window on busy cores pass busy_flush_interval themselves.
+os.environ["OUTRIDER_BUSY_FLUSH_INTERVAL"] = "0"
 
 pytest_plugins = ["tests.small_disk"]  # the small_disk fixture (a 1 MiB filesystem)
 

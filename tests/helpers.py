@@ -11,7 +11,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,7 @@ def clean_env(**extra: str) -> dict[str, str]:
     env["OUTRIDER_SINKS"] = "none"
     env["OUTRIDER_DASHBOARD"] = "off"
     env["OUTRIDER_CONFIG"] = str(TEST_CONFIG)
+    env["OUTRIDER_BUSY_FLUSH_INTERVAL"] = "0"  # messages independent of the machine's load
     env.update(extra)
     return env
 
@@ -67,6 +69,30 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
             return value
         time.sleep(0.02)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def _spin(seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+
+
+@contextmanager
+def every_core_busy(seconds: float = 15.0) -> Iterator[None]:
+    """A spinning process per core (each ends after ``seconds`` at the latest): the
+    machine's cores all busy, as a CPU trainer keeps them."""
+    import multiprocessing
+
+    spawn = multiprocessing.get_context("spawn")
+    spinners = [spawn.Process(target=_spin, args=(seconds,)) for _ in range(os.cpu_count() or 1)]
+    for spinner in spinners:
+        spinner.start()
+    try:
+        yield
+    finally:
+        for spinner in spinners:
+            spinner.terminate()
+            spinner.join()
 
 
 #: how long a test waits for a stopped agent to exit: a guard against a hang, not a measure

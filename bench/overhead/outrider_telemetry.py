@@ -28,7 +28,10 @@ class OutriderTelemetry(Telemetry):
         args = self.args
         self.probe = probe
         started = probe.init(
-            endpoint=args.endpoint, run_id=args.run_id, flush_interval=args.flush_interval
+            endpoint=args.endpoint,
+            run_id=args.run_id,
+            flush_interval=args.flush_interval,
+            busy_flush_interval=args.busy_flush_interval,
         )
         if not started:
             raise RuntimeError("probe.init() did not start: no agent?")
@@ -115,7 +118,11 @@ class OutriderTelemetry(Telemetry):
             self.probe.text("samples/generation", done.sample, step=step)
 
     def at_loop_end(self) -> dict[str, Any]:
-        return {"queue_at_loop_end": self.probe.stats().get("queue_depth")}
+        stats = self.probe.stats()
+        return {
+            "queue_at_loop_end": stats.get("queue_depth"),
+            "flush_window_at_loop_end": stats.get("flush_window"),
+        }
 
     def close(self) -> dict[str, Any]:
         self.probe.flush(30)

@@ -286,11 +286,12 @@ def report_details(variants: Sequence[str], runs: Runs, args: argparse.Namespace
         vruns = runs[variant]
         first = vruns[0].result
         events = ", ".join(f"{k} at {v}" for k, v in first["events"].items() if v) or "none"
-        accounting = "-"
-        queue = "-"
+        accounting = queue = window = "-"
         if vruns[0].agent:
             accounting = records_line(vruns)
             queue = str(max(r.result.get("queue_at_loop_end") or 0 for r in vruns))
+            windows = {r.result.get("flush_window_at_loop_end") for r in vruns}
+            window = "/".join(f"{w:g}" if w is not None else "?" for w in sorted(windows, key=str))
         losses = {f"{r.result['final_loss']:.4f}" for r in vruns}
         detail.append(
             [
@@ -298,6 +299,7 @@ def report_details(variants: Sequence[str], runs: Runs, args: argparse.Namespace
                 f"{first['threads']}",
                 ",".join(map(str, first["affinity"])),
                 queue,
+                window,
                 accounting,
                 "/".join(sorted(losses)),
                 events,
@@ -309,6 +311,7 @@ def report_details(variants: Sequence[str], runs: Runs, args: argparse.Namespace
             "torch threads",
             "trainer CPUs",
             "queued at loop end",
+            "probe's window s",
             "records (all repeats)",
             "final loss",
             "periodic events in the timed steps",

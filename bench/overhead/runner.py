@@ -43,6 +43,7 @@ WORKER_OPTIONS = (
     "text_every",
     "layer_every",
     "flush_interval",
+    "busy_flush_interval",
     "seed",
     "batch_size",
     "context",

@@ -15,7 +15,8 @@ import zmq
 import probe
 from agent.ingest.decode import Record, decode
 from probe import internal
-from tests.helpers import lines, run_info, stop_agent, trainer_streams
+from probe.sender import DEFAULT_BUSY_FLUSH_INTERVAL
+from tests.helpers import every_core_busy, lines, run_info, stop_agent, trainer_streams, wait_for
 
 
 def stored_run(agent, runs_dir: Path, run_id: str) -> tuple[list[dict], dict]:
@@ -116,6 +117,13 @@ def test_bad_init_arguments_raise_at_set_up(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("OUTRIDER_FLUSH_INTERVAL", "60")
     with pytest.raises(ValueError, match="flush_interval"):
         probe.init("ipc:///tmp/nowhere.sock")
+    monkeypatch.delenv("OUTRIDER_FLUSH_INTERVAL")
+    for bad in (-1.0, 6.0, float("nan")):
+        with pytest.raises(ValueError, match="busy_flush_interval must be 0 to 5 seconds"):
+            probe.init("ipc:///tmp/nowhere.sock", busy_flush_interval=bad)
+    monkeypatch.setenv("OUTRIDER_BUSY_FLUSH_INTERVAL", "slow")
+    with pytest.raises(ValueError, match="OUTRIDER_BUSY_FLUSH_INTERVAL must be a number"):
+        probe.init("ipc:///tmp/nowhere.sock")
 
 
 def test_disabled_probe_is_a_no_op(endpoint: str) -> None:
@@ -212,6 +220,47 @@ def test_control_records_ride_in_the_steps_message(
     last_step = max(i for i, k in enumerate(kinds) if "scalars" in k)
     alone = [k for k in kinds[:last_step] if k <= {"probe_stats", "heartbeat"}]
     assert alone == [], kinds
+
+
+def test_steps_merge_into_fewer_messages_while_every_core_is_busy(
+    pull: tuple[str, zmq.Socket[bytes]],
+) -> None:
+    """With a spinning process on every core, the sender reads the machine as busy and
+    lets records gather for busy_flush_interval: eight steps logged 50 ms apart, each its
+    own message on a quiet machine, go as one or two."""
+    endpoint, socket = pull
+    options = {"stats_interval": 60.0, "heartbeat_interval": 60.0}
+    with every_core_busy():
+        probe.init(endpoint=endpoint, run_id="busy", busy_flush_interval=1.0, **options)
+        assert probe.flush(timeout=10.0)  # connected, hello sent
+        assert probe.stats()["flush_window"] == 0.02  # a quiet machine until a reading
+        wait_for(
+            lambda: probe.stats()["flush_window"] == 1.0, 10.0, "the probe to read every core busy"
+        )
+        _message_kinds(socket, quiet_ms=300)
+        for step in range(8):
+            probe.log({"loss": 1.0 / (step + 1)}, step=step)
+            time.sleep(0.05)
+        merged = [kinds.count("scalars") for kinds in _message_kinds(socket, quiet_ms=2500)]
+    probe.finish()
+    assert sum(merged) == 8
+    assert len([count for count in merged if count]) <= 2, merged
+
+
+@pytest.mark.parametrize(
+    ("busy", "window"), [(None, DEFAULT_BUSY_FLUSH_INTERVAL), (0.0, 0.02), (0.01, 0.02)]
+)
+def test_the_busy_window_defaults_and_never_undercuts_flush_interval(
+    monkeypatch: pytest.MonkeyPatch, busy: float | None, window: float
+) -> None:
+    """Without an argument or OUTRIDER_BUSY_FLUSH_INTERVAL the busy window is the default;
+    0, or anything under flush_interval, keeps flush_interval on busy cores too."""
+    monkeypatch.delenv("OUTRIDER_BUSY_FLUSH_INTERVAL")
+    probe.init("ipc:///tmp/nowhere.sock", busy_flush_interval=busy, flush_interval=0.02)
+    sender = probe._client.sender  # type: ignore[union-attr]
+    sender.core_load.busy = True  # as a reading of every core busy leaves it
+    assert sender.window == window
+    probe.finish(timeout=0.1)
 
 
 @pytest.mark.parametrize("source", ["argument", "environment"])
