@@ -78,10 +78,10 @@ def init(
     ``flush_interval`` (seconds, default 0.02) is how long a step's records
     gather before they go to the agent as one message. Each message wakes the
     probe's and the agent's threads, which costs the trainer nothing while a
-    core is idle; while every core of the machine is busy, records gather for
-    ``busy_flush_interval`` instead (default 0.25; 0 keeps ``flush_interval``):
-    a few short steps go as one message, and reach the agent up to that much
-    later (docs/performance.md).
+    core is idle; while every core the trainer may run on is busy, records
+    gather for ``busy_flush_interval`` instead (default 0.25; 0 keeps
+    ``flush_interval``): a few short steps go as one message, and reach the
+    agent up to that much later (docs/performance.md).
     """
     global _client, _disabled, _finished
     with _init_lock:
