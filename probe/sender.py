@@ -34,10 +34,10 @@ Record = tuple[str, int, float, "int | None", Any]
 #: how long the sender lets a step's records gather before sending them as one message:
 #: short enough for the 50 ms latency budget, long enough for one step's records
 DEFAULT_FLUSH_INTERVAL = 0.02
-#: ... and while every core of the machine is busy (probe/cores.py): a few steps of a
-#: short-stepped trainer go as one message, so the threads of both sides wake less often
+#: ... and while every core the trainer may run on is busy (probe/cores.py): a few steps
+#: of a short-stepped trainer go as one message, so the threads of both sides wake less
 DEFAULT_BUSY_FLUSH_INTERVAL = 0.25
-LOAD_INTERVAL = 1.0  # seconds between two readings of the machine's core load
+LOAD_INTERVAL = 1.0  # seconds between two readings of the cores' load
 IDLE_INTERVAL = 1.0  # the longest the sender sleeps with nothing queued (probe stats, heartbeats)
 #: seconds after start during which records wait in the queue for a slow-starting agent
 CONNECT_GRACE = 2.0
@@ -83,7 +83,6 @@ class Sender:
         *,
         flush_interval: float = DEFAULT_FLUSH_INTERVAL,
         busy_flush_interval: float = DEFAULT_BUSY_FLUSH_INTERVAL,
-        core_load: CoreLoad | None = None,
         max_batch: int = 512,
         connect_grace: float = CONNECT_GRACE,
         heartbeat_interval: float = 5.0,
@@ -99,7 +98,7 @@ class Sender:
         self.flush_interval = flush_interval
         # Never shorter than the quiet window: 0 (or anything under it) turns adapting off.
         self.busy_flush_interval = max(flush_interval, busy_flush_interval)
-        self.core_load = core_load if core_load is not None else CoreLoad()
+        self.core_load = CoreLoad()
         self.max_batch = min(max_batch, protocol.MAX_RECORDS_PER_MESSAGE - 2)
         self.connect_grace = connect_grace
         self.heartbeat_interval = heartbeat_interval

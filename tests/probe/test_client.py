@@ -233,7 +233,6 @@ def test_steps_merge_into_fewer_messages_while_every_core_is_busy(
     with every_core_busy():
         probe.init(endpoint=endpoint, run_id="busy", busy_flush_interval=1.0, **options)
         assert probe.flush(timeout=10.0)  # connected, hello sent
-        assert probe.stats()["flush_window"] == 0.02  # a quiet machine until a reading
         wait_for(
             lambda: probe.stats()["flush_window"] == 1.0, 10.0, "the probe to read every core busy"
         )
