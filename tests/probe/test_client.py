@@ -222,6 +222,7 @@ def test_control_records_ride_in_the_steps_message(
     assert alone == [], kinds
 
 
+@pytest.mark.serial  # it takes every core: beside another worker, that worker's runs starve
 def test_steps_merge_into_fewer_messages_while_every_core_is_busy(
     pull: tuple[str, zmq.Socket[bytes]],
 ) -> None:

@@ -77,6 +77,7 @@ def test_an_unreadable_stat_reads_quiet_and_never_raises(
         assert load.idle_cores is None
 
 
+@pytest.mark.serial  # it takes every core: beside another worker, that worker's runs starve
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/stat")
 def test_every_core_spinning_reads_busy() -> None:
     """The real /proc/stat, with a spinning process per core: busy within a reading, for
