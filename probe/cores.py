@@ -64,27 +64,25 @@ class CoreLoad:
         None if unreadable."""
         try:
             cpus = self._cpus()
-            idle = total = 0
             with open(self.path, "rb") as stat:
-                lines = iter(stat.readline, b"")
-                if cpus is not None:
-                    next(lines)  # the machine's sum; each core's line follows
-                read = 0
-                for line in lines:
+                fields = stat.readline().split()  # the machine's sum: the ``cpu`` line
+                if cpus is None:
+                    return (None, 1, *_ticks(fields)) if fields[0] == b"cpu" else None
+                idle = total = read = 0
+                for line in iter(stat.readline, b""):  # each core's line follows
                     fields = line.split()
                     if not fields or not fields[0].startswith(b"cpu"):
                         break  # past the cores (the long interrupt counts are never parsed)
-                    if cpus is not None and int(fields[0][3:]) not in cpus:
-                        continue
-                    # user nice system idle iowait irq softirq steal (guest is in user)
-                    ticks = [int(value) for value in fields[1:9]]
-                    idle += ticks[3] + ticks[4]
-                    total += sum(ticks)
-                    read += 1
-                    if cpus is None:
-                        break
-            if read == 0 or (cpus is None and fields[0] != b"cpu"):
-                return None
-            return cpus, read, idle, total
-        except (OSError, ValueError, IndexError, StopIteration):
+                    if int(fields[0][3:]) in cpus:
+                        core_idle, core_total = _ticks(fields)
+                        idle, total, read = idle + core_idle, total + core_total, read + 1
+            return (cpus, read, idle, total) if read else None
+        except (OSError, ValueError, IndexError):
             return None
+
+
+def _ticks(fields: list[bytes]) -> tuple[int, int]:
+    """Idle and total clock ticks of one ``cpu`` line: user nice system idle iowait irq
+    softirq steal (guest time is in user already)."""
+    ticks = [int(value) for value in fields[1:9]]
+    return ticks[3] + ticks[4], sum(ticks)

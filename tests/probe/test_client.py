@@ -108,22 +108,20 @@ def test_bad_init_arguments_raise_at_set_up(monkeypatch: pytest.MonkeyPatch) -> 
     """Set-up mistakes raise ValueError at init, the only place the probe raises."""
     with pytest.raises(ValueError, match="queue_size"):
         probe.init("ipc:///tmp/nowhere.sock", queue_size=0)
-    for bad in (-0.1, 5.5, float("nan")):
-        with pytest.raises(ValueError, match="flush_interval must be 0 to 5 seconds"):
-            probe.init("ipc:///tmp/nowhere.sock", flush_interval=bad)
-    monkeypatch.setenv("OUTRIDER_FLUSH_INTERVAL", "fast")
-    with pytest.raises(ValueError, match="OUTRIDER_FLUSH_INTERVAL must be a number of seconds"):
-        probe.init("ipc:///tmp/nowhere.sock")
-    monkeypatch.setenv("OUTRIDER_FLUSH_INTERVAL", "60")
-    with pytest.raises(ValueError, match="flush_interval"):
-        probe.init("ipc:///tmp/nowhere.sock")
-    monkeypatch.delenv("OUTRIDER_FLUSH_INTERVAL")
-    for bad in (-1.0, 6.0, float("nan")):
-        with pytest.raises(ValueError, match="busy_flush_interval must be 0 to 5 seconds"):
-            probe.init("ipc:///tmp/nowhere.sock", busy_flush_interval=bad)
-    monkeypatch.setenv("OUTRIDER_BUSY_FLUSH_INTERVAL", "slow")
-    with pytest.raises(ValueError, match="OUTRIDER_BUSY_FLUSH_INTERVAL must be a number"):
-        probe.init("ipc:///tmp/nowhere.sock")
+    for name, variable, bads in (
+        ("flush_interval", "OUTRIDER_FLUSH_INTERVAL", (-0.1, 5.5, float("nan"))),
+        ("busy_flush_interval", "OUTRIDER_BUSY_FLUSH_INTERVAL", (-1.0, 6.0, float("nan"))),
+    ):
+        for bad in bads:
+            with pytest.raises(ValueError, match=f"{name} must be 0 to 5 seconds"):
+                probe.init("ipc:///tmp/nowhere.sock", **{name: bad})
+        monkeypatch.setenv(variable, "fast")
+        with pytest.raises(ValueError, match=f"{variable} must be a number of seconds"):
+            probe.init("ipc:///tmp/nowhere.sock")
+        monkeypatch.setenv(variable, "60")
+        with pytest.raises(ValueError, match=name):
+            probe.init("ipc:///tmp/nowhere.sock")
+        monkeypatch.delenv(variable)
 
 
 def test_disabled_probe_is_a_no_op(endpoint: str) -> None:
